@@ -1,0 +1,32 @@
+"""snella-diffusion: SNELLA sparse adapters (kernelized low-rank merge, bi-level sparsity
+allocation) for diffusers UNets and DiTs and transformers ViTs."""
+
+from .allocator import BiLevelAllocator
+from .config import SnellaConfig
+from .errors import SnellaConfigError, SnellaError, SnellaFormatError
+from .fuse import fuse_snella, unfuse_snella
+from .inject import TARGET_PRESETS, apply_snella, remove_snella
+from .io import load_snella, read_snella_file, save_snella, snella_state_dict
+from .layer import SnellaAdapter, SnellaLinear, snella_layers
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BiLevelAllocator",
+    "SnellaAdapter",
+    "SnellaConfig",
+    "SnellaConfigError",
+    "SnellaError",
+    "SnellaFormatError",
+    "SnellaLinear",
+    "TARGET_PRESETS",
+    "apply_snella",
+    "fuse_snella",
+    "load_snella",
+    "read_snella_file",
+    "remove_snella",
+    "save_snella",
+    "snella_layers",
+    "snella_state_dict",
+    "unfuse_snella",
+]

@@ -1,0 +1,146 @@
+"""SnellaConfig: every setting of a SNELLA adapter and of its bi-level allocator."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Sequence, Union
+
+from .errors import SnellaConfigError
+
+KERNELS = ("mix", "piecewise_linear", "linear")
+SPARSIFY_MODES = ("official", "soft_threshold")
+FORWARD_MODES = ("merged", "parallel")
+
+TargetModules = Union[str, Sequence[str]]
+
+
+@dataclass
+class SnellaConfig:
+    """Settings of a SNELLA adapter (METHOD.md §1-3).
+
+    Attributes:
+        rank: total factor width r, split over ``num_heads`` heads (r/P each); SNELLA-r has the
+            same trainable factor count as LoRA-r.
+        num_heads: P, the number of distance heads. The "mix" and "piecewise_linear" kernels
+            need exactly 2.
+        kernel: "mix" (default), "piecewise_linear" (SNELL) or "linear" (LoRA-like product).
+        kernel_scale: c in K = c·(D_0 - D_1); 0.1 in the paper.
+        sparsify: "official" (ΔW = M·|M| on survivors) or "soft_threshold" (M·max(|M|-τ, 0)).
+        target_modules: a preset ("unet", "dit", "vit", "text_encoder") or a list whose items
+            are exact qualified module names or regular expressions matched against them.
+        init_sparsity: s_init, fraction of ΔW entries set to zero at the start.
+        target_sparsity: s_target, the fraction set to zero at the end of the schedule.
+        forward_mode: "merged" (one GEMM on W0 + ΔW_eff) or "parallel" (base output + ΔW_eff x).
+        adapter_dropout: input dropout on the adapter branch ("parallel" mode only).
+        drop_path: DropPath probability on the adapter output ("parallel" mode only).
+        threshold_sample_size: 0 selects τ exactly with ``kthvalue`` over all m·n entries;
+            N > 0 selects it on a fixed strided sample of N entries when m·n > N (faster; the
+            kept count then deviates from the target by about 0.5/sqrt(N) of m·n).
+        importance_beta1, importance_beta2: EMA factors of sensitivity and uncertainty.
+        allocator_warmup_steps: t_i, optimizer steps at the initial budget before reallocating.
+        allocator_final_steps: t_f, last optimizer steps at the final budget.
+        allocator_interval: Δ, optimizer steps between reallocations.
+    """
+
+    rank: int = 32
+    num_heads: int = 2
+    kernel: str = "mix"
+    kernel_scale: float = 0.1
+    sparsify: str = "official"
+    target_modules: TargetModules = "unet"
+    init_sparsity: float = 0.0
+    target_sparsity: float = 0.8
+    forward_mode: str = "merged"
+    adapter_dropout: float = 0.0
+    drop_path: float = 0.0
+    threshold_sample_size: int = 0
+    importance_beta1: float = 0.85
+    importance_beta2: float = 0.85
+    allocator_warmup_steps: int = 0
+    allocator_final_steps: int = 0
+    allocator_interval: int = 10
+    exclude_modules: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.target_modules, str):
+            self.target_modules = list(self.target_modules)
+        self.exclude_modules = list(self.exclude_modules)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise SnellaConfigError naming the first field that holds an invalid value."""
+        if self.kernel not in KERNELS:
+            raise SnellaConfigError(f"kernel={self.kernel!r}: expected one of {KERNELS}")
+        if self.sparsify not in SPARSIFY_MODES:
+            raise SnellaConfigError(f"sparsify={self.sparsify!r}: expected one of {SPARSIFY_MODES}")
+        if self.forward_mode not in FORWARD_MODES:
+            raise SnellaConfigError(
+                f"forward_mode={self.forward_mode!r}: expected one of {FORWARD_MODES}"
+            )
+        if self.num_heads < 1:
+            raise SnellaConfigError(f"num_heads={self.num_heads}: must be at least 1")
+        if self.kernel != "linear" and self.num_heads != 2:
+            raise SnellaConfigError(
+                f"num_heads={self.num_heads}: kernel {self.kernel!r} takes the difference of "
+                "exactly 2 distance heads"
+            )
+        if self.rank < self.num_heads or self.rank % self.num_heads:
+            raise SnellaConfigError(
+                f"rank={self.rank}: must be a positive multiple of num_heads={self.num_heads}"
+            )
+        for name in ("init_sparsity", "target_sparsity"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise SnellaConfigError(f"{name}={value}: must lie in [0, 1)")
+        for name in ("adapter_dropout", "drop_path"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise SnellaConfigError(f"{name}={value}: must lie in [0, 1)")
+        for name in ("importance_beta1", "importance_beta2"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise SnellaConfigError(f"{name}={value}: must lie in [0, 1)")
+        if self.threshold_sample_size < 0:
+            raise SnellaConfigError(
+                f"threshold_sample_size={self.threshold_sample_size}: must be 0 (exact) or positive"
+            )
+        if self.allocator_interval < 1:
+            raise SnellaConfigError(f"allocator_interval={self.allocator_interval}: must be >= 1")
+        for name in ("allocator_warmup_steps", "allocator_final_steps"):
+            if getattr(self, name) < 0:
+                raise SnellaConfigError(f"{name}={getattr(self, name)}: must be >= 0")
+        if not self.target_modules:
+            raise SnellaConfigError("target_modules is empty: name a preset or list modules")
+
+    @property
+    def head_width(self) -> int:
+        """r/P, the width of one head's factor vectors."""
+        return self.rank // self.num_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict of every field."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "SnellaConfig":
+        """Build a config from ``to_dict`` output; unknown keys raise SnellaConfigError."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise SnellaConfigError(f"unknown SnellaConfig field(s): {', '.join(unknown)}")
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, text: str) -> "SnellaConfig":
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise SnellaConfigError(f"config is not valid JSON: {error}") from error
+        if not isinstance(values, dict):
+            raise SnellaConfigError("config JSON must be an object")
+        return cls.from_dict(values)

@@ -1,0 +1,158 @@
+"""Where adapters go: target presets, ``apply_snella`` and ``remove_snella``."""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Optional
+
+from torch import nn
+
+from .config import SnellaConfig, TargetModules
+from .errors import SnellaError
+from .fuse import restore_base_weight
+from .layer import SnellaLinear, snella_layers
+
+
+def _anywhere(pattern: str) -> str:
+    """A regex that full-matches a qualified name ending in ``pattern``."""
+    return r"(?:.*\.)?" + pattern
+
+
+# Each preset is a list of regular expressions full-matched against qualified module names.
+TARGET_PRESETS: dict[str, list[str]] = {
+    # diffusers Attention (self- and cross-attention) and FeedForward inside UNet transformer
+    # blocks: 10 linears per BasicTransformerBlock (160 on SD1.5, 700 on SDXL).
+    "unet": [
+        _anywhere(r"attn\d*\.(?:to_q|to_k|to_v|to_out\.0)"),
+        _anywhere(r"ff\.net\.(?:0\.proj|2)"),
+    ],
+    # DiTs: also joint-attention context projections, the context MLP and Flux single-block
+    # MLP projections (285 on SD3-medium, 418 on Flux.1-dev).
+    "dit": [
+        _anywhere(
+            r"attn\d*\.(?:to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+        ),
+        _anywhere(r"(?:ff|ff_context)\.net\.(?:0\.proj|2)"),
+        _anywhere(r"single_transformer_blocks\.\d+\.(?:proj_mlp|proj_out)"),
+    ],
+    # transformers ViT: q, k, v, attention output, MLP in and out (72 on ViT-B/16).
+    "vit": [
+        _anywhere(r"attention\.attention\.(?:query|key|value)"),
+        _anywhere(r"attention\.output\.dense"),
+        _anywhere(r"layer\.\d+\.(?:intermediate|output)\.dense"),
+    ],
+    # CLIP text encoders (q/k/v/out and MLP) and T5 encoders (q/k/v/o and the dense MLP).
+    "text_encoder": [
+        _anywhere(r"self_attn\.(?:q_proj|k_proj|v_proj|out_proj)"),
+        _anywhere(r"mlp\.(?:fc1|fc2)"),
+        _anywhere(r"SelfAttention\.(?:q|k|v|o)"),
+        _anywhere(r"DenseReluDense\.(?:wi|wi_0|wi_1|wo)"),
+    ],
+}
+
+
+def _patterns(targets: TargetModules) -> list[str]:
+    """Expand presets; a list may mix preset names, exact names and regular expressions."""
+    items = [targets] if isinstance(targets, str) else list(targets)
+    patterns: list[str] = []
+    for item in items:
+        if item in TARGET_PRESETS:
+            patterns.extend(TARGET_PRESETS[item])
+        elif isinstance(targets, str):
+            raise SnellaError(
+                f"target_modules={targets!r}: not a preset ({', '.join(TARGET_PRESETS)}); "
+                "pass a list to give module names or regular expressions"
+            )
+        else:
+            patterns.append(item)
+    return patterns
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    for pattern in patterns:
+        if name == pattern or name.endswith("." + pattern):
+            return True
+        try:
+            if re.fullmatch(pattern, name):
+                return True
+        except re.error as error:
+            raise SnellaError(f"target_modules entry {pattern!r} is not a valid regex: {error}")
+    return False
+
+
+def find_target_linears(model: nn.Module, config: SnellaConfig) -> dict[str, nn.Linear]:
+    """Qualified names of the ``nn.Linear`` modules (or existing SnellaLinear) the config targets."""
+    patterns = _patterns(config.target_modules)
+    excluded = _patterns(config.exclude_modules) if config.exclude_modules else []
+    found: dict[str, nn.Linear] = {}
+    for name, module in model.named_modules():
+        if ".base_layer" in f".{name}" or not name:
+            continue
+        if not isinstance(module, (nn.Linear, SnellaLinear)):
+            continue
+        if _matches(name, patterns) and not (excluded and _matches(name, excluded)):
+            found[name] = module
+    return found
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at qualified ``name`` with ``module``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def apply_snella(
+    model: nn.Module, config: SnellaConfig, adapter_name: str = "default"
+) -> dict[str, SnellaLinear]:
+    """Wrap the targeted linears of ``model`` in place and freeze everything but the adapters.
+
+    A layer that already is a SnellaLinear gets a further adapter named ``adapter_name``.
+    Works on the ``meta`` device (adapter tensors are created where the base weight lives).
+
+    Returns:
+        ``{qualified_name: SnellaLinear}`` of the adapted layers.
+    Raises:
+        SnellaError: nothing matched, or ``adapter_name`` already exists on a targeted layer.
+    """
+    targets = find_target_linears(model, config)
+    if not targets:
+        raise SnellaError(
+            f"target_modules={config.target_modules!r} matched no nn.Linear in "
+            f"{type(model).__name__}"
+        )
+    for name, module in targets.items():
+        if isinstance(module, SnellaLinear) and adapter_name in module.adapters:
+            raise SnellaError(f"adapter {adapter_name!r} already exists on layer {name!r}")
+    model.requires_grad_(False)
+    layers: dict[str, SnellaLinear] = {}
+    for name, module in targets.items():
+        if isinstance(module, SnellaLinear):
+            module.add_adapter(adapter_name, config)
+            layers[name] = module
+        else:
+            layers[name] = SnellaLinear(module, config, adapter_name)
+            set_submodule(model, name, layers[name])
+    for layer in layers.values():
+        layer.adapters[adapter_name].requires_grad_(True)
+    return layers
+
+
+def remove_snella(model: nn.Module, adapter_name: Optional[str] = None) -> nn.Module:
+    """Undo ``apply_snella``: put the original linears back (base weights restored if fused).
+
+    With ``adapter_name``, only that adapter is deleted; a layer left without adapters is
+    unwrapped.
+    """
+    for name, layer in snella_layers(model).items():
+        if adapter_name is not None:
+            if adapter_name not in layer.adapters:
+                continue
+            if layer.fused_adapters:
+                restore_base_weight(layer)
+            layer.delete_adapter(adapter_name)
+            if len(layer.adapters):
+                continue
+        restore_base_weight(layer)
+        set_submodule(model, name, layer.base_layer)
+    return model

@@ -1,0 +1,417 @@
+"""SnellaLinear: a frozen linear layer plus one or more SNELLA adapters.
+
+Training goes through ``_SnellaLinearFunction``, a custom autograd function that builds
+ΔW_eff = sparsify(κ(A, B)) in its forward, uses it for one GEMM, drops it, and rebuilds it in
+its backward. Nothing of size m×n lives from forward to backward: the saved tensors are the
+input, the (frozen) base weight, the factors, three scalars and τ.
+
+τ is cached per adapter and keyed on the parameters' version counters, so it is selected once
+per optimizer step: gradient-accumulation micro-batches and gradient-checkpointing recomputes
+reuse it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import SnellaConfig
+from .errors import SnellaError
+from .kernels import kernel_matrix, kernel_matrix_backward
+from .sparsify import drop_count_for, select_threshold, survivor_gate
+
+GAMMA_FLOOR = 1e-4
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32, or float64 when the factors are float64 (gradient checks)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class SnellaAdapter(nn.Module):
+    """Trainable factors and sparsity state of one adapter on an ``(m, n)`` linear map.
+
+    Parameters (float32 whatever the base dtype):
+        in_factors ``(P, n, r/P)``, out_factors ``(P, m, r/P)``, alpha, gamma, beta (0-d).
+    Buffers:
+        sparsity (float32, fraction of ΔW entries set to zero), drop_count (int64, the exact
+        number removed, k = round(s·m·n)), threshold (float32, the τ last used).
+    """
+
+    def __init__(
+        self,
+        out_features: int,
+        in_features: int,
+        config: SnellaConfig,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        self.out_features = out_features
+        self.in_features = in_features
+        self.kernel = config.kernel
+        self.kernel_scale = config.kernel_scale
+        self.sparsify_mode = config.sparsify
+        self.threshold_sample_size = config.threshold_sample_size
+        heads, width = config.num_heads, config.head_width
+        factory = {"device": device, "dtype": torch.float32}
+        self.in_factors = nn.Parameter(torch.empty(heads, in_features, width, **factory))
+        self.out_factors = nn.Parameter(torch.empty(heads, out_features, width, **factory))
+        self.alpha = nn.Parameter(torch.ones((), **factory))
+        self.gamma = nn.Parameter(torch.ones((), **factory))
+        self.beta = nn.Parameter(torch.zeros((), **factory))
+        self.register_buffer("sparsity", torch.zeros((), **factory))
+        self.register_buffer("threshold", torch.zeros((), **factory))
+        self.register_buffer("drop_count", torch.zeros((), dtype=torch.int64, device=device))
+        self.drop_count_host = 0
+        self._threshold_key: Optional[tuple] = None
+        self.reset_parameters()
+        self.set_sparsity(config.init_sparsity)
+
+    @property
+    def numel(self) -> int:
+        """m·n, the number of entries of ΔW."""
+        return self.out_features * self.in_features
+
+    def reset_parameters(self) -> None:
+        """Kaiming-uniform factors (bound 1/sqrt(rows·r/P)), alpha = gamma = 1, beta = 0."""
+        nn.init.kaiming_uniform_(self.in_factors, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.out_factors, a=math.sqrt(5))
+        with torch.no_grad():
+            self.alpha.fill_(1.0)
+            self.gamma.fill_(1.0)
+            self.beta.zero_()
+        self._threshold_key = None
+
+    def set_sparsity(self, sparsity: float, drop_count: Optional[int] = None) -> None:
+        """Set s (and k = round(s·m·n), or the given exact ``drop_count``).
+
+        s = 1 (a layer the allocator gave no budget) removes every entry.
+        """
+        if not 0.0 <= sparsity <= 1.0:
+            raise SnellaError(f"sparsity={sparsity}: must lie in [0, 1]")
+        count = drop_count_for(sparsity, self.numel) if drop_count is None else int(drop_count)
+        if not 0 <= count <= self.numel:
+            raise SnellaError(f"drop_count={count}: must lie in [0, {self.numel}]")
+        self.drop_count_host = count
+        with torch.no_grad():
+            self.sparsity.fill_(sparsity)
+            self.drop_count.fill_(count)
+        self._threshold_key = None
+
+    def effective_gamma(self) -> Tensor:
+        """gamma clamped to stay positive (the softmax temperature)."""
+        return self.gamma.clamp_min(GAMMA_FLOOR)
+
+    def version_key(self) -> tuple:
+        """Changes whenever a parameter or the sparsity changes (in-place updates included)."""
+        params = (self.in_factors, self.out_factors, self.alpha, self.gamma, self.beta)
+        return tuple((id(p), p._version) for p in params) + (self.drop_count_host,)
+
+    def cached_threshold(self) -> Optional[Tensor]:
+        """τ if it was selected for the current parameters, else None."""
+        return self.threshold if self._threshold_key == self.version_key() else None
+
+    def record_threshold(self, threshold: Tensor) -> None:
+        with torch.no_grad():
+            self.threshold.copy_(threshold)
+        self._threshold_key = self.version_key()
+
+    def merged_matrix(self, keep_terms: bool = False):
+        """M = κ(A, B) in float32 (float64 for float64 factors), ``(m, n)``, with autograd."""
+        dtype = _compute_dtype(self.in_factors.dtype)
+        return kernel_matrix(
+            self.kernel,
+            self.in_factors.to(dtype),
+            self.out_factors.to(dtype),
+            self.alpha.to(dtype),
+            self.effective_gamma().to(dtype),
+            self.beta.to(dtype),
+            self.kernel_scale,
+            keep_terms=keep_terms,
+        )
+
+    def delta_weight(self) -> Tensor:
+        """ΔW_eff ``(m, n)`` in float32, differentiable through M (the gate is detached)."""
+        merged, _ = self.merged_matrix()
+        magnitude = merged.detach().abs()
+        threshold = self.cached_threshold()
+        if threshold is None:
+            threshold = select_threshold(magnitude, self.drop_count_host, self.threshold_sample_size)
+            self.record_threshold(threshold)
+        return merged * survivor_gate(magnitude, threshold, self.sparsify_mode)
+
+    def keep_count(self) -> int:
+        """Entries kept by the current sparsity, m·n - k."""
+        return self.numel - self.drop_count_host
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.drop_count.is_meta:
+            return
+        self.drop_count_host = int(self.drop_count)
+        # The loaded τ belongs to the loaded parameters: keep using it instead of reselecting.
+        self._threshold_key = self.version_key() if prefix + "threshold" in state_dict else None
+
+
+class _SnellaLinearFunction(torch.autograd.Function):
+    """y = x·(W0 + scale·ΔW_eff)ᵀ + b (or x·(scale·ΔW_eff)ᵀ with no base weight).
+
+    ΔW_eff is rebuilt in backward instead of being saved.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, in_factors, out_factors, alpha, gamma, beta, adapter, scale):
+        dtype = _compute_dtype(in_factors.dtype)
+        merged, _ = kernel_matrix(
+            adapter.kernel, in_factors.to(dtype), out_factors.to(dtype), alpha.to(dtype),
+            gamma.to(dtype), beta.to(dtype), adapter.kernel_scale,
+        )
+        magnitude = merged.abs()
+        threshold = adapter.cached_threshold()
+        if threshold is None:
+            threshold = select_threshold(magnitude, adapter.drop_count_host, adapter.threshold_sample_size)
+            adapter.record_threshold(threshold)
+        threshold = threshold.to(dtype)
+        effective = merged.mul_(survivor_gate(magnitude, threshold, adapter.sparsify_mode))
+        del magnitude
+        if scale != 1.0:
+            effective.mul_(scale)
+        if weight is not None:
+            effective.add_(weight)
+        output = F.linear(x, effective.to(x.dtype), bias)
+        ctx.save_for_backward(x, weight, in_factors, out_factors, alpha, gamma, beta, threshold)
+        ctx.adapter_spec = (adapter.kernel, adapter.kernel_scale, adapter.sparsify_mode)
+        ctx.scale = scale
+        ctx.has_bias = bias is not None
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight, in_factors, out_factors, alpha, gamma, beta, threshold = ctx.saved_tensors
+        kernel, kernel_scale, sparsify_mode = ctx.adapter_spec
+        dtype = _compute_dtype(in_factors.dtype)
+        factors_in, factors_out = in_factors.to(dtype), out_factors.to(dtype)
+        alpha_c, gamma_c = alpha.to(dtype), gamma.to(dtype)
+        merged, terms = kernel_matrix(
+            kernel, factors_in, factors_out, alpha_c, gamma_c, beta.to(dtype), kernel_scale,
+            keep_terms=True,
+        )
+        gate = survivor_gate(merged.abs(), threshold, sparsify_mode)
+        out_features, in_features = merged.shape
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            effective = merged * gate
+            if ctx.scale != 1.0:
+                effective.mul_(ctx.scale)
+            if weight is not None:
+                effective.add_(weight)
+            grad_x = grad_output @ effective.to(grad_output.dtype)
+            del effective
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_output.reshape(-1, out_features).sum(0)
+        flat_grad = grad_output.reshape(-1, out_features)
+        flat_x = x.reshape(-1, in_features)
+        grad_merged = (flat_grad.T @ flat_x).to(dtype).mul_(gate)
+        del gate
+        if ctx.scale != 1.0:
+            grad_merged.mul_(ctx.scale)
+        grads = kernel_matrix_backward(
+            kernel, grad_merged, factors_in, factors_out, alpha_c, gamma_c, terms, kernel_scale
+        )
+        return (
+            grad_x, None, grad_bias,
+            grads.in_factors.to(in_factors.dtype), grads.out_factors.to(out_factors.dtype),
+            grads.alpha.to(alpha.dtype), grads.gamma.to(gamma.dtype), grads.beta.to(beta.dtype),
+            None, None,
+        )
+
+
+def snella_linear(
+    x: Tensor,
+    adapter: SnellaAdapter,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    scale: float = 1.0,
+) -> Tensor:
+    """Apply ``x·(W0 + scale·ΔW_eff)ᵀ + b`` with the memory-lean autograd function.
+
+    Args:
+        x: ``(..., n)`` input.
+        adapter: the adapter holding A, B, the scalars and the sparsity.
+        weight: ``(m, n)`` frozen base weight, or None for the adapter branch alone.
+        bias: ``(m,)`` or None.
+    Returns:
+        ``(..., m)`` in x's dtype.
+    """
+    return _SnellaLinearFunction.apply(
+        x, weight, bias, adapter.in_factors, adapter.out_factors, adapter.alpha,
+        adapter.effective_gamma(), adapter.beta, adapter, float(scale),
+    )
+
+
+class SnellaLinear(nn.Module):
+    """A frozen ``nn.Linear`` (or subclass) with SNELLA adapters.
+
+    The first active adapter's tensors are exposed as ``in_factors`` ``(P, n, r/P)``,
+    ``out_factors`` ``(P, m, r/P)``, ``alpha``, ``gamma``, ``beta``, ``sparsity`` and
+    ``threshold``. Several adapters may be resident; the active ones are combined as
+    Σ_k w_k·ΔW_k.
+    """
+
+    def __init__(self, base_layer: nn.Linear, config: SnellaConfig, adapter_name: str = "default"):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise SnellaError(f"SnellaLinear wraps nn.Linear layers, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.forward_mode = config.forward_mode
+        self.adapter_dropout = config.adapter_dropout
+        self.drop_path = config.drop_path
+        self.adapters = nn.ModuleDict()
+        self.configs: dict[str, SnellaConfig] = {}
+        self.active_adapters: list[str] = []
+        self.adapter_weights: dict[str, float] = {}
+        self.disabled = False
+        self.fused_adapters: dict[str, float] = {}
+        self.unfused_weight: Optional[Tensor] = None
+        self._delta_cache: Optional[tuple[tuple, Tensor]] = None
+        for param in base_layer.parameters():
+            param.requires_grad_(False)
+        self.add_adapter(adapter_name, config)
+
+    def add_adapter(self, name: str, config: SnellaConfig) -> SnellaAdapter:
+        """Create an adapter ``name`` on the base weight's device and make it active."""
+        if name in self.adapters:
+            raise SnellaError(f"adapter {name!r} already exists on this layer")
+        adapter = SnellaAdapter(
+            self.out_features, self.in_features, config, device=self.base_layer.weight.device
+        )
+        self.adapters[name] = adapter
+        self.configs[name] = config
+        self.active_adapters.append(name)
+        self.adapter_weights[name] = 1.0
+        self._delta_cache = None
+        return adapter
+
+    def delete_adapter(self, name: str) -> None:
+        if name not in self.adapters:
+            raise SnellaError(f"no adapter named {name!r} on this layer")
+        del self.adapters[name]
+        del self.configs[name]
+        self.adapter_weights.pop(name, None)
+        if name in self.active_adapters:
+            self.active_adapters.remove(name)
+        self._delta_cache = None
+
+    def set_active(self, names: list[str], weights: Optional[list[float]] = None) -> None:
+        """Activate ``names`` with per-adapter ``weights`` (default 1.0 each)."""
+        weights = [1.0] * len(names) if weights is None else list(weights)
+        for name in names:
+            if name not in self.adapters:
+                raise SnellaError(f"no adapter named {name!r} on this layer")
+        self.active_adapters = list(names)
+        for name, weight in zip(names, weights):
+            self.adapter_weights[name] = float(weight)
+        self._delta_cache = None
+
+    @property
+    def primary(self) -> SnellaAdapter:
+        """The first active adapter (or the first resident one when none is active)."""
+        name = self.active_adapters[0] if self.active_adapters else next(iter(self.adapters))
+        return self.adapters[name]
+
+    in_factors = property(lambda self: self.primary.in_factors)
+    out_factors = property(lambda self: self.primary.out_factors)
+    alpha = property(lambda self: self.primary.alpha)
+    gamma = property(lambda self: self.primary.gamma)
+    beta = property(lambda self: self.primary.beta)
+    sparsity = property(lambda self: self.primary.sparsity)
+    threshold = property(lambda self: self.primary.threshold)
+
+    @property
+    def weight(self) -> Tensor:
+        """The base layer's weight, so code that reads ``.weight`` (dtype checks) still works."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        return self.base_layer.bias
+
+    def delta_weight(self, adapter_name: Optional[str] = None) -> Tensor:
+        """ΔW_eff ``(m, n)`` in float32: of ``adapter_name``, or Σ_k w_k·ΔW_k of the active ones."""
+        if adapter_name is not None:
+            if adapter_name not in self.adapters:
+                raise SnellaError(f"no adapter named {adapter_name!r} on this layer")
+            return self.adapters[adapter_name].delta_weight()
+        total = torch.zeros(
+            self.out_features, self.in_features, device=self.base_layer.weight.device
+        )
+        for name in self.active_adapters:
+            total = total + self.adapter_weights[name] * self.adapters[name].delta_weight()
+        return total
+
+    def _applied_adapters(self) -> list[str]:
+        if self.disabled:
+            return []
+        return [name for name in self.active_adapters if name not in self.fused_adapters]
+
+    def _cached_delta(self, names: list[str]) -> Tensor:
+        """Σ w_k·ΔW_k in the base dtype, rebuilt only when an adapter, weight or dtype changes."""
+        weight = self.base_layer.weight
+        key = tuple((n, self.adapter_weights[n], self.adapters[n].version_key()) for n in names)
+        key += (weight.dtype, weight.device)
+        if self._delta_cache is None or self._delta_cache[0] != key:
+            self._delta_cache = None
+            with torch.no_grad():
+                total = self.adapters[names[0]].delta_weight().mul_(self.adapter_weights[names[0]])
+                for name in names[1:]:
+                    total.add_(self.adapters[name].delta_weight(), alpha=self.adapter_weights[name])
+            self._delta_cache = (key, total.to(weight.dtype))
+        return self._delta_cache[1]
+
+    def _drop_path(self, output: Tensor) -> Tensor:
+        if not self.training or self.drop_path == 0.0:
+            return output
+        keep = 1.0 - self.drop_path
+        shape = (output.shape[0],) + (1,) * (output.dim() - 1)
+        mask = torch.empty(shape, dtype=output.dtype, device=output.device).bernoulli_(keep)
+        return output * mask / keep
+
+    def forward(self, x: Tensor) -> Tensor:
+        names = self._applied_adapters()
+        if not names:
+            return self.base_layer(x)
+        trainable = [n for n in names if self.adapters[n].in_factors.requires_grad]
+        if not (torch.is_grad_enabled() and trainable):
+            delta = self._cached_delta(names)
+            return self.base_layer(x) + F.linear(x, delta.to(x.dtype))
+        self._delta_cache = None
+        if len(names) > 1:
+            raise SnellaError(
+                f"training with several active adapters ({names}) is not supported: "
+                "activate the one being trained only"
+            )
+        adapter = self.adapters[names[0]]
+        scale = self.adapter_weights[names[0]]
+        if self.forward_mode == "merged":
+            return snella_linear(x, adapter, self.base_layer.weight, self.base_layer.bias, scale)
+        adapter_input = F.dropout(x, self.adapter_dropout, self.training)
+        branch = snella_linear(adapter_input, adapter, scale=scale)
+        return self.base_layer(x) + self._drop_path(branch)
+
+    def extra_repr(self) -> str:
+        adapters = ", ".join(self.adapters.keys())
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"mode={self.forward_mode}, adapters=[{adapters}]"
+        )
+
+
+def snella_layers(model: nn.Module) -> dict[str, SnellaLinear]:
+    """Every SnellaLinear in ``model`` by qualified name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, SnellaLinear)}
