@@ -35,11 +35,15 @@ TARGET_PRESETS: dict[str, list[str]] = {
         _anywhere(r"(?:ff|ff_context)\.net\.(?:0\.proj|2)"),
         _anywhere(r"single_transformer_blocks\.\d+\.(?:proj_mlp|proj_out)"),
     ],
-    # transformers ViT: q, k, v, attention output, MLP in and out (72 on ViT-B/16).
+    # transformers ViT: q, k, v, attention output, MLP in and out (72 on ViT-B/16). Module
+    # names of transformers 4.x (attention.attention.query, intermediate.dense, ...) and of
+    # 5.x (attention.q_proj, mlp.fc1, ...).
     "vit": [
         _anywhere(r"attention\.attention\.(?:query|key|value)"),
         _anywhere(r"attention\.output\.dense"),
         _anywhere(r"layer\.\d+\.(?:intermediate|output)\.dense"),
+        _anywhere(r"layers\.\d+\.attention\.(?:q_proj|k_proj|v_proj|o_proj)"),
+        _anywhere(r"layers\.\d+\.mlp\.(?:fc1|fc2)"),
     ],
     # CLIP text encoders (q/k/v/out and MLP) and T5 encoders (q/k/v/o and the dense MLP).
     "text_encoder": [

@@ -1,0 +1,123 @@
+"""Published model configs, for building real-shape models with random weights (no hub).
+
+Values are those of the public ``config.json`` files named beside each dict; only the keys that
+change the architecture are listed, the rest take the diffusers/transformers defaults. Use them
+with ``build_reference_model(name, device="meta")`` for counting without allocating weights,
+or on CPU/GPU for memory and speed benchmarks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+# runwayml/stable-diffusion-v1-5, unet/config.json
+SD15_UNET: dict[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+}
+
+# stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
+SDXL_UNET: dict[str, Any] = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": [320, 640, 1280],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "transformer_layers_per_block": [1, 2, 10],
+    "attention_head_dim": [5, 10, 20],
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
+
+# stabilityai/stable-diffusion-3-medium-diffusers, transformer/config.json
+SD3_MEDIUM_TRANSFORMER: dict[str, Any] = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "num_layers": 24,
+    "attention_head_dim": 64,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048,
+    "out_channels": 16,
+    "pos_embed_max_size": 192,
+}
+
+# black-forest-labs/FLUX.1-dev, transformer/config.json
+FLUX_DEV_TRANSFORMER: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+    "axes_dims_rope": [16, 56, 56],
+}
+
+# google/vit-base-patch16-224-in21k, config.json
+VIT_B16: dict[str, Any] = {
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "image_size": 224,
+    "patch_size": 16,
+    "num_channels": 3,
+    "qkv_bias": True,
+}
+
+REFERENCE_CONFIGS: dict[str, dict[str, Any]] = {
+    "sd15": SD15_UNET,
+    "sdxl": SDXL_UNET,
+    "sd3": SD3_MEDIUM_TRANSFORMER,
+    "flux": FLUX_DEV_TRANSFORMER,
+    "vit-b16": VIT_B16,
+}
+
+
+def build_reference_model(name: str, device: str | torch.device = "meta", **overrides: Any) -> nn.Module:
+    """Instantiate a reference architecture with random weights on ``device``.
+
+    Args:
+        name: one of ``REFERENCE_CONFIGS`` ("sd15", "sdxl", "sd3", "flux", "vit-b16").
+        device: "meta" allocates nothing (parameter counting, injection counts).
+        overrides: config keys to change (e.g. ``num_layers=2`` for a few real-size blocks).
+    """
+    if name not in REFERENCE_CONFIGS:
+        raise KeyError(f"unknown reference model {name!r}; known: {sorted(REFERENCE_CONFIGS)}")
+    config = {**REFERENCE_CONFIGS[name], **overrides}
+    with torch.device(device):
+        if name in ("sd15", "sdxl"):
+            from diffusers import UNet2DConditionModel
+
+            return UNet2DConditionModel(**config)
+        if name == "sd3":
+            from diffusers import SD3Transformer2DModel
+
+            return SD3Transformer2DModel(**config)
+        if name == "flux":
+            from diffusers import FluxTransformer2DModel
+
+            return FluxTransformer2DModel(**config)
+        from transformers import ViTConfig, ViTForImageClassification
+
+        return ViTForImageClassification(ViTConfig(**config))
