@@ -1,0 +1,163 @@
+"""PNG figures drawn with PIL alone: image grids, allocation heatmaps, line and bar charts.
+
+matplotlib is not a dependency; these figures are simple enough to draw pixel by pixel.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+PathLike = Union[str, os.PathLike]
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+
+
+def _save(image: Image.Image, path: PathLike) -> Path:
+    """Save atomically (temporary file, then rename) so a killed run leaves no broken PNG."""
+    destination = Path(path)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    temporary = destination.with_name(f".{destination.name}.tmp")
+    image.save(temporary, format="PNG")
+    os.replace(temporary, destination)
+    return destination
+
+
+def save_image_grid(images: Sequence[Image.Image], path: PathLike, columns: int = 4) -> Path:
+    """Tile ``images`` (resized to the first one's size) in rows of ``columns``."""
+    if not images:
+        raise ValueError("save_image_grid: no images")
+    width, height = images[0].size
+    columns = max(1, min(columns, len(images)))
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for index, image in enumerate(images):
+        tile = image.convert("RGB").resize((width, height))
+        grid.paste(tile, ((index % columns) * width, (index // columns) * height))
+    return _save(grid, path)
+
+
+def _viridis_like(values: np.ndarray) -> np.ndarray:
+    """Map values in [0, 1] to RGB uint8 along a dark-blue → green → yellow ramp."""
+    stops = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], float)
+    position = np.clip(values, 0.0, 1.0) * (len(stops) - 1)
+    low = np.floor(position).astype(int).clip(0, len(stops) - 2)
+    frac = (position - low)[..., None]
+    return (stops[low] * (1 - frac) + stops[low + 1] * frac).astype(np.uint8)
+
+
+def save_allocation_heatmap(
+    steps: Sequence[int],
+    kept_fractions: Sequence[Sequence[float]],
+    layer_names: Sequence[str],
+    path: PathLike,
+    title: str = "kept fraction per layer (rows) over optimizer steps (columns)",
+) -> Path:
+    """Heatmap of layers × reallocation steps; colour = kept fraction of ΔW entries.
+
+    Args:
+        steps: optimizer step of each column (allocator.history_steps).
+        kept_fractions: one row per step, one value per layer (allocator.history_kept).
+        layer_names: one per layer, in the order of the values.
+    """
+    data = np.asarray(kept_fractions, dtype=float).T  # layers x steps
+    if data.size == 0:
+        raise ValueError("save_allocation_heatmap: no allocation history")
+    layers, columns = data.shape
+    cell_w = max(2, min(24, 900 // max(columns, 1)))
+    cell_h = max(1, min(12, 1200 // max(layers, 1)))
+    left, top, bottom, legend = 8, 28, 40, 60
+    width = left + columns * cell_w + legend
+    height = top + layers * cell_h + bottom
+    canvas = Image.new("RGB", (width, height), "white")
+    pixels = _viridis_like(data)
+    heat = Image.fromarray(pixels).resize((columns * cell_w, layers * cell_h), Image.NEAREST)
+    canvas.paste(heat, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    draw.text((left, 6), title, fill="black", font=font)
+    draw.text((left, top + layers * cell_h + 6), f"steps {steps[0]} … {steps[-1]}", fill="black", font=font)
+    draw.text(
+        (left, top + layers * cell_h + 20),
+        f"{layers} layers ({layer_names[0]} … {layer_names[-1]})"[:140],
+        fill="black",
+        font=font,
+    )
+    ramp = _viridis_like(np.linspace(1, 0, layers * cell_h)[:, None].repeat(12, axis=1))
+    canvas.paste(Image.fromarray(ramp), (width - legend + 10, top))
+    draw.text((width - legend + 26, top), "1.0", fill="black", font=font)
+    draw.text((width - legend + 26, top + layers * cell_h - 10), "0.0", fill="black", font=font)
+    return _save(canvas, path)
+
+
+def _frame(width: int, height: int, title: str):
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    draw.text((10, 6), title, fill="black", font=font)
+    return canvas, draw, font
+
+
+def save_line_plot(
+    series: dict[str, Sequence[tuple[float, float]]], path: PathLike, title: str = ""
+) -> Path:
+    """One polyline per series of (x, y) points, with axis ranges printed at the corners."""
+    points = [p for values in series.values() for p in values]
+    if not points:
+        raise ValueError("save_line_plot: no points")
+    width, height, margin = 640, 400, 50
+    canvas, draw, font = _frame(width, height, title)
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x_low, x_high = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y_low, y_high = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+
+    def to_pixel(x: float, y: float) -> tuple[float, float]:
+        px = margin + (x - x_low) / (x_high - x_low) * (width - 2 * margin)
+        py = height - margin - (y - y_low) / (y_high - y_low) * (height - 2 * margin)
+        return px, py
+
+    draw.rectangle([margin, margin, width - margin, height - margin], outline="black")
+    for index, (name, values) in enumerate(series.items()):
+        colour = PALETTE[index % len(PALETTE)]
+        pixels = [to_pixel(x, y) for x, y in values]
+        if len(pixels) > 1:
+            draw.line(pixels, fill=colour, width=2)
+        elif pixels:
+            x, y = pixels[0]
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+        draw.text((width - margin - 150, margin + 5 + 14 * index), name, fill=colour, font=font)
+    draw.text((margin, height - margin + 5), f"{x_low:g}", fill="black", font=font)
+    draw.text((width - margin - 40, height - margin + 5), f"{x_high:g}", fill="black", font=font)
+    draw.text((5, height - margin - 10), f"{y_low:.3g}", fill="black", font=font)
+    draw.text((5, margin), f"{y_high:.3g}", fill="black", font=font)
+    return _save(canvas, path)
+
+
+def save_bar_chart(values: dict[str, dict[str, float]], path: PathLike, title: str = "") -> Path:
+    """One panel per metric; one bar per item, labelled with its value.
+
+    Args:
+        values: ``{metric: {item: value}}``, e.g. ``{"peak memory (GB)": {"lora": 5.5, ...}}``.
+    """
+    if not values:
+        raise ValueError("save_bar_chart: no values")
+    panel_w, height, margin = 360, 320, 40
+    canvas, draw, font = _frame(panel_w * len(values), height + 20, title)
+    for panel, (metric, items) in enumerate(values.items()):
+        x0 = panel * panel_w
+        draw.text((x0 + margin, 24), metric, fill="black", font=font)
+        top_value = max(items.values()) if items and max(items.values()) > 0 else 1.0
+        bar_w = (panel_w - 2 * margin) / max(len(items), 1)
+        base_y = height - margin
+        for index, (item, value) in enumerate(items.items()):
+            bar_h = (value / top_value) * (height - 2 * margin - 30)
+            left = x0 + margin + index * bar_w + 4
+            draw.rectangle([left, base_y - bar_h, left + bar_w - 8, base_y], fill=PALETTE[index % len(PALETTE)])
+            draw.text((left, base_y - bar_h - 12), f"{value:.3g}", fill="black", font=font)
+            draw.text((left, base_y + 4), item[:12], fill="black", font=font)
+        draw.line([x0 + margin, base_y, x0 + panel_w - margin, base_y], fill="black")
+    return _save(canvas, path)
