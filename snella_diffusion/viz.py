@@ -68,29 +68,29 @@ def save_allocation_heatmap(
     if data.size == 0:
         raise ValueError("save_allocation_heatmap: no allocation history")
     layers, columns = data.shape
-    cell_w = max(2, min(24, 900 // max(columns, 1)))
-    cell_h = max(1, min(12, 1200 // max(layers, 1)))
+    heat_w = max(420, min(900, columns * 24))
+    heat_h = max(200, min(1200, layers * 12))
     left, top, bottom, legend = 8, 28, 40, 60
-    width = left + columns * cell_w + legend
-    height = top + layers * cell_h + bottom
+    width = left + heat_w + legend
+    height = top + heat_h + bottom
     canvas = Image.new("RGB", (width, height), "white")
     pixels = _viridis_like(data)
-    heat = Image.fromarray(pixels).resize((columns * cell_w, layers * cell_h), Image.NEAREST)
+    heat = Image.fromarray(pixels).resize((heat_w, heat_h), Image.NEAREST)
     canvas.paste(heat, (left, top))
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
     draw.text((left, 6), title, fill="black", font=font)
-    draw.text((left, top + layers * cell_h + 6), f"steps {steps[0]} … {steps[-1]}", fill="black", font=font)
+    draw.text((left, top + heat_h + 6), f"steps {steps[0]} … {steps[-1]}", fill="black", font=font)
     draw.text(
-        (left, top + layers * cell_h + 20),
+        (left, top + heat_h + 20),
         f"{layers} layers ({layer_names[0]} … {layer_names[-1]})"[:140],
         fill="black",
         font=font,
     )
-    ramp = _viridis_like(np.linspace(1, 0, layers * cell_h)[:, None].repeat(12, axis=1))
+    ramp = _viridis_like(np.linspace(1, 0, heat_h)[:, None].repeat(12, axis=1))
     canvas.paste(Image.fromarray(ramp), (width - legend + 10, top))
     draw.text((width - legend + 26, top), "1.0", fill="black", font=font)
-    draw.text((width - legend + 26, top + layers * cell_h - 10), "0.0", fill="black", font=font)
+    draw.text((width - legend + 26, top + heat_h - 10), "0.0", fill="black", font=font)
     return _save(canvas, path)
 
 
