@@ -153,8 +153,9 @@ class SnellaAdapter(nn.Module):
         if self.drop_count.is_meta:
             return
         self.drop_count_host = int(self.drop_count)
-        # The loaded τ belongs to the loaded parameters: keep using it instead of reselecting.
-        self._threshold_key = self.version_key() if prefix + "threshold" in state_dict else None
+        # A state dict may hold a τ saved before any forward: select it again (deterministic).
+        # Adapter files store a τ refreshed at save time; load_snella reuses that one.
+        self._threshold_key = None
 
 
 class _SnellaLinearFunction(torch.autograd.Function):

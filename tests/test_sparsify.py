@@ -1,0 +1,52 @@
+import torch
+
+from snella_diffusion.sparsify import drop_count_for, select_threshold, sparsified_delta, survivor_gate
+
+
+def test_kept_count_exact_on_matrix_above_2_pow_24():
+    """4097² = 16,785,409 entries > 2^24, where torch.quantile refuses to work."""
+    generator = torch.Generator().manual_seed(0)
+    merged = torch.randn(4097, 4097, generator=generator)
+    sparsity = 0.37
+    count = drop_count_for(sparsity, merged.numel())
+    threshold = select_threshold(merged.abs(), count)
+    kept = int((merged.abs() > threshold).sum())
+    assert kept == merged.numel() - round(sparsity * merged.numel())
+
+
+def test_threshold_is_kth_smallest_and_zero_when_nothing_dropped():
+    magnitude = torch.arange(1.0, 101.0)[torch.randperm(100)].reshape(10, 10)
+    assert float(select_threshold(magnitude, 25)) == 25.0
+    assert float(select_threshold(magnitude, 0)) == 0.0
+    assert int((magnitude > select_threshold(magnitude, 100)).sum()) == 0
+
+
+def test_sampled_threshold_keeps_count_within_tolerance_and_is_deterministic():
+    generator = torch.Generator().manual_seed(1)
+    magnitude = torch.randn(1280, 5120, generator=generator).abs()
+    count = drop_count_for(0.6, magnitude.numel())
+    first = select_threshold(magnitude, count, sample_size=1 << 20)
+    second = select_threshold(magnitude, count, sample_size=1 << 20)
+    assert torch.equal(first, second)
+    kept = int((magnitude > first).sum())
+    target = magnitude.numel() - count
+    assert abs(kept - target) <= 0.001 * magnitude.numel()
+
+
+def test_gate_modes():
+    merged = torch.tensor([[-3.0, 0.5], [2.0, -1.0]])
+    threshold = torch.tensor(1.0)
+    official = sparsified_delta(merged, threshold, "official")
+    assert torch.equal(official, torch.tensor([[-9.0, 0.0], [4.0, 0.0]]))
+    soft = sparsified_delta(merged, threshold, "soft_threshold")
+    assert torch.equal(soft, torch.tensor([[-6.0, 0.0], [2.0, 0.0]]))
+    merged.requires_grad_()
+    sparsified_delta(merged, threshold, "official").sum().backward()
+    assert torch.equal(merged.grad, torch.tensor([[3.0, 0.0], [2.0, 0.0]]))
+    assert torch.equal(survivor_gate(torch.tensor([0.0, 2.0]), torch.tensor(0.0), "official"), torch.tensor([0.0, 2.0]))
+
+
+def test_drop_count_uses_nearest_integer():
+    assert drop_count_for(0.5, 3) == 2  # 1.5 rounds half to even
+    assert drop_count_for(0.3, 10) == 3
+    assert drop_count_for(0.0, 47_185_920) == 0
