@@ -180,6 +180,11 @@ def _check_layer_tensors(file: Path, key: str, params: dict[str, Tensor], shape:
     sparsity = float(params["sparsity"])
     if not 0.0 <= sparsity <= 1.0:
         raise SnellaFormatError(f"{file}: key {key}{KEY_INFIX}sparsity = {sparsity} is outside [0, 1]")
+    if "drop_count" in params and not 0 <= int(params["drop_count"]) <= out_features * in_features:
+        raise SnellaFormatError(
+            f"{file}: key {key}{KEY_INFIX}drop_count = {int(params['drop_count'])} is outside "
+            f"[0, {out_features * in_features}]"
+        )
 
 
 def read_snella_file(path: PathLike) -> SnellaFile:
@@ -265,10 +270,8 @@ def _pick_component(snella_file: SnellaFile, model: nn.Module, component: Option
 def _copy_into(adapter: SnellaAdapter, params: dict[str, Tensor]) -> None:
     for name in ("in_factors", "out_factors", "alpha", "gamma", "beta"):
         getattr(adapter, name).copy_(params[name])
-    numel = adapter.numel
-    sparsity = float(params["sparsity"])
     drop = int(params["drop_count"]) if "drop_count" in params else None
-    adapter.set_sparsity(sparsity if drop is None else drop / numel, drop_count=drop)
+    adapter.set_sparsity(float(params["sparsity"]), drop_count=drop)
     adapter.record_threshold(params["threshold"].to(adapter.threshold.device, torch.float32))
 
 
