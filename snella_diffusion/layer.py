@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from .config import SnellaConfig
 from .errors import SnellaError
-from .kernels import kernel_matrix, kernel_matrix_backward
+from .fused import pipeline
+from .kernels import kernel_matrix
 from .sparsify import drop_count_for, select_threshold, survivor_gate
 
 GAMMA_FLOOR = 1e-4
@@ -56,6 +57,7 @@ class SnellaAdapter(nn.Module):
         self.kernel_scale = config.kernel_scale
         self.sparsify_mode = config.sparsify
         self.threshold_sample_size = config.threshold_sample_size
+        self.compile_kernels = config.compile_kernels
         heads, width = config.num_heads, config.head_width
         factory = {"device": device, "dtype": torch.float32}
         self.in_factors = nn.Parameter(torch.empty(heads, in_features, width, **factory))
@@ -167,25 +169,27 @@ class _SnellaLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, in_factors, out_factors, alpha, gamma, beta, adapter, scale):
         dtype = _compute_dtype(in_factors.dtype)
-        merged, _ = kernel_matrix(
-            adapter.kernel, in_factors.to(dtype), out_factors.to(dtype), alpha.to(dtype),
-            gamma.to(dtype), beta.to(dtype), adapter.kernel_scale,
-        )
-        magnitude = merged.abs()
+        factors = (in_factors.to(dtype), out_factors.to(dtype), alpha.to(dtype), gamma.to(dtype), beta.to(dtype))
+        compiled = adapter.compile_kernels
         threshold = adapter.cached_threshold()
         if threshold is None:
-            threshold = select_threshold(magnitude, adapter.drop_count_host, adapter.threshold_sample_size)
+            merged = pipeline("merged_matrix", compiled)(adapter.kernel, *factors, adapter.kernel_scale)
+            threshold = select_threshold(merged.abs(), adapter.drop_count_host, adapter.threshold_sample_size)
             adapter.record_threshold(threshold)
-        threshold = threshold.to(dtype)
-        effective = merged.mul_(survivor_gate(magnitude, threshold, adapter.sparsify_mode))
-        del magnitude
-        if scale != 1.0:
-            effective.mul_(scale)
-        if weight is not None:
-            effective.add_(weight)
-        output = F.linear(x, effective.to(x.dtype), bias)
+            threshold = threshold.to(dtype)
+            effective = pipeline("effective_weight", compiled)(
+                merged, threshold, adapter.sparsify_mode, scale, weight, x.dtype
+            )
+            del merged
+        else:
+            threshold = threshold.to(dtype)
+            effective = pipeline("effective_weight_from_factors", compiled)(
+                adapter.kernel, *factors, adapter.kernel_scale, threshold, adapter.sparsify_mode, scale,
+                weight, x.dtype,
+            )
+        output = F.linear(x, effective, bias)
         ctx.save_for_backward(x, weight, in_factors, out_factors, alpha, gamma, beta, threshold)
-        ctx.adapter_spec = (adapter.kernel, adapter.kernel_scale, adapter.sparsify_mode)
+        ctx.adapter_spec = (adapter.kernel, adapter.kernel_scale, adapter.sparsify_mode, compiled)
         ctx.scale = scale
         ctx.has_bias = bias is not None
         return output
@@ -193,35 +197,24 @@ class _SnellaLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         x, weight, in_factors, out_factors, alpha, gamma, beta, threshold = ctx.saved_tensors
-        kernel, kernel_scale, sparsify_mode = ctx.adapter_spec
+        kernel, kernel_scale, sparsify_mode, compiled = ctx.adapter_spec
         dtype = _compute_dtype(in_factors.dtype)
-        factors_in, factors_out = in_factors.to(dtype), out_factors.to(dtype)
-        alpha_c, gamma_c = alpha.to(dtype), gamma.to(dtype)
-        merged, terms = kernel_matrix(
-            kernel, factors_in, factors_out, alpha_c, gamma_c, beta.to(dtype), kernel_scale,
-            keep_terms=True,
-        )
-        gate = survivor_gate(merged.abs(), threshold, sparsify_mode)
-        out_features, in_features = merged.shape
+        factors = (in_factors.to(dtype), out_factors.to(dtype), alpha.to(dtype), gamma.to(dtype), beta.to(dtype))
+        out_features = factors[1].shape[1]
+        in_features = factors[0].shape[1]
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            effective = merged * gate
-            if ctx.scale != 1.0:
-                effective.mul_(ctx.scale)
-            if weight is not None:
-                effective.add_(weight)
-            grad_x = grad_output @ effective.to(grad_output.dtype)
+            effective = pipeline("effective_weight_from_factors", compiled)(
+                kernel, *factors, kernel_scale, threshold, sparsify_mode, ctx.scale, weight, grad_output.dtype
+            )
+            grad_x = grad_output @ effective
             del effective
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_output.reshape(-1, out_features).sum(0)
         flat_grad = grad_output.reshape(-1, out_features)
-        flat_x = x.reshape(-1, in_features)
-        grad_merged = (flat_grad.T @ flat_x).to(dtype).mul_(gate)
-        del gate
-        if ctx.scale != 1.0:
-            grad_merged.mul_(ctx.scale)
-        grads = kernel_matrix_backward(
-            kernel, grad_merged, factors_in, factors_out, alpha_c, gamma_c, terms, kernel_scale
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = flat_grad.sum(0)
+        grad_delta = (flat_grad.T @ x.reshape(-1, in_features)).to(dtype)
+        grads = pipeline("factor_gradients", compiled)(
+            kernel, *factors, kernel_scale, threshold, sparsify_mode, ctx.scale, grad_delta
         )
         return (
             grad_x, None, grad_bias,
