@@ -50,3 +50,15 @@ def test_drop_count_uses_nearest_integer():
     assert drop_count_for(0.5, 3) == 2  # 1.5 rounds half to even
     assert drop_count_for(0.3, 10) == 3
     assert drop_count_for(0.0, 47_185_920) == 0
+
+
+def test_bracketed_selection_equals_kthvalue_including_ties_and_extremes():
+    from snella_diffusion.sparsify import _bracketed_kthvalue
+
+    generator = torch.Generator().manual_seed(3)
+    values = torch.randn(1 << 21, generator=generator).abs()
+    values[::7] = 0.5  # many ties
+    for count in (1, 1000, values.numel() // 2, values.numel() - 1, values.numel()):
+        assert torch.equal(_bracketed_kthvalue(values, count), torch.kthvalue(values, count).values)
+    sorted_values = torch.sort(values).values  # a sample that brackets nothing useful
+    assert torch.equal(_bracketed_kthvalue(sorted_values, 12345), torch.kthvalue(sorted_values, 12345).values)
