@@ -40,15 +40,22 @@ class KernelGrads:
 def head_distances(in_factors: Tensor, out_factors: Tensor) -> Tensor:
     """Euclidean distances between every output and input vector, per head.
 
+    One batched GEMM on augmented factors gives ||b||² + ||a||² - 2·b·a directly:
+    [b, ||b||², 1] · [-2a, 1, ||a||²].
+
     Args:
         in_factors: ``(P, n, d)``.
         out_factors: ``(P, m, d)``.
     Returns:
         ``(P, m, n)`` with entry ``[p, o, i] = ||out_factors[p, o] - in_factors[p, i]||``.
     """
-    out_sq = out_factors.square().sum(-1).unsqueeze(-1)
-    in_sq = in_factors.square().sum(-1).unsqueeze(-2)
-    squared = torch.baddbmm(out_sq + in_sq, out_factors, in_factors.transpose(1, 2), alpha=-2.0)
+    out_aug = torch.cat(
+        [out_factors, out_factors.square().sum(-1, keepdim=True), torch.ones_like(out_factors[..., :1])], -1
+    )
+    in_aug = torch.cat(
+        [in_factors * -2.0, torch.ones_like(in_factors[..., :1]), in_factors.square().sum(-1, keepdim=True)], -1
+    )
+    squared = torch.bmm(out_aug, in_aug.transpose(1, 2))
     return squared.clamp_min_(0.0).sqrt_()
 
 
@@ -87,8 +94,7 @@ def kernel_matrix(
         return kernel_values, terms
 
     softmax = torch.softmax(kernel_values / gamma, dim=0)
-    merged = kernel_values + alpha * softmax
-    merged.add_(beta)
+    merged = torch.addcmul(kernel_values, softmax, alpha).add_(beta)
     if keep_terms:
         terms.kernel = kernel_values
         terms.softmax = softmax
