@@ -130,25 +130,28 @@ def kernel_matrix_backward(
         softmax, kernel_values = terms.softmax, terms.kernel
         grad_beta = grad_merged.sum()
         weighted = grad_merged * softmax
-        grad_alpha = weighted.sum()
-        # grad wrt the softmax logits Z = K/γ:  α·S ⊙ (g - Σ_o g⊙S), columns are per input i.
-        grad_logits = grad_merged.sub(weighted.sum(0, keepdim=True)).mul_(softmax).mul_(alpha)
-        del weighted
-        grad_gamma = -(grad_logits * kernel_values).sum() / (gamma * gamma)
-        grad_kernel = grad_merged.add_(grad_logits.div_(gamma))
-        del grad_logits
+        column_sums = weighted.sum(0, keepdim=True)
+        grad_alpha = column_sums.sum()
+        # ∂L/∂Z for the logits Z = K/γ is α·S ⊙ (g - Σ_o g⊙S) (columns are per input i);
+        # ``weighted`` becomes S ⊙ (g - Σ_o g⊙S) in place, α and 1/γ are applied as scalars.
+        softmax_grad = weighted.addcmul_(softmax, column_sums, value=-1.0)
+        grad_gamma = -alpha / (gamma * gamma) * torch.dot(softmax_grad.reshape(-1), kernel_values.reshape(-1))
+        grad_kernel = grad_merged.addcmul_(softmax_grad, alpha / gamma)
+        del weighted, softmax_grad
     else:
         grad_alpha = grad_gamma = grad_beta = zero
         grad_kernel = grad_merged
 
-    distances = terms.distances
     grad_in = torch.empty_like(in_factors)
     grad_out = torch.empty_like(out_factors)
     for head, sign in ((0, scale), (1, -scale)):
-        dist = distances[head]
-        # coefficient C = ∂L/∂D / D, set to 0 where D = 0 (a finite subgradient there).
-        coeff = torch.where(dist > 0, grad_kernel * sign / dist, zero)
+        # C = ∂L/∂D / D, set to 0 where D = 0 (a finite subgradient there); the distance
+        # buffer is consumed in place.
+        coeff = terms.distances[head].reciprocal_().nan_to_num_(posinf=0.0).mul_(grad_kernel)
         a, b = in_factors[head], out_factors[head]
-        grad_out[head] = b * coeff.sum(1, keepdim=True) - coeff @ a
-        grad_in[head] = a * coeff.sum(0).unsqueeze(1) - coeff.T @ b
+        # One GEMM gives both C·A and the row sums of C: C·[A, 1] (likewise Cᵀ·[B, 1]).
+        row_terms = coeff @ torch.cat([a, torch.ones_like(a[:, :1])], 1)
+        column_terms = coeff.T @ torch.cat([b, torch.ones_like(b[:, :1])], 1)
+        grad_out[head] = (b * row_terms[:, -1:] - row_terms[:, :-1]).mul_(sign)
+        grad_in[head] = (a * column_terms[:, -1:] - column_terms[:, :-1]).mul_(sign)
     return KernelGrads(grad_in, grad_out, grad_alpha, grad_gamma, grad_beta)
