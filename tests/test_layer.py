@@ -152,3 +152,15 @@ def test_compiled_kernels_match_eager():
         results.append((output.detach(), x.grad, layer.in_factors.grad, layer.out_factors.grad, layer.gamma.grad))
     for eager, compiled in zip(*results):
         assert torch.allclose(eager, compiled, rtol=1e-4, atol=1e-6)
+
+
+def test_wraps_linear_subclasses_and_keeps_their_weights():
+    class ScaledLinear(nn.Linear):
+        """Stands for diffusers/transformers subclasses of nn.Linear."""
+
+    base = ScaledLinear(6, 4)
+    model = nn.Sequential(base)
+    layers = apply_snella(model, _config(target_modules=["0"]))
+    assert layers["0"].base_layer is base
+    assert layers["0"].weight is base.weight
+    assert not base.weight.requires_grad
