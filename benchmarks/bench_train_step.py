@@ -1,0 +1,164 @@
+"""Training cost of one DreamBooth-style step at real model scale, per method.
+
+Compares SNELLA, PEFT LoRA (same target layers, same rank), gradient-masked sparse tuning and
+full fine-tuning on a published architecture with random weights (no hub). Each method runs in
+a fresh Python process, so its peak memory (CPU: peak RSS; CUDA: max allocated) is its own.
+Prints a Markdown table with absolute numbers and ratios to LoRA, and writes
+``<output_dir>/train_step_<model>_<resolution>px_<device>.{json,md,png}``.
+
+Example (the README's Performance table):
+
+    python benchmarks/bench_train_step.py --model sd15 --resolution 512 --batch_size 1 \
+        --gradient_checkpointing --repeats 2 --warmup 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from snella_diffusion.benchmarking import (
+    DTYPES,
+    METHODS,
+    MODEL_SPECS,
+    BenchmarkSettings,
+    chart_values,
+    format_results_table,
+    run_train_step_benchmark,
+)
+from snella_diffusion.errors import SnellaError
+from snella_diffusion.viz import save_bar_chart
+
+logger = logging.getLogger("bench_train_step")
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODEL_SPECS), default="sd15",
+                        help="architecture (real config, random weights); flux-block = 1 double + 2 single Flux.1-dev blocks")
+    parser.add_argument("--method", choices=METHODS, nargs="+", default=list(METHODS),
+                        help="methods to run, each in a fresh process (default: all)")
+    parser.add_argument("--resolution", type=int, default=512, help="image side in pixels (latents: /8)")
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--rank", type=int, default=32, help="LoRA rank = SNELLA total factor width r")
+    parser.add_argument("--sparsity", type=float, default=0.8,
+                        help="SNELLA sparsity (fraction of ΔW entries zeroed); masked_sparse trains density 1 - sparsity")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="base model dtype")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config_override", action="append", default=[], metavar="KEY=JSON",
+                        help="change a model config key, e.g. num_single_layers=4 (repeatable)")
+    parser.add_argument("--output_dir", default="benchmarks/results", help="where the JSON, table and PNG go")
+    parser.add_argument("--worker_settings", help=argparse.SUPPRESS)
+    parser.add_argument("--worker_result", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, separator, text = item.partition("=")
+        if not separator or not key:
+            raise SnellaError(f"--config_override {item!r}: expected KEY=VALUE")
+        try:
+            overrides[key] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[key] = text
+    return overrides
+
+
+def settings_for(args: argparse.Namespace, method: str) -> BenchmarkSettings:
+    settings = BenchmarkSettings(
+        model=args.model, method=method, resolution=args.resolution, batch_size=args.batch_size,
+        rank=args.rank, sparsity=args.sparsity, repeats=args.repeats, warmup=args.warmup,
+        dtype=args.dtype, device=args.device, gradient_checkpointing=args.gradient_checkpointing,
+        seed=args.seed, config_overrides=parse_overrides(args.config_override),
+    )
+    settings.validate()
+    return settings
+
+
+def run_worker(settings_json: str, result_path: str) -> None:
+    """Child process: measure one method, write its result JSON."""
+    settings = BenchmarkSettings(**json.loads(settings_json))
+
+    def progress(done: int, total: int) -> None:
+        logger.info("%s: step %d/%d", settings.method, done, total)
+
+    result = run_train_step_benchmark(settings, progress)
+    Path(result_path).write_text(json.dumps(result))
+
+
+def run_in_fresh_process(settings: BenchmarkSettings) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as folder:
+        result_path = os.path.join(folder, "result.json")
+        command = [
+            sys.executable, os.path.abspath(__file__),
+            "--worker_settings", json.dumps(settings.to_dict()), "--worker_result", result_path,
+        ]
+        completed = subprocess.run(command)
+        if completed.returncode != 0:
+            raise SnellaError(f"--method {settings.method}: benchmark process exited with {completed.returncode}")
+        return json.loads(Path(result_path).read_text())
+
+
+def machine_description(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args = parse_args(argv)
+    if args.worker_settings:
+        run_worker(args.worker_settings, args.worker_result)
+        return []
+    all_settings = [settings_for(args, method) for method in args.method]
+    results = []
+    for index, settings in enumerate(all_settings, start=1):
+        logger.info("method %d/%d: %s (fresh process)", index, len(all_settings), settings.method)
+        results.append(run_in_fresh_process(settings))
+    table = format_results_table(results)
+    first = all_settings[0]
+    title = (
+        f"{args.model} {args.resolution}px bs{args.batch_size} r{args.rank} {args.dtype} "
+        f"{args.device}{' grad-ckpt' if args.gradient_checkpointing else ''}"
+    )
+    summary = (
+        f"{title}; median of {first.repeats} steps after {first.warmup} warm-up; "
+        f"{results[0]['target_layers']} target layers; {machine_description(args.device)}"
+    )
+    print(summary)
+    print(table)
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    stem = f"train_step_{args.model}_{args.resolution}px_{torch.device(args.device).type}"
+    write_atomic(output / f"{stem}.json", json.dumps({"summary": summary, "results": results}, indent=1))
+    write_atomic(output / f"{stem}.md", f"{summary}\n\n{table}\n")
+    save_bar_chart(chart_values(results), output / f"{stem}.png", title)
+    logger.info("wrote %s.{json,md,png} in %s", stem, output)
+    return results
+
+
+if __name__ == "__main__":
+    main()
