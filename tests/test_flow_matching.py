@@ -21,7 +21,6 @@ from snella_diffusion.training.flow_matching import (
     shift_sigmas,
     text_ids,
     unpack_latents,
-    weighted_mse,
 )
 
 DRAWS = 200_000
@@ -118,11 +117,6 @@ def test_noising_target_and_preconditioning_are_consistent():
     velocity = flow_target(latents, noise)
     # a perfect velocity prediction preconditions back to the clean latent
     assert torch.allclose(precondition_outputs(velocity, noisy, sigmas), latents, atol=1e-6)
-
-
-def test_weighted_mse_weights_each_sample():
-    prediction, target = torch.zeros(2, 3), torch.tensor([[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]])
-    assert weighted_mse(prediction, target, torch.tensor([1.0, 0.5])).item() == pytest.approx((1 + 2) / 2)
 
 
 def test_pack_unpack_roundtrip_and_patch_layout():

@@ -23,6 +23,8 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor
 
+from .objectives import ObjectiveBatch
+
 WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
 
 
@@ -150,11 +152,47 @@ def precondition_outputs(model_output: Tensor, noisy_latents: Tensor, sigmas: Te
     return noisy_latents - _broadcast(sigmas, noisy_latents) * model_output
 
 
-def weighted_mse(prediction: Tensor, target: Tensor, weighting: Tensor) -> Tensor:
-    """mean_b( w_b · mean_over_elements((prediction_b - target_b)²) ), computed in float32."""
-    error = (prediction.float() - target.float()) ** 2
-    per_sample = error.reshape(error.shape[0], -1).mean(dim=1)
-    return (weighting.float() * per_sample).mean()
+class FlowMatchingObjective:
+    """Rectified-flow training for the ``prepare`` interface of ``objectives.py``.
+
+    ``prepare`` draws σ per sample (``--weighting_scheme``), returns x_σ, the timesteps σ·N,
+    the target (ε - x0, or x0 with ``precondition``: the family's ``predict`` then returns
+    x_σ - σ·v) and the per-sample loss weights (None where they are all 1).
+    """
+
+    def __init__(
+        self,
+        schedule: FlowMatchSchedule,
+        weighting_scheme: str = "none",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        mode_scale: float = 1.29,
+        precondition: bool = False,
+    ) -> None:
+        _check_scheme(weighting_scheme)
+        self.schedule = schedule
+        self.weighting_scheme = weighting_scheme
+        self.logit_mean = logit_mean
+        self.logit_std = logit_std
+        self.mode_scale = mode_scale
+        self.precondition = precondition
+
+    def sigmas_of(self, timesteps: Tensor) -> Tensor:
+        """σ from the timesteps ``prepare`` returned, float32 ``(B,)``."""
+        return timesteps.float() / self.schedule.num_train_timesteps
+
+    def prepare(self, latents: Tensor, noise: Tensor, generator: Optional[torch.Generator] = None) -> ObjectiveBatch:
+        sigmas, timesteps = self.schedule.sample(
+            self.weighting_scheme, latents.shape[0], self.logit_mean, self.logit_std, self.mode_scale,
+            generator=generator,
+        )
+        sigmas, timesteps = sigmas.to(latents.device), timesteps.to(latents.device)
+        noisy = add_flow_noise(latents, noise, sigmas)
+        target = latents if self.precondition else flow_target(latents, noise)
+        weights = None
+        if self.weighting_scheme in ("sigma_sqrt", "cosmap"):
+            weights = loss_weighting(self.weighting_scheme, sigmas)
+        return ObjectiveBatch(noisy, timesteps, target, weights)
 
 
 def pack_latents(latents: Tensor) -> Tensor:
