@@ -446,3 +446,33 @@ def test_bad_adapter_names_and_weights(pipe, adapter_files):
     assert get_active_snella_adapters(pipe) == ["a"]
     assert all(not layer.fused_adapters for layer in snella_layers(pipe.unet).values())
     assert all(isinstance(m, SnellaLinear) for m in snella_layers(pipe.unet).values())
+
+
+def test_dit_transformer_component(tmp_path):
+    """A DiT-style holder (``transformer`` attribute, no ``components``) loads like a UNet."""
+    from types import SimpleNamespace
+
+    from diffusers import SD3Transformer2DModel
+
+    def transformer():
+        torch.manual_seed(0)
+        return SD3Transformer2DModel(
+            sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
+            num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
+            pooled_projection_dim=64, out_channels=4, pos_embed_max_size=16,
+        )
+
+    source = transformer()
+    apply_snella(source, SnellaConfig(rank=4, target_modules="dit"))
+    path = save_snella(source, tmp_path / "dit.safetensors")
+    holder = SimpleNamespace(transformer=transformer())
+    state = {k: v.clone() for k, v in holder.transformer.state_dict().items()}
+    load_snella_weights(holder, path, adapter_name="dit")
+    assert len(snella_layers(holder.transformer)) == len(snella_layers(source)) > 0
+    fuse_snella(holder)
+    layer_key, layer = next(iter(snella_layers(holder.transformer).items()))
+    assert not torch.equal(layer.base_layer.weight, state[layer_key + ".weight"])
+    unfuse_snella(holder)
+    unload_snella_weights(holder)
+    assert holder.transformer.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in holder.transformer.state_dict().items())
