@@ -229,6 +229,20 @@ class ModelFamily:
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * vae.config.scaling_factor
 
+    def configure(self, components: TrainingComponents, args: Any) -> None:
+        """Read family-specific flags into ``components.extra`` (the DiT families of
+        ``dit_families.py`` read theirs here); called right after ``load``. Default: none."""
+
+    def release_text_encoders(
+        self, components: TrainingComponents, validation_prompt: Optional[str], device: torch.device
+    ) -> None:
+        """Called once the training prompts are cached (text encoders not trained): a family
+        may free or offload its encoders here. Default: keep them."""
+
+    def validation_inputs(self, components: TrainingComponents, prompt: str) -> dict[str, Any]:
+        """Keyword arguments of a validation pipeline call besides the sampling settings."""
+        return {"prompt": prompt}
+
     def encode_prompt(
         self, components: TrainingComponents, prompts: list[str], device: torch.device
     ) -> dict[str, Tensor]:
