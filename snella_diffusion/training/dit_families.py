@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import SnellaError
+from ..inject import TARGET_PRESETS
 from .families import ModelFamily, TrainingComponents, register_family
 from .flow_matching import (
     WEIGHTING_SCHEMES,
@@ -44,6 +46,56 @@ from .objectives import NoiseObjective
 
 OPTIONS_KEY = "dit_options"
 VALIDATION_KEY = "validation_embeddings"
+# Block-filter aliases: the double-stream (joint) blocks and Flux's single-stream blocks.
+BLOCK_ALIASES = {
+    "double": r"transformer_blocks",
+    "joint": r"transformer_blocks",
+    "single": r"single_transformer_blocks",
+}
+
+
+def _block_indices(text: str, where: str) -> str:
+    """"0-3,7" → a regex alternation of the indices 0, 1, 2, 3, 7."""
+    indices: list[int] = []
+    for part in text.split(","):
+        bounds = part.split("-")
+        if not all(b.strip().isdigit() for b in bounds) or len(bounds) > 2:
+            raise SnellaError(f"--target_modules {where!r}: block indices must look like 0-3,7")
+        low, high = int(bounds[0]), int(bounds[-1])
+        indices.extend(range(low, high + 1))
+    return "(?:" + "|".join(str(i) for i in sorted(set(indices))) + ")"
+
+
+def block_filter_patterns(item: str) -> list[str]:
+    """Expand ``<preset>@<blocks>`` into regexes matching the preset's layers inside those blocks.
+
+    ``<blocks>`` is ``double`` (alias ``joint``: ``transformer_blocks.N``), ``single`` (Flux's
+    ``single_transformer_blocks.N``), either with indices (``double:0-9``, ``single:0,5``), or
+    a regex of the block path (``transformer_blocks\.1[0-8]``). Like diffusers'
+    ``--lora_layers``/``--lora_blocks``: e.g. ``dit@double`` adapts only double-stream blocks.
+    """
+    preset, _, blocks = item.partition("@")
+    if preset not in TARGET_PRESETS:
+        raise SnellaError(f"--target_modules {item!r}: {preset!r} is not a preset ({', '.join(TARGET_PRESETS)})")
+    name, _, indices = blocks.partition(":")
+    if name in BLOCK_ALIASES:
+        block = BLOCK_ALIASES[name] + r"\." + (_block_indices(indices, item) if indices else r"\d+")
+    else:
+        block = blocks
+        try:
+            re.compile(block)
+        except re.error as error:
+            raise SnellaError(f"--target_modules {item!r}: block filter is not a valid regex: {error}") from error
+    return [rf"(?:{block})\.{pattern}" for pattern in TARGET_PRESETS[preset]]
+
+
+def expand_block_filters(targets: list[str]) -> list[str]:
+    """``--target_modules`` items with block filters (``preset@blocks``) expanded to regexes;
+    other items unchanged."""
+    expanded: list[str] = []
+    for item in targets:
+        expanded.extend(block_filter_patterns(item) if "@" in item else [item])
+    return expanded
 
 
 def add_dit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -119,7 +171,10 @@ class DiTFamily(ModelFamily):
         return 77
 
     def configure(self, components: TrainingComponents, args: argparse.Namespace) -> None:
-        """Read the DiT flags into ``components.extra``; reject combinations that cannot work."""
+        """Read the DiT flags into ``components.extra``; reject combinations that cannot work.
+        Block filters in ``args.target_modules`` (``dit@double``) are expanded in place."""
+        if getattr(args, "target_modules", None):
+            args.target_modules = expand_block_filters(list(args.target_modules))
         train_text = bool(getattr(args, "train_text_encoder", False))
         cache = getattr(args, "cache_text_embeddings", None)
         if cache and train_text:

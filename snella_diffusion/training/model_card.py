@@ -1,0 +1,107 @@
+"""The ``README.md`` model card written next to a trained adapter."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from statistics import mean
+from typing import Any, Optional, Sequence
+
+from ..config import SnellaConfig
+
+
+def sparsity_summary(budgets: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Per component (the part of a layer name before the first dot): layer count and the
+    mean, min and max sparsity."""
+    grouped: dict[str, list[float]] = {}
+    for name, sparsity in budgets.items():
+        grouped.setdefault(name.split(".", 1)[0], []).append(sparsity)
+    return {
+        component: {"layers": len(values), "mean": mean(values), "min": min(values), "max": max(values)}
+        for component, values in grouped.items()
+    }
+
+
+def render_model_card(
+    base_model: str,
+    family: str,
+    instance_prompt: str,
+    config: SnellaConfig,
+    budgets: dict[str, float],
+    training: dict[str, Any],
+    validation_prompt: Optional[str] = None,
+    validation_images: Sequence[str] = (),
+    class_prompt: Optional[str] = None,
+) -> str:
+    """Markdown text of the card: base model, prompts, every SNELLA setting, the run's
+    training settings and the final per-layer sparsity (summary table + full list)."""
+    lines = [
+        "---",
+        f"base_model: {base_model}",
+        "library_name: snella-diffusion",
+        "tags:",
+        "- snella",
+        "- dreambooth",
+        "- diffusers",
+        f"instance_prompt: {instance_prompt!r}",
+        "---",
+        "",
+        "# SNELLA DreamBooth adapter",
+        "",
+        f"A SNELLA sparse adapter trained with DreamBooth on **{base_model}** ({family}).",
+        "",
+        f"- Instance prompt: `{instance_prompt}`",
+    ]
+    if class_prompt:
+        lines.append(f"- Prior preservation with class prompt: `{class_prompt}`")
+    if validation_prompt:
+        lines.append(f"- Validation prompt: `{validation_prompt}`")
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from snella_diffusion import load_snella",
+        "# pipe = <the base pipeline above, loaded with diffusers>",
+        'load_snella(pipe.unet, "snella_weights.safetensors", component="unet")',
+        "```",
+        "",
+        "## SNELLA settings",
+        "",
+        "| setting | value |",
+        "| --- | --- |",
+    ]
+    lines += [f"| `{key}` | `{value}` |" for key, value in config.to_dict().items()]
+    lines += ["", "## Training", "", "| setting | value |", "| --- | --- |"]
+    lines += [f"| `{key}` | `{value}` |" for key, value in training.items()]
+    lines += [
+        "",
+        "## Final sparsity (fraction of ΔW entries set to zero)",
+        "",
+        "| component | layers | mean | min | max |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for component, row in sparsity_summary(budgets).items():
+        lines.append(
+            f"| {component} | {row['layers']} | {row['mean']:.4f} | {row['min']:.4f} | {row['max']:.4f} |"
+        )
+    lines += ["", "<details><summary>Per-layer sparsity</summary>", "", "| layer | sparsity |", "| --- | --- |"]
+    lines += [f"| `{name}` | {value:.4f} |" for name, value in budgets.items()]
+    lines += ["", "</details>", ""]
+    if validation_images:
+        lines += ["## Validation samples", ""]
+        lines += [f"![{image}]({image})" for image in validation_images]
+        lines.append("")
+    lines += ["Allocation over training: `allocation.png` (layers × steps → kept fraction).", ""]
+    return "\n".join(lines)
+
+
+def write_model_card(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (temporary file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(handle, "w", encoding="utf-8") as stream:
+        stream.write(text)
+    os.replace(temporary, path)
+    return path

@@ -1,0 +1,665 @@
+"""DreamBooth with SNELLA adapters for Stable Diffusion 1.x/2.x and SDXL, run with accelerate.
+
+    accelerate launch train_scripts/train_dreambooth_snella.py \\
+        --pretrained_model_name_or_path=<hub id or folder> --instance_data_dir=<images> \\
+        --instance_prompt="a photo of sks dog" --output_dir=<dir>
+
+Flags follow diffusers' ``train_dreambooth_lora.py``. With no ``--pretrained_model_name_or_path``
+the script trains the embedded tiny Stable Diffusion model (built from configs, saved to
+``<output_dir>/embedded-base-model`` and loaded by path), and with no ``--instance_data_dir``
+it generates a small deterministic instance set: a complete run in about a minute on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+
+from snella_diffusion import BiLevelAllocator, SnellaConfig, SnellaError, apply_snella, save_snella
+from snella_diffusion.config import FORWARD_MODES, KERNELS, SPARSIFY_MODES
+from snella_diffusion.training.checkpointing import (
+    CheckpointableGenerator,
+    list_checkpoints,
+    register_adapter_hooks,
+    resolve_resume_path,
+    save_checkpoint,
+)
+from snella_diffusion.training.data import (
+    CachedLatentsDataset,
+    DreamBoothDataset,
+    EpochShuffleSampler,
+    collate_dreambooth,
+    generate_class_images,
+    load_image_folder,
+    synthetic_instance_images,
+    write_images,
+)
+from snella_diffusion.training.families import ModelFamily, TrainingComponents, detect_family
+from snella_diffusion.training.model_card import render_model_card, write_model_card
+from snella_diffusion.training.objectives import weighted_mse
+from snella_diffusion.viz import save_allocation_heatmap, save_image_grid, save_line_plot
+
+logger = get_logger(__name__)
+
+EMBEDDED_MODEL_FOLDER = "embedded-base-model"
+EMBEDDED_INSTANCE_FOLDER = "instance-images"
+EMBEDDED_PROMPT = "a photo of sks toy"
+EMBEDDED_MAX_STEPS = 50
+OUTPUT_FILE = "snella_weights.safetensors"
+DEFAULT_VALIDATION_STEPS = 100
+DEFAULT_CHECKPOINTING_STEPS = 500
+
+
+class TrainingSetupError(SnellaError):
+    """A flag, or the combination of flags, cannot work on this machine or with this data."""
+
+
+class NonFiniteLossError(SnellaError):
+    """The training loss became NaN or infinite; training stopped without saving."""
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse command-line flags (``argv`` defaults to ``sys.argv[1:]``)."""
+    parser = argparse.ArgumentParser(
+        description="DreamBooth fine-tuning with SNELLA sparse adapters (diffusers-style flags).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--pretrained_model_name_or_path", type=str, default=None,
+                       help="Hub id or local diffusers pipeline folder (SD 1.x/2.x or SDXL, detected from "
+                            "model_index.json). Omitted: the embedded tiny Stable Diffusion model.")
+    model.add_argument("--revision", type=str, default=None, help="Hub revision of the pretrained model.")
+    model.add_argument("--variant", type=str, default=None,
+                       help="Weights variant of the pretrained model files, e.g. fp16.")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--instance_data_dir", type=str, default=None,
+                      help="Folder of instance images. Omitted: a generated deterministic set of 4 images.")
+    data.add_argument("--instance_prompt", type=str, default=None,
+                      help=f"Prompt naming the instance, e.g. 'a photo of sks dog' (default with "
+                           f"generated images: {EMBEDDED_PROMPT!r}).")
+    data.add_argument("--with_prior_preservation", action="store_true",
+                      help="Add the prior-preservation loss on class images.")
+    data.add_argument("--class_data_dir", type=str, default=None,
+                      help="Folder of class images; missing ones are generated with the base model.")
+    data.add_argument("--class_prompt", type=str, default=None, help="Prompt of the class, e.g. 'a photo of a dog'.")
+    data.add_argument("--num_class_images", type=int, default=100,
+                      help="Class images wanted for prior preservation; missing ones are generated.")
+    data.add_argument("--prior_loss_weight", type=float, default=1.0, help="Weight of the prior-preservation loss.")
+    data.add_argument("--sample_batch_size", type=int, default=4, help="Batch size for generating class images.")
+    data.add_argument("--resolution", type=int, default=None,
+                      help="Training resolution in pixels (default: the model's native size, "
+                           "512 for SD 1.5, 1024 for SDXL, 32 for the embedded model).")
+    data.add_argument("--center_crop", action="store_true", help="Center-crop instead of random-crop.")
+    data.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
+    data.add_argument("--cache_latents", action="store_true",
+                      help="Encode the images with the VAE once, before training.")
+    data.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loading worker processes.")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--output_dir", type=str, default="snella-output",
+                       help="Where the adapter, model card, samples, plots and checkpoints go.")
+    train.add_argument("--seed", type=int, default=0, help="Seed of data order, augmentation, noise and samples.")
+    train.add_argument("--train_text_encoder", action="store_true",
+                       help="Also adapt the CLIP text encoder(s) with SNELLA (q/k/v/out and MLP), "
+                            "in the same allocator as the UNet.")
+    train.add_argument("--train_batch_size", type=int, default=4, help="Instance images per device and step.")
+    train.add_argument("--num_train_epochs", type=int, default=1, help="Epochs (overridden by --max_train_steps).")
+    train.add_argument("--max_train_steps", type=int, default=None,
+                       help=f"Optimizer steps (default: from --num_train_epochs; {EMBEDDED_MAX_STEPS} "
+                            "for the embedded model).")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                       help="Micro-batches accumulated per optimizer step.")
+    train.add_argument("--gradient_checkpointing", action="store_true",
+                       help="Recompute UNet (and trained text encoder) activations in backward to save memory.")
+    train.add_argument("--learning_rate", type=float, default=5e-4, help="Initial learning rate.")
+    train.add_argument("--scale_lr", action="store_true",
+                       help="Multiply the learning rate by GPUs × accumulation steps × batch size.")
+    train.add_argument("--lr_scheduler", type=str, default="constant",
+                       help='One of "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", '
+                            '"constant_with_warmup".')
+    train.add_argument("--lr_warmup_steps", type=int, default=0, help="Learning-rate warmup steps.")
+    train.add_argument("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
+    train.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial scheduler.")
+    train.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW.")
+    train.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW β1.")
+    train.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW β2.")
+    train.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
+    train.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
+    train.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    train.add_argument("--snr_gamma", type=float, default=None,
+                       help="Min-SNR weighting γ (5.0 is the recommended value); off by default.")
+    train.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                       help="Precision of the frozen weights and autocast; default: accelerate config.")
+    train.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
+    train.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                       help="Use xformers attention (needs xformers and a CUDA GPU).")
+
+    run = parser.add_argument_group("validation, logging, checkpoints")
+    run.add_argument("--validation_prompt", type=str, default=None,
+                     help="Prompt for sample grids (default with the embedded model: the instance prompt).")
+    run.add_argument("--num_validation_images", type=int, default=4, help="Images per validation grid.")
+    run.add_argument("--validation_steps", type=int, default=None,
+                     help="Write validation/step_<N>.png every N optimizer steps and at the end "
+                          "(default: 100; half the run for the embedded model).")
+    run.add_argument("--validation_inference_steps", type=int, default=25,
+                     help="Denoising steps per validation image.")
+    run.add_argument("--checkpointing_steps", type=int, default=None,
+                     help="Save a resumable checkpoint-<N>/ every N optimizer steps "
+                          "(default: 500; half the run for the embedded model).")
+    run.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    run.add_argument("--resume_from_checkpoint", type=str, default=None,
+                     help='A checkpoint folder, or "latest" for the newest in --output_dir.')
+    run.add_argument("--report_to", type=str, default=None,
+                     help='"tensorboard" (default when installed), "wandb", "all" or "none".')
+    run.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard folder, inside --output_dir.")
+
+    snella = parser.add_argument_group("SNELLA")
+    snella.add_argument("--rank", type=int, default=32,
+                        help="Total factor width r (SNELLA-r has LoRA-r's trainable factor count).")
+    snella.add_argument("--kernel", type=str, default="mix", choices=list(KERNELS), help="Kernel merging the factors.")
+    snella.add_argument("--sparsify", type=str, default="official", choices=list(SPARSIFY_MODES),
+                        help="Survivor rule: M·|M| (official) or soft thresholding.")
+    snella.add_argument("--target_modules", type=str, nargs="+", default=None,
+                        help='UNet layers: a preset ("unet") or module names / regular expressions '
+                             "(default: the family's preset).")
+    snella.add_argument("--init_sparsity", type=float, default=0.0,
+                        help="Fraction of ΔW entries set to zero at the start.")
+    snella.add_argument("--target_sparsity", type=float, default=0.8,
+                        help="Fraction of ΔW entries set to zero at the end of the schedule.")
+    snella.add_argument("--allocator_warmup_steps", type=int, default=None,
+                        help="Steps at the initial budget before reallocating (default: 10%% of the steps).")
+    snella.add_argument("--allocator_final_steps", type=int, default=None,
+                        help="Last steps at the final budget (default: 20%% of the steps).")
+    snella.add_argument("--allocator_interval", type=int, default=10, help="Steps between reallocations.")
+    snella.add_argument("--importance_beta1", type=float, default=0.85, help="EMA factor of the sensitivity.")
+    snella.add_argument("--importance_beta2", type=float, default=0.85, help="EMA factor of the uncertainty.")
+    snella.add_argument("--forward_mode", type=str, default="merged", choices=list(FORWARD_MODES),
+                        help="merged: one GEMM on W0 + ΔW; parallel: base output + ΔW·x.")
+    snella.add_argument("--threshold_sample_size", type=int, default=0,
+                        help="Select τ on a strided sample of this many entries (0: exact).")
+    return parser.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject flag combinations that cannot work, before anything is loaded."""
+    if args.with_prior_preservation:
+        if args.class_data_dir is None:
+            raise TrainingSetupError("--with_prior_preservation needs --class_data_dir")
+        if args.class_prompt is None:
+            raise TrainingSetupError("--with_prior_preservation needs --class_prompt")
+    if args.instance_data_dir is not None and args.instance_prompt is None:
+        raise TrainingSetupError("--instance_prompt is required with --instance_data_dir")
+    if args.enable_xformers_memory_efficient_attention:
+        if not torch.cuda.is_available():
+            raise TrainingSetupError(
+                "--enable_xformers_memory_efficient_attention: xformers has no CPU kernels and no "
+                "CUDA GPU is available; drop the flag (PyTorch scaled-dot-product attention is used)"
+            )
+        if importlib.util.find_spec("xformers") is None:
+            raise TrainingSetupError(
+                "--enable_xformers_memory_efficient_attention: xformers is not installed "
+                "(pip install 'snella-diffusion[xformers]') ; or drop the flag"
+            )
+    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise TrainingSetupError("--use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes)")
+    for flag in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps",
+                 "num_validation_images", "sample_batch_size", "allocator_interval"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise TrainingSetupError(f"--{flag}={getattr(args, flag)}: must be at least 1")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        raise TrainingSetupError(f"--max_train_steps={args.max_train_steps}: must be at least 1")
+
+
+def resolve_report_to(report_to: Optional[str]) -> Optional[str]:
+    """None (no tracker) or the tracker name; tensorboard only when it is installed."""
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
+    if report_to is None:
+        return "tensorboard" if tensorboard else None
+    if report_to == "none":
+        return None
+    if report_to == "tensorboard" and not tensorboard:
+        logger.warning("--report_to=tensorboard: tensorboard is not installed; logging to the console only")
+        return None
+    return report_to
+
+
+def prepare_embedded_inputs(args: argparse.Namespace, accelerator: Accelerator, output_dir: Path) -> None:
+    """Fill in the embedded model and generated instance images where flags are missing."""
+    embedded_model = args.pretrained_model_name_or_path is None
+    if embedded_model:
+        folder = output_dir / EMBEDDED_MODEL_FOLDER
+        if accelerator.is_main_process and not (folder / "model_index.json").is_file():
+            from snella_diffusion.tiny_models import tiny_sd_pipeline
+
+            logger.info("no --pretrained_model_name_or_path: saving the embedded tiny SD model to %s", folder)
+            tiny_sd_pipeline(seed=0).save_pretrained(folder)
+        args.pretrained_model_name_or_path = str(folder)
+        if args.max_train_steps is None:
+            args.max_train_steps = EMBEDDED_MAX_STEPS
+    if args.instance_data_dir is None:
+        folder = output_dir / EMBEDDED_INSTANCE_FOLDER
+        if accelerator.is_main_process:
+            logger.info("no --instance_data_dir: writing 4 generated instance images to %s", folder)
+            write_images(synthetic_instance_images(count=4, size=64, seed=0), folder, "instance")
+        args.instance_data_dir = str(folder)
+        if args.instance_prompt is None:
+            args.instance_prompt = EMBEDDED_PROMPT
+    if embedded_model:
+        half_run = max(1, args.max_train_steps // 2)
+        if args.validation_prompt is None:
+            args.validation_prompt = args.instance_prompt
+        args.validation_steps = args.validation_steps or half_run
+        args.checkpointing_steps = args.checkpointing_steps or half_run
+    args.validation_steps = args.validation_steps or DEFAULT_VALIDATION_STEPS
+    args.checkpointing_steps = args.checkpointing_steps or DEFAULT_CHECKPOINTING_STEPS
+    accelerator.wait_for_everyone()
+
+
+def snella_config(args: argparse.Namespace, family: ModelFamily, total_steps: int) -> SnellaConfig:
+    """The UNet adapter config from the SNELLA flags (schedule defaults from ``total_steps``)."""
+    targets: Any = args.target_modules or family.denoiser_preset
+    if isinstance(targets, list) and len(targets) == 1:
+        targets = targets[0]
+    warmup = args.allocator_warmup_steps if args.allocator_warmup_steps is not None else total_steps // 10
+    final = args.allocator_final_steps if args.allocator_final_steps is not None else total_steps // 5
+    return SnellaConfig(
+        rank=args.rank, kernel=args.kernel, sparsify=args.sparsify, target_modules=targets,
+        init_sparsity=args.init_sparsity, target_sparsity=args.target_sparsity,
+        forward_mode=args.forward_mode, threshold_sample_size=args.threshold_sample_size,
+        importance_beta1=args.importance_beta1, importance_beta2=args.importance_beta2,
+        allocator_warmup_steps=warmup, allocator_final_steps=final,
+        allocator_interval=args.allocator_interval,
+    )
+
+
+def make_optimizer(args: argparse.Namespace, params: list[torch.nn.Parameter], learning_rate: float):
+    if args.use_8bit_adam:
+        import bitsandbytes
+
+        optimizer_class = bitsandbytes.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(
+        params, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+    )
+
+
+def fresh_scheduler(scheduler: Any) -> Any:
+    """A copy of a noise scheduler (inference mutates timesteps; training must not see that)."""
+    return type(scheduler).from_config(scheduler.config)
+
+
+@torch.no_grad()
+def run_validation(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    family: ModelFamily,
+    components: TrainingComponents,
+    trained: dict[str, torch.nn.Module],
+    step: int,
+    resolution: int,
+    output_dir: Path,
+) -> Path:
+    """Sample ``--num_validation_images`` images of ``--validation_prompt`` with the current
+    adapters and write them as ``validation/step_<step>.png``."""
+    overrides = {name: module for name, module in trained.items()}
+    overrides["scheduler"] = fresh_scheduler(components.noise_scheduler)
+    pipeline = family.pipeline(components, overrides)
+    pipeline.set_progress_bar_config(disable=True)
+    images = []
+    for index in range(args.num_validation_images):
+        generator = torch.Generator().manual_seed(args.seed + index)
+        with accelerator.autocast():
+            result = pipeline(
+                args.validation_prompt, num_inference_steps=args.validation_inference_steps,
+                generator=generator, height=resolution, width=resolution, output_type="pil",
+            )
+        images.append(result.images[0])
+    path = save_image_grid(images, output_dir / "validation" / f"step_{step}.png",
+                           columns=min(4, len(images)))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            stacked = np.stack([np.asarray(image) for image in images])
+            tracker.writer.add_images("validation", stacked, step, dataformats="NHWC")
+    logger.info("validation samples: %s", path)
+    return path
+
+
+def check_ranks_agree(accelerator: Accelerator, allocator: BiLevelAllocator) -> list[list[int]]:
+    """The per-layer drop counts of every process (rows = ranks); raises if they differ."""
+    drops = torch.tensor([allocator.adapters[n].drop_count_host for n in allocator.names], dtype=torch.int64)
+    gathered = accelerator.gather(drops.to(accelerator.device)).cpu().view(accelerator.num_processes, -1)
+    rows = gathered.tolist()
+    if any(row != rows[0] for row in rows[1:]):
+        raise SnellaError("the processes ended with different per-layer sparsities (allocator out of sync)")
+    return rows
+
+
+def tracker_config(args: argparse.Namespace) -> dict[str, Any]:
+    """Flags as TensorBoard hyper-parameters (scalars and strings only)."""
+    values = {}
+    for key, value in vars(args).items():
+        values[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return values
+
+
+def main(args: argparse.Namespace) -> Path:
+    """Train; returns the path of the written ``snella_weights.safetensors``.
+
+    Raises:
+        SnellaError (or a subclass): bad flags, data, model or a non-finite loss; the message
+            names the flag or file at fault.
+    """
+    started = time.monotonic()
+    check_args(args)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)
+    output_dir = Path(args.output_dir)
+    report_to = resolve_report_to(args.report_to)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        cpu=not torch.cuda.is_available(),
+    )
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    set_seed(args.seed)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    prepare_embedded_inputs(args, accelerator, output_dir)
+
+    family, model_index = detect_family(args.pretrained_model_name_or_path, args.revision)
+    logger.info("model family: %s (%s)", family.name, model_index.get("_class_name"))
+    components = family.load(args.pretrained_model_name_or_path, model_index, args.revision, args.variant)
+    resolution = args.resolution or family.native_resolution(components)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    for name, module in components.modules.items():
+        if isinstance(module, torch.nn.Module):
+            module.to(accelerator.device, dtype=weight_dtype)
+
+    instance_images = load_image_folder(args.instance_data_dir, "--instance_data_dir", resolution)
+    class_images = None
+    if args.with_prior_preservation:
+        class_folder = Path(args.class_data_dir)
+        if accelerator.is_main_process:
+            base_pipeline = family.pipeline(components, {"scheduler": fresh_scheduler(components.noise_scheduler)})
+            base_pipeline.set_progress_bar_config(disable=True)
+            generate_class_images(
+                base_pipeline, args.class_prompt, class_folder, args.num_class_images, args.sample_batch_size,
+                seed=args.seed, progress=True, pipeline_kwargs={"height": resolution, "width": resolution},
+            )
+            del base_pipeline
+        accelerator.wait_for_everyone()
+        class_images = load_image_folder(class_folder, "--class_data_dir", resolution)[: args.num_class_images]
+
+    dataset = DreamBoothDataset(
+        instance_images, args.instance_prompt, resolution, args.center_crop, args.random_flip,
+        class_images=class_images, class_prompt=args.class_prompt, seed=args.seed,
+    )
+    encode_generator = CheckpointableGenerator(args.seed + 7919 * accelerator.process_index)
+    if args.cache_latents:
+        dataset = CachedLatentsDataset(
+            dataset, lambda pixels: family.encode_latents(components, pixels.to(accelerator.device), encode_generator.generator)
+        )
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.train_batch_size, sampler=EpochShuffleSampler(len(dataset), args.seed),
+        collate_fn=collate_dreambooth, num_workers=args.dataloader_num_workers,
+    )
+
+    batches_per_epoch = math.ceil(len(loader) / accelerator.num_processes)
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+
+    config = snella_config(args, family, args.max_train_steps)
+    trained: dict[str, torch.nn.Module] = {family.denoiser_component: components.denoiser}
+    layers = {f"{family.denoiser_component}.{n}": l for n, l in apply_snella(components.denoiser, config).items()}
+    if args.train_text_encoder:
+        text_config = dataclasses.replace(config, target_modules="text_encoder", exclude_modules=[])
+        for name, encoder in components.text_encoders.items():
+            trained[name] = encoder
+            layers.update({f"{name}.{n}": l for n, l in apply_snella(encoder, text_config).items()})
+    allocator = BiLevelAllocator(layers, config, total_steps=args.max_train_steps)
+    trainable = [p for module in trained.values() for p in module.parameters() if p.requires_grad]
+    logger.info(
+        "SNELLA: %d adapted layers (%s), %d trainable parameters", len(layers),
+        ", ".join(trained), sum(p.numel() for p in trainable),
+    )
+
+    if args.enable_xformers_memory_efficient_attention:
+        components.denoiser.enable_xformers_memory_efficient_attention()
+    if args.gradient_checkpointing:
+        components.denoiser.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            for name in components.text_encoder_components:
+                components.modules[name].gradient_checkpointing_enable()
+    for module in trained.values():
+        module.train()
+
+    learning_rate = args.learning_rate
+    if args.scale_lr:
+        learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    optimizer = make_optimizer(args, trainable, learning_rate)
+    from diffusers.optimization import get_scheduler
+
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_cycles=args.lr_num_cycles, power=args.lr_power,
+    )
+
+    names = list(trained)
+    prepared = accelerator.prepare(*trained.values(), optimizer, loader, lr_scheduler)
+    wrapped = dict(zip(names, prepared[: len(names)]))
+    optimizer, loader, lr_scheduler = prepared[len(names):]
+    noise_generator = CheckpointableGenerator(args.seed + 104729 * accelerator.process_index)
+    register_adapter_hooks(accelerator, trained, args.pretrained_model_name_or_path, accelerator.unwrap_model)
+    accelerator.register_for_checkpointing(allocator)
+    accelerator.register_for_checkpointing(noise_generator)
+    accelerator.register_for_checkpointing(encode_generator)
+    if accelerator.is_main_process and report_to:
+        accelerator.init_trackers("snella-dreambooth", config=tracker_config(args))
+
+    global_step = 0
+    if args.resume_from_checkpoint:
+        resume_path = resolve_resume_path(output_dir, args.resume_from_checkpoint)
+        if resume_path is None:
+            logger.info("--resume_from_checkpoint=latest: no checkpoint in %s, starting a new run", output_dir)
+        else:
+            logger.info("resuming from %s", resume_path)
+            accelerator.load_state(str(resume_path))
+            global_step = int(resume_path.name.split("-")[1])
+    first_epoch = global_step // steps_per_epoch
+    skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+
+    objective = family.objective(components, snr_gamma=args.snr_gamma)
+    prompt_cache: dict[str, dict[str, torch.Tensor]] = {}
+    if not args.train_text_encoder:
+        with torch.no_grad():
+            for prompt in {args.instance_prompt, args.class_prompt} - {None}:
+                prompt_cache[prompt] = family.encode_prompt(components, [prompt], accelerator.device)
+
+    def conditioning_for(prompts: list[str]) -> dict[str, torch.Tensor]:
+        if args.train_text_encoder:
+            return family.encode_prompt(components, prompts, accelerator.device)
+        keys = prompt_cache[prompts[0]].keys()
+        return {key: torch.cat([prompt_cache[p][key] for p in prompts]) for key in keys}
+
+    logger.info(
+        "training %d steps (%d epochs, %d instance images, batch %d × %d processes × %d accumulation)",
+        args.max_train_steps, num_epochs, len(instance_images), args.train_batch_size,
+        accelerator.num_processes, args.gradient_accumulation_steps,
+    )
+    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
+                    disable=not accelerator.is_local_main_process)
+    losses: list[tuple[float, float]] = []
+    validations: list[str] = []
+    denoiser = wrapped[family.denoiser_component]
+    last_checkpoint = list_checkpoints(output_dir)
+    last_checkpoint_name = last_checkpoint[-1].name if last_checkpoint else "none"
+    try:
+        for epoch in range(first_epoch, num_epochs):
+            if global_step >= args.max_train_steps:
+                break
+            loader.set_epoch(epoch)
+            dataset.set_epoch(epoch)
+            batches = loader
+            if epoch == first_epoch and skip_batches:
+                batches = accelerator.skip_first_batches(loader, skip_batches)
+            for batch in batches:
+                with accelerator.accumulate(*wrapped.values()):
+                    if "latents" in batch:
+                        latents = batch["latents"].to(accelerator.device, weight_dtype)
+                    else:
+                        pixels = batch["pixel_values"].to(accelerator.device, weight_dtype)
+                        latents = family.encode_latents(components, pixels, encode_generator.generator)
+                    noise = torch.randn(latents.shape, generator=noise_generator.generator).to(latents)
+                    sample = objective.prepare(latents, noise, noise_generator.generator)
+                    conditioning = conditioning_for(batch["prompts"])
+                    prediction = family.predict(
+                        components, sample.noisy_latents, sample.timesteps, conditioning, batch, denoiser=denoiser
+                    )
+                    count = batch["num_instance"]
+                    weights = sample.weights
+                    loss = weighted_mse(prediction[:count], sample.target[:count], None if weights is None else weights[:count])
+                    if prediction.shape[0] > count:
+                        prior = weighted_mse(prediction[count:], sample.target[count:], None if weights is None else weights[count:])
+                        loss = loss + args.prior_loss_weight * prior
+                    mean_loss = accelerator.gather(loss.detach().reshape(1)).mean()
+                    if not torch.isfinite(mean_loss):
+                        raise NonFiniteLossError(
+                            f"training loss is {mean_loss.item()} at step {global_step + 1}: stopped without "
+                            f"saving; the last checkpoint ({last_checkpoint_name}) is intact. Lower "
+                            "--learning_rate, or train with --mixed_precision=no or bf16"
+                        )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and args.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                    optimizer.step()
+                    if accelerator.sync_gradients:
+                        allocator.step(skipped=accelerator.optimizer_step_was_skipped)
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if not accelerator.sync_gradients:
+                    continue
+                global_step += 1
+                progress.update(1)
+                loss_value = mean_loss.item()
+                losses.append((float(global_step), loss_value))
+                kept = sum(allocator.keep_counts().values()) / sum(allocator.capacities)
+                logs = {"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0], "kept_fraction": kept}
+                progress.set_postfix(loss=f"{loss_value:.4f}", kept=f"{kept:.3f}")
+                accelerator.log(logs, step=global_step)
+                if global_step % args.checkpointing_steps == 0:
+                    path = save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
+                    last_checkpoint_name = path.name
+                    logger.info("saved %s", path)
+                if args.validation_prompt and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+                    validations.append(run_validation(
+                        args, accelerator, family, components, trained, global_step, resolution, output_dir
+                    ).relative_to(output_dir).as_posix())
+                if global_step >= args.max_train_steps:
+                    break
+    except BaseException:
+        accelerator.end_training()
+        raise
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    rank_drops = check_ranks_agree(accelerator, allocator)
+    adapter_path = output_dir / OUTPUT_FILE
+    if accelerator.is_main_process:
+        if args.validation_prompt and not any(v.endswith(f"step_{global_step}.png") for v in validations):
+            validations.append(run_validation(
+                args, accelerator, family, components, trained, global_step, resolution, output_dir
+            ).relative_to(output_dir).as_posix())
+        save_snella(trained, adapter_path, base_model=args.pretrained_model_name_or_path)
+        write_outputs(args, family, config, allocator, rank_drops, losses, validations, output_dir,
+                      time.monotonic() - started, accelerator.num_processes)
+        logger.info("wrote %s", adapter_path)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return adapter_path
+
+
+def write_outputs(
+    args: argparse.Namespace,
+    family: ModelFamily,
+    config: SnellaConfig,
+    allocator: BiLevelAllocator,
+    rank_drops: list[list[int]],
+    losses: list[tuple[float, float]],
+    validations: list[str],
+    output_dir: Path,
+    seconds: float,
+    num_processes: int,
+) -> None:
+    """The allocation heatmap and JSON, the loss plot and the model card."""
+    save_allocation_heatmap(allocator.history_steps, allocator.history_kept, allocator.names,
+                            output_dir / "allocation.png")
+    budgets = allocator.budgets()
+    allocation = {
+        "layers": allocator.names,
+        "final_sparsity": [budgets[n] for n in allocator.names],
+        "history_steps": allocator.history_steps,
+        "history_kept": allocator.history_kept,
+        "drop_counts_per_rank": rank_drops,
+    }
+    (output_dir / "allocation.json").write_text(json.dumps(allocation))
+    if losses:
+        save_line_plot({"loss": losses}, output_dir / "loss.png", title="training loss (this run)")
+    training = {
+        "max_train_steps": args.max_train_steps,
+        "train_batch_size": args.train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "processes": num_processes,
+        "learning_rate": args.learning_rate,
+        "lr_scheduler": args.lr_scheduler,
+        "resolution": args.resolution or "native",
+        "train_text_encoder": args.train_text_encoder,
+        "snr_gamma": args.snr_gamma,
+        "mixed_precision": args.mixed_precision or "accelerate default",
+        "seed": args.seed,
+        "wall_seconds_this_run": round(seconds, 1),
+    }
+    card = render_model_card(
+        base_model=args.pretrained_model_name_or_path, family=family.name, instance_prompt=args.instance_prompt,
+        config=config, budgets=budgets, training=training, validation_prompt=args.validation_prompt,
+        validation_images=validations, class_prompt=args.class_prompt if args.with_prior_preservation else None,
+    )
+    write_model_card(output_dir / "README.md", card)
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> None:
+    """Console entry point: errors raised on purpose print one line, not a traceback."""
+    args = parse_args(argv)
+    try:
+        main(args)
+    except SnellaError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    cli()
