@@ -49,7 +49,12 @@ from snella_diffusion.training.data import (
     synthetic_instance_images,
     write_images,
 )
-from snella_diffusion.training.families import ModelFamily, TrainingComponents, detect_family
+from snella_diffusion.training.families import (
+    ModelFamily,
+    TrainingComponents,
+    add_family_arguments,
+    detect_family,
+)
 from snella_diffusion.training.model_card import render_model_card, write_model_card
 from snella_diffusion.training.objectives import weighted_mse
 from snella_diffusion.viz import save_allocation_heatmap, save_image_grid, save_line_plot
@@ -193,6 +198,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="merged: one GEMM on W0 + ΔW; parallel: base output + ΔW·x.")
     snella.add_argument("--threshold_sample_size", type=int, default=0,
                         help="Select τ on a strided sample of this many entries (0: exact).")
+    add_family_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -328,7 +334,8 @@ def run_validation(
         generator = torch.Generator().manual_seed(args.seed + index)
         with accelerator.autocast():
             result = pipeline(
-                args.validation_prompt, num_inference_steps=args.validation_inference_steps,
+                **family.validation_inputs(components, args.validation_prompt),
+                num_inference_steps=args.validation_inference_steps,
                 generator=generator, height=resolution, width=resolution, output_type="pil",
             )
         images.append(result.images[0])
@@ -391,6 +398,7 @@ def main(args: argparse.Namespace) -> Path:
     family, model_index = detect_family(args.pretrained_model_name_or_path, args.revision)
     logger.info("model family: %s (%s)", family.name, model_index.get("_class_name"))
     components = family.load(args.pretrained_model_name_or_path, model_index, args.revision, args.variant)
+    family.configure(components, args)
     resolution = args.resolution or family.native_resolution(components)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     for name, module in components.modules.items():
@@ -499,6 +507,7 @@ def main(args: argparse.Namespace) -> Path:
         with torch.no_grad():
             for prompt in {args.instance_prompt, args.class_prompt} - {None}:
                 prompt_cache[prompt] = family.encode_prompt(components, [prompt], accelerator.device)
+        family.release_text_encoders(components, args.validation_prompt, accelerator.device)
 
     def conditioning_for(prompts: list[str]) -> dict[str, torch.Tensor]:
         if args.train_text_encoder:

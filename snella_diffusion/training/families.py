@@ -24,34 +24,43 @@ only has to exist and call ``register_family`` at import time::
 
     register_family(SD3Family())
 
+A plugin module that needs its own command-line flags registers a function adding them
+with :func:`register_arguments` (``register_arguments(add_dit_arguments)``); the training
+script calls :func:`add_family_arguments` on its parser, which imports the plugins first.
+
 What the training script calls, in order (``components`` is a :class:`TrainingComponents`):
 
 - ``family.load(source, revision, variant, dtype)``: every pipeline component by its
   ``model_index.json`` class (safety checker / feature extractor / image encoder skipped).
   Inherited implementation is generic; override only for special cases.
+- ``family.configure(components, args)``: read family-specific flags (no-op by default).
 - ``family.native_resolution(components)``: default training resolution in pixels.
 - ``family.encode_latents(components, pixels)``: ``(B, 3, H, W)`` in [-1, 1] → latents
   (scaled with the VAE's ``scaling_factor`` and ``shift_factor``).
 - ``family.encode_prompt(components, prompts, device)``: ``{name: tensor}``, every tensor with
   the batch on dim 0 (the script concatenates and repeats them along dim 0). Must be
   differentiable through the text encoders (they may be trained).
+- ``family.release_text_encoders(components, validation_prompt, device)``: after the prompts
+  were encoded once (text encoders not trained); a family may free its encoders.
 - ``family.objective(components, snr_gamma)``: an object with
   ``prepare(latents, noise, generator) -> ObjectiveBatch`` (see ``objectives.py``).
 - ``family.predict(components, noisy_latents, timesteps, conditioning, batch)``: the
   denoiser output compared with ``ObjectiveBatch.target``; ``batch`` is the data batch
   (``original_sizes``, ``crop_top_lefts``: ``(B, 2)`` int tensors, pixels).
 - ``family.pipeline(components)``: a diffusers pipeline built from the loaded (possibly
-  adapted) modules, for validation and class-image generation.
+  adapted) modules, for validation and class-image generation, called with
+  ``**family.validation_inputs(components, prompt)``.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -331,7 +340,21 @@ class StableDiffusionXLFamily(ModelFamily):
 
 
 FAMILIES: dict[str, ModelFamily] = {}
+ARGUMENT_HOOKS: list[Callable[[argparse.ArgumentParser], None]] = []
 _plugins_loaded = False
+
+
+def register_arguments(hook: Callable[[argparse.ArgumentParser], None]) -> None:
+    """Have ``hook(parser)`` add a plugin's flags to the training script's parser (once)."""
+    if hook not in ARGUMENT_HOOKS:
+        ARGUMENT_HOOKS.append(hook)
+
+
+def add_family_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the flags every registered plugin asked for (see ``register_arguments``)."""
+    _load_plugins()
+    for hook in ARGUMENT_HOOKS:
+        hook(parser)
 
 
 def register_family(family: ModelFamily) -> ModelFamily:
