@@ -42,6 +42,36 @@ def test_block_filters_restrict_the_preset():
     )
 
 
+@pytest.mark.parametrize(
+    "targets, count, first",
+    [
+        (["dit@double"], 19 * 12, "transformer_blocks.0.attn.add_k_proj"),
+        (["dit@single"], 38 * 5, "single_transformer_blocks.0.attn.to_k"),
+        (["dit@double:0-1", "dit@single:37"], 2 * 12 + 5, "single_transformer_blocks.37.attn.to_k"),
+        ([r"dit@transformer_blocks\.1[0-8]"], 9 * 12, "transformer_blocks.10.attn.add_k_proj"),
+    ],
+)
+def test_script_block_filters_select_preset_layers_inside_blocks(targets, count, first):
+    from snella_diffusion.training.dit_families import expand_block_filters
+
+    layers = apply_snella(
+        build_reference_model("flux", device="meta"), SnellaConfig(rank=4, target_modules=expand_block_filters(targets))
+    )
+    assert len(layers) == count and sorted(layers)[0] == first
+    assert all(not name.endswith("norm1.linear") for name in layers)
+
+
+def test_block_filter_errors_name_the_item():
+    from snella_diffusion import SnellaError
+    from snella_diffusion.training.dit_families import expand_block_filters
+
+    with pytest.raises(SnellaError, match="'dat@double'.*not a preset"):
+        expand_block_filters(["dat@double"])
+    with pytest.raises(SnellaError, match="'dit@double:a-b'"):
+        expand_block_filters(["dit@double:a-b"])
+    assert expand_block_filters(["dit", "proj_out"]) == ["dit", "proj_out"]
+
+
 class _SingleBlockHolder(nn.Module):
     """Gives the block the qualified names it has inside FluxTransformer2DModel."""
 

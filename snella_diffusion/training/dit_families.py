@@ -86,7 +86,8 @@ def block_filter_patterns(item: str) -> list[str]:
             re.compile(block)
         except re.error as error:
             raise SnellaError(f"--target_modules {item!r}: block filter is not a valid regex: {error}") from error
-    return [rf"(?:{block})\.{pattern}" for pattern in TARGET_PRESETS[preset]]
+    # a lookahead pins the block prefix; the preset pattern still matches the whole name
+    return [rf"(?=(?:{block})\.)(?:{pattern})" for pattern in TARGET_PRESETS[preset]]
 
 
 def expand_block_filters(targets: list[str]) -> list[str]:
