@@ -1,0 +1,155 @@
+"""Fine-tuning methods compared by the classification entry, set up on one ViT classifier.
+
+Every method trains the classification head the same way; they differ in what else trains:
+
+- ``snella``: SNELLA adapters ("mix" kernel) with the bi-level allocator (s_init → s_target).
+- ``snell``: SNELL: "piecewise_linear" kernel, one fixed sparsity for every layer, no allocator.
+- ``lora``: PEFT LoRA on the same linears.
+- ``full``: every parameter.
+- ``linear``: the head only.
+- ``masked_sparse``: SPT/GPS-style gradient-masked sparse tuning of the same linears' weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from torch import Tensor, nn
+
+from ..allocator import BiLevelAllocator
+from ..baselines import GradientMaskedSparse, apply_lora
+from ..config import SnellaConfig
+from ..errors import SnellaConfigError
+from ..inject import apply_snella
+
+METHODS = ("snella", "snell", "lora", "full", "linear", "masked_sparse")
+
+
+@dataclass
+class MethodSettings:
+    """Adapter settings shared by the methods (steps are optimizer steps)."""
+
+    rank: int = 32
+    lora_rank: int = 8
+    lora_alpha: Optional[float] = None
+    init_sparsity: float = 0.0
+    target_sparsity: float = 0.8
+    masked_density: Optional[float] = None
+    calibration_batches: int = 4
+    target_modules: str = "vit"
+    total_steps: int = 1
+    allocator_warmup_steps: int = 0
+    allocator_final_steps: int = 0
+    allocator_interval: int = 1
+
+    def density(self) -> float:
+        """Fraction of each weight masked_sparse trains (default: SNELLA's final kept fraction)."""
+        return self.masked_density if self.masked_density is not None else 1.0 - self.target_sparsity
+
+
+@dataclass
+class PreparedMethod:
+    """What the training loop needs from a method, after the model was modified in place.
+
+    Attributes:
+        param_groups: optimizer groups; entries without "weight_decay" take the loop's value.
+        allocator: SNELLA's allocator (call ``step()`` after each optimizer step), else None.
+        masked: the masked-sparse tuner (already calibrated), else None.
+        trainable_count: number of parameter entries the method updates (for masked_sparse the
+            masked entries, not the full weights the optimizer holds).
+        state_bytes: bytes of method state outside parameters and optimizer (masks, EMAs).
+    """
+
+    name: str
+    param_groups: list[dict]
+    allocator: Optional[BiLevelAllocator] = None
+    masked: Optional[GradientMaskedSparse] = None
+    trainable_count: int = 0
+    state_bytes: int = 0
+    details: dict = field(default_factory=dict)
+
+
+def _head(model: nn.Module) -> nn.Module:
+    head = getattr(model, "classifier", None)
+    if not isinstance(head, nn.Module):
+        raise SnellaConfigError(f"{type(model).__name__} has no .classifier head")
+    return head
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _snella_config(settings: MethodSettings, kernel: str, allocate: bool) -> SnellaConfig:
+    if allocate:
+        return SnellaConfig(
+            rank=settings.rank, kernel=kernel, target_modules=settings.target_modules,
+            init_sparsity=settings.init_sparsity, target_sparsity=settings.target_sparsity,
+            allocator_warmup_steps=settings.allocator_warmup_steps,
+            allocator_final_steps=settings.allocator_final_steps,
+            allocator_interval=settings.allocator_interval,
+        )
+    return SnellaConfig(
+        rank=settings.rank, kernel=kernel, target_modules=settings.target_modules,
+        init_sparsity=settings.target_sparsity, target_sparsity=settings.target_sparsity,
+    )
+
+
+def prepare_method(
+    model: nn.Module,
+    method: str,
+    settings: MethodSettings,
+    calibration_loss: Optional[Callable[[], Tensor]] = None,
+) -> PreparedMethod:
+    """Modify ``model`` in place for ``method`` and return its optimizer groups and helpers.
+
+    ``calibration_loss`` (a loss on the next training batch) is required by masked_sparse.
+    The head always trains, in its own group.
+    """
+    if method not in METHODS:
+        raise SnellaConfigError(f"--method {method!r}: expected one of {METHODS}")
+    head_params = list(_head(model).parameters())
+    head_count = sum(p.numel() for p in head_params)
+    prepared = PreparedMethod(method, [])
+    if method in ("snella", "snell"):
+        config = _snella_config(settings, "mix" if method == "snella" else "piecewise_linear", method == "snella")
+        layers = apply_snella(model, config)
+        if method == "snella":
+            prepared.allocator = BiLevelAllocator(layers, config, total_steps=settings.total_steps)
+            prepared.state_bytes = sum(
+                t.numel() * t.element_size()
+                for tensors in (prepared.allocator.sensitivity, prepared.allocator.uncertainty)
+                for pair in tensors.values() for t in pair
+            )
+        prepared.details = {"layers": len(layers), "config": config.to_dict()}
+    elif method == "lora":
+        adapted = apply_lora(model, settings.target_modules, settings.lora_rank, settings.lora_alpha)
+        prepared.details = {"layers": len(adapted), "lora_rank": settings.lora_rank}
+    elif method == "full":
+        model.requires_grad_(True)
+    elif method == "linear":
+        model.requires_grad_(False)
+    else:
+        if calibration_loss is None:
+            raise SnellaConfigError("masked_sparse needs a calibration loss on training batches")
+        masked = GradientMaskedSparse(model, settings.target_modules, settings.density())
+        for p in head_params:
+            p.requires_grad_(True)
+        masked.calibrate(calibration_loss, settings.calibration_batches)
+        prepared.masked = masked
+        prepared.state_bytes = sum(m.numel() for m in masked.masks.values())
+        prepared.details = {"layers": len(masked.weights), "density": settings.density()}
+    for p in head_params:
+        p.requires_grad_(True)
+    head_ids = {id(p) for p in head_params}
+    if prepared.masked is not None:
+        prepared.param_groups = prepared.masked.optimizer_param_groups()
+        prepared.trainable_count = prepared.masked.masked_count() + head_count
+    else:
+        body = [p for p in _trainable(model) if id(p) not in head_ids]
+        if body:
+            prepared.param_groups.append({"params": body})
+        prepared.trainable_count = sum(p.numel() for p in body) + head_count
+    prepared.param_groups.append({"params": head_params})
+    return prepared

@@ -1,0 +1,104 @@
+"""Per-method rows (mean ± std over seeds), results.json and the markdown comparison table."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+from .paper import FGVC_MEAN_RESULTS, PAPER_ACCURACY_KIND
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize_method(method: str, runs: list[dict[str, Any]], paper: dict[str, float]) -> dict[str, Any]:
+    """One table row from the per-seed run dicts (accuracies in %, memory in MB, time in s)."""
+    best_mean, best_std = _mean_std([r["top1_best"] for r in runs])
+    final_mean, final_std = _mean_std([r["top1_final"] for r in runs])
+    return {
+        "method": method,
+        "seeds": [r["seed"] for r in runs],
+        "top1_best_mean": best_mean,
+        "top1_best_std": best_std,
+        "top1_final_mean": final_mean,
+        "top1_final_std": final_std,
+        "trainable_params": runs[0]["trainable_params"],
+        "peak_memory_mb": statistics.fmean(r["peak_memory_mb"] for r in runs),
+        "memory_source": runs[0]["memory_source"],
+        "time_per_step_s": statistics.fmean(r["time_per_step_s"] for r in runs),
+        "paper_top1": paper.get(method),
+        "runs": runs,
+    }
+
+
+def _cell(mean: float, std: float, seeds: int) -> str:
+    return f"{mean:.1f} ± {std:.1f}" if seeds > 1 else f"{mean:.1f}"
+
+
+def markdown_table(rows: list[dict[str, Any]], dataset: str, paper_known: bool) -> str:
+    """The comparison table, with the paper's column and a note on which accuracy it reports."""
+    lines = [
+        f"Dataset: {dataset}",
+        "",
+        "| method | top-1 best epoch (%) | top-1 final epoch (%) | paper top-1 (%) | trainable params "
+        "| peak memory (MB) | time/step (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        seeds = len(row["seeds"])
+        paper = "—" if row["paper_top1"] is None else f"{row['paper_top1']:.1f}"
+        lines.append(
+            f"| {row['method']} | {_cell(row['top1_best_mean'], row['top1_best_std'], seeds)} "
+            f"| {_cell(row['top1_final_mean'], row['top1_final_std'], seeds)} | {paper} "
+            f"| {row['trainable_params']:,} | {row['peak_memory_mb']:.1f} | {row['time_per_step_s']:.4f} |"
+        )
+    lines.append("")
+    seeds = len(rows[0]["seeds"]) if rows else 0
+    lines.append(f"Mean ± std over {seeds} seed(s). Memory: {rows[0]['memory_source'] if rows else ''}.")
+    if paper_known:
+        lines.append(
+            f"Paper column: {PAPER_ACCURACY_KIND}, so compare it with the best-epoch column; "
+            "snell = SNELL-32. FGVC means in the paper: "
+            + ", ".join(f"{k} {v}" for k, v in FGVC_MEAN_RESULTS.items())
+            + "."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON to a temporary file beside ``path`` and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            json.dump(payload, stream, indent=2)
+        os.replace(staging, path)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path = Path(path)
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+        os.replace(staging, path)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+
+
+def results_payload(
+    rows: list[dict[str, Any]], dataset: str, settings: dict[str, Any], extra: Optional[dict] = None
+) -> dict[str, Any]:
+    return {"dataset": dataset, "paper_accuracy_kind": PAPER_ACCURACY_KIND, "settings": settings,
+            "rows": rows, **(extra or {})}
