@@ -47,6 +47,7 @@ from snella_diffusion.training.data import (
     generate_class_images,
     load_image_folder,
     synthetic_instance_images,
+    warn_small_images,
     write_images,
 )
 from snella_diffusion.training.families import (
@@ -56,7 +57,7 @@ from snella_diffusion.training.families import (
     detect_family,
 )
 from snella_diffusion.training.model_card import render_model_card, write_model_card
-from snella_diffusion.training.objectives import weighted_mse
+from snella_diffusion.training.objectives import dreambooth_loss
 from snella_diffusion.viz import save_allocation_heatmap, save_image_grid, save_line_plot
 
 logger = get_logger(__name__)
@@ -132,7 +133,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                        help="Micro-batches accumulated per optimizer step.")
     train.add_argument("--gradient_checkpointing", action="store_true",
                        help="Recompute UNet (and trained text encoder) activations in backward to save memory.")
-    train.add_argument("--learning_rate", type=float, default=5e-4, help="Initial learning rate.")
+    train.add_argument("--learning_rate", type=float, default=1e-3,
+                       help="Initial learning rate (1e-3 is the SNELLA reference value).")
     train.add_argument("--scale_lr", action="store_true",
                        help="Multiply the learning rate by GPUs × accumulation steps × batch size.")
     train.add_argument("--lr_scheduler", type=str, default="constant",
@@ -349,6 +351,25 @@ def run_validation(
     return path
 
 
+def training_loss(
+    family: ModelFamily,
+    components: TrainingComponents,
+    objective: Any,
+    batch: dict[str, Any],
+    latents: torch.Tensor,
+    conditioning: dict[str, torch.Tensor],
+    denoiser: torch.nn.Module,
+    generator: torch.Generator,
+    prior_loss_weight: float,
+) -> torch.Tensor:
+    """The DreamBooth loss of one batch: draw noise and timesteps from ``generator``, predict,
+    and add the prior-preservation term on the class samples (after ``batch["num_instance"]``)."""
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    sample = objective.prepare(latents, noise, generator)
+    prediction = family.predict(components, sample.noisy_latents, sample.timesteps, conditioning, batch, denoiser=denoiser)
+    return dreambooth_loss(prediction, sample.target, sample.weights, batch["num_instance"], prior_loss_weight)
+
+
 def check_ranks_agree(accelerator: Accelerator, allocator: BiLevelAllocator) -> list[list[int]]:
     """The per-layer drop counts of every process (rows = ranks); raises if they differ."""
     drops = torch.tensor([allocator.adapters[n].drop_count_host for n in allocator.names], dtype=torch.int64)
@@ -395,6 +416,7 @@ def main(args: argparse.Namespace) -> Path:
         torch.backends.cuda.matmul.allow_tf32 = True
     prepare_embedded_inputs(args, accelerator, output_dir)
 
+    instance_images = load_image_folder(args.instance_data_dir, "--instance_data_dir")
     family, model_index = detect_family(args.pretrained_model_name_or_path, args.revision)
     logger.info("model family: %s (%s)", family.name, model_index.get("_class_name"))
     components = family.load(args.pretrained_model_name_or_path, model_index, args.revision, args.variant)
@@ -405,7 +427,7 @@ def main(args: argparse.Namespace) -> Path:
         if isinstance(module, torch.nn.Module):
             module.to(accelerator.device, dtype=weight_dtype)
 
-    instance_images = load_image_folder(args.instance_data_dir, "--instance_data_dir", resolution)
+    warn_small_images(instance_images, resolution, f"--instance_data_dir={args.instance_data_dir}")
     class_images = None
     if args.with_prior_preservation:
         class_folder = Path(args.class_data_dir)
@@ -418,10 +440,12 @@ def main(args: argparse.Namespace) -> Path:
             )
             del base_pipeline
         accelerator.wait_for_everyone()
-        class_images = load_image_folder(class_folder, "--class_data_dir", resolution)[: args.num_class_images]
+        class_named = load_image_folder(class_folder, "--class_data_dir")
+        warn_small_images(class_named, resolution, f"--class_data_dir={class_folder}")
+        class_images = list(class_named.values())[: args.num_class_images]
 
     dataset = DreamBoothDataset(
-        instance_images, args.instance_prompt, resolution, args.center_crop, args.random_flip,
+        list(instance_images.values()), args.instance_prompt, resolution, args.center_crop, args.random_flip,
         class_images=class_images, class_prompt=args.class_prompt, seed=args.seed,
     )
     encode_generator = CheckpointableGenerator(args.seed + 7919 * accelerator.process_index)
@@ -543,18 +567,10 @@ def main(args: argparse.Namespace) -> Path:
                     else:
                         pixels = batch["pixel_values"].to(accelerator.device, weight_dtype)
                         latents = family.encode_latents(components, pixels, encode_generator.generator)
-                    noise = torch.randn(latents.shape, generator=noise_generator.generator).to(latents)
-                    sample = objective.prepare(latents, noise, noise_generator.generator)
-                    conditioning = conditioning_for(batch["prompts"])
-                    prediction = family.predict(
-                        components, sample.noisy_latents, sample.timesteps, conditioning, batch, denoiser=denoiser
+                    loss = training_loss(
+                        family, components, objective, batch, latents, conditioning_for(batch["prompts"]),
+                        denoiser, noise_generator.generator, args.prior_loss_weight,
                     )
-                    count = batch["num_instance"]
-                    weights = sample.weights
-                    loss = weighted_mse(prediction[:count], sample.target[:count], None if weights is None else weights[:count])
-                    if prediction.shape[0] > count:
-                        prior = weighted_mse(prediction[count:], sample.target[count:], None if weights is None else weights[count:])
-                        loss = loss + args.prior_loss_weight * prior
                     mean_loss = accelerator.gather(loss.detach().reshape(1)).mean()
                     if not torch.isfinite(mean_loss):
                         raise NonFiniteLossError(

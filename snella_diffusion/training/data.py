@@ -37,11 +37,10 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def load_image_folder(folder: Any, flag: str, resolution: int) -> list[Image.Image]:
-    """Every image in ``folder`` decoded as RGB.
+def load_image_folder(folder: Any, flag: str) -> dict[str, Image.Image]:
+    """Every image in ``folder`` decoded as RGB, by file name.
 
-    Non-RGB images (grayscale, palette, RGBA, CMYK) are converted; images whose shorter side
-    is below ``resolution`` are kept (upscaled later) with one warning naming them.
+    Non-RGB images (grayscale, palette, RGBA, CMYK) are converted to RGB.
 
     Raises:
         DataError: the folder is missing, holds no images, or holds unreadable files (all
@@ -55,26 +54,30 @@ def load_image_folder(folder: Any, flag: str, resolution: int) -> list[Image.Ima
         raise DataError(
             f"{flag}={path}: the folder holds no images (looked for {', '.join(IMAGE_SUFFIXES)})"
         )
-    images, unreadable, small = [], [], []
+    images, unreadable = {}, []
     for file in files:
         try:
             with Image.open(file) as opened:
                 opened.load()
-                image = opened.convert("RGB") if opened.mode != "RGB" else opened.copy()
+                images[file.name] = opened.convert("RGB") if opened.mode != "RGB" else opened.copy()
         except (UnidentifiedImageError, OSError, ValueError) as error:
             unreadable.append(f"{file.name} ({type(error).__name__}: {error})")
-            continue
-        if min(image.size) < resolution:
-            small.append(f"{file.name} {image.size[0]}x{image.size[1]}")
-        images.append(image)
     if unreadable:
         raise DataError(f"{flag}={path}: cannot read image file(s): {'; '.join(unreadable)}")
-    if small:
-        logger.warning(
-            "%s=%s: %d image(s) smaller than --resolution=%d will be upscaled (blurry samples "
-            "train a blurry adapter): %s", flag, path, len(small), resolution, ", ".join(small),
-        )
     return images
+
+
+def warn_small_images(images: dict[str, Image.Image], resolution: int, flag: str) -> list[str]:
+    """Log one warning naming the images whose shorter side is below ``resolution`` (they
+    are upscaled); returns their names."""
+    small = [name for name, image in images.items() if min(image.size) < resolution]
+    if small:
+        sizes = ", ".join(f"{name} {images[name].size[0]}x{images[name].size[1]}" for name in small)
+        logger.warning(
+            "%s: %d image(s) smaller than --resolution=%d will be upscaled (blurry inputs train a "
+            "blurry adapter): %s", flag, len(small), resolution, sizes,
+        )
+    return small
 
 
 @dataclass

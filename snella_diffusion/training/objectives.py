@@ -95,3 +95,20 @@ def weighted_mse(prediction: Tensor, target: Tensor, weights: Optional[Tensor] =
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none")
     per_sample = per_sample.mean(dim=tuple(range(1, per_sample.dim())))
     return (per_sample * weights.float()).mean()
+
+
+def dreambooth_loss(
+    prediction: Tensor,
+    target: Tensor,
+    weights: Optional[Tensor],
+    num_instance: int,
+    prior_loss_weight: float = 1.0,
+) -> Tensor:
+    """Instance loss on the first ``num_instance`` samples plus ``prior_loss_weight`` times the
+    prior-preservation loss on the rest (class samples), each a ``weighted_mse``."""
+    head = None if weights is None else weights[:num_instance]
+    loss = weighted_mse(prediction[:num_instance], target[:num_instance], head)
+    if prediction.shape[0] > num_instance:
+        tail = None if weights is None else weights[num_instance:]
+        loss = loss + prior_loss_weight * weighted_mse(prediction[num_instance:], target[num_instance:], tail)
+    return loss
