@@ -123,3 +123,87 @@ def test_validation_samples_from_cached_embeddings_after_freeing_encoders(dit_fo
     assert abs(cached - with_prompt).max() < 1e-4
     with pytest.raises(Exception, match="was not cached"):
         family.validation_inputs(components, "another prompt")
+
+
+def _run_script(folder, output_dir, *flags: str):
+    from train_scripts.train_dreambooth_snella import main, parse_args
+
+    return main(parse_args([
+        "--pretrained_model_name_or_path", str(folder), "--output_dir", str(output_dir),
+        "--instance_prompt", PROMPT, "--validation_prompt", PROMPT, "--resolution", "32",
+        "--max_train_steps", "2", "--train_batch_size", "1", "--rank", "4", "--learning_rate", "1e-2",
+        "--num_validation_images", "1", "--validation_inference_steps", "2", "--checkpointing_steps", "100",
+        "--max_sequence_length", "16", "--report_to", "none", "--seed", "1", *flags,
+    ]))
+
+
+def _transformer_output(family, components, transformer):
+    """The transformer's prediction on fixed latents, timesteps and cached prompt embeddings."""
+    generator = torch.Generator().manual_seed(5)
+    latents = torch.randn(1, 4, 16, 16, generator=generator)
+    with torch.no_grad():
+        conditioning = family.encode_prompt(components, [PROMPT], torch.device("cpu"))
+        return family.predict(components, latents, torch.tensor([500]), conditioning, {}, denoiser=transformer)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sd3", "flux", "pixart"])
+def test_script_trains_saves_and_the_adapter_changes_the_transformer(dit_folders, tmp_path, name):
+    from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
+
+    adapter = _run_script(dit_folders[name], tmp_path)
+    assert adapter == tmp_path / "snella_weights.safetensors"
+    for output in ("README.md", "allocation.png", "allocation.json", "loss.png", "validation/step_2.png"):
+        assert (tmp_path / output).is_file(), output
+    stored = read_snella_file(adapter)
+    assert list(stored.layers) == ["transformer"]
+
+    family, index = detect_family(str(dit_folders[name]))
+    components = family.load(str(dit_folders[name]), index)
+    family.configure(components, _dit_args("--max_sequence_length", "16"))
+    transformer_class = {"sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel, "pixart": PixArtTransformer2DModel}[name]
+    transformer = transformer_class.from_pretrained(dit_folders[name], subfolder="transformer")
+    expected_layers = sorted(apply_snella(transformer_class.from_pretrained(dit_folders[name], subfolder="transformer"),
+                                          SnellaConfig(rank=4, target_modules="dit")))
+    assert sorted(stored.layers["transformer"]) == expected_layers
+
+    before = _transformer_output(family, components, transformer)
+    layers = load_snella(transformer, adapter)
+    assert len(layers) == len(expected_layers)
+    after = _transformer_output(family, components, transformer)
+    assert before.shape == after.shape == (1, 4, 16, 16)
+    assert (after - before).abs().max() > 1e-4
+
+
+@pytest.mark.slow
+def test_flux_memory_options_and_block_filter(dit_folders, tmp_path):
+    """bf16 base weights with float32 adapters, gradient checkpointing, cached latents,
+    offloaded text encoders, cosmap weighting and only the double-stream blocks adapted."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        adapter = _run_script(
+            dit_folders["flux"], tmp_path, "--mixed_precision", "bf16", "--gradient_checkpointing",
+            "--cache_latents", "--offload_text_encoders", "--target_modules", "dit@double",
+            "--weighting_scheme", "cosmap", "--train_batch_size", "2",
+        )
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    stored = read_snella_file(adapter)
+    names = sorted(stored.layers["transformer"])
+    assert len(names) == 12 and all(n.startswith("transformer_blocks.0.") for n in names)
+    params = stored.layers["transformer"]["transformer_blocks.0.attn.to_q"]
+    assert params["in_factors"].dtype == torch.float32
+    assert (tmp_path / "validation" / "step_2.png").is_file()
+
+
+def test_script_rejects_bad_dit_flags(dit_folders, tmp_path):
+    from snella_diffusion import SnellaError
+
+    with pytest.raises(SnellaError, match="--resolution=34: Flux needs a multiple of 4"):
+        _run_script(dit_folders["flux"], tmp_path, "--resolution", "34")
+    with pytest.raises(SnellaError, match="--cache_text_embeddings cannot be combined with --train_text_encoder"):
+        _run_script(dit_folders["sd3"], tmp_path, "--cache_text_embeddings", "--train_text_encoder")
+    with pytest.raises(SnellaError, match="--snr_gamma"):
+        _run_script(dit_folders["sd3"], tmp_path, "--snr_gamma", "5")

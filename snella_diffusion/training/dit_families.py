@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..errors import SnellaError
 from ..inject import TARGET_PRESETS
-from .families import ModelFamily, TrainingComponents, register_family
+from .families import ModelFamily, TrainingComponents, register_arguments, register_family
 from .flow_matching import (
     WEIGHTING_SCHEMES,
     FlowMatchingObjective,
@@ -448,6 +448,7 @@ class PixArtFamily(DiTFamily):
         return inputs
 
 
+register_arguments(add_dit_arguments)
 register_family(SD3Family())
 register_family(FluxFamily())
 register_family(PixArtFamily())
