@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence, Union
 from torch import nn
 
 from .errors import SnellaError, SnellaFormatError
-from .fuse import fuse_snella as fuse_model
+from .fuse import fuse_layer
 from .fuse import unfuse_snella as unfuse_model
 from .inject import remove_snella, set_submodule
 from .io import _check_against_model, load_snella, read_snella_file
@@ -245,16 +245,31 @@ def get_snella_adapter_weights(pipe: Any) -> dict[str, float]:
 def fuse_snella(pipe: Any, scale: float = 1.0, adapter_names: Optional[Sequence[str]] = None) -> int:
     """Fuse scale·w_k·ΔW_k of the active (or named) adapters into the base weights.
 
-    Fused inference runs the plain base layers (the base pipeline's speed). The pristine
-    base weights are kept so ``unfuse_snella`` restores them bit for bit.
+    Fused inference runs the plain base layers (the base pipeline's speed). The pristine base
+    weights are kept so ``unfuse_snella`` restores them bit for bit. Adapters already fused
+    in a layer are skipped there (unfuse first to fuse at another scale), so fusing, loading
+    another adapter and fusing again adds each ΔW once.
 
     Returns:
-        The number of adapted layers visited.
+        The number of layers that fused at least one adapter.
+    Raises:
+        SnellaError: an unknown adapter name, or adapters disabled with ``disable_snella``.
     """
     if adapter_names is not None:
         adapter_names = _as_list(adapter_names)
         _check_names(pipe, adapter_names, "fuse")
-    return sum(fuse_model(model, scale, adapter_names) for model in _components(pipe).values())
+    layers = _pipeline_layers(pipe)
+    disabled = next((key for key, layer in layers.items() if layer.disabled), None)
+    if disabled is not None:
+        raise SnellaError(f"layer {disabled} is disabled: call enable_snella(pipe) before fuse_snella")
+    fused = 0
+    for layer in layers.values():
+        wanted = layer.active_adapters if adapter_names is None else adapter_names
+        names = [n for n in wanted if n in layer.adapters and n not in layer.fused_adapters]
+        if names:
+            fuse_layer(layer, scale, names)
+            fused += 1
+    return fused
 
 
 def unfuse_snella(pipe: Any) -> int:

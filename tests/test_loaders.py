@@ -196,6 +196,22 @@ def test_two_adapters_weights_combine_linearly(pipe, adapter_files):
     torch.testing.assert_close(outputs(pipe)[1], outputs(tiny_sd_pipeline(0))[1], rtol=0, atol=0)
 
 
+def test_fusing_again_adds_each_delta_once(pipe, adapter_files):
+    load_snella_weights(pipe, adapter_files["a"], adapter_name="a")
+    assert fuse_snella(pipe, scale=0.5) == 72
+    once = snapshot(pipe)
+    assert fuse_snella(pipe, scale=0.5) == 0
+    assert_same_state(pipe, once)
+    load_snella_weights(pipe, adapter_files["b"], adapter_name="b")
+    assert fuse_snella(pipe) == 60
+    unfused = tiny_sd_pipeline(0)
+    load_snella_weights(unfused, adapter_files["a"], adapter_name="a")
+    load_snella_weights(unfused, adapter_files["b"], adapter_name="b")
+    set_snella_adapters(unfused, ["a", "b"], [0.5, 1.0])
+    for got, want in zip(outputs(pipe), outputs(unfused)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
 def test_switching_weights_reads_no_file_and_caches_delta_per_layer(pipe, adapter_files, monkeypatch):
     load_snella_weights(pipe, adapter_files["a"], adapter_name="a")
     load_snella_weights(pipe, adapter_files["b"], adapter_name="b")
@@ -250,6 +266,10 @@ def test_disable_enable_is_exact(pipe, adapter_files):
     assert all(torch.equal(g, w) for g, w in zip(outputs(pipe), base))
     enable_snella(pipe)
     assert all(torch.equal(g, w) for g, w in zip(outputs(pipe), loaded))
+    disable_snella(pipe)
+    with pytest.raises(SnellaError, match="enable_snella"):
+        fuse_snella(pipe)
+    enable_snella(pipe)
     fuse_snella(pipe)
     with pytest.raises(SnellaError, match="unfuse_snella"):
         disable_snella(pipe)
@@ -331,8 +351,9 @@ def first_key(path: Path, suffix: str) -> str:
 
 @pytest.fixture
 def loaded_pipe(pipe, adapter_files):
-    """A pipeline already holding adapter 'b' and fused, so rollback must spare both."""
-    load_snella_weights(pipe, adapter_files["b"], adapter_name="b")
+    """A pipeline already holding adapter 'old' (UNet and text encoder), fused, so a rollback
+    must spare both the adapter and the fused weights."""
+    load_snella_weights(pipe, adapter_files["a"], adapter_name="old")
     fuse_snella(pipe, scale=0.5)
     return pipe
 
@@ -372,7 +393,7 @@ def test_bad_file_raises_and_leaves_pipeline_unchanged(loaded_pipe, adapter_file
     with pytest.raises(error, match=message):
         load_snella_weights(loaded_pipe, path)
     assert_same_state(loaded_pipe, state)
-    assert get_active_snella_adapters(loaded_pipe) == ["b"]
+    assert get_active_snella_adapters(loaded_pipe) == ["old"]
 
 
 def test_adapter_for_another_base_names_first_mismatching_layer(loaded_pipe, tmp_path):
@@ -404,8 +425,8 @@ def test_sdxl_adapter_into_sd_pipeline_names_missing_component(loaded_pipe, adap
 
 def test_duplicate_adapter_name(loaded_pipe, adapter_files):
     state = snapshot(loaded_pipe)
-    with pytest.raises(SnellaError, match=r"a\.safetensors: adapter name 'b' is already loaded \(layer unet\."):
-        load_snella_weights(loaded_pipe, adapter_files["a"], adapter_name="b")
+    with pytest.raises(SnellaError, match=r"b/snella_weights\.safetensors: adapter name 'old' is already loaded \(layer text_encoder\."):
+        load_snella_weights(loaded_pipe, adapter_files["b"], adapter_name="old")
     assert_same_state(loaded_pipe, state)
 
 
@@ -423,9 +444,10 @@ def test_failure_in_second_component_rolls_back_first(loaded_pipe, adapter_files
     monkeypatch.setattr(loaders, "load_snella", fail_second)
     with pytest.raises(SnellaFormatError, match="simulated failure"):
         load_snella_weights(loaded_pipe, adapter_files["a"], adapter_name="new")
-    assert len(seen) == 2
+    assert seen == ["text_encoder", "unet"]
     assert_same_state(loaded_pipe, state)
-    assert all("new" not in layer.adapters for layer in snella_layers(loaded_pipe.unet).values())
+    for component in (loaded_pipe.unet, loaded_pipe.text_encoder):
+        assert all(list(layer.adapters) == ["old"] for layer in snella_layers(component).values())
 
 
 def test_hub_id_that_cannot_be_fetched_fails_clearly(pipe):
