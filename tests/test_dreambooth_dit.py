@@ -4,6 +4,7 @@ batch, validation from cached prompt embeddings, and full runs of the training s
 adapter reloads with ``load_snella`` and changes the transformer's output."""
 
 import argparse
+import shutil
 
 import pytest
 import torch
@@ -125,14 +126,16 @@ def test_validation_samples_from_cached_embeddings_after_freeing_encoders(dit_fo
         family.validation_inputs(components, "another prompt")
 
 
+VALIDATION = ("--validation_prompt", PROMPT, "--num_validation_images", "1", "--validation_inference_steps", "2")
+
+
 def _run_script(folder, output_dir, *flags: str):
     from train_scripts.train_dreambooth_snella import main, parse_args
 
     return main(parse_args([
         "--pretrained_model_name_or_path", str(folder), "--output_dir", str(output_dir),
-        "--instance_prompt", PROMPT, "--validation_prompt", PROMPT, "--resolution", "32",
-        "--max_train_steps", "2", "--train_batch_size", "1", "--rank", "4", "--learning_rate", "1e-2",
-        "--num_validation_images", "1", "--validation_inference_steps", "2", "--checkpointing_steps", "100",
+        "--instance_prompt", PROMPT, "--resolution", "32", "--max_train_steps", "2",
+        "--train_batch_size", "1", "--rank", "4", "--learning_rate", "1e-2", "--checkpointing_steps", "100",
         "--max_sequence_length", "16", "--report_to", "none", "--seed", "1", *flags,
     ]))
 
@@ -151,7 +154,7 @@ def _transformer_output(family, components, transformer):
 def test_script_trains_saves_and_the_adapter_changes_the_transformer(dit_folders, tmp_path, name):
     from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
 
-    adapter = _run_script(dit_folders[name], tmp_path)
+    adapter = _run_script(dit_folders[name], tmp_path, *VALIDATION)
     assert adapter == tmp_path / "snella_weights.safetensors"
     for output in ("README.md", "allocation.png", "allocation.json", "loss.png", "validation/step_2.png"):
         assert (tmp_path / output).is_file(), output
@@ -186,7 +189,7 @@ def test_flux_memory_options_and_block_filter(dit_folders, tmp_path):
         adapter = _run_script(
             dit_folders["flux"], tmp_path, "--mixed_precision", "bf16", "--gradient_checkpointing",
             "--cache_latents", "--offload_text_encoders", "--target_modules", "dit@double",
-            "--weighting_scheme", "cosmap", "--train_batch_size", "2",
+            "--weighting_scheme", "cosmap", "--train_batch_size", "2", *VALIDATION,
         )
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
@@ -196,6 +199,26 @@ def test_flux_memory_options_and_block_filter(dit_folders, tmp_path):
     params = stored.layers["transformer"]["transformer_blocks.0.attn.to_q"]
     assert params["in_factors"].dtype == torch.float32
     assert (tmp_path / "validation" / "step_2.png").is_file()
+
+
+@pytest.mark.slow
+def test_flux_resume_from_checkpoint_is_exact(dit_folders, tmp_path):
+    """Flow-matching σ draws come from the checkpointed noise generator, so a run resumed at
+    step 2 of 4 ends with the same adapter and allocator state as the straight run."""
+    from safetensors.torch import load_file
+
+    flags = ("--max_train_steps", "4", "--checkpointing_steps", "2", "--weighting_scheme", "logit_normal",
+             "--target_sparsity", "0.5", "--allocator_warmup_steps", "1", "--allocator_final_steps", "1",
+             "--allocator_interval", "1")
+    straight = _run_script(dit_folders["flux"], tmp_path / "straight", *flags)
+    shutil.copytree(tmp_path / "straight" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    resumed = _run_script(dit_folders["flux"], tmp_path / "resumed", *flags, "--resume_from_checkpoint", "latest")
+    tensors = [load_file(path) for path in (straight, resumed)]
+    assert tensors[0].keys() == tensors[1].keys()
+    for key in tensors[0]:
+        assert torch.equal(tensors[0][key], tensors[1][key]), key
+    sparsities = [v for k, v in tensors[0].items() if k.endswith(".sparsity")]
+    assert len({round(float(v), 6) for v in sparsities}) > 1  # the allocator did reallocate
 
 
 def test_script_rejects_bad_dit_flags(dit_folders, tmp_path):
