@@ -212,7 +212,9 @@ class _SnellaLinearFunction(torch.autograd.Function):
         flat_grad = grad_output.reshape(-1, out_features)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = flat_grad.sum(0)
-        grad_delta = (flat_grad.T @ x.reshape(-1, in_features)).to(dtype)
+        # Under autocast the output (hence grad_output) may be bf16/fp16 while x is float32.
+        common = torch.promote_types(flat_grad.dtype, x.dtype)
+        grad_delta = (flat_grad.T.to(common) @ x.reshape(-1, in_features).to(common)).to(dtype)
         grads = pipeline("factor_gradients", compiled)(
             kernel, *factors, kernel_scale, threshold, sparsify_mode, ctx.scale, grad_delta
         )
