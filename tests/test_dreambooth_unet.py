@@ -397,3 +397,24 @@ def test_prior_preservation_generates_class_images_and_caches_latents(tmp_path, 
     assert len(generated) == 3 and all(Image.open(p).size == (32, 32) for p in generated)
     assert "class prompt: `a photo of a toy`" in (tmp_path / "out" / "README.md").read_text()
     assert (tmp_path / "out" / ADAPTER_FILE).is_file()
+
+
+def test_bf16_mixed_precision_trains_unet_and_text_encoder(tmp_path, sd_folder, instance_dir):
+    """Autocast makes the adapted layers' outputs bf16 while LayerNorm feeds them float32."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    try:
+        run_main(
+            "--pretrained_model_name_or_path", str(sd_folder), "--instance_data_dir", str(instance_dir),
+            "--instance_prompt", PROMPT, "--output_dir", str(tmp_path), "--max_train_steps", "3",
+            "--mixed_precision", "bf16", "--train_text_encoder", "--report_to", "none",
+        )
+    finally:
+        AcceleratorState._reset_state(True)
+    snella_file = read_snella_file(tmp_path / ADAPTER_FILE)
+    assert sorted(snella_file.layers) == ["text_encoder", "unet"]
+    assert all(t.dtype == torch.float32 for layer in snella_file.layers["unet"].values() for t in
+               (layer["in_factors"], layer["out_factors"]))
+    allocation = json.loads((tmp_path / "allocation.json").read_text())
+    assert allocation["history_steps"][-1] == 3  # final budget applied although 3 % interval != 0

@@ -425,7 +425,8 @@ def main(args: argparse.Namespace) -> Path:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     for name, module in components.modules.items():
         if isinstance(module, torch.nn.Module):
-            module.to(accelerator.device, dtype=weight_dtype)
+            # The VAE stays in float32: SD/SDXL VAEs overflow in fp16 (NaN latents).
+            module.to(accelerator.device, dtype=torch.float32 if name == "vae" else weight_dtype)
 
     warn_small_images(instance_images, resolution, f"--instance_data_dir={args.instance_data_dir}")
     class_images = None
@@ -565,8 +566,9 @@ def main(args: argparse.Namespace) -> Path:
                     if "latents" in batch:
                         latents = batch["latents"].to(accelerator.device, weight_dtype)
                     else:
-                        pixels = batch["pixel_values"].to(accelerator.device, weight_dtype)
+                        pixels = batch["pixel_values"].to(accelerator.device)
                         latents = family.encode_latents(components, pixels, encode_generator.generator)
+                        latents = latents.to(weight_dtype)
                     loss = training_loss(
                         family, components, objective, batch, latents, conditioning_for(batch["prompts"]),
                         denoiser, noise_generator.generator, args.prior_loss_weight,
@@ -612,6 +614,9 @@ def main(args: argparse.Namespace) -> Path:
     progress.close()
 
     accelerator.wait_for_everyone()
+    if global_step >= args.max_train_steps and allocator.history_steps[-1] != allocator.step_count:
+        # The run ended between reallocation steps: apply the final budget to the saved adapter.
+        allocator.reallocate(allocator.final_volume)
     rank_drops = check_ranks_agree(accelerator, allocator)
     adapter_path = output_dir / OUTPUT_FILE
     if accelerator.is_main_process:
