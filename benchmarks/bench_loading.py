@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Callable
 
 import torch
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from snella_diffusion import SnellaConfig, apply_snella, remove_snella, save_snella
 from snella_diffusion.inject import find_target_linears
@@ -75,7 +77,7 @@ def write_adapter_files(pipe, folder: Path, rank: int) -> tuple[Path, Path, int]
     return snella_path, lora_path, len(targets)
 
 
-def median_seconds(run: Callable[[], None], repeats: int, reset: Callable[[], None] = lambda: None) -> float:
+def median_seconds(run: Callable[[], object], repeats: int, reset: Callable[[], object] = lambda: None) -> float:
     """Median wall time of ``run`` over ``repeats`` (after one warm-up); ``reset`` is untimed."""
     times = []
     for index in range(repeats + 1):
@@ -126,27 +128,35 @@ def main() -> None:
               f"latent={args.latent_size}x{args.latent_size} steps={args.steps} repeats={args.repeats}")
 
         loop = denoising_loop(pipe, args.steps, args.latent_size)
-        base = median_seconds(loop, args.repeats)
+        progress = tqdm(total=7, desc="bench_loading", file=sys.stderr)
 
-        snella_load = median_seconds(lambda: (load_snella_weights(pipe, snella_path), fuse_snella(pipe)),
-                                     args.repeats, lambda: unload_snella_weights(pipe))
+        def measure(label: str, run: Callable[[], object], reset: Callable[[], object] = lambda: None) -> float:
+            progress.set_postfix_str(label)
+            seconds = median_seconds(run, args.repeats, reset)
+            progress.update()
+            return seconds
+
+        base = measure("base loop", loop)
+        snella_load = measure("SNELLA load+fuse", lambda: (load_snella_weights(pipe, snella_path), fuse_snella(pipe)),
+                              lambda: unload_snella_weights(pipe))
         load_snella_weights(pipe, snella_path)
         start = time.perf_counter()
         loop()
         unfused_first = time.perf_counter() - start
-        unfused = median_seconds(loop, args.repeats)
+        unfused = measure("SNELLA unfused loop", loop)
         fuse_snella(pipe)
-        fused = median_seconds(loop, args.repeats)
-        snella_unfuse = median_seconds(lambda: unfuse_snella(pipe), args.repeats, lambda: fuse_snella(pipe))
+        fused = measure("SNELLA fused loop", loop)
+        snella_unfuse = measure("SNELLA unfuse", lambda: unfuse_snella(pipe), lambda: fuse_snella(pipe))
         unfuse_snella(pipe)
         unload_snella_weights(pipe)
-
-        lora_load = median_seconds(lambda: (pipe.load_lora_weights(str(lora_path), adapter_name="lora"), pipe.fuse_lora()),
-                                   args.repeats, lambda: (pipe.unfuse_lora(), pipe.unload_lora_weights()))
+        lora_load = measure("LoRA load+fuse",
+                            lambda: (pipe.load_lora_weights(str(lora_path), adapter_name="lora"), pipe.fuse_lora()),
+                            lambda: (pipe.unfuse_lora(), pipe.unload_lora_weights()))
         pipe.load_lora_weights(str(lora_path), adapter_name="lora")
-        lora_unfused = median_seconds(loop, args.repeats)
+        lora_unfused = measure("LoRA unfused loop", loop)
         pipe.fuse_lora()
-        lora_unfuse = median_seconds(pipe.unfuse_lora, args.repeats, pipe.fuse_lora)
+        lora_unfuse = measure("LoRA unfuse", pipe.unfuse_lora, pipe.fuse_lora)
+        progress.close()
 
     print("\nload + fuse (s)              median   vs LoRA")
     print(f"  SNELLA                     {snella_load:7.3f}   {snella_load / lora_load:6.2f}x")
