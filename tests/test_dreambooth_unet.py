@@ -143,6 +143,19 @@ def test_adapter_reloads_and_changes_the_unet_output(sd_run, sd_folder):
     assert (after - before).abs().mean() > 1e-3 * before.abs().mean()
 
 
+def test_model_card_snippet_loads_the_adapter_into_a_pipeline(sd_run, sd_folder):
+    from diffusers import DiffusionPipeline
+
+    from snella_diffusion import snella_layers
+    from snella_diffusion.loaders import load_snella_weights
+
+    card = (sd_run / "README.md").read_text()
+    assert f'DiffusionPipeline.from_pretrained("{sd_folder}")' in card
+    pipe = DiffusionPipeline.from_pretrained(sd_folder)
+    load_snella_weights(pipe, sd_run / ADAPTER_FILE)
+    assert len(snella_layers(pipe.unet)) == 60
+
+
 def test_training_lowers_the_loss_on_a_fixed_batch_and_noise(sd_folder):
     """30 SNELLA steps (allocator included) with the script's loss on one batch, re-seeding
     the noise/timestep generator each step, as in ``main``."""
