@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from snella_diffusion import BiLevelAllocator, SnellaConfig, SnellaError, apply_snella, save_snella
@@ -407,6 +407,9 @@ def main(args: argparse.Namespace) -> Path:
         log_with=report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
         cpu=not torch.cuda.is_available(),
+        # SDXL's first text encoder contributes its penultimate layer only: the adapters of its
+        # last layer get no gradient, which DDP must be told about.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.train_text_encoder)],
     )
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
