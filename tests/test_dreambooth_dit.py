@@ -80,11 +80,50 @@ def test_tiny_pipeline_reloads_by_path_and_samples_the_same(dit_folders, name):
     assert family.name == FAMILY_NAMES[name]
 
 
+def _loaded(folder, *flags):
+    family, index = detect_family(str(folder))
+    components = family.load(str(folder), index)
+    family.configure(components, _dit_args(*flags))
+    return family, components
+
+
+def _pipeline_embeddings(name, pipeline):
+    """The pipeline's own prompt encoding of PROMPT (16 T5 tokens), as a dict."""
+    if name.startswith("sd3"):
+        embeds, _, pooled, _ = pipeline.encode_prompt(PROMPT, None, None, do_classifier_free_guidance=False, max_sequence_length=16)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+    if name == "flux":
+        embeds, pooled, _ = pipeline.encode_prompt(PROMPT, None, max_sequence_length=16)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+    embeds, mask, _, _ = pipeline.encode_prompt(PROMPT, do_classifier_free_guidance=False, max_sequence_length=16, clean_caption=False)
+    return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
+
+
+@pytest.mark.parametrize("name", ["sd3", "sd3-without-t5", "flux", "pixart"])
+def test_prompt_encoding_matches_the_pipeline(dit_folders, tmp_path, name):
+    folder = dit_folders[name.split("-")[0]]
+    if name == "sd3-without-t5":
+        from diffusers import StableDiffusion3Pipeline
+
+        full = StableDiffusion3Pipeline.from_pretrained(folder)
+        StableDiffusion3Pipeline(**{**full.components, "text_encoder_3": None, "tokenizer_3": None}).save_pretrained(tmp_path)
+        folder = tmp_path
+    family, components = _loaded(folder, "--max_sequence_length", "16")
+    with torch.no_grad():
+        ours = family.encode_prompt(components, [PROMPT], torch.device("cpu"))
+        theirs = _pipeline_embeddings(name, family.pipeline(components))
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert ours[key].shape == theirs[key].shape, key
+        assert torch.allclose(ours[key].float(), theirs[key].float(), atol=1e-6), key
+    if name == "sd3-without-t5":
+        assert components.text_encoder_components == ("text_encoder", "text_encoder_2")
+        assert ours["prompt_embeds"][:, 77:].abs().max() == 0  # T5 slots are zeros
+
+
 @pytest.mark.parametrize("name", ["sd3", "flux"])
 def test_flow_matching_loss_decreases_on_a_fixed_batch(dit_folders, name):
-    family, index = detect_family(str(dit_folders[name]))
-    components = family.load(str(dit_folders[name]), index)
-    family.configure(components, _dit_args("--max_sequence_length", "8", "--weighting_scheme", "logit_normal"))
+    family, components = _loaded(dit_folders[name], "--max_sequence_length", "8", "--weighting_scheme", "logit_normal")
     apply_snella(components.denoiser, SnellaConfig(rank=4, target_modules="dit"))
     cpu = torch.device("cpu")
     with torch.no_grad():
@@ -108,9 +147,7 @@ def test_flow_matching_loss_decreases_on_a_fixed_batch(dit_folders, name):
 
 @pytest.mark.parametrize("name", ["sd3", "flux", "pixart"])
 def test_validation_samples_from_cached_embeddings_after_freeing_encoders(dit_folders, name):
-    family, index = detect_family(str(dit_folders[name]))
-    components = family.load(str(dit_folders[name]), index)
-    family.configure(components, _dit_args("--max_sequence_length", "16"))
+    family, components = _loaded(dit_folders[name], "--max_sequence_length", "16")
     generator = torch.Generator().manual_seed(0)
     kwargs = {k: v for k, v in _call_kwargs(name).items() if k not in ("max_sequence_length", "use_resolution_binning")}
     with_prompt = family.pipeline(components)(

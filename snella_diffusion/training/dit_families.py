@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import re
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -251,6 +252,10 @@ class DiTFamily(ModelFamily):
         parts.update(modules or {})
         if components.extra.get(VALIDATION_KEY) is not None:
             for name in components.text_encoder_components:
+                parts[name] = None
+        # components stored as null in model_index.json (e.g. SD3 without T5) are passed as None
+        for name in inspect.signature(cls.__init__).parameters:
+            if name not in ("self", "args", "kwargs") and name not in parts:
                 parts[name] = None
         return cls(**parts, **self.pipeline_kwargs)
 
