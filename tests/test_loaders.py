@@ -277,13 +277,20 @@ def test_disable_enable_is_exact(pipe, adapter_files):
         set_snella_adapters(pipe, "default_0", 0.5)
 
 
-def test_mixin_methods_on_sdxl(adapter_files):
+def test_sdxl_adapter_reaches_both_text_encoders_and_unloads_exactly(adapter_files):
     pipeline = tiny_sdxl_pipeline(0)
     state = {k: v.clone() for k, v in pipeline.text_encoder_2.state_dict().items()}
-    name = load_snella_weights(pipeline, adapter_files["xl"])
-    assert len(snella_layers(pipeline.text_encoder_2)) == 12
-    unload_snella_weights(pipeline)
+    tokens = TOKENS
+    with torch.no_grad():
+        base = pipeline.text_encoder_2(tokens).text_embeds
+        name = load_snella_weights(pipeline, adapter_files["xl"])
+        assert [len(snella_layers(getattr(pipeline, c))) for c in ("text_encoder", "text_encoder_2")] == [12, 12]
+        assert (pipeline.text_encoder_2(tokens).text_embeds - base).abs().max() > 1e-3
+        fuse_snella(pipeline)
+        unload_snella_weights(pipeline)
+        assert torch.equal(pipeline.text_encoder_2(tokens).text_embeds, base)
     assert name == "default_0"
+    assert pipeline.text_encoder_2.state_dict().keys() == state.keys()
     assert all(torch.equal(v, state[k]) for k, v in pipeline.text_encoder_2.state_dict().items())
 
 
