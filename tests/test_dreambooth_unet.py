@@ -54,6 +54,9 @@ FAST_FLAGS = [
 
 
 def run_main(*flags: str) -> Path:
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # another test may have left a different precision
     return script.main(script.parse_args([*FAST_FLAGS, *flags]))
 
 
@@ -115,7 +118,11 @@ def test_sd_run_writes_every_output(sd_run, sd_folder):
         for name in (ADAPTER_FILE, "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl"):
             assert (checkpoint / name).is_file(), name
     assert Image.open(sd_run / "allocation.png").size[0] > 100
-    assert list((sd_run / "logs").rglob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((sd_run / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert [event.step for event in events.Scalars("loss")] == list(range(1, STEPS + 1))
     card = (sd_run / "README.md").read_text()
     for text in (str(sd_folder), PROMPT, "| `target_sparsity` | `0.6` |", "| unet | 60 |", "validation/step_30.png"):
         assert text in card, text
@@ -435,3 +442,18 @@ def test_bf16_mixed_precision_trains_unet_and_text_encoder(tmp_path, sd_folder, 
                (layer["in_factors"], layer["out_factors"]))
     allocation = json.loads((tmp_path / "allocation.json").read_text())
     assert allocation["history_steps"][-1] == 3  # final budget applied although 3 % interval != 0
+
+
+def test_report_to_falls_back_when_tensorboard_is_missing(monkeypatch, caplog):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorboard" else real_find_spec(name, *a))
+    assert script.resolve_report_to(None) is None
+    with caplog.at_level("WARNING"):
+        assert script.resolve_report_to("tensorboard") is None
+    assert "tensorboard is not installed" in caplog.text
+    monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
+    assert script.resolve_report_to(None) == "tensorboard"
+    assert script.resolve_report_to("none") is None

@@ -242,7 +242,10 @@ def resolve_report_to(report_to: Optional[str]) -> Optional[str]:
     if report_to == "none":
         return None
     if report_to == "tensorboard" and not tensorboard:
-        logger.warning("--report_to=tensorboard: tensorboard is not installed; logging to the console only")
+        # Runs before the Accelerator exists, so accelerate's logger cannot be used yet.
+        logging.getLogger(__name__).warning(
+            "--report_to=tensorboard: tensorboard is not installed; logging to the console only"
+        )
         return None
     return report_to
 
