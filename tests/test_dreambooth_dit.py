@@ -267,3 +267,11 @@ def test_script_rejects_bad_dit_flags(dit_folders, tmp_path):
         _run_script(dit_folders["sd3"], tmp_path, "--cache_text_embeddings", "--train_text_encoder")
     with pytest.raises(SnellaError, match="--snr_gamma"):
         _run_script(dit_folders["sd3"], tmp_path, "--snr_gamma", "5")
+    with pytest.raises(SnellaError, match="--weighting_scheme applies to flow-matching models"):
+        _run_script(dit_folders["pixart"], tmp_path, "--weighting_scheme", "logit_normal")
+    with pytest.raises(SnellaError, match="--offload_text_encoders works on cached text embeddings"):
+        _run_script(dit_folders["flux"], tmp_path, "--offload_text_encoders", "--no-cache_text_embeddings")
+    with pytest.raises(SnellaError, match="--max_sequence_length=0"):
+        _run_script(dit_folders["flux"], tmp_path, "--max_sequence_length", "0")
+    with pytest.raises(SnellaError, match="--logit_std=0.0"):
+        _run_script(dit_folders["sd3"], tmp_path, "--logit_std", "0")

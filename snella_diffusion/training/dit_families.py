@@ -182,9 +182,16 @@ class DiTFamily(ModelFamily):
         if cache and train_text:
             raise SnellaError("--cache_text_embeddings cannot be combined with --train_text_encoder "
                               "(trained encoders change the embeddings every step)")
-        length = getattr(args, "max_sequence_length", None) or self.default_sequence_length(components)
+        if getattr(args, "offload_text_encoders", False) and (train_text or cache is False):
+            raise SnellaError("--offload_text_encoders works on cached text embeddings: drop it, or drop "
+                              "--train_text_encoder / --no-cache_text_embeddings")
+        length = getattr(args, "max_sequence_length", None)
+        if length is None:
+            length = self.default_sequence_length(components)
         if length < 1:
             raise SnellaError(f"--max_sequence_length={length}: must be at least 1")
+        if getattr(args, "logit_std", 1.0) <= 0:
+            raise SnellaError(f"--logit_std={args.logit_std}: must be positive")
         components.extra[OPTIONS_KEY] = DiTOptions(
             weighting_scheme=getattr(args, "weighting_scheme", None) or self.default_weighting_scheme,
             logit_mean=getattr(args, "logit_mean", 0.0),
@@ -408,6 +415,12 @@ class PixArtFamily(DiTFamily):
 
     def default_sequence_length(self, components):
         return 300 if components.pipeline_class_name == "PixArtSigmaPipeline" else 120
+
+    def configure(self, components, args):
+        if getattr(args, "weighting_scheme", None) is not None:
+            raise SnellaError("--weighting_scheme applies to flow-matching models (SD3, Flux); PixArt "
+                              "trains with the DDPM objective of its scheduler (see --snr_gamma)")
+        super().configure(components, args)
 
     def objective(self, components, snr_gamma=None):
         """DDPM on the pipeline scheduler's betas and prediction type (the pipeline ships a
