@@ -1,4 +1,4 @@
-"""DreamBooth with SNELLA adapters for Stable Diffusion 1.x/2.x and SDXL, run with accelerate.
+"""DreamBooth with SNELLA adapters for Stable Diffusion 1.x/2.x, SDXL, SD3, Flux and PixArt, run with accelerate.
 
     accelerate launch train_scripts/train_dreambooth_snella.py \\
         --pretrained_model_name_or_path=<hub id or folder> --instance_data_dir=<images> \\
@@ -87,7 +87,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     model = parser.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", type=str, default=None,
-                       help="Hub id or local diffusers pipeline folder (SD 1.x/2.x or SDXL, detected from "
+                       help="Hub id or local diffusers pipeline folder (SD 1.x/2.x, SDXL, SD3, Flux, PixArt; detected from "
                             "model_index.json). Omitted: the embedded tiny Stable Diffusion model.")
     model.add_argument("--revision", type=str, default=None, help="Hub revision of the pretrained model.")
     model.add_argument("--variant", type=str, default=None,
@@ -183,7 +183,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     snella.add_argument("--sparsify", type=str, default="official", choices=list(SPARSIFY_MODES),
                         help="Survivor rule: M·|M| (official) or soft thresholding.")
     snella.add_argument("--target_modules", type=str, nargs="+", default=None,
-                        help='UNet layers: a preset ("unet") or module names / regular expressions '
+                        help='Denoiser layers: a preset ("unet", "dit"), module names / regular expressions, or '
+                             'for DiTs a block filter such as "dit@double" or "dit@single:0-9" '
                              "(default: the family's preset).")
     snella.add_argument("--init_sparsity", type=float, default=0.0,
                         help="Fraction of ΔW entries set to zero at the start.")
