@@ -75,6 +75,14 @@ def sdxl_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sd_v_folder(tmp_path_factory):
+    """Stable Diffusion 2.x style: the same pipeline class, a v-prediction scheduler."""
+    folder = tmp_path_factory.mktemp("tiny-sd-v") / "pipeline"
+    tiny_sd_pipeline(seed=0, prediction_type="v_prediction").save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def instance_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("instance")
     write_images(synthetic_instance_images(count=4, size=48, seed=1), folder, "toy")
@@ -277,6 +285,17 @@ def test_two_gloo_processes_agree_on_every_sparsity(sdxl_folder, instance_dir, t
     assert len(ranks) == 2 and ranks[0] == ranks[1]
     assert len(set(allocation["final_sparsity"])) > 1  # reallocated by score, not uniform
     assert "| `processes` | `2` |" in (tmp_path / "README.md").read_text()
+
+
+def test_v_prediction_pipeline_trains_with_a_v_target(sd_v_folder, instance_dir, tmp_path):
+    run_main(
+        "--pretrained_model_name_or_path", str(sd_v_folder), "--instance_data_dir", str(instance_dir),
+        "--instance_prompt", PROMPT, "--output_dir", str(tmp_path), "--max_train_steps", "2",
+        "--snr_gamma", "5.0", "--report_to", "none",
+    )
+    card = (tmp_path / "README.md").read_text()
+    assert "| `objective` | `NoiseObjective (v_prediction)` |" in card and "stable-diffusion" in card
+    assert read_snella_file(tmp_path / ADAPTER_FILE).base_model == str(sd_v_folder)
 
 
 def test_v_prediction_target_and_min_snr_weights_match_their_formulas():

@@ -633,11 +633,17 @@ def main(args: argparse.Namespace) -> Path:
             ).relative_to(output_dir).as_posix())
         save_snella(trained, adapter_path, base_model=args.pretrained_model_name_or_path)
         write_outputs(args, family, config, allocator, rank_drops, losses, validations, output_dir,
-                      time.monotonic() - started, accelerator.num_processes)
+                      time.monotonic() - started, accelerator.num_processes, describe_objective(objective))
         logger.info("wrote %s", adapter_path)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return adapter_path
+
+
+def describe_objective(objective: Any) -> str:
+    """The objective's class name and, for DDPM objectives, the prediction type."""
+    prediction_type = getattr(objective, "prediction_type", None)
+    return type(objective).__name__ + (f" ({prediction_type})" if prediction_type else "")
 
 
 def write_outputs(
@@ -651,6 +657,7 @@ def write_outputs(
     output_dir: Path,
     seconds: float,
     num_processes: int,
+    objective_name: str,
 ) -> None:
     """The allocation heatmap and JSON, the loss plot and the model card."""
     save_allocation_heatmap(allocator.history_steps, allocator.history_kept, allocator.names,
@@ -678,6 +685,7 @@ def write_outputs(
         "snr_gamma": args.snr_gamma,
         "mixed_precision": args.mixed_precision or "accelerate default",
         "seed": args.seed,
+        "objective": objective_name,
         "wall_seconds_this_run": round(seconds, 1),
     }
     card = render_model_card(
