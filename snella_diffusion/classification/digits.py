@@ -28,6 +28,8 @@ from ..errors import SnellaError
 DIGITS_MEAN = (0.5, 0.5, 0.5)
 DIGITS_STD = (0.5, 0.5, 0.5)
 UPSTREAM_DIGITS = (0, 1, 2, 3, 4)
+PRETRAIN_LR = 3e-3
+PRETRAIN_BATCH_SIZE = 32
 DOWNSTREAM_DIGITS = (5, 6, 7, 8, 9)
 
 
@@ -96,7 +98,8 @@ def pretrain_digits_vit(
     when its ``pretraining.json`` records the same settings.
     """
     cache_dir = Path(cache_dir)
-    settings = {"epochs": epochs, "seed": seed, "image_size": image_size, "digits": list(UPSTREAM_DIGITS)}
+    settings = {"epochs": epochs, "seed": seed, "image_size": image_size, "digits": list(UPSTREAM_DIGITS),
+                "learning_rate": PRETRAIN_LR, "batch_size": PRETRAIN_BATCH_SIZE}
     summary_file = cache_dir / "pretraining.json"
     if summary_file.is_file():
         summary = json.loads(summary_file.read_text())
@@ -112,10 +115,10 @@ def pretrain_digits_vit(
 
     torch.manual_seed(seed)
     model = ViTForImageClassification(digits_vit_config(image_size))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    batch_size = 64
+    optimizer = torch.optim.AdamW(model.parameters(), lr=PRETRAIN_LR, weight_decay=0.05)
+    batch_size = PRETRAIN_BATCH_SIZE
     steps = epochs * ((len(train) + batch_size - 1) // batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.1)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=PRETRAIN_LR, total_steps=steps, pct_start=0.1)
     start = time.perf_counter()
     model.train()
     with tqdm(total=steps, desc="pretraining ViT on digits 0-4", disable=not show_progress) as bar:
