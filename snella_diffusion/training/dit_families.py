@@ -14,7 +14,9 @@ the UNet families:
   freed once the prompts are encoded (kept in CPU memory with ``--offload_text_encoders``);
   validation then samples from cached prompt embeddings.
 
-Flags are added by :func:`add_dit_arguments`; a family reads them in ``configure``.
+Flags are added by :func:`add_dit_arguments` (registered with ``register_arguments``, so the
+training script's ``add_family_arguments`` adds them); a family reads them in ``configure``,
+which also expands ``--target_modules`` block filters such as ``dit@double``.
 """
 
 from __future__ import annotations
@@ -212,10 +214,6 @@ class DiTFamily(ModelFamily):
         """Pipeline keyword arguments of the empty negative prompt (none for guidance-distilled models)."""
         return {}
 
-    def embedding_inputs(self, conditioning: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Pipeline keyword arguments for cached embeddings (``prompt_embeds``, ...)."""
-        return dict(conditioning)
-
     def release_text_encoders(
         self, components: TrainingComponents, validation_prompt: Optional[str], device: torch.device
     ) -> None:
@@ -227,7 +225,8 @@ class DiTFamily(ModelFamily):
             return
         if validation_prompt is not None:
             with torch.no_grad():
-                inputs = self.embedding_inputs(self.encode_prompt(components, [validation_prompt], device))
+                # encode_prompt's keys are the pipelines' keyword names (prompt_embeds, ...)
+                inputs = dict(self.encode_prompt(components, [validation_prompt], device))
                 inputs.update(self.negative_prompt_inputs(components, device))
             components.extra[VALIDATION_KEY] = (validation_prompt, inputs)
         for name in components.text_encoder_components:
