@@ -421,6 +421,20 @@ def test_help_documents_every_flag(capsys):
     assert not missing
 
 
+def test_resume_from_an_unfitting_or_missing_checkpoint_is_named(sd_run, sd_folder, instance_dir, tmp_path):
+    from snella_diffusion.training.checkpointing import CheckpointError
+
+    shutil.copytree(sd_run / f"checkpoint-{HALF}", tmp_path / f"checkpoint-{HALF}")
+    with pytest.raises(CheckpointError, match=f"checkpoint-{HALF}.*another --rank"):
+        run_main(
+            "--pretrained_model_name_or_path", str(sd_folder), "--instance_data_dir", str(instance_dir),
+            "--instance_prompt", PROMPT, "--output_dir", str(tmp_path), "--max_train_steps", str(STEPS),
+            "--rank", "8", "--resume_from_checkpoint", "latest", "--report_to", "none",
+        )
+    with pytest.raises(CheckpointError, match="--resume_from_checkpoint=checkpoint-7: no such checkpoint folder"):
+        script.resolve_resume_path(tmp_path, "checkpoint-7")
+
+
 def test_bad_flag_combinations_are_named(tmp_path):
     with pytest.raises(SnellaError, match="--with_prior_preservation needs --class_data_dir"):
         run_main("--with_prior_preservation", "--class_prompt", "a toy", "--output_dir", str(tmp_path))

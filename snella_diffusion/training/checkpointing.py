@@ -131,7 +131,13 @@ def load_adapter_tensors(models: dict[str, nn.Module], path: Path, adapter_name:
             for layer_path, params in stored.items()
             for param, tensor in params.items()
         }
-        result = model.load_state_dict(state, strict=False)
+        try:
+            result = model.load_state_dict(state, strict=False)
+        except RuntimeError as error:  # size mismatches: another --rank
+            raise CheckpointError(
+                f"{path}: adapter tensors of {component!r} do not fit the model (was the checkpoint "
+                f"written with another --rank?): {str(error).splitlines()[-1].strip()}"
+            ) from error
         if result.unexpected_keys:
             raise CheckpointError(f"{path}: unexpected adapter key {result.unexpected_keys[0]}")
 
