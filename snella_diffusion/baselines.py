@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
@@ -107,7 +108,8 @@ class GradientMaskedSparse:
         """Stage one: score entries by Σ|∂loss/∂W| over ``num_batches`` calls, build masks, hook.
 
         ``compute_loss`` runs a forward pass on the next batch and returns a scalar loss. All
-        gradients the calls leave on the model are cleared afterwards.
+        gradients the calls leave on the model are cleared afterwards. Under torch.distributed
+        the scores are summed over ranks first, so every rank builds the same masks.
         """
         if num_batches < 1:
             raise SnellaConfigError(f"num_batches={num_batches}: must be at least 1")
@@ -121,6 +123,10 @@ class GradientMaskedSparse:
                 if weight.grad is not None:
                     scores[name].add_(weight.grad.detach().abs().float())
         self.model.zero_grad(set_to_none=True)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # Every rank must keep the same entries: sum the scores over all ranks' batches.
+            for score in scores.values():
+                dist.all_reduce(score)
         for name, score in scores.items():
             keep = max(1, round(self.density * score.numel()))
             mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
