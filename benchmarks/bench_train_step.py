@@ -62,6 +62,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--config_override", action="append", default=[], metavar="KEY=JSON",
                         help="change a model config key, e.g. num_single_layers=4 (repeatable)")
     parser.add_argument("--output_dir", default="benchmarks/results", help="where the JSON, table and PNG go")
+    parser.add_argument("--report", metavar="JSON",
+                        help="measure nothing: rewrite the table and chart of a saved result JSON beside it")
     parser.add_argument("--worker_settings", help=argparse.SUPPRESS)
     parser.add_argument("--worker_result", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -127,18 +129,34 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
+def write_report(results: list[dict[str, Any]], summary: str, title: str, json_path: Path) -> str:
+    """Write ``<stem>.json``, the Markdown table ``<stem>.md`` and the chart ``<stem>.png``."""
+    table = format_results_table(results)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(json_path, json.dumps({"summary": summary, "title": title, "results": results}, indent=1))
+    write_atomic(json_path.with_suffix(".md"), f"{summary}\n\n{table}\n")
+    save_bar_chart(chart_values(results), json_path.with_suffix(".png"), title)
+    logger.info("wrote %s and its .md and .png", json_path)
+    return table
+
+
 def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args = parse_args(argv)
     if args.worker_settings:
         run_worker(args.worker_settings, args.worker_result)
         return []
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        print(saved["summary"])
+        print(write_report(saved["results"], saved["summary"], saved.get("title", ""), Path(args.report)))
+        return saved["results"]
     all_settings = [settings_for(args, method) for method in args.method]
+    load_before = os.getloadavg()[0]
     results = []
     for index, settings in enumerate(all_settings, start=1):
         logger.info("method %d/%d: %s (fresh process)", index, len(all_settings), settings.method)
         results.append(run_in_fresh_process(settings))
-    table = format_results_table(results)
     first = all_settings[0]
     title = (
         f"{args.model} {args.resolution}px bs{args.batch_size} r{args.rank} {args.dtype} "
@@ -146,17 +164,13 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     )
     summary = (
         f"{title}; median of {first.repeats} steps after {first.warmup} warm-up; "
-        f"{results[0]['target_layers']} target layers; {machine_description(args.device)}"
+        f"{results[0]['target_layers']} target layers; {machine_description(args.device)}; "
+        f"1-min load average {load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end"
     )
+    stem = f"train_step_{args.model}_{args.resolution}px_{torch.device(args.device).type}"
+    table = write_report(results, summary, title, Path(args.output_dir) / f"{stem}.json")
     print(summary)
     print(table)
-    output = Path(args.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    stem = f"train_step_{args.model}_{args.resolution}px_{torch.device(args.device).type}"
-    write_atomic(output / f"{stem}.json", json.dumps({"summary": summary, "results": results}, indent=1))
-    write_atomic(output / f"{stem}.md", f"{summary}\n\n{table}\n")
-    save_bar_chart(chart_values(results), output / f"{stem}.png", title)
-    logger.info("wrote %s.{json,md,png} in %s", stem, output)
     return results
 
 

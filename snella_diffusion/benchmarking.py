@@ -372,9 +372,14 @@ def _synchronize(device: str | torch.device) -> None:
 
 @dataclass
 class StepTiming:
-    """Seconds of one training step and of the allocator's share of it."""
+    """Seconds of one training step and of the allocator's share of it.
+
+    ``cpu_seconds`` is the CPU time of the process (all threads) during the step: less
+    sensitive than wall time to other processes sharing the cores.
+    """
 
     step_seconds: float
+    cpu_seconds: float
     allocator_seconds: float
     loss: float
 
@@ -387,7 +392,7 @@ def training_step(setup: TrainingSetup) -> StepTiming:
     batch = setup.next_batch()
     device = setup.settings.device
     _synchronize(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     loss = diffusion_loss(setup.model, batch)
     loss.backward()
     setup.optimizer.step()
@@ -400,7 +405,10 @@ def training_step(setup: TrainingSetup) -> StepTiming:
         allocator_seconds = time.perf_counter() - allocator_start
     setup.optimizer.zero_grad(set_to_none=True)
     _synchronize(device)
-    return StepTiming(time.perf_counter() - start, allocator_seconds, float(loss.detach()))
+    return StepTiming(
+        time.perf_counter() - start, time.process_time() - cpu_start, allocator_seconds,
+        float(loss.detach()),
+    )
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -429,7 +437,8 @@ def run_train_step_benchmark(
 
     Keys: ``settings``, ``target_layers``, ``trainable_params``, ``optimizer_state_bytes``,
     ``peak_memory_bytes`` and ``memory_kind``, ``step_seconds`` (timed steps),
-    ``step_seconds_median``, ``allocator_seconds`` / ``allocator_seconds_median`` (SNELLA only,
+    ``step_seconds_median``, ``cpu_seconds`` / ``cpu_seconds_median`` (process CPU time per
+    step), ``allocator_seconds`` / ``allocator_seconds_median`` (SNELLA only,
     else zeros), ``allocator_fraction`` (median allocator time / median step time),
     ``setup_seconds``, ``losses`` (every step, warm-up included).
     """
@@ -460,6 +469,8 @@ def run_train_step_benchmark(
         "memory_kind": memory_kind,
         "step_seconds": [t.step_seconds for t in timed],
         "step_seconds_median": step_median,
+        "cpu_seconds": [t.cpu_seconds for t in timed],
+        "cpu_seconds_median": statistics.median(t.cpu_seconds for t in timed),
         "allocator_seconds": [t.allocator_seconds for t in timed],
         "allocator_seconds_median": allocator_median,
         "allocator_fraction": allocator_median / step_median if step_median > 0 else 0.0,
@@ -496,18 +507,21 @@ def format_results_table(results: list[dict[str, Any]], baseline: str = "lora") 
     reference = by_method.get(baseline)
     base_memory = reference["peak_memory_bytes"] if reference else None
     base_time = reference["step_seconds_median"] if reference else None
+    base_cpu = reference.get("cpu_seconds_median") if reference else None
     memory_kind = results[0]["memory_kind"] if results else "peak memory"
     header = (
         f"| method | trainable params | optimizer state | {memory_kind} | memory vs {baseline} "
-        f"| step time (median) | time vs {baseline} | allocator per step |"
+        f"| step time (median) | time vs {baseline} | CPU time per step | CPU vs {baseline} "
+        "| allocator per step |"
     )
-    lines = [header, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [header, "| --- |" + " ---: |" * 9]
     for result in results:
         allocator = (
             f"{result['allocator_seconds_median'] * 1000:.0f} ms ({100 * result['allocator_fraction']:.2f} %)"
             if result["settings"]["method"] == "snella"
             else "–"
         )
+        cpu = result.get("cpu_seconds_median")
         lines.append(
             f"| {result['settings']['method']} "
             f"| {result['trainable_params'] / 1e6:.3g} M "
@@ -516,17 +530,23 @@ def format_results_table(results: list[dict[str, Any]], baseline: str = "lora") 
             f"| {_ratio(result['peak_memory_bytes'], base_memory)} "
             f"| {result['step_seconds_median']:.2f} s "
             f"| {_ratio(result['step_seconds_median'], base_time)} "
+            f"| {f'{cpu:.2f} s' if cpu is not None else 'n/a'} "
+            f"| {_ratio(cpu, base_cpu) if cpu is not None else 'n/a'} "
             f"| {allocator} |"
         )
     return "\n".join(lines)
 
 
 def chart_values(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """``{metric: {method: value}}`` for ``viz.save_bar_chart``: peak memory (GiB), step time (s)."""
+    """``{metric: {method: value}}`` for ``viz.save_bar_chart``: peak memory (GiB), step time
+    and CPU time per step (s)."""
     memory_kind = results[0]["memory_kind"] if results else "peak memory"
-    return {
+    values = {
         f"{memory_kind} (GiB)": {
             r["settings"]["method"]: r["peak_memory_bytes"] / 2**30 for r in results
         },
         "step time (s, median)": {r["settings"]["method"]: r["step_seconds_median"] for r in results},
     }
+    if all("cpu_seconds_median" in r for r in results):
+        values["CPU time per step (s)"] = {r["settings"]["method"]: r["cpu_seconds_median"] for r in results}
+    return values

@@ -75,12 +75,13 @@ def test_script_runs_every_method_and_tables_every_row(script_run):
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [row.split("|")[1].strip() for row in rows] == list(METHODS)
     lora_row = next(row for row in rows if row.startswith("| lora "))
-    assert lora_row.count("1.00×") == 2  # LoRA is the baseline of both ratios
+    assert lora_row.count("1.00×") == 3  # LoRA is the baseline of every ratio
 
     results = {r["settings"]["method"]: r for r in json.loads(stem.with_suffix(".json").read_text())["results"]}
     assert set(results) == set(METHODS)
     for result in results.values():
-        assert len(result["step_seconds"]) == 1 and all(t > 0 for t in result["step_seconds"])
+        assert len(result["step_seconds"]) == len(result["cpu_seconds"]) == 1
+        assert result["step_seconds"][0] > 0 and result["cpu_seconds"][0] > 0
         assert result["peak_memory_bytes"] > 100 * 2**20  # torch alone is more than 100 MiB
         assert result["memory_kind"] == "peak RSS"
         assert all(math.isfinite(loss) for loss in result["losses"])
@@ -97,6 +98,11 @@ def test_script_runs_every_method_and_tables_every_row(script_run):
 
     with Image.open(stem.with_suffix(".png")) as chart:
         assert chart.format == "PNG" and chart.width >= 600 and chart.height >= 300
+
+    # --report re-renders the same table from the saved JSON.
+    stem.with_suffix(".md").unlink()
+    _load_script().main(["--report", str(stem.with_suffix(".json"))])
+    assert stem.with_suffix(".md").read_text() == table
 
 
 def test_masked_sparse_keeps_full_size_optimizer_state():
@@ -182,13 +188,14 @@ def test_table_ratios_are_relative_to_lora():
         return {
             "settings": {"method": method}, "trainable_params": 1e6, "optimizer_state_bytes": 8e6,
             "peak_memory_bytes": memory_gib * 2**30, "memory_kind": "peak RSS",
-            "step_seconds_median": seconds, "allocator_seconds_median": 0.05,
+            "step_seconds_median": seconds, "cpu_seconds_median": 2 * seconds,
+            "allocator_seconds_median": 0.05,
             "allocator_fraction": 0.05 / seconds,
         }
 
     table = format_results_table([result("snella", 5.5, 24.0), result("lora", 5.0, 20.0)])
     snella_row = table.splitlines()[2]
-    assert "| 1.10× |" in snella_row and "| 1.20× |" in snella_row
+    assert snella_row.count("| 1.20× |") == 2 and "| 1.10× |" in snella_row and "| 48.00 s |" in snella_row
     assert "50 ms (0.21 %)" in snella_row
 
 
