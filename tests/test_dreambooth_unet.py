@@ -39,9 +39,9 @@ from snella_diffusion.training.objectives import (
     weighted_mse,
 )
 
+from train_scripts import train_dreambooth_snella as script
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "train_scripts"))
-import train_dreambooth_snella as script  # noqa: E402
 
 PROMPT = "a photo of sks toy"
 STEPS = 30
