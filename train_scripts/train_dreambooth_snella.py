@@ -202,6 +202,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="merged: one GEMM on W0 + ΔW; parallel: base output + ΔW·x.")
     snella.add_argument("--threshold_sample_size", type=int, default=0,
                         help="Select τ on a strided sample of this many entries (0: exact).")
+    snella.add_argument("--compile_snella_kernels", action="store_true",
+                        help="Fuse the elementwise work of building ΔW and its backward with "
+                             "torch.compile (several times faster on real-size layers; costs tens "
+                             "of seconds of compilation at the first step).")
     add_family_arguments(parser)
     return parser.parse_args(argv)
 
@@ -295,6 +299,7 @@ def snella_config(args: argparse.Namespace, family: ModelFamily, total_steps: in
         rank=args.rank, kernel=args.kernel, sparsify=args.sparsify, target_modules=targets,
         init_sparsity=args.init_sparsity, target_sparsity=args.target_sparsity,
         forward_mode=args.forward_mode, threshold_sample_size=args.threshold_sample_size,
+        compile_kernels=args.compile_snella_kernels,
         importance_beta1=args.importance_beta1, importance_beta2=args.importance_beta2,
         allocator_warmup_steps=warmup, allocator_final_steps=final,
         allocator_interval=args.allocator_interval,
