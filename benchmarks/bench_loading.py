@@ -3,7 +3,7 @@
 Measured in one process on one UNet (random weights, no hub):
   1. load+fuse: ``load_snella_weights`` + ``fuse_snella`` of a SNELLA file vs diffusers'
      ``pipe.load_lora_weights`` + ``pipe.fuse_lora`` of a LoRA file of the same rank on the
-     same layers (and the matching unfuse/unload times);
+     same layers (load alone is timed too; fuse = the difference), and unfuse;
   2. a denoising loop of UNet calls (classifier-free-guidance batch of 2): base pipeline vs
      SNELLA fused vs SNELLA unfused (ΔW cached per layer) vs diffusers LoRA unfused.
 Times are medians over ``--repeats`` runs after one warm-up; ratios are against the LoRA
@@ -128,7 +128,7 @@ def main() -> None:
               f"latent={args.latent_size}x{args.latent_size} steps={args.steps} repeats={args.repeats}")
 
         loop = denoising_loop(pipe, args.steps, args.latent_size)
-        progress = tqdm(total=7, desc="bench_loading", file=sys.stderr)
+        progress = tqdm(total=11, desc="bench_loading", file=sys.stderr)
 
         def measure(label: str, run: Callable[[], object], reset: Callable[[], object] = lambda: None) -> float:
             progress.set_postfix_str(label)
@@ -136,7 +136,9 @@ def main() -> None:
             progress.update()
             return seconds
 
-        base = measure("base loop", loop)
+        base_first = measure("base loop", loop)
+        snella_load_only = measure("SNELLA load", lambda: load_snella_weights(pipe, snella_path),
+                                   lambda: unload_snella_weights(pipe))
         snella_load = measure("SNELLA load+fuse", lambda: (load_snella_weights(pipe, snella_path), fuse_snella(pipe)),
                               lambda: unload_snella_weights(pipe))
         load_snella_weights(pipe, snella_path)
@@ -149,6 +151,8 @@ def main() -> None:
         snella_unfuse = measure("SNELLA unfuse", lambda: unfuse_snella(pipe), lambda: fuse_snella(pipe))
         unfuse_snella(pipe)
         unload_snella_weights(pipe)
+        lora_load_only = measure("LoRA load", lambda: pipe.load_lora_weights(str(lora_path), adapter_name="lora"),
+                                 pipe.unload_lora_weights)
         lora_load = measure("LoRA load+fuse",
                             lambda: (pipe.load_lora_weights(str(lora_path), adapter_name="lora"), pipe.fuse_lora()),
                             lambda: (pipe.unfuse_lora(), pipe.unload_lora_weights()))
@@ -156,17 +160,24 @@ def main() -> None:
         lora_unfused = measure("LoRA unfused loop", loop)
         pipe.fuse_lora()
         lora_unfuse = measure("LoRA unfuse", pipe.unfuse_lora, pipe.fuse_lora)
+        pipe.unfuse_lora()
+        pipe.unload_lora_weights()
+        # Base timed first and last: the faster of the two is the reference, so warm-up and
+        # drift on a shared machine do not flatter the adapters.
+        base_last = measure("base loop again", loop)
+        base = min(base_first, base_last)
         progress.close()
 
-    print("\nload + fuse (s)              median   vs LoRA")
-    print(f"  SNELLA                     {snella_load:7.3f}   {snella_load / lora_load:6.2f}x")
-    print(f"  diffusers LoRA             {lora_load:7.3f}   {1.0:6.2f}x")
+    print("\nload / fuse / load+fuse (s)    load     fuse    total   total vs LoRA")
+    for label, load, total in (("SNELLA", snella_load_only, snella_load), ("diffusers LoRA", lora_load_only, lora_load)):
+        print(f"  {label:26s} {load:7.3f}  {total - load:7.3f}  {total:7.3f}   {total / lora_load:6.2f}x")
     print("unfuse (s)")
     print(f"  SNELLA (bit-exact restore) {snella_unfuse:7.3f}   {snella_unfuse / lora_unfuse:6.2f}x")
     print(f"  diffusers LoRA             {lora_unfuse:7.3f}   {1.0:6.2f}x")
-    print(f"\ndenoising loop ({args.steps} UNet calls, s)  median   vs base")
+    print(f"\ndenoising loop ({args.steps} UNet calls, s)  median   vs base (faster of the two base runs)")
     for label, seconds in (
-        ("base UNet", base), ("SNELLA fused", fused), ("SNELLA unfused (cached ΔW)", unfused),
+        ("base UNet, timed first", base_first), ("base UNet, timed last", base_last),
+        ("SNELLA fused", fused), ("SNELLA unfused (cached ΔW)", unfused),
         ("SNELLA unfused, first loop (builds cache)", unfused_first), ("diffusers LoRA unfused", lora_unfused),
     ):
         print(f"  {label:42s} {seconds:7.3f}   {seconds / base:6.2f}x")
