@@ -228,6 +228,7 @@ def test_every_method_trains_one_epoch_and_writes_results(datasets, tiny_vit_dir
         "--method", "all", "--epochs", "1", "--seeds", "0", "--train_batch_size", "4",
         "--rank", "4", "--lora_rank", "4", "--target_sparsity", "0.5", "--calibration_batches", "2",
         "--output_dir", str(out),
+        *(["--dataset_name", "CUB_200_2011"] if layout == "fgvc" else []),
     ])
     payload = main(args)
     written = json.loads((out / "results.json").read_text())
@@ -248,6 +249,13 @@ def test_every_method_trains_one_epoch_and_writes_results(datasets, tiny_vit_dir
     assert rows["full"]["peak_memory_mb"] > rows["lora"]["peak_memory_mb"]
     table = (out / "results.md").read_text()
     assert all(f"| {method} |" in table for method in METHODS)
+    if layout == "fgvc":  # one of the paper's datasets: its numbers sit beside ours
+        assert written["paper_dataset"] == "cub"
+        assert (rows["snell"]["paper_top1"], rows["full"]["paper_top1"]) == (89.9, 87.3)
+        assert rows["lora"]["paper_top1"] is None
+        assert "| 89.9 |" in table and "best-epoch" in table
+    else:
+        assert all(row["paper_top1"] is None for row in rows.values()) and "best-epoch" not in table
 
 
 @pytest.mark.slow

@@ -33,8 +33,9 @@ from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
+from transformers import ViTForImageClassification
 
-from snella_diffusion.classification.data import load_splits, transforms_for, ImageListDataset
+from snella_diffusion.classification.data import ImageListDataset, load_splits, transforms_for
 from snella_diffusion.classification.digits import few_shot_split, load_digit_images, pretrain_digits_vit
 from snella_diffusion.classification.memory import SavedTensorMeter, training_state_bytes
 from snella_diffusion.classification.methods import METHODS, MethodSettings, prepare_method
@@ -327,8 +328,6 @@ def _cycle(loader: DataLoader):
 def load_data(args: argparse.Namespace, accelerator: Accelerator):
     """(backbone model, num_labels, train dataset, test dataset factory by seed, extras)."""
     if args.embedded:
-        from transformers import ViTForImageClassification
-
         cache = args.output_dir / "pretrained_digits_vit"
         with accelerator.main_process_first():
             path, summary = pretrain_digits_vit(
@@ -343,8 +342,6 @@ def load_data(args: argparse.Namespace, accelerator: Accelerator):
             return TensorDataset(train_x, train_y), TensorDataset(test_x, test_y)
 
         return backbone, 5, splits, {"pretraining": summary}
-
-    from transformers import ViTForImageClassification
 
     data = load_splits(args.dataset_dir, args.dataset_layout, args.train_split, args.test_split)
     backbone = ViTForImageClassification.from_pretrained(args.pretrained_model_name_or_path)
