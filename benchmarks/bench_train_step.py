@@ -61,6 +61,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config_override", action="append", default=[], metavar="KEY=JSON",
                         help="change a model config key, e.g. num_single_layers=4 (repeatable)")
+    parser.add_argument("--snella_option", action="append", default=[], metavar="KEY=JSON",
+                        help="a further SnellaConfig field for the snella method, e.g. compile_kernels=true (repeatable)")
     parser.add_argument("--output_dir", default="benchmarks/results", help="where the JSON, table and PNG go")
     parser.add_argument("--report", metavar="JSON",
                         help="measure nothing: rewrite the table and chart of a saved result JSON beside it")
@@ -69,12 +71,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
+def parse_overrides(items: list[str], flag: str = "--config_override") -> dict[str, Any]:
+    """``["key=json", ...]`` to a dict; a value that is not JSON stays a string."""
     overrides: dict[str, Any] = {}
     for item in items:
         key, separator, text = item.partition("=")
         if not separator or not key:
-            raise SnellaError(f"--config_override {item!r}: expected KEY=VALUE")
+            raise SnellaError(f"{flag} {item!r}: expected KEY=VALUE")
         try:
             overrides[key] = json.loads(text)
         except json.JSONDecodeError:
@@ -88,6 +91,7 @@ def settings_for(args: argparse.Namespace, method: str) -> BenchmarkSettings:
         rank=args.rank, sparsity=args.sparsity, repeats=args.repeats, warmup=args.warmup,
         dtype=args.dtype, device=args.device, gradient_checkpointing=args.gradient_checkpointing,
         seed=args.seed, config_overrides=parse_overrides(args.config_override),
+        snella_options=parse_overrides(args.snella_option, "--snella_option"),
     )
     settings.validate()
     return settings

@@ -96,6 +96,8 @@ class BenchmarkSettings:
             complementary density ``1 - sparsity``.
         repeats: timed steps after ``warmup`` untimed ones; the step time is their median.
         config_overrides: further model config keys (e.g. ``{"num_single_layers": 4}``).
+        snella_options: further SnellaConfig fields for the snella method (e.g.
+            ``{"compile_kernels": True}``).
     """
 
     model: str
@@ -112,6 +114,7 @@ class BenchmarkSettings:
     learning_rate: float = 1e-4
     seed: int = 0
     config_overrides: dict[str, Any] = field(default_factory=dict)
+    snella_options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         """Raise SnellaError naming the flag that holds an invalid value."""
@@ -133,6 +136,14 @@ class BenchmarkSettings:
                 raise SnellaError(f"{flag} {value}: must be at least {least}")
         if not 0.0 < self.sparsity < 1.0:
             raise SnellaError(f"--sparsity {self.sparsity}: must lie in (0, 1)")
+        known = {f.name for f in dataclasses.fields(SnellaConfig)}
+        fixed = {"rank", "target_modules", "init_sparsity", "target_sparsity", "allocator_interval"}
+        for key in self.snella_options:
+            if key not in known or key in fixed:
+                raise SnellaError(
+                    f"--snella_option {key}: not a SnellaConfig field the benchmark leaves open "
+                    f"(open: {sorted(known - fixed)})"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -345,7 +356,7 @@ def build_training_setup(settings: BenchmarkSettings) -> TrainingSetup:
     if settings.method == "snella":
         config = SnellaConfig(
             rank=settings.rank, target_modules=targets, init_sparsity=settings.sparsity,
-            target_sparsity=settings.sparsity, allocator_interval=1,
+            target_sparsity=settings.sparsity, allocator_interval=1, **settings.snella_options,
         )
         apply_snella(model, config)
         allocator = BiLevelAllocator(model, config, total_steps=settings.warmup + settings.repeats)
@@ -501,6 +512,15 @@ def _ratio(value: float, baseline: Optional[float]) -> str:
     return f"{value / baseline:.2f}×" if baseline else "n/a"
 
 
+def method_label(result: dict[str, Any]) -> str:
+    """The method name, with its non-default SNELLA options (``snella[compile_kernels=True]``)."""
+    settings = result["settings"]
+    options = settings.get("snella_options") if settings["method"] == "snella" else None
+    if not options:
+        return settings["method"]
+    return settings["method"] + "[" + ",".join(f"{k}={v}" for k, v in sorted(options.items())) + "]"
+
+
 def format_results_table(results: list[dict[str, Any]], baseline: str = "lora") -> str:
     """A Markdown table: one row per method, absolute numbers and ratios to ``baseline``."""
     by_method = {r["settings"]["method"]: r for r in results}
@@ -523,7 +543,7 @@ def format_results_table(results: list[dict[str, Any]], baseline: str = "lora") 
         )
         cpu = result.get("cpu_seconds_median")
         lines.append(
-            f"| {result['settings']['method']} "
+            f"| {method_label(result)} "
             f"| {result['trainable_params'] / 1e6:.3g} M "
             f"| {_format_bytes(result['optimizer_state_bytes'])} "
             f"| {result['peak_memory_bytes'] / 2**30:.2f} GiB "
@@ -543,10 +563,10 @@ def chart_values(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     memory_kind = results[0]["memory_kind"] if results else "peak memory"
     values = {
         f"{memory_kind} (GiB)": {
-            r["settings"]["method"]: r["peak_memory_bytes"] / 2**30 for r in results
+            method_label(r): r["peak_memory_bytes"] / 2**30 for r in results
         },
-        "step time (s, median)": {r["settings"]["method"]: r["step_seconds_median"] for r in results},
+        "step time (s, median)": {method_label(r): r["step_seconds_median"] for r in results},
     }
     if all("cpu_seconds_median" in r for r in results):
-        values["CPU time per step (s)"] = {r["settings"]["method"]: r["cpu_seconds_median"] for r in results}
+        values["CPU time per step (s)"] = {method_label(r): r["cpu_seconds_median"] for r in results}
     return values

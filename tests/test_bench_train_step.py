@@ -18,6 +18,7 @@ from snella_diffusion.benchmarking import (
     build_training_setup,
     format_results_table,
     make_training_batch,
+    method_label,
     training_step,
 )
 from snella_diffusion.errors import SnellaError
@@ -202,11 +203,23 @@ def test_table_ratios_are_relative_to_lora():
 @pytest.mark.parametrize(
     "changes, flag",
     [({"resolution": 36}, "--resolution"), ({"rank": 1}, "--rank"), ({"sparsity": 1.0}, "--sparsity"),
-     ({"method": "dora"}, "--method"), ({"model": "sd2"}, "--model")],
+     ({"method": "dora"}, "--method"), ({"model": "sd2"}, "--model"),
+     ({"snella_options": {"rank": 8}}, "--snella_option rank"),
+     ({"snella_options": {"kernal": "mix"}}, "--snella_option kernal")],
 )
 def test_bad_settings_name_the_flag(changes, flag):
     with pytest.raises(SnellaError, match=flag):
         BenchmarkSettings(**{**_tiny("lora").to_dict(), **changes}).validate()
+
+
+def test_snella_options_reach_the_layers_and_the_table_label():
+    setup = build_training_setup(_tiny("snella", snella_options={"threshold_sample_size": 64, "kernel": "linear"}))
+    adapters = [module for module in setup.model.modules() if type(module).__name__ == "SnellaAdapter"]
+    assert len(adapters) == 40
+    assert all(a.threshold_sample_size == 64 and a.kernel == "linear" for a in adapters)
+    result = {"settings": setup.settings.to_dict()}
+    assert method_label(result) == "snella[kernel=linear,threshold_sample_size=64]"
+    assert method_label({"settings": _tiny("lora").to_dict()}) == "lora"
 
 
 def test_resolution_must_fit_the_unet_downsampling():
