@@ -59,6 +59,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num_threads", type=int, default=0,
+                        help="torch intra-op threads per method process (0: torch's default); 1 is steadier on shared cores")
     parser.add_argument("--config_override", action="append", default=[], metavar="KEY=JSON",
                         help="change a model config key, e.g. num_single_layers=4 (repeatable)")
     parser.add_argument("--snella_option", action="append", default=[], metavar="KEY=JSON",
@@ -90,7 +92,7 @@ def settings_for(args: argparse.Namespace, method: str) -> BenchmarkSettings:
         model=args.model, method=method, resolution=args.resolution, batch_size=args.batch_size,
         rank=args.rank, sparsity=args.sparsity, repeats=args.repeats, warmup=args.warmup,
         dtype=args.dtype, device=args.device, gradient_checkpointing=args.gradient_checkpointing,
-        seed=args.seed, config_overrides=parse_overrides(args.config_override),
+        seed=args.seed, num_threads=args.num_threads, config_overrides=parse_overrides(args.config_override),
         snella_options=parse_overrides(args.snella_option, "--snella_option"),
     )
     settings.validate()
@@ -168,7 +170,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     )
     summary = (
         f"{title}; median of {first.repeats} steps after {first.warmup} warm-up; "
-        f"{results[0]['target_layers']} target layers; {machine_description(args.device)}; "
+        f"{results[0]['target_layers']} target layers; {machine_description(args.device)}, "
+        f"{results[0]['torch_threads']} torch thread(s) per method; "
         f"1-min load average {load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end"
     )
     stem = f"train_step_{args.model}_{args.resolution}px_{torch.device(args.device).type}"

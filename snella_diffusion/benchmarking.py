@@ -98,6 +98,9 @@ class BenchmarkSettings:
         config_overrides: further model config keys (e.g. ``{"num_single_layers": 4}``).
         snella_options: further SnellaConfig fields for the snella method (e.g.
             ``{"compile_kernels": True}``).
+        num_threads: torch intra-op threads (0: torch's default). On cores shared with other
+            processes, 1 avoids the OpenMP barrier waits that make every parallel elementwise
+            op wait for a descheduled thread (milliseconds per op).
     """
 
     model: str
@@ -115,6 +118,7 @@ class BenchmarkSettings:
     seed: int = 0
     config_overrides: dict[str, Any] = field(default_factory=dict)
     snella_options: dict[str, Any] = field(default_factory=dict)
+    num_threads: int = 0
 
     def validate(self) -> None:
         """Raise SnellaError naming the flag that holds an invalid value."""
@@ -131,6 +135,7 @@ class BenchmarkSettings:
             ("--rank", self.rank, 2),
             ("--repeats", self.repeats, 1),
             ("--warmup", self.warmup, 0),
+            ("--num_threads", self.num_threads, 0),
         ):
             if value < least:
                 raise SnellaError(f"{flag} {value}: must be at least {least}")
@@ -329,6 +334,8 @@ def build_training_setup(settings: BenchmarkSettings) -> TrainingSetup:
     - full: every parameter trains.
     """
     settings.validate()
+    if settings.num_threads:
+        torch.set_num_threads(settings.num_threads)
     spec = MODEL_SPECS[settings.model]
     dtype = DTYPES[settings.dtype]
     model = build_benchmark_model(
@@ -486,6 +493,7 @@ def run_train_step_benchmark(
         "allocator_seconds_median": allocator_median,
         "allocator_fraction": allocator_median / step_median if step_median > 0 else 0.0,
         "setup_seconds": setup_seconds,
+        "torch_threads": torch.get_num_threads(),
         "losses": [t.loss for t in timings],
     }
 
