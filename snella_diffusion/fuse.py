@@ -25,25 +25,36 @@ def restore_base_weight(layer: SnellaLinear) -> None:
     layer.fused_adapters = {}
 
 
-def fuse_layer(layer: SnellaLinear, scale: float = 1.0, adapter_names: Optional[Sequence[str]] = None) -> None:
-    """Add scale·w_k·ΔW_k of the given (default: active) adapters into the base weight."""
-    names = list(layer.active_adapters if adapter_names is None else adapter_names)
-    for name in names:
-        if name not in layer.adapters:
-            raise SnellaError(f"no adapter named {name!r} to fuse")
+def write_fused_weight(layer: SnellaLinear, fused: dict[str, float]) -> None:
+    """Set the base weight to cast(W0 + Σ_k factor_k·ΔW_k) for ``fused = {name: factor}``,
+    computed from the pristine copy in float32; an empty dict restores W0 exactly."""
+    if not fused:
+        restore_base_weight(layer)
+        return
     weight = layer.base_layer.weight
     if layer.unfused_weight is None:
         layer.unfused_weight = weight.detach().clone()
-    fused = dict(layer.fused_adapters)
-    for name in names:
-        fused[name] = fused.get(name, 0.0) + scale * layer.adapter_weights.get(name, 1.0)
     with torch.no_grad():
         total = layer.unfused_weight.to(torch.float32, copy=True)
         for name, factor in fused.items():
             total = total.add_(layer.adapters[name].delta_weight(), alpha=factor)
         weight.copy_(total.to(weight.dtype))
-    layer.fused_adapters = fused
+    layer.fused_adapters = dict(fused)
     layer._delta_cache = None
+
+
+def fuse_layer(layer: SnellaLinear, scale: float = 1.0, adapter_names: Optional[Sequence[str]] = None) -> None:
+    """Add scale·w_k·ΔW_k of the given (default: active) adapters into the base weight.
+
+    Adapters already fused in this layer are left as they are (fusing is idempotent).
+    """
+    names = list(layer.active_adapters if adapter_names is None else adapter_names)
+    for name in names:
+        if name not in layer.adapters:
+            raise SnellaError(f"no adapter named {name!r} to fuse")
+    new = {n: scale * layer.adapter_weights.get(n, 1.0) for n in names if n not in layer.fused_adapters}
+    if new:
+        write_fused_weight(layer, {**layer.fused_adapters, **new})
 
 
 def fuse_snella(

@@ -9,7 +9,7 @@ from torch import nn
 
 from .config import SnellaConfig, TargetModules
 from .errors import SnellaError
-from .fuse import restore_base_weight
+from .fuse import restore_base_weight, write_fused_weight
 from .layer import SnellaLinear, snella_layers
 
 
@@ -145,17 +145,18 @@ def apply_snella(
 def remove_snella(model: nn.Module, adapter_name: Optional[str] = None) -> nn.Module:
     """Undo ``apply_snella``: put the original linears back (base weights restored if fused).
 
-    With ``adapter_name``, only that adapter is deleted; a layer left without adapters is
-    unwrapped.
+    With ``adapter_name``, only that adapter is deleted (other adapters fused in the layer stay
+    fused); a layer left without adapters is unwrapped.
     """
     for name, layer in snella_layers(model).items():
         if adapter_name is not None:
             if adapter_name not in layer.adapters:
                 continue
-            if layer.fused_adapters:
-                restore_base_weight(layer)
+            still_fused = {k: v for k, v in layer.fused_adapters.items() if k != adapter_name}
+            restore_base_weight(layer)
             layer.delete_adapter(adapter_name)
             if len(layer.adapters):
+                write_fused_weight(layer, still_fused)
                 continue
         restore_base_weight(layer)
         set_submodule(model, name, layer.base_layer)

@@ -274,7 +274,9 @@ class SnellaLinear(nn.Module):
         self.adapter_weights: dict[str, float] = {}
         self.disabled = False
         self.fused_adapters: dict[str, float] = {}
-        self.unfused_weight: Optional[Tensor] = None
+        # The pristine base weight while adapters are fused; a buffer so that it follows
+        # .to(device/dtype) like the weight it restores, non-persistent so it is never saved.
+        self.register_buffer("unfused_weight", None, persistent=False)
         self._delta_cache: Optional[tuple[tuple, Tensor]] = None
         for param in base_layer.parameters():
             param.requires_grad_(False)

@@ -203,3 +203,37 @@ def test_fused_weight_is_w0_plus_delta_in_float32():
     assert torch.equal(model[0].base_layer.weight, expected)
     unfuse_snella(model)
     assert torch.equal(model[0].base_layer.weight, w0)
+
+
+def test_fusing_twice_fuses_once_and_removing_one_adapter_keeps_the_other_fused():
+    model = _model()
+    w0 = model[0].weight.detach().clone()
+    _trained_adapter(model)
+    apply_snella(model, SnellaConfig(rank=4, target_modules=["0", "2"]), adapter_name="second")
+    layer = model[0]
+    with torch.no_grad():
+        layer.adapters["second"].out_factors.normal_(std=0.5)
+    fuse_snella(model, adapter_names=["default"])
+    once = layer.base_layer.weight.detach().clone()
+    fuse_snella(model, adapter_names=["default"])
+    assert torch.equal(layer.base_layer.weight, once)
+    fuse_snella(model, adapter_names=["second"])
+    from snella_diffusion import remove_snella
+
+    remove_snella(model, "second")
+    assert list(layer.adapters) == ["default"] and list(layer.fused_adapters) == ["default"]
+    assert torch.equal(layer.base_layer.weight, once)
+    unfuse_snella(model)
+    assert torch.equal(layer.base_layer.weight, w0)
+
+
+def test_pristine_copy_follows_dtype_casts():
+    model = _model()
+    w0 = model[0].weight.detach().clone()
+    _trained_adapter(model)
+    fuse_snella(model)
+    model.to(torch.float16)
+    unfuse_snella(model)
+    assert model[0].base_layer.weight.dtype == torch.float16
+    assert torch.equal(model[0].base_layer.weight, w0.to(torch.float16))
+    assert "0.unfused_weight" not in model.state_dict()
