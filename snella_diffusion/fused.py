@@ -67,11 +67,26 @@ def factor_gradients(kernel: str, in_factors: Tensor, out_factors: Tensor, alpha
 _compiled: dict[str, Callable] = {}
 
 
+def _shape_generic(compiled: Callable) -> Callable:
+    """Call ``compiled`` with parameter shapes dynamic and duck shaping off. By default Dynamo
+    keeps nn.Parameter shapes static (the factors and W0 are parameters) and, after a first
+    layer with m == n, assumes every m equals its n; a UNet's dozen layer shapes then exhaust
+    the recompile limit (8) and fall back to eager. This way one graph serves every shape."""
+    from torch._dynamo import config as dynamo_config
+    from torch.fx.experimental import _config as fx_config
+
+    def call(*args):
+        with fx_config.patch(use_duck_shape=False), dynamo_config.patch(force_parameter_static_shapes=False):
+            return compiled(*args)
+
+    return call
+
+
 def pipeline(name: str, compiled: bool) -> Callable:
     """The function ``name`` of this module, compiled with Inductor when ``compiled``."""
     function = globals()[name]
     if not compiled:
         return function
     if name not in _compiled:
-        _compiled[name] = torch.compile(function, dynamic=True)
+        _compiled[name] = _shape_generic(torch.compile(function, dynamic=True))
     return _compiled[name]
