@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .kernels import KernelGrads, kernel_matrix, kernel_matrix_backward
+from .kernels import KernelGrads, KernelTerms, kernel_matrix, kernel_matrix_backward
 from .sparsify import survivor_gate
 
 
@@ -43,23 +43,31 @@ def effective_weight_from_factors(kernel: str, in_factors: Tensor, out_factors: 
                                   gamma: Tensor, beta: Tensor, kernel_scale: float, threshold: Tensor,
                                   sparsify_mode: str, scale: float, weight: Optional[Tensor],
                                   out_dtype: torch.dtype) -> Tensor:
-    """The two steps above in one call (backward's rebuild, τ already known)."""
+    """The two steps above in one call (forward with τ already selected)."""
     merged = merged_matrix(kernel, in_factors, out_factors, alpha, gamma, beta, kernel_scale)
     return effective_weight(merged, threshold, sparsify_mode, scale, weight, out_dtype)
 
 
-def factor_gradients(kernel: str, in_factors: Tensor, out_factors: Tensor, alpha: Tensor, gamma: Tensor,
-                     beta: Tensor, kernel_scale: float, threshold: Tensor, sparsify_mode: str,
-                     scale: float, grad_delta: Tensor) -> KernelGrads:
-    """Gradients of the factors and scalars from ∂L/∂ΔW_eff ``(m, n)`` (the gate is detached).
-
-    ``grad_delta`` is overwritten.
-    """
+def merged_with_terms(kernel: str, in_factors: Tensor, out_factors: Tensor, alpha: Tensor, gamma: Tensor,
+                      beta: Tensor, kernel_scale: float) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """M ``(m, n)`` with the intermediates its backward needs: per-head distances
+    ``(P, m, n)``, K and the softmax S (None where the kernel has none)."""
     merged, terms = kernel_matrix(kernel, in_factors, out_factors, alpha, gamma, beta, kernel_scale,
                                   keep_terms=True)
+    return merged, terms.distances, terms.kernel, terms.softmax
+
+
+def gradients_from_terms(kernel: str, merged: Tensor, distances: Optional[Tensor], kernel_values: Optional[Tensor],
+                         softmax: Optional[Tensor], in_factors: Tensor, out_factors: Tensor, alpha: Tensor,
+                         gamma: Tensor, kernel_scale: float, threshold: Tensor, sparsify_mode: str,
+                         scale: float, grad_delta: Tensor) -> KernelGrads:
+    """Gradients of the factors and scalars from ∂L/∂ΔW_eff ``(m, n)`` (the gate is detached),
+    reusing the M built for the input gradient. ``grad_delta`` and ``distances`` are overwritten.
+    """
     grad_merged = grad_delta.mul_(survivor_gate(merged.abs(), threshold, sparsify_mode))
     if scale != 1.0:
         grad_merged.mul_(scale)
+    terms = KernelTerms(distances=distances, kernel=kernel_values, softmax=softmax)
     return kernel_matrix_backward(kernel, grad_merged, in_factors, out_factors, alpha, gamma, terms,
                                   kernel_scale)
 

@@ -203,9 +203,13 @@ class _SnellaLinearFunction(torch.autograd.Function):
         out_features = factors[1].shape[1]
         in_features = factors[0].shape[1]
         grad_x = grad_bias = None
+        # M is built once here and serves both the input gradient and the factor gradients.
+        merged, distances, kernel_values, softmax = pipeline("merged_with_terms", compiled)(
+            kernel, *factors, kernel_scale
+        )
         if ctx.needs_input_grad[0]:
-            effective = pipeline("effective_weight_from_factors", compiled)(
-                kernel, *factors, kernel_scale, threshold, sparsify_mode, ctx.scale, weight, grad_output.dtype
+            effective = pipeline("effective_weight", compiled)(
+                merged, threshold, sparsify_mode, ctx.scale, weight, grad_output.dtype
             )
             grad_x = grad_output @ effective
             del effective
@@ -215,9 +219,11 @@ class _SnellaLinearFunction(torch.autograd.Function):
         # Under autocast the output (hence grad_output) may be bf16/fp16 while x is float32.
         common = torch.promote_types(flat_grad.dtype, x.dtype)
         grad_delta = (flat_grad.T.to(common) @ x.reshape(-1, in_features).to(common)).to(dtype)
-        grads = pipeline("factor_gradients", compiled)(
-            kernel, *factors, kernel_scale, threshold, sparsify_mode, ctx.scale, grad_delta
+        grads = pipeline("gradients_from_terms", compiled)(
+            kernel, merged, distances, kernel_values, softmax, *factors[:4], kernel_scale, threshold,
+            sparsify_mode, ctx.scale, grad_delta,
         )
+        del merged, distances, kernel_values, softmax
         return (
             grad_x, None, grad_bias,
             grads.in_factors.to(in_factors.dtype), grads.out_factors.to(out_factors.dtype),
