@@ -2,8 +2,8 @@
 same rank vs the frozen layer alone.
 
 Each method runs in a fresh subprocess so its peak memory is its own: on CPU the increase of
-peak RSS over the process's peak after setup, on CUDA ``torch.cuda.max_memory_allocated``
-above the memory held after setup. Times are medians over ``--repeats`` after ``--warmup``.
+peak RSS over the process's peak after building the layer and its input, on CUDA
+``torch.cuda.max_memory_allocated`` above the memory held then (all steps included). Times are medians over ``--repeats`` after ``--warmup``.
 
     python benchmarks/bench_layer.py                       # 1280x5120 and 15360x3072, 4096 tokens
     python benchmarks/bench_layer.py --shapes 1280x5120 --tokens 1024 --repeats 3
@@ -59,13 +59,15 @@ def run_one(method: str, in_features: int, out_features: int, tokens: int, rank:
             optimizer.zero_grad(set_to_none=True)
         x.grad = None
 
-    step()
+    # Memory is measured from here, so the first step (allocator warm-up, optimizer state)
+    # counts too: the high-water mark of later steps alone would hide what they reuse.
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base_memory = torch.cuda.memory_allocated() / 2**20
     else:
         base_memory = _peak_rss_mb()
+    step()
     times = []
     for index in range(warmup + repeats):
         start = time.perf_counter()
