@@ -23,7 +23,7 @@ from .config import SnellaConfig
 from .errors import SnellaError
 from .fused import pipeline
 from .kernels import kernel_matrix
-from .sparsify import drop_count_for, select_threshold, survivor_gate
+from .sparsify import drop_count_for, select_threshold, sparsified_delta
 
 GAMMA_FLOOR = 1e-4
 
@@ -139,12 +139,11 @@ class SnellaAdapter(nn.Module):
     def delta_weight(self) -> Tensor:
         """ΔW_eff ``(m, n)`` in float32, differentiable through M (the gate is detached)."""
         merged, _ = self.merged_matrix()
-        magnitude = merged.detach().abs()
         threshold = self.cached_threshold()
         if threshold is None:
-            threshold = select_threshold(magnitude, self.drop_count_host, self.threshold_sample_size)
+            threshold = select_threshold(merged.detach().abs(), self.drop_count_host, self.threshold_sample_size)
             self.record_threshold(threshold)
-        return merged * survivor_gate(magnitude, threshold, self.sparsify_mode)
+        return sparsified_delta(merged, threshold.to(merged.dtype), self.sparsify_mode)
 
     def keep_count(self) -> int:
         """Entries kept by the current sparsity, m·n - k."""
