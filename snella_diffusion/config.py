@@ -94,15 +94,8 @@ class SnellaConfig:
             raise SnellaConfigError(
                 f"rank={self.rank}: must be a positive multiple of num_heads={self.num_heads}"
             )
-        for name in ("init_sparsity", "target_sparsity"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise SnellaConfigError(f"{name}={value}: must lie in [0, 1)")
-        for name in ("adapter_dropout", "drop_path"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise SnellaConfigError(f"{name}={value}: must lie in [0, 1)")
-        for name in ("importance_beta1", "importance_beta2"):
+        for name in ("init_sparsity", "target_sparsity", "adapter_dropout", "drop_path",
+                     "importance_beta1", "importance_beta2"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise SnellaConfigError(f"{name}={value}: must lie in [0, 1)")

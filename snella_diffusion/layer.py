@@ -33,6 +33,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _in_compute_dtype(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The factors and scalars in the ΔW compute dtype (no copy when already there)."""
+    dtype = _compute_dtype(tensors[0].dtype)
+    return tuple(t.to(dtype) for t in tensors)
+
+
 class SnellaAdapter(nn.Module):
     """Trainable factors and sparsity state of one adapter on an ``(m, n)`` linear map.
 
@@ -124,14 +130,12 @@ class SnellaAdapter(nn.Module):
 
     def merged_matrix(self, keep_terms: bool = False):
         """M = κ(A, B) in float32 (float64 for float64 factors), ``(m, n)``, with autograd."""
-        dtype = _compute_dtype(self.in_factors.dtype)
+        factors = _in_compute_dtype(
+            self.in_factors, self.out_factors, self.alpha, self.effective_gamma(), self.beta
+        )
         return kernel_matrix(
             self.kernel,
-            self.in_factors.to(dtype),
-            self.out_factors.to(dtype),
-            self.alpha.to(dtype),
-            self.effective_gamma().to(dtype),
-            self.beta.to(dtype),
+            *factors,
             self.kernel_scale,
             keep_terms=keep_terms,
         )
@@ -168,7 +172,7 @@ class _SnellaLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, in_factors, out_factors, alpha, gamma, beta, adapter, scale):
         dtype = _compute_dtype(in_factors.dtype)
-        factors = (in_factors.to(dtype), out_factors.to(dtype), alpha.to(dtype), gamma.to(dtype), beta.to(dtype))
+        factors = _in_compute_dtype(in_factors, out_factors, alpha, gamma, beta)
         compiled = adapter.compile_kernels
         threshold = adapter.cached_threshold()
         if threshold is None:
@@ -198,7 +202,7 @@ class _SnellaLinearFunction(torch.autograd.Function):
         x, weight, in_factors, out_factors, alpha, gamma, beta, threshold = ctx.saved_tensors
         kernel, kernel_scale, sparsify_mode, compiled = ctx.adapter_spec
         dtype = _compute_dtype(in_factors.dtype)
-        factors = (in_factors.to(dtype), out_factors.to(dtype), alpha.to(dtype), gamma.to(dtype), beta.to(dtype))
+        factors = _in_compute_dtype(in_factors, out_factors, alpha, gamma, beta)
         out_features = factors[1].shape[1]
         in_features = factors[0].shape[1]
         grad_x = grad_bias = None
