@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .config import SnellaConfig
 from .errors import SnellaError
+from .blocked import backward_blocked, effective_blocked, merged_blocked
 from .fused import pipeline
 from .kernels import kernel_matrix
 from .sparsify import drop_count_for, select_threshold, sparsified_delta
@@ -176,17 +177,28 @@ class _SnellaLinearFunction(torch.autograd.Function):
         compiled = adapter.compile_kernels
         threshold = adapter.cached_threshold()
         if threshold is None:
-            merged = pipeline("merged_matrix", compiled)(adapter.kernel, *factors, adapter.kernel_scale)
-            threshold = select_threshold(merged.abs(), adapter.drop_count_host, adapter.threshold_sample_size)
+            if compiled:
+                merged = pipeline("merged_matrix", True)(adapter.kernel, *factors, adapter.kernel_scale)
+            else:
+                merged = merged_blocked(adapter.kernel, *factors, adapter.kernel_scale)
+            threshold = select_threshold(merged, adapter.drop_count_host, adapter.threshold_sample_size,
+                                         absolute=True)
             adapter.record_threshold(threshold)
             threshold = threshold.to(dtype)
-            effective = pipeline("effective_weight", compiled)(
-                merged, threshold, adapter.sparsify_mode, scale, weight, x.dtype
-            )
+            if compiled:
+                effective = pipeline("effective_weight", True)(
+                    merged, threshold, adapter.sparsify_mode, scale, weight, x.dtype
+                )
+            else:
+                effective = effective_blocked(
+                    adapter.kernel, *factors, adapter.kernel_scale, threshold, adapter.sparsify_mode, scale,
+                    weight, x.dtype, merged=merged,
+                )
             del merged
         else:
             threshold = threshold.to(dtype)
-            effective = pipeline("effective_weight_from_factors", compiled)(
+            build = pipeline("effective_weight_from_factors", True) if compiled else effective_blocked
+            effective = build(
                 adapter.kernel, *factors, adapter.kernel_scale, threshold, adapter.sparsify_mode, scale,
                 weight, x.dtype,
             )
@@ -206,33 +218,46 @@ class _SnellaLinearFunction(torch.autograd.Function):
         out_features = factors[1].shape[1]
         in_features = factors[0].shape[1]
         grad_x = grad_bias = None
-        # M is built once here and serves both the input gradient and the factor gradients.
-        merged, distances, kernel_values, softmax = pipeline("merged_with_terms", compiled)(
-            kernel, *factors, kernel_scale
-        )
-        if ctx.needs_input_grad[0]:
-            effective = pipeline("effective_weight", compiled)(
-                merged, threshold, sparsify_mode, ctx.scale, weight, grad_output.dtype
-            )
-            grad_x = grad_output @ effective
-            del effective
         flat_grad = grad_output.reshape(-1, out_features)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = flat_grad.sum(0)
         # Under autocast the output (hence grad_output) may be bf16/fp16 while x is float32.
         common = torch.promote_types(flat_grad.dtype, x.dtype)
         grad_delta = (flat_grad.T.to(common) @ x.reshape(-1, in_features).to(common)).to(dtype)
-        grads = pipeline("gradients_from_terms", compiled)(
-            kernel, merged, distances, kernel_values, softmax, *factors[:4], kernel_scale, threshold,
-            sparsify_mode, ctx.scale, grad_delta,
-        )
-        del merged, distances, kernel_values, softmax
+        if compiled:
+            grads, effective = _compiled_backward(ctx, kernel, factors, kernel_scale, threshold, sparsify_mode,
+                                                  weight, grad_output.dtype, grad_delta)
+        else:
+            # One blocked pass rebuilds M and gives both the factor gradients and, for the
+            # input gradient, the forward weight.
+            effective_dtype = grad_output.dtype if ctx.needs_input_grad[0] else None
+            grads, effective = backward_blocked(
+                kernel, *factors, kernel_scale, threshold, sparsify_mode, ctx.scale, grad_delta, weight,
+                effective_dtype,
+            )
+        if effective is not None:
+            grad_x = grad_output @ effective
+            del effective
         return (
             grad_x, None, grad_bias,
             grads.in_factors.to(in_factors.dtype), grads.out_factors.to(out_factors.dtype),
             grads.alpha.to(alpha.dtype), grads.gamma.to(gamma.dtype), grads.beta.to(beta.dtype),
             None, None,
         )
+
+
+def _compiled_backward(ctx, kernel, factors, kernel_scale, threshold, sparsify_mode, weight, grad_dtype,
+                       grad_delta):
+    """The backward through the Inductor-compiled whole-matrix pipeline (``compile_kernels``)."""
+    merged, distances, kernel_values, softmax = pipeline("merged_with_terms", True)(kernel, *factors, kernel_scale)
+    effective = None
+    if ctx.needs_input_grad[0]:
+        effective = pipeline("effective_weight", True)(merged, threshold, sparsify_mode, ctx.scale, weight, grad_dtype)
+    grads = pipeline("gradients_from_terms", True)(
+        kernel, merged, distances, kernel_values, softmax, *factors[:4], kernel_scale, threshold,
+        sparsify_mode, ctx.scale, grad_delta,
+    )
+    return grads, effective
 
 
 def snella_linear(

@@ -59,6 +59,28 @@ def test_bracketed_selection_equals_kthvalue_including_ties_and_extremes():
     values = torch.randn(1 << 21, generator=generator).abs()
     values[::7] = 0.5  # many ties
     for count in (1, 1000, values.numel() // 2, values.numel() - 1, values.numel()):
-        assert torch.equal(_bracketed_kthvalue(values, count), torch.kthvalue(values, count).values)
+        assert torch.equal(_bracketed_kthvalue(values, count, 1024), torch.kthvalue(values, count).values)
     sorted_values = torch.sort(values).values  # a sample that brackets nothing useful
-    assert torch.equal(_bracketed_kthvalue(sorted_values, 12345), torch.kthvalue(sorted_values, 12345).values)
+    assert torch.equal(_bracketed_kthvalue(sorted_values, 12345, 1024),
+                       torch.kthvalue(sorted_values, 12345).values)
+    signed = torch.randn(1 << 20, generator=generator)
+    count = 700_000
+    assert torch.equal(_bracketed_kthvalue(signed, count, 1280, absolute=True),
+                       torch.kthvalue(signed.abs(), count).values)
+
+
+def test_bracket_samples_every_column_so_the_window_holds_tau(monkeypatch):
+    """Columns of M differ in scale. A sample stride sharing a factor with the row length
+    (200 and 1280 here) sees 32 of 1280 columns; its window then misses τ and the selection
+    falls back to kthvalue over all m·n entries."""
+    generator = torch.Generator().manual_seed(4)
+    column_scales = torch.logspace(-3, 0, 1280)[torch.randperm(1280, generator=generator)]
+    merged = torch.randn(10240, 1280, generator=generator) * column_scales
+    count = int(0.8 * merged.numel())
+    sizes = []
+    original = torch.kthvalue
+    monkeypatch.setattr(torch, "kthvalue", lambda values, k, *a, **kw: sizes.append(values.numel()) or original(values, k, *a, **kw))
+    threshold = select_threshold(merged, count, absolute=True)
+    monkeypatch.undo()
+    assert torch.equal(threshold, torch.kthvalue(merged.abs().reshape(-1), count).values)
+    assert max(sizes) < merged.numel() // 20  # sample and window only, no full fallback
