@@ -34,6 +34,7 @@ from snella_diffusion.benchmarking import (
     BenchmarkSettings,
     chart_values,
     format_results_table,
+    merge_rounds,
     run_train_step_benchmark,
 )
 from snella_diffusion.errors import SnellaError
@@ -55,6 +56,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="SNELLA sparsity (fraction of ΔW entries zeroed); masked_sparse trains density 1 - sparsity")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps (the median is reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the methods this many times, interleaved (snella, lora, snella, lora, ...), "
+                             "each in a fresh process, and pool their timed steps: on a shared machine a slow "
+                             "spell then does not land on one method only")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="base model dtype")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--gradient_checkpointing", action="store_true")
@@ -159,17 +164,23 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
         return saved["results"]
     all_settings = [settings_for(args, method) for method in args.method]
     load_before = os.getloadavg()[0]
-    results = []
-    for index, settings in enumerate(all_settings, start=1):
-        logger.info("method %d/%d: %s (fresh process)", index, len(all_settings), settings.method)
-        results.append(run_in_fresh_process(settings))
+    if args.rounds < 1:
+        raise SnellaError(f"--rounds={args.rounds}: must be at least 1")
+    per_method: list[list[dict[str, Any]]] = [[] for _ in all_settings]
+    for round_index in range(1, args.rounds + 1):
+        for index, settings in enumerate(all_settings):
+            logger.info("round %d/%d, method %d/%d: %s (fresh process)", round_index, args.rounds, index + 1,
+                        len(all_settings), settings.method)
+            per_method[index].append(run_in_fresh_process(settings))
+    results = [merge_rounds(rounds) for rounds in per_method]
     first = all_settings[0]
     title = (
         f"{args.model} {args.resolution}px bs{args.batch_size} r{args.rank} {args.dtype} "
         f"{args.device}{' grad-ckpt' if args.gradient_checkpointing else ''}"
     )
     summary = (
-        f"{title}; median of {first.repeats} steps after {first.warmup} warm-up; "
+        f"{title}; median of {first.repeats * args.rounds} steps ({args.rounds} interleaved round(s) of "
+        f"{first.repeats} after {first.warmup} warm-up, each a fresh process); "
         f"{results[0]['target_layers']} target layers; {machine_description(args.device)}, "
         f"{results[0]['torch_threads']} torch thread(s) per method; "
         f"1-min load average {load_before:.1f} at start, {os.getloadavg()[0]:.1f} at end"

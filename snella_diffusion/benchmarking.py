@@ -498,6 +498,25 @@ def run_train_step_benchmark(
     }
 
 
+def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One method's results from several fresh-process rounds, as one result.
+
+    The timed steps of every round are pooled and the medians taken over the pool, so a
+    slow spell of a shared machine that hits one round moves the median by less; the peak
+    memory is the highest of the rounds; the rest comes from the first round. ``rounds``
+    records how many were merged.
+    """
+    merged = dict(rounds[0])
+    for key in ("step_seconds", "cpu_seconds", "allocator_seconds"):
+        merged[key] = [value for result in rounds for value in result[key]]
+        merged[f"{key}_median"] = statistics.median(merged[key])
+    step_median = merged["step_seconds_median"]
+    merged["allocator_fraction"] = merged["allocator_seconds_median"] / step_median if step_median > 0 else 0.0
+    merged["peak_memory_bytes"] = max(result["peak_memory_bytes"] for result in rounds)
+    merged["rounds"] = len(rounds)
+    return merged
+
+
 def _check_gradients_reached(setup: TrainingSetup) -> None:
     """After the first step every trainable parameter must have had optimizer state created:
     a parameter without it received no gradient (e.g. checkpointing cut the graph)."""

@@ -17,6 +17,7 @@ from snella_diffusion.benchmarking import (
     _unet_alphas_cumprod,
     build_training_setup,
     format_results_table,
+    merge_rounds,
     make_training_batch,
     method_label,
     training_step,
@@ -198,6 +199,24 @@ def test_table_ratios_are_relative_to_lora():
     snella_row = table.splitlines()[2]
     assert snella_row.count("| 1.20× |") == 2 and "| 1.10× |" in snella_row and "| 48.00 s |" in snella_row
     assert "50 ms (0.21 %)" in snella_row
+
+
+def test_rounds_pool_their_steps_and_keep_the_highest_peak():
+    def round_result(steps, peak):
+        return {"settings": {"method": "snella"}, "step_seconds": steps, "cpu_seconds": [2 * s for s in steps],
+                "allocator_seconds": [0.01] * len(steps), "peak_memory_bytes": peak, "losses": [1.0]}
+
+    merged = merge_rounds([round_result([20.0, 30.0], 5 * 2**30), round_result([21.0, 22.0], 6 * 2**30)])
+    assert merged["step_seconds"] == [20.0, 30.0, 21.0, 22.0]
+    assert merged["step_seconds_median"] == 21.5  # median of the pool, not of the round medians
+    assert merged["cpu_seconds_median"] == 43.0
+    assert merged["allocator_fraction"] == pytest.approx(0.01 / 21.5)
+    assert merged["peak_memory_bytes"] == 6 * 2**30 and merged["rounds"] == 2
+
+
+def test_rounds_flag_must_be_positive():
+    with pytest.raises(SnellaError, match="--rounds=0"):
+        _load_script().main(["--model", "tiny", "--resolution", "32", "--rounds", "0", "--method", "lora"])
 
 
 @pytest.mark.parametrize(
