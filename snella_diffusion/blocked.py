@@ -164,12 +164,22 @@ def _write_effective(target: Tensor, columns: slice, merged: Tensor, gate: Tenso
         torch.add(weight[:, columns], delta, alpha=scale, out=target[:, columns])
 
 
+def _result(out: Optional[Tensor], m: int, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``out`` checked to be a contiguous ``(m, n)`` ``dtype`` tensor, or a new one."""
+    if out is None:
+        return torch.empty(m, n, dtype=dtype, device=device)
+    if out.shape != (m, n) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous ({m}, {n}) {dtype} tensor, got {tuple(out.shape)} {out.dtype}")
+    return out
+
+
 def merged_blocked(kernel: str, in_factors: Tensor, out_factors: Tensor, alpha: Tensor, gamma: Tensor,
-                   beta: Tensor, scale: float, block_entries: Optional[int] = None) -> Tensor:
-    """M = κ(A, B) ``(m, n)`` in the factors' dtype."""
+                   beta: Tensor, scale: float, block_entries: Optional[int] = None,
+                   out: Optional[Tensor] = None) -> Tensor:
+    """M = κ(A, B) ``(m, n)`` in the factors' dtype (written into ``out`` when given)."""
     factors = _Factors(kernel, in_factors, out_factors, scale)
     n, m = in_factors.shape[1], out_factors.shape[1]
-    result = torch.empty(m, n, dtype=in_factors.dtype, device=in_factors.device)
+    result = _result(out, m, n, in_factors.dtype, in_factors.device)
     blocks, workspace = _plan(n, m, in_factors, block_entries)
     for columns in blocks:
         result[:, columns] = _Block(factors, columns, alpha, gamma, beta, False, workspace).merged
@@ -179,16 +189,17 @@ def merged_blocked(kernel: str, in_factors: Tensor, out_factors: Tensor, alpha: 
 def effective_blocked(kernel: str, in_factors: Tensor, out_factors: Tensor, alpha: Tensor, gamma: Tensor,
                       beta: Tensor, kernel_scale: float, threshold: Tensor, sparsify_mode: str, scale: float,
                       weight: Optional[Tensor], out_dtype: torch.dtype, merged: Optional[Tensor] = None,
-                      block_entries: Optional[int] = None) -> Tensor:
+                      block_entries: Optional[int] = None, out: Optional[Tensor] = None) -> Tensor:
     """W0 + scale·ΔW_eff ``(m, n)`` in ``out_dtype``, ΔW_eff = M ⊙ G(|M|, τ).
 
     Args:
         weight: the frozen W0 ``(m, n)``, or None for scale·ΔW_eff alone.
         merged: M when already built (it is then read, not rebuilt).
+        out: where to write the result (contiguous, ``out_dtype``).
     """
     n, m = in_factors.shape[1], out_factors.shape[1]
     factors = None if merged is not None else _Factors(kernel, in_factors, out_factors, kernel_scale)
-    result = torch.empty(m, n, dtype=out_dtype, device=in_factors.device)
+    result = _result(out, m, n, out_dtype, in_factors.device)
     blocks, workspace = _plan(n, m, in_factors, block_entries)
     for columns in blocks:
         if merged is None:
@@ -202,14 +213,16 @@ def effective_blocked(kernel: str, in_factors: Tensor, out_factors: Tensor, alph
 def backward_blocked(kernel: str, in_factors: Tensor, out_factors: Tensor, alpha: Tensor, gamma: Tensor,
                      beta: Tensor, kernel_scale: float, threshold: Tensor, sparsify_mode: str, scale: float,
                      grad_delta: Tensor, weight: Optional[Tensor], effective_dtype: Optional[torch.dtype],
-                     block_entries: Optional[int] = None) -> tuple[KernelGrads, Optional[Tensor]]:
+                     block_entries: Optional[int] = None,
+                     effective_out: Optional[Tensor] = None) -> tuple[KernelGrads, Optional[Tensor]]:
     """Gradients of the factors and scalars, and optionally the forward weight, in one blocked pass.
 
     Args:
         grad_delta: ∂L/∂(W0 + scale·ΔW_eff) ``(m, n)`` in the factors' dtype, gᵀx (the gate is
             detached).
         weight, effective_dtype: when ``effective_dtype`` is given, the pass also returns
-            W0 + scale·ΔW_eff ``(m, n)`` in that dtype, for the input gradient.
+            W0 + scale·ΔW_eff ``(m, n)`` in that dtype, for the input gradient (written into
+            ``effective_out`` when given).
     Returns:
         The gradients, and the effective weight or None.
     """
@@ -217,7 +230,7 @@ def backward_blocked(kernel: str, in_factors: Tensor, out_factors: Tensor, alpha
     factors = _Factors(kernel, in_factors, out_factors, kernel_scale)
     effective = None
     if effective_dtype is not None:
-        effective = torch.empty(m, n, dtype=effective_dtype, device=in_factors.device)
+        effective = _result(effective_out, m, n, effective_dtype, in_factors.device)
     zero = torch.zeros((), dtype=grad_delta.dtype, device=grad_delta.device)
     grad_alpha, grad_gamma_dot, grad_beta = zero.clone(), zero.clone(), zero.clone()
     if kernel == "linear":

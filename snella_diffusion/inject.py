@@ -7,6 +7,7 @@ from typing import Iterable, Optional
 
 from torch import nn
 
+from . import scratch
 from .config import SnellaConfig, TargetModules
 from .errors import SnellaError
 from .fuse import restore_base_weight, write_fused_weight
@@ -146,8 +147,10 @@ def remove_snella(model: nn.Module, adapter_name: Optional[str] = None) -> nn.Mo
     """Undo ``apply_snella``: put the original linears back (base weights restored if fused).
 
     With ``adapter_name``, only that adapter is deleted (other adapters fused in the layer stay
-    fused); a layer left without adapters is unwrapped.
+    fused); a layer left without adapters is unwrapped. The layers' idle scratch buffers
+    (``scratch``) are freed.
     """
+    scratch.release()
     for name, layer in snella_layers(model).items():
         if adapter_name is not None:
             if adapter_name not in layer.adapters:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from .config import SnellaConfig
 from .errors import SnellaError
 from .blocked import backward_blocked, effective_blocked, merged_blocked
+from . import scratch
 from .fused import pipeline
 from .kernels import kernel_matrix
 from .sparsify import drop_count_for, select_threshold, sparsified_delta
@@ -176,33 +177,27 @@ class _SnellaLinearFunction(torch.autograd.Function):
         factors = _in_compute_dtype(in_factors, out_factors, alpha, gamma, beta)
         compiled = adapter.compile_kernels
         threshold = adapter.cached_threshold()
-        if threshold is None:
-            if compiled:
-                merged = pipeline("merged_matrix", True)(adapter.kernel, *factors, adapter.kernel_scale)
-            else:
-                merged = merged_blocked(adapter.kernel, *factors, adapter.kernel_scale)
-            threshold = select_threshold(merged, adapter.drop_count_host, adapter.threshold_sample_size,
-                                         absolute=True)
-            adapter.record_threshold(threshold)
-            threshold = threshold.to(dtype)
-            if compiled:
-                effective = pipeline("effective_weight", True)(
-                    merged, threshold, adapter.sparsify_mode, scale, weight, x.dtype
-                )
-            else:
-                effective = effective_blocked(
-                    adapter.kernel, *factors, adapter.kernel_scale, threshold, adapter.sparsify_mode, scale,
-                    weight, x.dtype, merged=merged,
-                )
-            del merged
+        shape = (factors[1].shape[1], factors[0].shape[1])
+        merged = None
+        if compiled:
+            effective, threshold = _compiled_forward(adapter, factors, threshold, scale, weight, x.dtype)
         else:
+            if threshold is None:
+                merged = merged_blocked(adapter.kernel, *factors, adapter.kernel_scale,
+                                        out=scratch.borrow(shape, dtype, x.device))
+                threshold = select_threshold(merged, adapter.drop_count_host, adapter.threshold_sample_size,
+                                             absolute=True)
+                adapter.record_threshold(threshold)
             threshold = threshold.to(dtype)
-            build = pipeline("effective_weight_from_factors", True) if compiled else effective_blocked
-            effective = build(
-                adapter.kernel, *factors, adapter.kernel_scale, threshold, adapter.sparsify_mode, scale,
-                weight, x.dtype,
+            effective = effective_blocked(
+                adapter.kernel, *factors, adapter.kernel_scale, threshold, adapter.sparsify_mode, scale, weight,
+                x.dtype, merged=merged, out=scratch.borrow(shape, x.dtype, x.device),
             )
         output = F.linear(x, effective, bias)
+        scratch.give_back(effective)
+        if merged is not None:
+            scratch.give_back(merged)
+        del effective, merged
         ctx.save_for_backward(x, weight, in_factors, out_factors, alpha, gamma, beta, threshold)
         ctx.adapter_spec = (adapter.kernel, adapter.kernel_scale, adapter.sparsify_mode, compiled)
         ctx.scale = scale
@@ -223,20 +218,25 @@ class _SnellaLinearFunction(torch.autograd.Function):
             grad_bias = flat_grad.sum(0)
         # Under autocast the output (hence grad_output) may be bf16/fp16 while x is float32.
         common = torch.promote_types(flat_grad.dtype, x.dtype)
-        grad_delta = (flat_grad.T.to(common) @ x.reshape(-1, in_features).to(common)).to(dtype)
+        shape = (out_features, in_features)
+        grad_delta = torch.matmul(flat_grad.T.to(common), x.reshape(-1, in_features).to(common),
+                                  out=scratch.borrow(shape, common, x.device)).to(dtype)
+        effective_dtype = grad_output.dtype if ctx.needs_input_grad[0] else None
         if compiled:
-            grads, effective = _compiled_backward(ctx, kernel, factors, kernel_scale, threshold, sparsify_mode,
-                                                  weight, grad_output.dtype, grad_delta)
+            grads, effective = _compiled_backward(kernel, factors, kernel_scale, threshold, sparsify_mode, ctx.scale,
+                                                  weight, effective_dtype, grad_delta)
         else:
             # One blocked pass rebuilds M and gives both the factor gradients and, for the
             # input gradient, the forward weight.
-            effective_dtype = grad_output.dtype if ctx.needs_input_grad[0] else None
+            effective_out = None if effective_dtype is None else scratch.borrow(shape, effective_dtype, x.device)
             grads, effective = backward_blocked(
                 kernel, *factors, kernel_scale, threshold, sparsify_mode, ctx.scale, grad_delta, weight,
-                effective_dtype,
+                effective_dtype, effective_out=effective_out,
             )
+        scratch.give_back(grad_delta)
         if effective is not None:
             grad_x = grad_output @ effective
+            scratch.give_back(effective)
             del effective
         return (
             grad_x, None, grad_bias,
@@ -246,16 +246,39 @@ class _SnellaLinearFunction(torch.autograd.Function):
         )
 
 
-def _compiled_backward(ctx, kernel, factors, kernel_scale, threshold, sparsify_mode, weight, grad_dtype,
-                       grad_delta):
-    """The backward through the Inductor-compiled whole-matrix pipeline (``compile_kernels``)."""
+def _compiled_forward(adapter: SnellaAdapter, factors: tuple[Tensor, ...], threshold: Optional[Tensor],
+                      scale: float, weight: Optional[Tensor], out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """W0 + scale·ΔW_eff and τ through the Inductor-compiled whole-matrix pipeline
+    (``compile_kernels``)."""
+    dtype = factors[0].dtype
+    if threshold is None:
+        merged = pipeline("merged_matrix", True)(adapter.kernel, *factors, adapter.kernel_scale)
+        threshold = select_threshold(merged, adapter.drop_count_host, adapter.threshold_sample_size, absolute=True)
+        adapter.record_threshold(threshold)
+        threshold = threshold.to(dtype)
+        effective = pipeline("effective_weight", True)(merged, threshold, adapter.sparsify_mode, scale, weight,
+                                                       out_dtype)
+        return effective, threshold
+    threshold = threshold.to(dtype)
+    effective = pipeline("effective_weight_from_factors", True)(
+        adapter.kernel, *factors, adapter.kernel_scale, threshold, adapter.sparsify_mode, scale, weight, out_dtype,
+    )
+    return effective, threshold
+
+
+def _compiled_backward(kernel: str, factors: tuple[Tensor, ...], kernel_scale: float, threshold: Tensor,
+                       sparsify_mode: str, scale: float, weight: Optional[Tensor],
+                       effective_dtype: Optional[torch.dtype], grad_delta: Tensor):
+    """The backward through the compiled whole-matrix pipeline (``compile_kernels``);
+    ``grad_delta`` is overwritten."""
     merged, distances, kernel_values, softmax = pipeline("merged_with_terms", True)(kernel, *factors, kernel_scale)
     effective = None
-    if ctx.needs_input_grad[0]:
-        effective = pipeline("effective_weight", True)(merged, threshold, sparsify_mode, ctx.scale, weight, grad_dtype)
+    if effective_dtype is not None:
+        effective = pipeline("effective_weight", True)(merged, threshold, sparsify_mode, scale, weight,
+                                                       effective_dtype)
     grads = pipeline("gradients_from_terms", True)(
         kernel, merged, distances, kernel_values, softmax, *factors[:4], kernel_scale, threshold,
-        sparsify_mode, ctx.scale, grad_delta,
+        sparsify_mode, scale, grad_delta,
     )
     return grads, effective
 

@@ -1,0 +1,71 @@
+"""Reused CPU buffers for the layer's weight-sized temporaries."""
+
+import pytest
+import torch
+
+from snella_diffusion import SnellaConfig, SnellaLinear, apply_snella, remove_snella, scratch
+
+
+@pytest.fixture
+def small_buffers(monkeypatch):
+    """Pool buffers from 1 KiB up so that tiny layers exercise it."""
+    scratch.release()
+    monkeypatch.setattr(scratch, "MIN_BYTES", 1024)
+    yield
+    scratch.release()
+
+
+def test_large_buffers_are_reused_small_ones_are_not(small_buffers, monkeypatch):
+    first = scratch.borrow((64, 32), torch.float32, torch.device("cpu"))
+    scratch.give_back(first)
+    scratch.give_back(first)  # the same tensor is kept once
+    assert scratch.idle_bytes() == 64 * 32 * 4
+    again = scratch.borrow((64, 32), torch.float32, torch.device("cpu"))
+    assert again.data_ptr() == first.data_ptr()
+    other = scratch.borrow((64, 32), torch.float32, torch.device("cpu"))
+    assert other.data_ptr() != again.data_ptr()  # a buffer in use is never handed out twice
+    small = torch.empty(8, 8)  # 256 bytes, under MIN_BYTES
+    scratch.give_back(small)
+    assert scratch.idle_bytes() == 0
+    for tensor in (again, other, torch.empty(64, 32)):
+        scratch.give_back(tensor)
+    assert scratch.idle_bytes() == scratch.KEEP_PER_SHAPE * 64 * 32 * 4
+    monkeypatch.setattr(scratch, "MAX_IDLE_BYTES", 64 * 32 * 4 * 3)
+    scratch.give_back(torch.empty(128, 32))  # would exceed the cap: dropped
+    assert scratch.idle_bytes() == 2 * 64 * 32 * 4
+    scratch.release()
+    assert scratch.idle_bytes() == 0
+
+
+def test_layer_results_do_not_depend_on_reused_buffers(small_buffers, monkeypatch):
+    config = SnellaConfig(rank=8, target_modules=["x"], init_sparsity=0.3)
+    torch.manual_seed(0)
+    layer = SnellaLinear(torch.nn.Linear(40, 48), config)
+    x = torch.randn(5, 40)
+
+    def run():
+        layer.primary._threshold_key = None
+        x_leaf = x.clone().requires_grad_()
+        output = layer(x_leaf)
+        output.square().sum().backward()
+        grads = [x_leaf.grad] + [p.grad.clone() for p in layer.primary.parameters()]
+        layer.zero_grad(set_to_none=True)
+        return [output.detach()] + grads
+
+    pooled = [run() for _ in range(3)]  # later calls run on buffers earlier ones gave back
+    assert scratch.idle_bytes() > 0
+    monkeypatch.setattr(scratch, "MIN_BYTES", 1 << 62)
+    scratch.release()
+    fresh = run()
+    for results in pooled:
+        for got, want in zip(results, fresh):
+            assert torch.equal(got, want)
+
+
+def test_remove_snella_frees_the_idle_buffers(small_buffers):
+    model = torch.nn.Sequential(torch.nn.Linear(40, 48))
+    apply_snella(model, SnellaConfig(rank=8, target_modules=["0"]))
+    model(torch.randn(3, 40)).sum().backward()
+    assert scratch.idle_bytes() > 0
+    remove_snella(model)
+    assert scratch.idle_bytes() == 0
