@@ -38,9 +38,10 @@ class SnellaConfig:
         threshold_sample_size: 0 selects τ exactly with ``kthvalue`` over all m·n entries;
             N > 0 selects it on a fixed strided sample of N entries when m·n > N (faster; the
             kept count then deviates from the target by about 0.5/sqrt(N) of m·n).
-        compile_kernels: fuse the elementwise work of building ΔW and of its backward with
-            ``torch.compile`` (several times faster on big layers; compiling costs tens of
-            seconds once per process).
+        compile_kernels: build ΔW and its backward over whole matrices, fused with
+            ``torch.compile``, instead of the default eager blocked path (compiling costs tens
+            of seconds once per process; on a CPU the blocked path is faster, see
+            ``fused.py``).
         importance_beta1, importance_beta2: EMA factors of sensitivity and uncertainty.
         allocator_warmup_steps: t_i, optimizer steps at the initial budget before reallocating.
         allocator_final_steps: t_f, last optimizer steps at the final budget.

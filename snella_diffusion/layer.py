@@ -1,8 +1,10 @@
 """SnellaLinear: a frozen linear layer plus one or more SNELLA adapters.
 
 Training goes through ``_SnellaLinearFunction``, a custom autograd function that builds
-ΔW_eff = sparsify(κ(A, B)) in its forward, uses it for one GEMM, drops it, and rebuilds it in
-its backward. Nothing of size m×n lives from forward to backward: the saved tensors are the
+W0 + ΔW_eff, ΔW_eff = sparsify(κ(A, B)), in its forward, uses it for one GEMM, drops it, and
+rebuilds it in its backward, where one pass also gives the factor gradients. Both run in
+cache-sized column blocks (``blocked``); the weight-sized results borrow reused buffers
+(``scratch``). Nothing of size m×n lives from forward to backward: the saved tensors are the
 input, the (frozen) base weight, the factors, three scalars and τ.
 
 τ is cached per adapter and keyed on the parameters' version counters, so it is selected once

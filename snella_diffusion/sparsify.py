@@ -59,12 +59,19 @@ def _bracketed_kthvalue(flat: Tensor, count: int, row_length: int, absolute: boo
     high = torch.kthvalue(sample, high_rank).values
     below = torch.zeros((), dtype=torch.int64)
     inside = []
+    size = min(BRACKET_CHUNK, numel)
+    magnitude = torch.empty(size, dtype=flat.dtype)
+    under, within = torch.empty(size, dtype=torch.bool), torch.empty(size, dtype=torch.bool)
     for start in range(0, numel, BRACKET_CHUNK):
         chunk = flat[start : start + BRACKET_CHUNK]
+        count_here = chunk.numel()
         if absolute:
-            chunk = chunk.abs()
-        below += torch.count_nonzero(chunk < low)
-        inside.append(chunk[(chunk >= low) & (chunk <= high)])
+            chunk = torch.abs(chunk, out=magnitude[:count_here])
+        torch.lt(chunk, low, out=under[:count_here])
+        below += torch.count_nonzero(under[:count_here])
+        # low <= v <= high is (v <= high) xor (v < low), as v < low implies v <= high.
+        torch.le(chunk, high, out=within[:count_here]).logical_xor_(under[:count_here])
+        inside.append(chunk[within[:count_here]])
     below = int(below)
     window = torch.cat(inside)
     if below < count <= below + window.numel():
@@ -91,15 +98,15 @@ def select_threshold(magnitude: Tensor, drop_count: int, sample_size: int = 0, a
     exact = not (sample_size and numel > sample_size)
     if flat.device.type == "cpu" and numel >= BRACKET_MIN_NUMEL and exact and drop_count < numel:
         return _bracketed_kthvalue(flat, drop_count, magnitude.shape[-1], absolute)
-    if absolute:
-        flat = flat.abs()
-    if drop_count >= numel:
-        return flat.max()
-    if not exact:
+    if not exact and drop_count < numel:
         stride = _coprime_stride(numel, sample_size, magnitude.shape[-1])
         sample = flat[stride // 2 :: stride]
+        sample = sample.abs() if absolute else sample
         sample_k = min(max(1, round(drop_count / numel * sample.numel())), sample.numel())
         return torch.kthvalue(sample, sample_k).values
+    flat = flat.abs() if absolute else flat
+    if drop_count >= numel:
+        return flat.max()
     return torch.kthvalue(flat, drop_count).values
 
 

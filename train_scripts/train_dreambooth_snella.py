@@ -203,9 +203,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     snella.add_argument("--threshold_sample_size", type=int, default=0,
                         help="Select τ on a strided sample of this many entries (0: exact).")
     snella.add_argument("--compile_snella_kernels", action="store_true",
-                        help="Fuse the elementwise work of building ΔW and its backward with "
-                             "torch.compile (several times faster on real-size layers; costs tens "
-                             "of seconds of compilation at the first step).")
+                        help="Build ΔW and its backward over whole matrices fused by torch.compile "
+                             "instead of the default blocked eager path (slower than the default on a "
+                             "CPU; costs tens of seconds of compilation at the first step).")
     add_family_arguments(parser)
     return parser.parse_args(argv)
 
