@@ -82,17 +82,22 @@ class _Workspace:
     def __init__(self, rows: int, width: int, like: Tensor) -> None:
         self.rows, self.width, self.like = rows, width, like
         self.buffers: dict[str, Tensor] = {}
+        self.views: dict[tuple[str, int], Tensor] = {}
 
     def take(self, name: str, columns: int, heads: int = 0) -> Tensor:
         """The buffer ``name`` as a contiguous ``(rows, columns)`` (or ``(heads, rows, columns)``)."""
-        shape = (heads, self.rows, columns) if heads else (self.rows, columns)
-        count = max(1, heads) * self.rows * columns
+        view = self.views.get((name, columns))
+        if view is not None:
+            return view
         buffer = self.buffers.get(name)
         if buffer is None:
             buffer = torch.empty(max(1, heads) * self.rows * self.width, dtype=self.like.dtype,
                                  device=self.like.device)
             self.buffers[name] = buffer
-        return buffer[:count].view(shape)
+        shape = (heads, self.rows, columns) if heads else (self.rows, columns)
+        view = buffer[: max(1, heads) * self.rows * columns].view(shape)
+        self.views[(name, columns)] = view
+        return view
 
 
 def _plan(n: int, m: int, like: Tensor, block_entries: Optional[int]) -> tuple[list[slice], _Workspace]:
