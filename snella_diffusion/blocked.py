@@ -133,11 +133,10 @@ class _Block:
         exps = torch.addcmul(_column_max(self.shifted).mul_(-inverse_gamma), self.shifted, inverse_gamma,
                              out=workspace.take("softmax", width)).exp_()
         sums = exps.sum(0, keepdim=True)
+        # The same expression in forward and backward, so both build bit-identical weights.
+        self.merged = torch.addcmul(self.shifted, exps, alpha / sums, out=merged)
         if keep_softmax:
             self.softmax = exps.mul_(sums.reciprocal_())
-            self.merged = torch.addcmul(self.shifted, self.softmax, alpha, out=merged)
-        else:
-            self.merged = torch.addcmul(self.shifted, exps, alpha / sums, out=merged)
 
 
 def _column_max(block: Tensor) -> Tensor:

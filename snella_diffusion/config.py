@@ -42,6 +42,10 @@ class SnellaConfig:
             ``torch.compile``, instead of the default eager blocked path (compiling costs tens
             of seconds once per process; on a CPU the blocked path is faster, see
             ``fused.py``).
+        forward_cache_mb: keep W0 + ΔW_eff from each training forward until the layer's
+            backward, up to this many MiB over all layers (0: off). Under gradient checkpointing
+            the recompute then skips its build and the backward its merge with W0: memory
+            traded for time (``forward_cache.py``).
         importance_beta1, importance_beta2: EMA factors of sensitivity and uncertainty.
         allocator_warmup_steps: t_i, optimizer steps at the initial budget before reallocating.
         allocator_final_steps: t_f, last optimizer steps at the final budget.
@@ -61,6 +65,7 @@ class SnellaConfig:
     drop_path: float = 0.0
     threshold_sample_size: int = 0
     compile_kernels: bool = False
+    forward_cache_mb: int = 0
     importance_beta1: float = 0.85
     importance_beta2: float = 0.85
     allocator_warmup_steps: int = 0
@@ -104,6 +109,8 @@ class SnellaConfig:
             raise SnellaConfigError(
                 f"threshold_sample_size={self.threshold_sample_size}: must be 0 (exact) or positive"
             )
+        if self.forward_cache_mb < 0:
+            raise SnellaConfigError(f"forward_cache_mb={self.forward_cache_mb}: must be >= 0 (0 turns it off)")
         if self.allocator_interval < 1:
             raise SnellaConfigError(f"allocator_interval={self.allocator_interval}: must be >= 1")
         for name in ("allocator_warmup_steps", "allocator_final_steps"):

@@ -7,7 +7,7 @@ from typing import Iterable, Optional
 
 from torch import nn
 
-from . import scratch
+from . import forward_cache, scratch
 from .config import SnellaConfig, TargetModules
 from .errors import SnellaError
 from .fuse import restore_base_weight, write_fused_weight
@@ -148,9 +148,10 @@ def remove_snella(model: nn.Module, adapter_name: Optional[str] = None) -> nn.Mo
 
     With ``adapter_name``, only that adapter is deleted (other adapters fused in the layer stay
     fused); a layer left without adapters is unwrapped. The layers' idle scratch buffers
-    (``scratch``) are freed.
+    (``scratch``) and cached forward weights (``forward_cache``) are freed.
     """
     scratch.release()
+    forward_cache.clear()
     for name, layer in snella_layers(model).items():
         if adapter_name is not None:
             if adapter_name not in layer.adapters:

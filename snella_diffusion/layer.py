@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .config import SnellaConfig
 from .errors import SnellaError
 from .blocked import backward_blocked, effective_blocked, merged_blocked
-from . import scratch
+from . import forward_cache, scratch
 from .fused import pipeline
 from .kernels import kernel_matrix
 from .sparsify import drop_count_for, select_threshold, sparsified_delta
@@ -68,6 +68,7 @@ class SnellaAdapter(nn.Module):
         self.sparsify_mode = config.sparsify
         self.threshold_sample_size = config.threshold_sample_size
         self.compile_kernels = config.compile_kernels
+        self.forward_cache_bytes = config.forward_cache_mb << 20
         heads, width = config.num_heads, config.head_width
         factory = {"device": device, "dtype": torch.float32}
         self.in_factors = nn.Parameter(torch.empty(heads, in_features, width, **factory))
@@ -177,31 +178,24 @@ class _SnellaLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, in_factors, out_factors, alpha, gamma, beta, adapter, scale):
         dtype = _compute_dtype(in_factors.dtype)
         factors = _in_compute_dtype(in_factors, out_factors, alpha, gamma, beta)
-        compiled = adapter.compile_kernels
+        cache_key = _forward_cache_key(adapter, scale, x.dtype, weight) if adapter.forward_cache_bytes else None
+        effective = forward_cache.lookup(adapter, cache_key) if cache_key is not None else None
         threshold = adapter.cached_threshold()
-        shape = (factors[1].shape[1], factors[0].shape[1])
-        merged = None
-        if compiled:
-            effective, threshold = _compiled_forward(adapter, factors, threshold, scale, weight, x.dtype)
-        else:
-            if threshold is None:
-                merged = merged_blocked(adapter.kernel, *factors, adapter.kernel_scale,
-                                        out=scratch.borrow(shape, dtype, x.device))
-                threshold = select_threshold(merged, adapter.drop_count_host, adapter.threshold_sample_size,
-                                             absolute=True)
-                adapter.record_threshold(threshold)
+        if effective is not None and threshold is not None:
             threshold = threshold.to(dtype)
-            effective = effective_blocked(
-                adapter.kernel, *factors, adapter.kernel_scale, threshold, adapter.sparsify_mode, scale, weight,
-                x.dtype, merged=merged, out=scratch.borrow(shape, x.dtype, x.device),
-            )
+            kept = True
+        else:
+            effective, threshold = _build_effective(adapter, factors, threshold, scale, weight, x.dtype)
+            kept = cache_key is not None and forward_cache.store(adapter, cache_key, effective,
+                                                                 adapter.forward_cache_bytes)
         output = F.linear(x, effective, bias)
-        scratch.give_back(effective)
-        if merged is not None:
-            scratch.give_back(merged)
-        del effective, merged
+        if not kept:
+            scratch.give_back(effective)
+        del effective
         ctx.save_for_backward(x, weight, in_factors, out_factors, alpha, gamma, beta, threshold)
-        ctx.adapter_spec = (adapter.kernel, adapter.kernel_scale, adapter.sparsify_mode, compiled)
+        ctx.adapter_spec = (adapter.kernel, adapter.kernel_scale, adapter.sparsify_mode, adapter.compile_kernels)
+        ctx.adapter = adapter
+        ctx.cache_key = cache_key
         ctx.scale = scale
         ctx.has_bias = bias is not None
         return output
@@ -223,29 +217,67 @@ class _SnellaLinearFunction(torch.autograd.Function):
         shape = (out_features, in_features)
         grad_delta = torch.matmul(flat_grad.T.to(common), x.reshape(-1, in_features).to(common),
                                   out=scratch.borrow(shape, common, x.device)).to(dtype)
-        effective_dtype = grad_output.dtype if ctx.needs_input_grad[0] else None
+        cached = None
+        if ctx.cache_key is not None:
+            cached = forward_cache.lookup(ctx.adapter, ctx.cache_key)
+            forward_cache.drop(ctx.adapter)
+        effective_dtype = grad_output.dtype if ctx.needs_input_grad[0] and cached is None else None
         if compiled:
             grads, effective = _compiled_backward(kernel, factors, kernel_scale, threshold, sparsify_mode, ctx.scale,
                                                   weight, effective_dtype, grad_delta)
         else:
             # One blocked pass rebuilds M and gives both the factor gradients and, for the
-            # input gradient, the forward weight.
+            # input gradient, the forward weight (unless the forward cache still holds it).
             effective_out = None if effective_dtype is None else scratch.borrow(shape, effective_dtype, x.device)
             grads, effective = backward_blocked(
                 kernel, *factors, kernel_scale, threshold, sparsify_mode, ctx.scale, grad_delta, weight,
                 effective_dtype, effective_out=effective_out,
             )
         scratch.give_back(grad_delta)
-        if effective is not None:
-            grad_x = grad_output @ effective
-            scratch.give_back(effective)
-            del effective
+        if ctx.needs_input_grad[0]:
+            weight_used = effective if cached is None else cached
+            grad_x = grad_output @ weight_used.to(grad_output.dtype)
+            if effective is not None:
+                scratch.give_back(effective)
+            del effective, weight_used
+        del cached
         return (
             grad_x, None, grad_bias,
             grads.in_factors.to(in_factors.dtype), grads.out_factors.to(out_factors.dtype),
             grads.alpha.to(alpha.dtype), grads.gamma.to(gamma.dtype), grads.beta.to(beta.dtype),
             None, None,
         )
+
+
+def _forward_cache_key(adapter: SnellaAdapter, scale: float, dtype: torch.dtype, weight: Optional[Tensor]) -> tuple:
+    """What W0 + scale·ΔW_eff depends on: the adapter's parameter versions and sparsity, the
+    scale, the output dtype and the base weight's identity and version."""
+    base = None if weight is None else (id(weight), weight._version)
+    return adapter.version_key() + (float(scale), dtype, base)
+
+
+def _build_effective(adapter: SnellaAdapter, factors: tuple[Tensor, ...], threshold: Optional[Tensor],
+                     scale: float, weight: Optional[Tensor], out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """W0 + scale·ΔW_eff ``(m, n)`` in ``out_dtype`` and τ in the compute dtype, selecting τ first
+    when ``threshold`` is None (the first forward after a parameter change)."""
+    if adapter.compile_kernels:
+        return _compiled_forward(adapter, factors, threshold, scale, weight, out_dtype)
+    dtype, device = factors[0].dtype, factors[0].device
+    shape = (factors[1].shape[1], factors[0].shape[1])
+    merged = None
+    if threshold is None:
+        merged = merged_blocked(adapter.kernel, *factors, adapter.kernel_scale,
+                                out=scratch.borrow(shape, dtype, device))
+        threshold = select_threshold(merged, adapter.drop_count_host, adapter.threshold_sample_size, absolute=True)
+        adapter.record_threshold(threshold)
+    threshold = threshold.to(dtype)
+    effective = effective_blocked(
+        adapter.kernel, *factors, adapter.kernel_scale, threshold, adapter.sparsify_mode, scale, weight, out_dtype,
+        merged=merged, out=scratch.borrow(shape, out_dtype, device),
+    )
+    if merged is not None:
+        scratch.give_back(merged)
+    return effective, threshold
 
 
 def _compiled_forward(adapter: SnellaAdapter, factors: tuple[Tensor, ...], threshold: Optional[Tensor],

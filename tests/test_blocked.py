@@ -109,6 +109,10 @@ def test_backward_matches_autograd_through_the_naive_formula(kernel, mode, scale
         reference = torch.zeros_like(mine) if reference is None else reference
         assert torch.allclose(mine, reference, atol=1e-10), name
     assert torch.allclose(effective, total.detach(), atol=1e-12)
+    # The backward rebuilds exactly the forward's weight (the input gradient uses what the forward used).
+    forward_weight = effective_blocked(kernel, *factors, scale, threshold, mode, 0.5, weight, torch.float64,
+                                       block_entries=BLOCK)
+    assert torch.equal(effective, forward_weight)
     _, no_weight = backward_blocked(kernel, *factors, scale, threshold, mode, 0.5, grad_delta, None, None,
                                     block_entries=BLOCK)
     assert no_weight is None

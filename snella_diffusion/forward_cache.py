@@ -1,0 +1,63 @@
+"""W0 + ΔW_eff kept from a training forward for the gradient-checkpointing recompute and the
+backward, within a memory budget (``SnellaConfig.forward_cache_mb``).
+
+Under gradient checkpointing a layer's weight is built three times per step: in the forward,
+in the recompute just before its backward, and in the backward. The first two are identical
+(same parameters, same τ), and the backward needs the same matrix again for the input
+gradient. Keeping it from the forward to the backward skips the recompute's build and the
+backward's merge with W0, at the price of holding the matrix meanwhile: the cache trades
+memory for time, up to the budget, first come first kept. An entry is keyed on the adapter's
+parameter versions, its sparsity, the scale, the dtype and the base weight's version, so an
+optimizer step or any other change makes it a miss; the backward drops the entry it used.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+
+_entries: dict[int, tuple[tuple, Tensor]] = {}
+_held_bytes = 0
+
+
+def _size(tensor: Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def lookup(adapter: nn.Module, key: tuple) -> Optional[Tensor]:
+    """The matrix stored for ``adapter`` under ``key``, or None."""
+    entry = _entries.get(id(adapter))
+    return entry[1] if entry is not None and entry[0] == key else None
+
+
+def store(adapter: nn.Module, key: tuple, matrix: Tensor, budget_bytes: int) -> bool:
+    """Keep ``matrix`` for ``adapter`` if the cache stays within ``budget_bytes``; an older
+    entry of the same adapter is replaced. Returns whether it was kept."""
+    global _held_bytes
+    drop(adapter)
+    if _held_bytes + _size(matrix) > budget_bytes:
+        return False
+    _entries[id(adapter)] = (key, matrix)
+    _held_bytes += _size(matrix)
+    return True
+
+
+def drop(adapter: nn.Module) -> None:
+    """Forget ``adapter``'s entry, if any."""
+    global _held_bytes
+    entry = _entries.pop(id(adapter), None)
+    if entry is not None:
+        _held_bytes -= _size(entry[1])
+
+
+def clear() -> None:
+    """Forget every entry."""
+    global _held_bytes
+    _entries.clear()
+    _held_bytes = 0
+
+
+def held_bytes() -> int:
+    """Memory held by cached matrices, in bytes."""
+    return _held_bytes

@@ -1,0 +1,100 @@
+"""W0 + ΔW kept from the forward for the checkpoint recompute and the backward."""
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from snella_diffusion import SnellaConfig, SnellaConfigError, apply_snella, forward_cache, remove_snella
+from snella_diffusion import layer as layer_module
+
+
+def _model(cache_mb, seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.GELU(), torch.nn.Linear(96, 64))
+    apply_snella(model, SnellaConfig(rank=8, target_modules=["0", "2"], init_sparsity=0.5,
+                                     forward_cache_mb=cache_mb))
+    return model
+
+
+def _checkpointed_step(model, x):
+    output = checkpoint(model, x.requires_grad_(), use_reentrant=False)
+    output.square().mean().backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+    return output.detach(), grads
+
+
+@pytest.fixture(autouse=True)
+def empty_cache():
+    forward_cache.clear()
+    yield
+    forward_cache.clear()
+
+
+def _count_builds(monkeypatch):
+    """Count weight builds in forward and in backward."""
+    counts = {"forward": 0, "backward_with_weight": 0}
+    build, backward = layer_module._build_effective, layer_module.backward_blocked
+
+    def counted_build(*args, **kwargs):
+        counts["forward"] += 1
+        return build(*args, **kwargs)
+
+    def counted_backward(*args, **kwargs):
+        counts["backward_with_weight"] += args[12] is not None  # effective_dtype
+        return backward(*args, **kwargs)
+
+    monkeypatch.setattr(layer_module, "_build_effective", counted_build)
+    monkeypatch.setattr(layer_module, "backward_blocked", counted_backward)
+    return counts
+
+
+def test_cached_checkpointed_step_equals_the_uncached_one_with_one_build_per_layer(monkeypatch):
+    x = torch.randn(5, 64)
+    plain = _model(0)
+    cached = _model(1)
+    cached.load_state_dict(plain.state_dict())
+    want_output, want_grads = _checkpointed_step(plain, x)
+    counts = _count_builds(monkeypatch)
+    got_output, got_grads = _checkpointed_step(cached, x)
+    assert torch.equal(got_output, want_output)
+    for got, want in zip(got_grads, want_grads):
+        assert torch.equal(got, want)
+    # Two layers: built once each in the first forward; the recompute and the backward reuse it.
+    assert counts == {"forward": 2, "backward_with_weight": 0}
+    assert forward_cache.held_bytes() == 0  # each backward dropped its entry
+
+
+def test_without_cache_each_layer_builds_in_forward_recompute_and_backward(monkeypatch):
+    counts = _count_builds(monkeypatch)
+    _checkpointed_step(_model(0), torch.randn(5, 64))
+    assert counts == {"forward": 4, "backward_with_weight": 2}
+
+
+def test_budget_keeps_first_layers_only_and_parameter_changes_miss(monkeypatch):
+    model = _model(1)
+    first_layer_bytes = 96 * 64 * 4
+    for snella_layer in (model[0], model[2]):
+        snella_layer.primary.forward_cache_bytes = first_layer_bytes  # room for one matrix
+    x = torch.randn(5, 64)
+    model(x)
+    assert forward_cache.held_bytes() == first_layer_bytes
+    assert forward_cache.lookup(model[0].primary, layer_module._forward_cache_key(
+        model[0].primary, 1.0, x.dtype, model[0].base_layer.weight)) is not None
+    with torch.no_grad():
+        model[0].primary.alpha.add_(0.1)  # like an optimizer step
+    key = layer_module._forward_cache_key(model[0].primary, 1.0, x.dtype, model[0].base_layer.weight)
+    assert forward_cache.lookup(model[0].primary, key) is None
+    counts = _count_builds(monkeypatch)
+    model(x)
+    assert counts["forward"] == 2  # the stale entry was not used
+
+
+def test_negative_budget_is_refused_and_remove_snella_clears():
+    with pytest.raises(SnellaConfigError, match="forward_cache_mb"):
+        SnellaConfig(forward_cache_mb=-1)
+    model = _model(1)
+    model(torch.randn(5, 64))
+    assert forward_cache.held_bytes() > 0
+    remove_snella(model)
+    assert forward_cache.held_bytes() == 0
