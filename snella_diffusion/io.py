@@ -75,8 +75,7 @@ def snella_state_dict(
     for prefix, model in _as_components(models, component).items():
         for path, layer in snella_layers(model).items():
             adapter = _adapter_of(layer, adapter_name)
-            if adapter.cached_threshold() is None:
-                adapter.delta_weight()
+            adapter.refresh_threshold()
             for param in PARAM_NAMES + OPTIONAL_PARAM_NAMES:
                 value = getattr(adapter, param).detach()
                 tensors[f"{prefix}.{path}{KEY_INFIX}{param}"] = value.to("cpu").contiguous()

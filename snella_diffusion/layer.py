@@ -27,7 +27,7 @@ from .blocked import backward_blocked, effective_blocked, merged_blocked
 from . import forward_cache, scratch
 from .fused import pipeline
 from .kernels import kernel_matrix
-from .sparsify import drop_count_for, select_threshold, sparsified_delta
+from .sparsify import drop_count_for, select_threshold, survivor_gate
 
 GAMMA_FLOOR = 1e-4
 
@@ -145,14 +145,43 @@ class SnellaAdapter(nn.Module):
             keep_terms=keep_terms,
         )
 
+    def _training_merged(self) -> Tensor:
+        """M ``(m, n)`` as a training forward builds it (blocked, no autograd)."""
+        with torch.no_grad():
+            factors = _in_compute_dtype(
+                self.in_factors, self.out_factors, self.alpha, self.effective_gamma(), self.beta
+            )
+            return merged_blocked(self.kernel, *factors, self.kernel_scale)
+
+    def _select_threshold(self, merged: Tensor) -> Tensor:
+        threshold = select_threshold(merged, self.drop_count_host, self.threshold_sample_size, absolute=True)
+        self.record_threshold(threshold)
+        return threshold
+
+    def refresh_threshold(self) -> Tensor:
+        """τ for the current parameters, selected on the M a training forward builds (so a saved
+        or fused adapter uses bit for bit the τ training used); cached like in training."""
+        threshold = self.cached_threshold()
+        return threshold if threshold is not None else self._select_threshold(self._training_merged())
+
     def delta_weight(self) -> Tensor:
-        """ΔW_eff ``(m, n)`` in float32, differentiable through M (the gate is detached)."""
-        merged, _ = self.merged_matrix()
+        """ΔW_eff ``(m, n)`` in float32 (float64 for float64 factors), bit-identical to the ΔW a
+        training forward uses. With autograd on and trainable factors it is differentiable
+        through M (the gate, taken from the training M, is detached)."""
+        merged = self._training_merged()
         threshold = self.cached_threshold()
         if threshold is None:
-            threshold = select_threshold(merged.detach().abs(), self.drop_count_host, self.threshold_sample_size)
-            self.record_threshold(threshold)
-        return sparsified_delta(merged, threshold.to(merged.dtype), self.sparsify_mode)
+            threshold = self._select_threshold(merged)
+        threshold = threshold.to(merged.dtype)
+        with torch.no_grad():
+            delta = effective_blocked(self.kernel, self.in_factors, self.out_factors, self.alpha, self.gamma,
+                                      self.beta, self.kernel_scale, threshold, self.sparsify_mode, 1.0, None,
+                                      merged.dtype, merged=merged)
+        if not (torch.is_grad_enabled() and self.in_factors.requires_grad):
+            return delta
+        # Values stay exactly the training ΔW (x - x is 0); the gradient flows through M ⊙ G.
+        differentiable = self.merged_matrix()[0] * survivor_gate(merged.abs(), threshold, self.sparsify_mode)
+        return delta + (differentiable - differentiable.detach())
 
     def keep_count(self) -> int:
         """Entries kept by the current sparsity, m·n - k."""

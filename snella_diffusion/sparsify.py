@@ -119,8 +119,3 @@ def survivor_gate(magnitude: Tensor, threshold: Tensor, mode: str) -> Tensor:
     if mode == "official":
         return magnitude.mul_(magnitude > threshold)
     return magnitude.sub_(threshold).clamp_min_(0.0)
-
-
-def sparsified_delta(merged: Tensor, threshold: Tensor, mode: str) -> Tensor:
-    """ΔW_eff = M ⊙ G for a given τ, ``(m, n)``; no gradient flows through G."""
-    return merged * survivor_gate(merged.detach().abs(), threshold, mode)

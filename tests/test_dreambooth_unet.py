@@ -30,7 +30,7 @@ from snella_diffusion.training.data import (
     warn_small_images,
     write_images,
 )
-from snella_diffusion.training.families import UnknownModelFamilyError, detect_family
+from snella_diffusion.training.families import UnknownModelFamilyError, detect_family, family_for_class
 from snella_diffusion.training.objectives import (
     NoiseObjective,
     dreambooth_loss,
@@ -415,10 +415,18 @@ def test_help_documents_every_flag(capsys):
     --checkpointing_steps --checkpoints_total_limit --resume_from_checkpoint --report_to --logging_dir
     --cache_latents --rank --kernel --target_modules --init_sparsity --target_sparsity
     --allocator_warmup_steps --allocator_final_steps --allocator_interval --importance_beta1
-    --importance_beta2 --forward_mode --pretrained_model_name_or_path --instance_data_dir
+    --importance_beta2 --forward_mode --forward_cache_mb --pretrained_model_name_or_path --instance_data_dir
     --instance_prompt --output_dir""".split()
     missing = [flag for flag in flags if f"  {flag} " not in text and f"  {flag}\n" not in text]
     assert not missing
+
+
+def test_speed_flags_reach_the_adapter_config():
+    args = script.parse_args([*FAST_FLAGS, "--instance_prompt", PROMPT, "--output_dir", "unused",
+                              "--forward_cache_mb", "256", "--threshold_sample_size", "4096"])
+    config = script.snella_config(args, family_for_class("StableDiffusionPipeline"), total_steps=10)
+    assert config.forward_cache_mb == 256 and config.threshold_sample_size == 4096
+    assert not config.compile_kernels
 
 
 def test_resume_from_an_unfitting_or_missing_checkpoint_is_named(sd_run, sd_folder, instance_dir, tmp_path):

@@ -206,6 +206,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="Build ΔW and its backward over whole matrices fused by torch.compile "
                              "instead of the default blocked eager path (slower than the default on a "
                              "CPU; costs tens of seconds of compilation at the first step).")
+    snella.add_argument("--forward_cache_mb", type=int, default=0,
+                        help="Keep W0 + ΔW from each forward until the layer's backward, up to this many "
+                             "MiB over all layers: with --gradient_checkpointing the recompute skips its "
+                             "build (memory traded for time; 0: off).")
     add_family_arguments(parser)
     return parser.parse_args(argv)
 
@@ -299,7 +303,7 @@ def snella_config(args: argparse.Namespace, family: ModelFamily, total_steps: in
         rank=args.rank, kernel=args.kernel, sparsify=args.sparsify, target_modules=targets,
         init_sparsity=args.init_sparsity, target_sparsity=args.target_sparsity,
         forward_mode=args.forward_mode, threshold_sample_size=args.threshold_sample_size,
-        compile_kernels=args.compile_snella_kernels,
+        compile_kernels=args.compile_snella_kernels, forward_cache_mb=args.forward_cache_mb,
         importance_beta1=args.importance_beta1, importance_beta2=args.importance_beta2,
         allocator_warmup_steps=warmup, allocator_final_steps=final,
         allocator_interval=args.allocator_interval,
