@@ -6,7 +6,10 @@ in the recompute just before its backward, and in the backward. The first two ar
 (same parameters, same τ), and the backward needs the same matrix again for the input
 gradient. Keeping it from the forward to the backward skips the recompute's build and the
 backward's merge with W0, at the price of holding the matrix meanwhile: the cache trades
-memory for time, up to the budget, first come first kept. An entry is keyed on the adapter's
+memory for time, up to the budget. In a forward, a new matrix evicts the oldest entries when
+the budget is full, so the cache ends up holding the layers the backward reaches first and
+frees soonest (which keeps them out of the memory peak deeper in the backward); inside a
+backward (the recompute) nothing is evicted. An entry is keyed on the adapter's
 parameter versions, its sparsity, the scale, the dtype and the base weight's version, so an
 optimizer step or any other change makes it a miss; the backward drops the entry it used.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 _entries: dict[int, tuple[tuple, Tensor]] = {}
@@ -31,15 +35,21 @@ def lookup(adapter: nn.Module, key: tuple) -> Optional[Tensor]:
     return entry[1] if entry is not None and entry[0] == key else None
 
 
-def store(adapter: nn.Module, key: tuple, matrix: Tensor, budget_bytes: int) -> bool:
-    """Keep ``matrix`` for ``adapter`` if the cache stays within ``budget_bytes``; an older
-    entry of the same adapter is replaced. Returns whether it was kept."""
+def store(adapter: nn.Module, key: tuple, matrix: Tensor, budget_bytes: int, evict_older: bool) -> bool:
+    """Keep ``matrix`` for ``adapter`` within ``budget_bytes``, evicting the oldest entries to
+    make room when ``evict_older``; an older entry of the same adapter is replaced. Returns
+    whether it was kept."""
     global _held_bytes
     drop(adapter)
-    if _held_bytes + _size(matrix) > budget_bytes:
+    size = _size(matrix)
+    while evict_older and _entries and _held_bytes + size > budget_bytes:
+        oldest_key, (_, oldest) = next(iter(_entries.items()))
+        del _entries[oldest_key]
+        _held_bytes -= _size(oldest)
+    if _held_bytes + size > budget_bytes:
         return False
     _entries[id(adapter)] = (key, matrix)
-    _held_bytes += _size(matrix)
+    _held_bytes += size
     return True
 
 
@@ -56,6 +66,11 @@ def clear() -> None:
     global _held_bytes
     _entries.clear()
     _held_bytes = 0
+
+
+def in_backward() -> bool:
+    """Whether autograd is running a backward pass now (a checkpoint recompute runs in one)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def held_bytes() -> int:

@@ -215,8 +215,9 @@ class _SnellaLinearFunction(torch.autograd.Function):
             kept = True
         else:
             effective, threshold = _build_effective(adapter, factors, threshold, scale, weight, x.dtype)
-            kept = cache_key is not None and forward_cache.store(adapter, cache_key, effective,
-                                                                 adapter.forward_cache_bytes)
+            kept = cache_key is not None and forward_cache.store(
+                adapter, cache_key, effective, adapter.forward_cache_bytes, not forward_cache.in_backward()
+            )
         output = F.linear(x, effective, bias)
         if not kept:
             scratch.give_back(effective)

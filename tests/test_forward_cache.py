@@ -71,23 +71,39 @@ def test_without_cache_each_layer_builds_in_forward_recompute_and_backward(monke
     assert counts == {"forward": 4, "backward_with_weight": 2}
 
 
-def test_budget_keeps_first_layers_only_and_parameter_changes_miss(monkeypatch):
+def _key(snella_layer, x):
+    return layer_module._forward_cache_key(snella_layer.primary, 1.0, x.dtype, snella_layer.base_layer.weight)
+
+
+def test_full_budget_keeps_the_latest_forward_layers_and_parameter_changes_miss(monkeypatch):
     model = _model(1)
-    first_layer_bytes = 96 * 64 * 4
+    one_matrix = 96 * 64 * 4
     for snella_layer in (model[0], model[2]):
-        snella_layer.primary.forward_cache_bytes = first_layer_bytes  # room for one matrix
+        snella_layer.primary.forward_cache_bytes = one_matrix  # room for one matrix
     x = torch.randn(5, 64)
     model(x)
-    assert forward_cache.held_bytes() == first_layer_bytes
-    assert forward_cache.lookup(model[0].primary, layer_module._forward_cache_key(
-        model[0].primary, 1.0, x.dtype, model[0].base_layer.weight)) is not None
+    # The second layer evicted the first: the backward reaches it first and frees it soonest.
+    assert forward_cache.held_bytes() == one_matrix
+    assert forward_cache.lookup(model[0].primary, _key(model[0], x)) is None
+    assert forward_cache.lookup(model[2].primary, _key(model[2], x)) is not None
     with torch.no_grad():
-        model[0].primary.alpha.add_(0.1)  # like an optimizer step
-    key = layer_module._forward_cache_key(model[0].primary, 1.0, x.dtype, model[0].base_layer.weight)
-    assert forward_cache.lookup(model[0].primary, key) is None
+        model[2].primary.alpha.add_(0.1)  # like an optimizer step
+    assert forward_cache.lookup(model[2].primary, _key(model[2], x)) is None
     counts = _count_builds(monkeypatch)
     model(x)
     assert counts["forward"] == 2  # the stale entry was not used
+
+
+def test_recompute_inside_backward_evicts_nothing(monkeypatch):
+    model = _model(1)
+    for snella_layer in (model[0], model[2]):
+        snella_layer.primary.forward_cache_bytes = 96 * 64 * 4
+    counts = _count_builds(monkeypatch)
+    _checkpointed_step(model, torch.randn(5, 64))
+    # Forward: both layers built, the second kept. Recompute (in backward): the second is a hit,
+    # the first is rebuilt without evicting it; the backward then rebuilds the first's weight.
+    assert counts == {"forward": 3, "backward_with_weight": 1}
+    assert forward_cache.held_bytes() == 0
 
 
 def test_negative_budget_is_refused_and_remove_snella_clears():
