@@ -7,6 +7,7 @@ import torch
 from snella_diffusion import SnellaConfig, SnellaLinear, blocked
 from snella_diffusion.blocked import backward_blocked, column_blocks, effective_blocked, merged_blocked
 
+from layer_runs import fresh_step
 from reference_math import naive_merged
 
 KERNELS = ["mix", "piecewise_linear", "linear"]
@@ -127,19 +128,8 @@ def test_layer_with_many_blocks_matches_one_block(monkeypatch):
         layer.primary.in_factors.normal_(std=0.5)
         layer.primary.out_factors.normal_(std=0.5)
     x = torch.randn(4, IN)
-
-    def run():
-        layer.primary._threshold_key = None
-        x_leaf = x.clone().requires_grad_()
-        output = layer(x_leaf)
-        output.square().sum().backward()
-        grads = [x_leaf.grad] + [p.grad.clone() for p in layer.primary.parameters()]
-        layer.zero_grad(set_to_none=True)
-        return output.detach(), grads
-
-    one_output, one_grads = run()
+    one_block = fresh_step(layer, x)
     monkeypatch.setattr(blocked, "BLOCK_ENTRIES", OUT * 16)
-    many_output, many_grads = run()
-    assert torch.allclose(one_output, many_output, atol=1e-6)
-    for one, many in zip(one_grads, many_grads):
+    many_blocks = fresh_step(layer, x)
+    for one, many in zip(one_block, many_blocks):
         assert torch.allclose(one, many, rtol=1e-5, atol=1e-6)

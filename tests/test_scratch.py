@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from layer_runs import fresh_step
 from snella_diffusion import SnellaConfig, SnellaLinear, apply_snella, remove_snella, scratch
 
 
@@ -42,21 +43,11 @@ def test_layer_results_do_not_depend_on_reused_buffers(small_buffers, monkeypatc
     torch.manual_seed(0)
     layer = SnellaLinear(torch.nn.Linear(40, 48), config)
     x = torch.randn(5, 40)
-
-    def run():
-        layer.primary._threshold_key = None
-        x_leaf = x.clone().requires_grad_()
-        output = layer(x_leaf)
-        output.square().sum().backward()
-        grads = [x_leaf.grad] + [p.grad.clone() for p in layer.primary.parameters()]
-        layer.zero_grad(set_to_none=True)
-        return [output.detach()] + grads
-
-    pooled = [run() for _ in range(3)]  # later calls run on buffers earlier ones gave back
+    pooled = [fresh_step(layer, x) for _ in range(3)]  # later calls run on buffers earlier ones gave back
     assert scratch.idle_bytes() > 0
     monkeypatch.setattr(scratch, "MIN_BYTES", 1 << 62)
     scratch.release()
-    fresh = run()
+    fresh = fresh_step(layer, x)
     for results in pooled:
         for got, want in zip(results, fresh):
             assert torch.equal(got, want)
