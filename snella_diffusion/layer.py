@@ -4,8 +4,9 @@ Training goes through ``_SnellaLinearFunction``, a custom autograd function that
 W0 + ΔW_eff, ΔW_eff = sparsify(κ(A, B)), in its forward, uses it for one GEMM, drops it, and
 rebuilds it in its backward, where one pass also gives the factor gradients. Both run in
 cache-sized column blocks (``blocked``); the weight-sized results borrow reused buffers
-(``scratch``). Nothing of size m×n lives from forward to backward: the saved tensors are the
-input, the (frozen) base weight, the factors, three scalars and τ.
+(``scratch``). Nothing of size m×n lives from forward to backward (unless a
+``forward_cache_mb`` budget asks to keep W0 + ΔW_eff): the saved tensors are the input, the
+(frozen) base weight, the factors, three scalars and τ.
 
 τ is cached per adapter and keyed on the parameters' version counters, so it is selected once
 per optimizer step: gradient-accumulation micro-batches and gradient-checkpointing recomputes
@@ -21,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import forward_cache, scratch
+from .blocked import backward_blocked, effective_blocked, merged_blocked
 from .config import SnellaConfig
 from .errors import SnellaError
-from .blocked import backward_blocked, effective_blocked, merged_blocked
-from . import forward_cache, scratch
 from .fused import pipeline
 from .kernels import kernel_matrix
 from .sparsify import drop_count_for, select_threshold, survivor_gate
@@ -174,6 +175,7 @@ class SnellaAdapter(nn.Module):
             threshold = self._select_threshold(merged)
         threshold = threshold.to(merged.dtype)
         with torch.no_grad():
+            # M is given, so the factors only lend their shapes and device here.
             delta = effective_blocked(self.kernel, self.in_factors, self.out_factors, self.alpha, self.gamma,
                                       self.beta, self.kernel_scale, threshold, self.sparsify_mode, 1.0, None,
                                       merged.dtype, merged=merged)
@@ -200,7 +202,7 @@ class SnellaAdapter(nn.Module):
 class _SnellaLinearFunction(torch.autograd.Function):
     """y = x·(W0 + scale·ΔW_eff)ᵀ + b (or x·(scale·ΔW_eff)ᵀ with no base weight).
 
-    ΔW_eff is rebuilt in backward instead of being saved.
+    ΔW_eff is rebuilt in backward instead of being saved (or taken from ``forward_cache``).
     """
 
     @staticmethod
