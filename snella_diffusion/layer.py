@@ -154,7 +154,8 @@ class SnellaAdapter(nn.Module):
             )
             return merged_blocked(self.kernel, *factors, self.kernel_scale)
 
-    def _select_threshold(self, merged: Tensor) -> Tensor:
+    def select_threshold_on(self, merged: Tensor) -> Tensor:
+        """Select τ on M ``(m, n)`` for the current sparsity and record it for these parameters."""
         threshold = select_threshold(merged, self.drop_count_host, self.threshold_sample_size, absolute=True)
         self.record_threshold(threshold)
         return threshold
@@ -163,7 +164,7 @@ class SnellaAdapter(nn.Module):
         """τ for the current parameters, selected on the M a training forward builds (so a saved
         or fused adapter uses bit for bit the τ training used); cached like in training."""
         threshold = self.cached_threshold()
-        return threshold if threshold is not None else self._select_threshold(self._training_merged())
+        return threshold if threshold is not None else self.select_threshold_on(self._training_merged())
 
     def delta_weight(self) -> Tensor:
         """ΔW_eff ``(m, n)`` in float32 (float64 for float64 factors), bit-identical to the ΔW a
@@ -172,7 +173,7 @@ class SnellaAdapter(nn.Module):
         merged = self._training_merged()
         threshold = self.cached_threshold()
         if threshold is None:
-            threshold = self._select_threshold(merged)
+            threshold = self.select_threshold_on(merged)
         threshold = threshold.to(merged.dtype)
         with torch.no_grad():
             # M is given, so the factors only lend their shapes and device here.
@@ -300,8 +301,7 @@ def _build_effective(adapter: SnellaAdapter, factors: tuple[Tensor, ...], thresh
     if threshold is None:
         merged = merged_blocked(adapter.kernel, *factors, adapter.kernel_scale,
                                 out=scratch.borrow(shape, dtype, device))
-        threshold = select_threshold(merged, adapter.drop_count_host, adapter.threshold_sample_size, absolute=True)
-        adapter.record_threshold(threshold)
+        threshold = adapter.select_threshold_on(merged)
     threshold = threshold.to(dtype)
     effective = effective_blocked(
         adapter.kernel, *factors, adapter.kernel_scale, threshold, adapter.sparsify_mode, scale, weight, out_dtype,
@@ -319,8 +319,7 @@ def _compiled_forward(adapter: SnellaAdapter, factors: tuple[Tensor, ...], thres
     dtype = factors[0].dtype
     if threshold is None:
         merged = pipeline("merged_matrix", True)(adapter.kernel, *factors, adapter.kernel_scale)
-        threshold = select_threshold(merged, adapter.drop_count_host, adapter.threshold_sample_size, absolute=True)
-        adapter.record_threshold(threshold)
+        threshold = adapter.select_threshold_on(merged)
         threshold = threshold.to(dtype)
         effective = pipeline("effective_weight", True)(merged, threshold, adapter.sparsify_mode, scale, weight,
                                                        out_dtype)
