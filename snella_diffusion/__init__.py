@@ -4,7 +4,7 @@ allocation) for diffusers UNets and DiTs and transformers ViTs."""
 from .allocator import BiLevelAllocator
 from .config import SnellaConfig
 from .errors import SnellaConfigError, SnellaError, SnellaFormatError
-from .fuse import fuse_snella, unfuse_snella
+from .fuse import UnfuseError, fuse_snella, unfuse_snella
 from .inject import TARGET_PRESETS, apply_snella, remove_snella
 from .io import load_snella, read_snella_file, save_snella, snella_state_dict
 from .layer import SnellaAdapter, SnellaLinear, snella_layers
@@ -31,6 +31,7 @@ __all__ = [
     "SnellaLinear",
     "SnellaLoaderMixin",
     "TARGET_PRESETS",
+    "UnfuseError",
     "apply_snella",
     "disable_snella",
     "enable_snella",

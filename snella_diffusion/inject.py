@@ -5,13 +5,19 @@ from __future__ import annotations
 import re
 from typing import Iterable, Optional
 
+import torch
 from torch import nn
 
 from . import forward_cache, scratch
 from .config import SnellaConfig, TargetModules
 from .errors import SnellaError
-from .fuse import restore_base_weight, write_fused_weight
+from .fuse import DEFAULT_KEEP_ORIGINAL, UnfuseError, restore_base_weight, write_fused_weight
 from .layer import SnellaLinear, snella_layers
+
+
+# bitsandbytes (and similar) layers that subclass nn.Linear but hold packed or integer weights.
+QUANTIZED_LINEAR_CLASSES = frozenset({"Linear4bit", "Linear8bitLt", "LinearFP4", "LinearNF4", "Linear8bit"})
+QUANTIZED_WEIGHT_CLASSES = frozenset({"Params4bit", "Int8Params"})
 
 
 def _anywhere(pattern: str) -> str:
@@ -56,21 +62,37 @@ TARGET_PRESETS: dict[str, list[str]] = {
 }
 
 
-def _patterns(targets: TargetModules) -> list[str]:
-    """Expand presets; a list may mix preset names, exact names and regular expressions."""
+def _entries(targets: TargetModules) -> list[tuple[str, list[str]]]:
+    """``(entry, regexes)`` per item of ``targets``: a preset expands to its regexes, any other
+    item of a list (an exact name, a name suffix or a regular expression) stands for itself."""
     items = [targets] if isinstance(targets, str) else list(targets)
-    patterns: list[str] = []
+    entries: list[tuple[str, list[str]]] = []
     for item in items:
         if item in TARGET_PRESETS:
-            patterns.extend(TARGET_PRESETS[item])
+            entries.append((item, TARGET_PRESETS[item]))
         elif isinstance(targets, str):
             raise SnellaError(
                 f"target_modules={targets!r}: not a preset ({', '.join(TARGET_PRESETS)}); "
                 "pass a list to give module names or regular expressions"
             )
         else:
-            patterns.append(item)
-    return patterns
+            try:
+                re.compile(item)
+            except re.error as error:
+                raise SnellaError(f"target_modules entry {item!r} is not a valid regex: {error}") from error
+            entries.append((item, [item]))
+    return entries
+
+
+def _patterns(targets: TargetModules) -> list[str]:
+    """Expand presets; a list may mix preset names, exact names and regular expressions."""
+    return [pattern for _, patterns in _entries(targets) for pattern in patterns]
+
+
+def check_targets(targets: TargetModules) -> None:
+    """Raise SnellaError for an unknown preset string or an invalid regular expression
+    (no model needed: for checking flags before anything is loaded)."""
+    _entries(targets)
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
@@ -85,19 +107,68 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     return False
 
 
+def quantization_of(module: nn.Module) -> Optional[str]:
+    """What marks ``module`` as a quantized or packed linear (bitsandbytes ``Linear4bit`` /
+    ``Linear8bitLt``, or any layer whose weight is not a floating-point matrix), else None.
+
+    Detected by class names and attributes, so bitsandbytes need not be installed."""
+    weight = getattr(module, "weight", None)
+    kind = type(module).__name__
+    weight_kind = type(weight).__name__
+    if kind in QUANTIZED_LINEAR_CLASSES or weight_kind in QUANTIZED_WEIGHT_CLASSES:
+        return f"{kind} (weight {weight_kind})"
+    if weight is not None and getattr(weight, "quant_state", None) is not None:
+        return f"{kind} (weight with a quant_state)"
+    if isinstance(weight, torch.Tensor) and not weight.is_floating_point():
+        return f"{kind} (weight dtype {weight.dtype})"
+    return None
+
+
 def find_target_linears(model: nn.Module, config: SnellaConfig) -> dict[str, nn.Linear]:
-    """Qualified names of the ``nn.Linear`` modules (or existing SnellaLinear) the config targets."""
-    patterns = _patterns(config.target_modules)
+    """Qualified names of the ``nn.Linear`` modules (or existing SnellaLinear) the config targets.
+
+    Raises:
+        SnellaError: an entry of ``target_modules`` matches no linear layer (naming what it
+            matched instead, e.g. Conv2d modules), or a matched linear is quantized.
+    """
+    entries = _entries(config.target_modules)
     excluded = _patterns(config.exclude_modules) if config.exclude_modules else []
     found: dict[str, nn.Linear] = {}
+    linear_hits = {entry: 0 for entry, _ in entries}
+    other_hits: dict[str, dict[str, str]] = {entry: {} for entry, _ in entries}
     for name, module in model.named_modules():
         if ".base_layer" in f".{name}" or not name:
             continue
-        if not isinstance(module, (nn.Linear, SnellaLinear)):
+        hit = [entry for entry, patterns in entries if _matches(name, patterns)]
+        if not hit or (excluded and _matches(name, excluded)):
             continue
-        if _matches(name, patterns) and not (excluded and _matches(name, excluded)):
-            found[name] = module
+        if not isinstance(module, (nn.Linear, SnellaLinear)):
+            for entry in hit:
+                other_hits[entry].setdefault(type(module).__name__, name)
+            continue
+        quantized = None if isinstance(module, SnellaLinear) else quantization_of(module)
+        if quantized is not None:
+            raise SnellaError(
+                f"layer {name!r} is a quantized linear, {quantized}: SNELLA cannot add ΔW to packed "
+                "weights; load this model unquantized (torch_dtype=torch.bfloat16) or exclude the "
+                "layer (exclude_modules)"
+            )
+        for entry in hit:
+            linear_hits[entry] += 1
+        found[name] = module
+    if found:
+        for entry, count in linear_hits.items():
+            if count == 0:
+                raise SnellaError(_no_linear_message(entry, other_hits[entry], type(model).__name__))
     return found
+
+
+def _no_linear_message(entry: str, others: dict[str, str], model_name: str) -> str:
+    if others:
+        what = ", ".join(f"{kind} (e.g. {name!r})" for kind, name in others.items())
+        return (f"target_modules entry {entry!r} matches no nn.Linear in {model_name}, only {what}: "
+                "SNELLA adapts nn.Linear layers; drop the entry")
+    return f"target_modules entry {entry!r} matches no module in {model_name}: check the name or regex"
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -147,21 +218,42 @@ def remove_snella(model: nn.Module, adapter_name: Optional[str] = None) -> nn.Mo
     """Undo ``apply_snella``: put the original linears back (base weights restored if fused).
 
     With ``adapter_name``, only that adapter is deleted (other adapters fused in the layer stay
-    fused); a layer left without adapters is unwrapped. The layers' idle scratch buffers
-    (``scratch``) and cached forward weights (``forward_cache``) are freed.
+    fused); a layer left without adapters is unwrapped. Layers fused with
+    ``keep_original=False`` keep their fused weights when unwrapped (merge and unload). The
+    layers' idle scratch buffers (``scratch``) and cached forward weights (``forward_cache``)
+    are freed.
+
+    Raises:
+        UnfuseError: ``adapter_name`` is fused into a layer whose base weight was not kept
+            (checked before anything changes).
     """
+    layers = snella_layers(model)
+    if adapter_name is not None:
+        for name, layer in layers.items():
+            if layer.original_discarded and adapter_name in layer.fused_adapters:
+                raise UnfuseError(
+                    f"layer {name}: adapter {adapter_name!r} was fused with keep_original=False, so "
+                    "its ΔW cannot be taken out of the base weight; remove all adapters (the fused "
+                    "weights stay) or reload the base model"
+                )
     scratch.release()
     forward_cache.clear()
-    for name, layer in snella_layers(model).items():
+    for name, layer in layers.items():
         if adapter_name is not None:
             if adapter_name not in layer.adapters:
                 continue
-            still_fused = {k: v for k, v in layer.fused_adapters.items() if k != adapter_name}
-            restore_base_weight(layer)
-            layer.delete_adapter(adapter_name)
+            if layer.original_discarded:
+                layer.delete_adapter(adapter_name)
+            else:
+                still_fused = {k: v for k, v in layer.fused_adapters.items() if k != adapter_name}
+                keep = "device" if layer.unfused_weight is not None else DEFAULT_KEEP_ORIGINAL
+                restore_base_weight(layer, name)
+                layer.delete_adapter(adapter_name)
+                if len(layer.adapters):
+                    write_fused_weight(layer, still_fused, keep, name)
             if len(layer.adapters):
-                write_fused_weight(layer, still_fused)
                 continue
-        restore_base_weight(layer)
+        if not layer.original_discarded:
+            restore_base_weight(layer, name)
         set_submodule(model, name, layer.base_layer)
     return model

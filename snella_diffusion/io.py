@@ -250,8 +250,39 @@ def _check_against_model(snella_file: SnellaFile, component: str, model: nn.Modu
                 f"{snella_file.shapes[f'{component}.{module_path}']} in the file: this adapter was "
                 f"trained on another base model ({snella_file.base_model or 'unknown'})"
             )
-        if isinstance(module, SnellaLinear) and adapter_name in module.adapters:
-            raise SnellaFormatError(f"{where} already holds an adapter named {adapter_name!r}")
+    _check_existing_adapters(snella_file, component, modules, adapter_name)
+
+
+# Fields that decide an adapter's tensors and ΔW: a file loads into an existing adapter only if
+# they agree (the schedule and speed settings may differ).
+STRUCTURAL_FIELDS = ("rank", "num_heads", "kernel", "kernel_scale", "sparsify")
+
+
+def _check_existing_adapters(
+    snella_file: SnellaFile, component: str, modules: dict[str, nn.Module], adapter_name: str
+) -> None:
+    """A file loads into an adapter ``adapter_name`` that the model already holds (resuming
+    training after ``apply_snella``) only if every layer of the file holds it, with the same
+    structure; a model holding it on some layers only is refused."""
+    paths = list(snella_file.layers[component])
+    holding = [p for p in paths if isinstance(modules[p], SnellaLinear) and adapter_name in modules[p].adapters]
+    if not holding:
+        return
+    if len(holding) != len(paths):
+        missing = next(p for p in paths if p not in holding)
+        raise SnellaFormatError(
+            f"{snella_file.path}: layer {component}.{holding[0]} already holds an adapter named "
+            f"{adapter_name!r} but layer {component}.{missing} does not; load into a model where "
+            "apply_snella adapted every layer of the file, or pass another adapter_name"
+        )
+    existing = modules[holding[0]].configs[adapter_name]
+    for name in STRUCTURAL_FIELDS:
+        if getattr(existing, name) != getattr(snella_file.config, name):
+            raise SnellaFormatError(
+                f"{snella_file.path}: config {name}={getattr(snella_file.config, name)!r} but the "
+                f"existing adapter {adapter_name!r} on layer {component}.{holding[0]} has "
+                f"{name}={getattr(existing, name)!r}"
+            )
 
 
 def _pick_component(snella_file: SnellaFile, model: nn.Module, component: Optional[str]) -> str:
@@ -283,8 +314,11 @@ def load_snella(
 ) -> dict[str, SnellaLinear]:
     """Inject the adapter stored at ``path`` into ``model`` and load its tensors.
 
-    Layers that already are SnellaLinear get a further adapter named ``adapter_name``. On any
-    error the model is left exactly as it was (modules, weights and requires_grad flags).
+    Layers that already are SnellaLinear get a further adapter named ``adapter_name``; if every
+    layer of the file already holds an adapter of that name with the same structure (rank,
+    heads, kernel; e.g. after ``apply_snella`` to resume training), its tensors are overwritten
+    and stay trainable. On any error the model is left exactly as it was (modules, weights and
+    requires_grad flags).
 
     Returns:
         ``{module path: SnellaLinear}`` of the layers that received the adapter.
@@ -293,6 +327,9 @@ def load_snella(
     component = _pick_component(snella_file, model, component)
     _check_against_model(snella_file, component, model, adapter_name)
     layer_params = snella_file.layers[component]
+    existing = _layers_holding(model, layer_params, adapter_name)
+    if existing:
+        return _load_into_existing(existing, layer_params, adapter_name)
     config = dataclasses.replace(snella_file.config, target_modules=sorted(layer_params), exclude_modules=[])
     grad_flags = {name: p.requires_grad for name, p in model.named_parameters()}
     originals = {path: model.get_submodule(path) for path in layer_params}
@@ -307,6 +344,29 @@ def load_snella(
         for name, param in model.named_parameters():
             if name in grad_flags:
                 param.requires_grad_(grad_flags[name])
+        raise
+    return layers
+
+
+def _layers_holding(model: nn.Module, layer_params: dict[str, dict], adapter_name: str) -> dict[str, SnellaLinear]:
+    """The file's layers that already hold ``adapter_name`` (all of them or none, as checked)."""
+    layers = {path: model.get_submodule(path) for path in layer_params}
+    return {p: l for p, l in layers.items() if isinstance(l, SnellaLinear) and adapter_name in l.adapters}
+
+
+def _load_into_existing(
+    layers: dict[str, SnellaLinear], layer_params: dict[str, dict[str, Tensor]], adapter_name: str
+) -> dict[str, SnellaLinear]:
+    """Overwrite the tensors of the existing adapters (their trainability is kept); restores
+    every adapter's previous state if a copy fails."""
+    saved = {path: {k: v.clone() for k, v in layer.adapters[adapter_name].state_dict().items()}
+             for path, layer in layers.items()}
+    try:
+        for path, params in layer_params.items():
+            _copy_into(layers[path].adapters[adapter_name], params)
+    except BaseException:
+        for path, state in saved.items():
+            layers[path].adapters[adapter_name].load_state_dict(state)
         raise
     return layers
 

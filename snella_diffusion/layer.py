@@ -399,7 +399,15 @@ class SnellaLinear(nn.Module):
         # The pristine base weight while adapters are fused; a buffer so that it follows
         # .to(device/dtype) like the weight it restores, non-persistent so it is never saved.
         self.register_buffer("unfused_weight", None, persistent=False)
+        # The pristine base weight on the CPU (``fuse_snella(keep_original="cpu")``): a plain
+        # attribute, so moving the model to a GPU leaves it in host memory.
+        self.unfused_weight_cpu: Optional[Tensor] = None
+        # True once adapters were fused with ``keep_original=False``: W0 is gone for good.
+        self.original_discarded = False
         self._delta_cache: Optional[tuple[tuple, Tensor]] = None
+        # False: an inference forward builds Σ w_k·ΔW_k, uses it and drops it (one layer's
+        # worth of memory at a time, e.g. validation during training; see ``delta_cache``).
+        self.cache_inference_delta = True
         for param in base_layer.parameters():
             param.requires_grad_(False)
         self.add_adapter(adapter_name, config)
@@ -480,18 +488,26 @@ class SnellaLinear(nn.Module):
             return []
         return [name for name in self.active_adapters if name not in self.fused_adapters]
 
+    def _summed_delta(self, names: list[str]) -> Tensor:
+        """Σ w_k·ΔW_k ``(m, n)`` in float32, without autograd."""
+        with torch.no_grad():
+            total = self.adapters[names[0]].delta_weight().mul_(self.adapter_weights[names[0]])
+            for name in names[1:]:
+                total.add_(self.adapters[name].delta_weight(), alpha=self.adapter_weights[name])
+        return total
+
     def _cached_delta(self, names: list[str]) -> Tensor:
-        """Σ w_k·ΔW_k in the base dtype, rebuilt only when an adapter, weight or dtype changes."""
+        """Σ w_k·ΔW_k in the base dtype, rebuilt only when an adapter, weight or dtype changes
+        (built afresh and not kept when ``cache_inference_delta`` is False)."""
         weight = self.base_layer.weight
+        if not self.cache_inference_delta:
+            self._delta_cache = None
+            return self._summed_delta(names).to(weight.dtype)
         key = tuple((n, self.adapter_weights[n], self.adapters[n].version_key()) for n in names)
         key += (weight.dtype, weight.device)
         if self._delta_cache is None or self._delta_cache[0] != key:
             self._delta_cache = None
-            with torch.no_grad():
-                total = self.adapters[names[0]].delta_weight().mul_(self.adapter_weights[names[0]])
-                for name in names[1:]:
-                    total.add_(self.adapters[name].delta_weight(), alpha=self.adapter_weights[name])
-            self._delta_cache = (key, total.to(weight.dtype))
+            self._delta_cache = (key, self._summed_delta(names).to(weight.dtype))
         return self._delta_cache[1]
 
     def _drop_path(self, output: Tensor) -> Tensor:

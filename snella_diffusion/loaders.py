@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence, Union
 from torch import nn
 
 from .errors import SnellaError, SnellaFormatError
-from .fuse import fuse_layer
+from .fuse import DEFAULT_KEEP_ORIGINAL, KeepOriginal, fuse_layer
 from .fuse import unfuse_snella as unfuse_model
 from .inject import remove_snella, set_submodule
 from .io import _check_against_model, load_snella, read_snella_file
@@ -242,11 +242,16 @@ def get_snella_adapter_weights(pipe: Any) -> dict[str, float]:
     return weights
 
 
-def fuse_snella(pipe: Any, scale: float = 1.0, adapter_names: Optional[Sequence[str]] = None) -> int:
+def fuse_snella(
+    pipe: Any, scale: float = 1.0, adapter_names: Optional[Sequence[str]] = None,
+    keep_original: KeepOriginal = DEFAULT_KEEP_ORIGINAL,
+) -> int:
     """Fuse scale·w_k·ΔW_k of the active (or named) adapters into the base weights.
 
     Fused inference runs the plain base layers (the base pipeline's speed). The pristine base
-    weights are kept so ``unfuse_snella`` restores them bit for bit. Adapters already fused
+    weights are kept (``keep_original="cpu"``, the default: in host memory; ``"device"``:
+    beside the weights) so ``unfuse_snella`` restores them bit for bit; ``False`` keeps
+    nothing and ``unfuse_snella`` then raises ``UnfuseError``. Adapters already fused
     in a layer are skipped there (unfuse first to fuse at another scale), so fusing, loading
     another adapter and fusing again adds each ΔW once.
 
@@ -267,7 +272,7 @@ def fuse_snella(pipe: Any, scale: float = 1.0, adapter_names: Optional[Sequence[
         wanted = layer.active_adapters if adapter_names is None else adapter_names
         names = [n for n in wanted if n in layer.adapters and n not in layer.fused_adapters]
         if names:
-            fuse_layer(layer, scale, names)
+            fuse_layer(layer, scale, names, keep_original)
             fused += 1
     return fused
 
@@ -330,8 +335,11 @@ class SnellaLoaderMixin:
     ) -> None:
         set_snella_adapters(self, names, weights)
 
-    def fuse_snella(self, scale: float = 1.0, adapter_names: Optional[Sequence[str]] = None) -> int:
-        return fuse_snella(self, scale, adapter_names)
+    def fuse_snella(
+        self, scale: float = 1.0, adapter_names: Optional[Sequence[str]] = None,
+        keep_original: KeepOriginal = DEFAULT_KEEP_ORIGINAL,
+    ) -> int:
+        return fuse_snella(self, scale, adapter_names, keep_original)
 
     def unfuse_snella(self) -> int:
         return unfuse_snella(self)

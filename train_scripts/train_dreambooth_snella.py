@@ -18,8 +18,10 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -28,11 +30,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
-from diffusers.optimization import get_scheduler
+from diffusers.optimization import SchedulerType, get_scheduler
 from tqdm.auto import tqdm
 
 from snella_diffusion import BiLevelAllocator, SnellaConfig, SnellaError, apply_snella, save_snella
 from snella_diffusion.config import FORWARD_MODES, KERNELS, SPARSIFY_MODES
+from snella_diffusion.delta_cache import without_delta_cache
+from snella_diffusion.inject import check_targets
 from snella_diffusion.training.checkpointing import (
     CheckpointableGenerator,
     list_checkpoints,
@@ -57,8 +61,10 @@ from snella_diffusion.training.families import (
     add_family_arguments,
     detect_family,
 )
+from snella_diffusion.training.dit_families import expand_block_filters
 from snella_diffusion.training.model_card import render_model_card, write_model_card
 from snella_diffusion.training.objectives import dreambooth_loss
+from snella_diffusion.training.vae_inputs import decode_in_vae_dtype
 from snella_diffusion.viz import save_allocation_heatmap, save_image_grid, save_line_plot
 
 logger = get_logger(__name__)
@@ -70,6 +76,11 @@ EMBEDDED_MAX_STEPS = 50
 OUTPUT_FILE = "snella_weights.safetensors"
 DEFAULT_VALIDATION_STEPS = 100
 DEFAULT_CHECKPOINTING_STEPS = 500
+LR_SCHEDULERS = tuple(kind.value for kind in SchedulerType)
+REPORT_TO_CHOICES = ("tensorboard", "wandb", "comet_ml", "mlflow", "all", "none")
+# --resolution must be a multiple of this (the VAE's ×8 downsampling of SD, SDXL, SD3, Flux,
+# PixArt; the embedded tiny model needs ×2).
+RESOLUTION_MULTIPLE = 8
 
 
 class TrainingSetupError(SnellaError):
@@ -138,9 +149,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                        help="Initial learning rate (1e-3 is the SNELLA reference value).")
     train.add_argument("--scale_lr", action="store_true",
                        help="Multiply the learning rate by GPUs × accumulation steps × batch size.")
-    train.add_argument("--lr_scheduler", type=str, default="constant",
-                       help='One of "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", '
-                            '"constant_with_warmup".')
+    train.add_argument("--lr_scheduler", type=str, default="constant", choices=list(LR_SCHEDULERS),
+                       help="Learning-rate schedule (diffusers.optimization).")
     train.add_argument("--lr_warmup_steps", type=int, default=0, help="Learning-rate warmup steps.")
     train.add_argument("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
     train.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial scheduler.")
@@ -153,7 +163,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     train.add_argument("--snr_gamma", type=float, default=None,
                        help="Min-SNR weighting γ (5.0 is the recommended value); off by default.")
     train.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
-                       help="Precision of the frozen weights and autocast; default: accelerate config.")
+                       help="Precision of the frozen weights (loaded directly in it; the VAE stays "
+                            "float32) and autocast; default: accelerate config.")
+    train.add_argument("--cpu", action="store_true",
+                       help="Train on the CPU even when an accelerator (CUDA, MPS, XPU) is present "
+                            "(as accelerate launch --cpu).")
     train.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere+ GPUs.")
     train.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                        help="Use xformers attention (needs xformers and a CUDA GPU).")
@@ -173,8 +187,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     run.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     run.add_argument("--resume_from_checkpoint", type=str, default=None,
                      help='A checkpoint folder, or "latest" for the newest in --output_dir.')
-    run.add_argument("--report_to", type=str, default=None,
-                     help='"tensorboard" (default when installed), "wandb", "all" or "none".')
+    run.add_argument("--report_to", type=str, default=None, choices=list(REPORT_TO_CHOICES),
+                     help='Tracker: "tensorboard" (default when installed), "wandb", "comet_ml", "mlflow", '
+                          '"all" (every installed one) or "none".')
     run.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard folder, inside --output_dir.")
 
     snella = parser.add_argument_group("SNELLA")
@@ -221,8 +236,30 @@ def check_args(args: argparse.Namespace) -> None:
             raise TrainingSetupError("--with_prior_preservation needs --class_data_dir")
         if args.class_prompt is None:
             raise TrainingSetupError("--with_prior_preservation needs --class_prompt")
+    else:
+        given = [f"--{flag}" for flag in ("class_data_dir", "class_prompt") if getattr(args, flag) is not None]
+        if given:
+            raise TrainingSetupError(
+                f"{' and '.join(given)} given without --with_prior_preservation: add the flag to train "
+                "with the prior-preservation loss, or drop them"
+            )
     if args.instance_data_dir is not None and args.instance_prompt is None:
         raise TrainingSetupError("--instance_prompt is required with --instance_data_dir")
+    if args.pretrained_model_name_or_path is not None and args.instance_data_dir is None:
+        raise TrainingSetupError(
+            f"--pretrained_model_name_or_path={args.pretrained_model_name_or_path} needs "
+            "--instance_data_dir (the generated 4-image set is for the embedded tiny model only)"
+        )
+    if args.resolution is not None and (args.resolution < RESOLUTION_MULTIPLE or args.resolution % RESOLUTION_MULTIPLE):
+        raise TrainingSetupError(
+            f"--resolution={args.resolution}: must be a positive multiple of {RESOLUTION_MULTIPLE} pixels"
+        )
+    if args.report_to in ("wandb", "comet_ml", "mlflow") and importlib.util.find_spec(args.report_to) is None:
+        raise TrainingSetupError(
+            f"--report_to={args.report_to}: {args.report_to} is not installed (pip install {args.report_to}), "
+            "or use --report_to tensorboard / none"
+        )
+    check_snella_flags(args)
     if args.enable_xformers_memory_efficient_attention:
         if not torch.cuda.is_available():
             raise TrainingSetupError(
@@ -242,6 +279,37 @@ def check_args(args: argparse.Namespace) -> None:
             raise TrainingSetupError(f"--{flag}={getattr(args, flag)}: must be at least 1")
     if args.max_train_steps is not None and args.max_train_steps < 1:
         raise TrainingSetupError(f"--max_train_steps={args.max_train_steps}: must be at least 1")
+
+
+def check_snella_flags(args: argparse.Namespace) -> None:
+    """The SNELLA flags make a valid config and ``--target_modules`` valid presets, block
+    filters and regular expressions (the schedule is checked with a stand-in step count)."""
+    try:
+        config = snella_config(args, None, args.max_train_steps or 1000)
+        check_targets(expand_block_filters(list(config.target_modules)) if args.target_modules else config.target_modules)
+    except SnellaError as error:
+        raise TrainingSetupError(f"SNELLA flags: {error}") from error
+
+
+def use_cpu(args: argparse.Namespace) -> bool:
+    """Whether the Accelerator must be told ``cpu=True``: on ``--cpu`` or
+    ``ACCELERATE_USE_CPU`` (``accelerate launch --cpu``), or when torch sees no accelerator
+    (CUDA, MPS, XPU). Otherwise accelerate picks the device itself. On a machine without one,
+    ``cpu=True`` is what makes several launched processes join one gloo group."""
+    if args.cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return True
+    return not accelerator_available()
+
+
+def accelerator_available() -> bool:
+    """True when torch sees a CUDA, MPS or XPU device."""
+    if torch.cuda.is_available():
+        return True
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return True
+    xpu = getattr(torch, "xpu", None)
+    return bool(xpu is not None and xpu.is_available())
 
 
 def resolve_report_to(report_to: Optional[str]) -> Optional[str]:
@@ -292,11 +360,12 @@ def prepare_embedded_inputs(args: argparse.Namespace, accelerator: Accelerator, 
     accelerator.wait_for_everyone()
 
 
-def snella_config(args: argparse.Namespace, family: ModelFamily, total_steps: int) -> SnellaConfig:
-    """The UNet adapter config from the SNELLA flags (schedule defaults from ``total_steps``)."""
-    targets: Any = args.target_modules or family.denoiser_preset
-    if isinstance(targets, list) and len(targets) == 1:
-        targets = targets[0]
+def snella_config(args: argparse.Namespace, family: Optional[ModelFamily], total_steps: int) -> SnellaConfig:
+    """The denoiser adapter config from the SNELLA flags (schedule defaults from
+    ``total_steps``). ``--target_modules`` stays a list, so one name or regex works like
+    several; without it, the family's preset (``unet`` when no family is known yet)."""
+    targets: Any = list(args.target_modules) if args.target_modules else (
+        family.denoiser_preset if family is not None else "unet")
     warmup = args.allocator_warmup_steps if args.allocator_warmup_steps is not None else total_steps // 10
     final = args.allocator_final_steps if args.allocator_final_steps is not None else total_steps // 5
     return SnellaConfig(
@@ -348,7 +417,9 @@ def run_validation(
     images = []
     for index in range(args.num_validation_images):
         generator = torch.Generator().manual_seed(args.seed + index)
-        with accelerator.autocast():
+        # No ΔW cache: each adapted layer builds its ΔW, uses it and drops it, so validation
+        # needs one layer's ΔW on top of the model, not a second copy of every adapted weight.
+        with accelerator.autocast(), without_delta_cache(*trained.values()), decode_in_vae_dtype(components.vae):
             result = pipeline(
                 **family.validation_inputs(components, args.validation_prompt),
                 num_inference_steps=args.validation_inference_steps,
@@ -436,10 +507,11 @@ def build_dataset(
         if accelerator.is_main_process:
             base_pipeline = family.pipeline(components, {"scheduler": fresh_scheduler(components.noise_scheduler)})
             base_pipeline.set_progress_bar_config(disable=True)
-            generate_class_images(
-                base_pipeline, args.class_prompt, class_folder, args.num_class_images, args.sample_batch_size,
-                seed=args.seed, progress=True, pipeline_kwargs={"height": resolution, "width": resolution},
-            )
+            with decode_in_vae_dtype(components.vae):
+                generate_class_images(
+                    base_pipeline, args.class_prompt, class_folder, args.num_class_images, args.sample_batch_size,
+                    seed=args.seed, progress=True, pipeline_kwargs={"height": resolution, "width": resolution},
+                )
             del base_pipeline
         accelerator.wait_for_everyone()
         class_named = load_image_folder(class_folder, "--class_data_dir")
@@ -475,7 +547,7 @@ def main(args: argparse.Namespace) -> Path:
         mixed_precision=args.mixed_precision,
         log_with=report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
-        cpu=not torch.cuda.is_available(),
+        cpu=use_cpu(args),
         # SDXL's first text encoder contributes its penultimate layer only: the adapters of its
         # last layer get no gradient, which DDP must be told about.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.train_text_encoder)],
@@ -491,14 +563,15 @@ def main(args: argparse.Namespace) -> Path:
     instance_images = load_image_folder(args.instance_data_dir, "--instance_data_dir")
     family, model_index = detect_family(args.pretrained_model_name_or_path, args.revision)
     logger.info("model family: %s (%s)", family.name, model_index.get("_class_name"))
-    components = family.load(args.pretrained_model_name_or_path, model_index, args.revision, args.variant)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    # Loaded directly in the training dtype (the VAE in float32), as diffusers' scripts do.
+    components = family.load(args.pretrained_model_name_or_path, model_index, args.revision, args.variant,
+                             dtype=weight_dtype)
     family.configure(components, args)
     resolution = args.resolution or family.native_resolution(components)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    for name, module in components.modules.items():
+    for module in components.modules.values():
         if isinstance(module, torch.nn.Module):
-            # The VAE stays in float32: SD/SDXL VAEs overflow in fp16 (NaN latents).
-            module.to(accelerator.device, dtype=torch.float32 if name == "vae" else weight_dtype)
+            module.to(accelerator.device)
 
     warn_small_images(instance_images, resolution, f"--instance_data_dir={args.instance_data_dir}")
     encode_generator = CheckpointableGenerator(args.seed + 7919 * accelerator.process_index)
@@ -730,11 +803,16 @@ def write_outputs(
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> None:
-    """Console entry point: errors raised on purpose print one line, not a traceback."""
+    """Console entry point: errors raised on purpose print one line, not a traceback (after
+    the traceback of the library error that caused them, if any)."""
     args = parse_args(argv)
     try:
         main(args)
     except SnellaError as error:
+        cause = error.__cause__
+        if cause is not None and not isinstance(cause, SnellaError):
+            # e.g. a failed from_pretrained: its own traceback says what was wrong in the files.
+            traceback.print_exception(type(cause), cause, cause.__traceback__, file=sys.stderr)
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
 

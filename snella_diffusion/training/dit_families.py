@@ -94,11 +94,15 @@ def block_filter_patterns(item: str) -> list[str]:
 
 
 def expand_block_filters(targets: list[str]) -> list[str]:
-    """``--target_modules`` items with block filters (``preset@blocks``) expanded to regexes;
-    other items unchanged."""
+    """``--target_modules`` items with block filters (``preset@blocks``) expanded, each to one
+    regex (the alternation of its preset's patterns, so that it counts as one entry when
+    ``apply_snella`` checks that every entry matches a layer); other items unchanged."""
     expanded: list[str] = []
     for item in targets:
-        expanded.extend(block_filter_patterns(item) if "@" in item else [item])
+        if "@" in item:
+            expanded.append("|".join(f"(?:{pattern})" for pattern in block_filter_patterns(item)))
+        else:
+            expanded.append(item)
     return expanded
 
 

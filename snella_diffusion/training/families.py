@@ -74,6 +74,22 @@ FAMILY_PLUGINS: tuple[str, ...] = ("snella_diffusion.training.dit_families",)
 SKIPPED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
 
 
+# Loaded in float32 whatever the training dtype: SD/SDXL VAEs overflow in fp16 (NaN latents).
+FLOAT32_COMPONENTS = ("vae",)
+
+
+def dtype_keyword(library: str) -> str:
+    """The ``from_pretrained`` keyword that sets the load dtype: ``dtype`` for transformers 4.56
+    and later (``torch_dtype`` is deprecated there), ``torch_dtype`` otherwise (diffusers)."""
+    if library == "transformers":
+        import transformers
+
+        major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+        if (major, minor) >= (4, 56):
+            return "dtype"
+    return "torch_dtype"
+
+
 class UnknownModelFamilyError(SnellaError):
     """The pipeline's ``model_index.json`` names a class no registered family handles."""
 
@@ -179,7 +195,9 @@ class ModelFamily:
     ) -> TrainingComponents:
         """Load every component named in ``model_index`` from ``source`` (folder or hub id).
 
-        ``dtype`` applies to the neural modules (not tokenizers and schedulers).
+        ``dtype`` is the dtype the neural modules are loaded in (``torch_dtype=``, as diffusers'
+        scripts do, so no float32 copy of a large model is built first); the components of
+        ``FLOAT32_COMPONENTS`` (the VAE) load in float32 whatever ``dtype`` is.
         """
         modules: dict[str, Any] = {}
         for component, spec in model_index.items():
@@ -195,6 +213,8 @@ class ModelFamily:
             is_module = isinstance(cls, type) and issubclass(cls, nn.Module)
             if is_module and variant is not None:
                 kwargs["variant"] = variant
+            if is_module and dtype is not None:
+                kwargs[dtype_keyword(library)] = torch.float32 if component in FLOAT32_COMPONENTS else dtype
             try:
                 loaded = cls.from_pretrained(source, **kwargs)
             except Exception as error:
@@ -204,8 +224,6 @@ class ModelFamily:
                 ) from error
             if is_module:
                 loaded.requires_grad_(False)
-                if dtype is not None:
-                    loaded.to(dtype=dtype)
             modules[component] = loaded
         for required in (self.denoiser_component, "vae", "scheduler", *self.text_encoder_components):
             if required not in modules:
