@@ -167,10 +167,14 @@ VALIDATION = ("--validation_prompt", PROMPT, "--num_validation_images", "1", "--
 
 
 def _run_script(folder, output_dir, *flags: str):
+    from snella_diffusion.training.data import synthetic_instance_images, write_images
     from train_scripts.train_dreambooth_snella import main, parse_args
 
+    instance_dir = output_dir / "instance-images"
+    write_images(synthetic_instance_images(count=4, size=64, seed=0), instance_dir, "instance")
     return main(parse_args([
         "--pretrained_model_name_or_path", str(folder), "--output_dir", str(output_dir),
+        "--instance_data_dir", str(instance_dir),
         "--instance_prompt", PROMPT, "--resolution", "32", "--max_train_steps", "2",
         "--train_batch_size", "1", "--rank", "4", "--learning_rate", "1e-2", "--checkpointing_steps", "100",
         "--max_sequence_length", "16", "--report_to", "none", "--seed", "1", *flags,
