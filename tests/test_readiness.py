@@ -207,8 +207,7 @@ def test_accelerator_chooses_mps_or_xpu_and_cpu_flag_forces_cpu(monkeypatch, tmp
 @pytest.mark.parametrize("flags, message", [
     (["--target_sparsity", "1.5"], r"SNELLA flags: target_sparsity=1.5: must lie in \[0, 1\)"),
     (["--rank", "3"], "SNELLA flags: rank=3"),
-    (["--resolution", "500"], "--resolution=500: must be a positive multiple of 8"),
-    (["--resolution", "0"], "--resolution=0"),
+    (["--resolution", "0"], "--resolution=0: must be a positive number of pixels"),
     (["--class_prompt", "a photo of a toy"], "--class_prompt given without --with_prior_preservation"),
     (["--class_data_dir", "x", "--class_prompt", "y"],
      "--class_data_dir and --class_prompt given without --with_prior_preservation"),
@@ -216,6 +215,14 @@ def test_accelerator_chooses_mps_or_xpu_and_cpu_flag_forces_cpu(monkeypatch, tmp
 def test_bad_flags_fail_before_loading(tmp_path, flags, message):
     with pytest.raises(SnellaError, match=message):
         script.main(real_base_flags(tmp_path, *flags))
+
+
+def test_resolution_off_the_vae_grid_is_named(tmp_path, sd_folder, instance_dir):
+    args = script.parse_args(["--pretrained_model_name_or_path", str(sd_folder), "--instance_data_dir",
+                              str(instance_dir), "--instance_prompt", "a toy", "--output_dir", str(tmp_path),
+                              "--resolution", "31", "--report_to", "none"])
+    with pytest.raises(SnellaError, match=f"--resolution=31: must be a multiple of 2 .*{sd_folder}"):
+        script.main(args)
 
 
 def test_real_base_without_instance_images_is_refused(tmp_path):

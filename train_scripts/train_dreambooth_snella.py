@@ -78,9 +78,6 @@ DEFAULT_VALIDATION_STEPS = 100
 DEFAULT_CHECKPOINTING_STEPS = 500
 LR_SCHEDULERS = tuple(kind.value for kind in SchedulerType)
 REPORT_TO_CHOICES = ("tensorboard", "wandb", "comet_ml", "mlflow", "all", "none")
-# --resolution must be a multiple of this (the VAE's ×8 downsampling of SD, SDXL, SD3, Flux,
-# PixArt; the embedded tiny model needs ×2).
-RESOLUTION_MULTIPLE = 8
 
 
 class TrainingSetupError(SnellaError):
@@ -250,10 +247,8 @@ def check_args(args: argparse.Namespace) -> None:
             f"--pretrained_model_name_or_path={args.pretrained_model_name_or_path} needs "
             "--instance_data_dir (the generated 4-image set is for the embedded tiny model only)"
         )
-    if args.resolution is not None and (args.resolution < RESOLUTION_MULTIPLE or args.resolution % RESOLUTION_MULTIPLE):
-        raise TrainingSetupError(
-            f"--resolution={args.resolution}: must be a positive multiple of {RESOLUTION_MULTIPLE} pixels"
-        )
+    if args.resolution is not None and args.resolution < 1:
+        raise TrainingSetupError(f"--resolution={args.resolution}: must be a positive number of pixels")
     if args.report_to in ("wandb", "comet_ml", "mlflow") and importlib.util.find_spec(args.report_to) is None:
         raise TrainingSetupError(
             f"--report_to={args.report_to}: {args.report_to} is not installed (pip install {args.report_to}), "
@@ -569,6 +564,12 @@ def main(args: argparse.Namespace) -> Path:
                              dtype=weight_dtype)
     family.configure(components, args)
     resolution = args.resolution or family.native_resolution(components)
+    vae_factor = family.vae_scale_factor(components)
+    if resolution % vae_factor:
+        raise TrainingSetupError(
+            f"--resolution={resolution}: must be a multiple of {vae_factor} (the VAE's downsampling of "
+            f"{args.pretrained_model_name_or_path})"
+        )
     for module in components.modules.values():
         if isinstance(module, torch.nn.Module):
             module.to(accelerator.device)
