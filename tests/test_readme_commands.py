@@ -189,3 +189,40 @@ def test_classification_embedded_command_runs_with_tiny_sizes(tmp_path):
         [*arguments, "--seeds", "0", "--pretrain_epochs", "1", "--epochs", "1", "--method", "snella"]))
     assert [row["method"] for row in payload["rows"]] == ["snella"]
     assert (tmp_path / "out" / "results.md").is_file()
+
+
+def write_fgvc_dataset(folder: Path) -> None:
+    """Three colour classes in the FGVC layout (``train.json``/``val.json``/``test.json``)."""
+    import json
+
+    from PIL import Image
+
+    entries = {"train": {}, "test": {}}
+    for cls, colour in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
+        for index in range(6):
+            split = "train" if index < 4 else "test"
+            relative = f"images/class{cls}/img{index}.png"
+            (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (20, 24), tuple(c + 5 * index for c in colour)).save(folder / relative)
+            entries[split][relative] = cls + 1
+    for name, split in (("train", "train"), ("val", "test"), ("test", "test")):
+        (folder / f"{name}.json").write_text(json.dumps(entries[split]))
+
+
+@pytest.mark.slow
+def test_classification_paper_command_runs_on_a_tiny_vit(tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    paper = [a for a in CLASSIFICATION if flag_value(a, "--pretrained_model_name_or_path") is not None]
+    assert len(paper) == 1
+    torch.manual_seed(0)
+    ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2,
+                                        num_attention_heads=4, intermediate_size=48)).save_pretrained(tmp_path / "vit")
+    write_fgvc_dataset(tmp_path / "cub")
+    arguments = tiny_arguments(paper[0], {
+        "--pretrained_model_name_or_path": str(tmp_path / "vit"), "--dataset_dir": str(tmp_path / "cub"),
+        "--output_dir": str(tmp_path / "out"), "--train_batch_size": "4",
+    })
+    payload = classification_script.main(classification_script.parse_args([*arguments, "--epochs", "1", "--seeds", "0"]))
+    assert [row["method"] for row in payload["rows"]] == ["snella", "snell", "lora", "full"]
+    assert (tmp_path / "out" / "results.md").is_file()
