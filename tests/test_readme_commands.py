@@ -105,14 +105,24 @@ def tiny_world(tmp_path_factory):
     return root
 
 
-def run_dreambooth(arguments: list[str]):
+def in_fresh_accelerate_state(run, *args):
+    """``run(*args)`` with accelerate's process-wide state reset before and after (each README
+    command sets its own --mixed_precision)."""
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(True)
     try:
-        return dreambooth_script.main(dreambooth_script.parse_args(arguments))
+        return run(*args)
     finally:
         AcceleratorState._reset_state(True)
+
+
+def run_dreambooth(arguments: list[str]):
+    return in_fresh_accelerate_state(dreambooth_script.main, dreambooth_script.parse_args(arguments))
+
+
+def run_classification(arguments: list[str]):
+    return in_fresh_accelerate_state(classification_script.main, classification_script.parse_args(arguments))
 
 
 def test_readme_names_every_recipe_base():
@@ -185,8 +195,8 @@ def test_classification_embedded_command_runs_with_tiny_sizes(tmp_path):
     embedded = [a for a in CLASSIFICATION if flag_value(a, "--pretrained_model_name_or_path") is None]
     assert len(embedded) == 1
     arguments = tiny_arguments(embedded[0], {"--output_dir": str(tmp_path / "out")})
-    payload = classification_script.main(classification_script.parse_args(
-        [*arguments, "--seeds", "0", "--pretrain_epochs", "1", "--epochs", "1", "--method", "snella"]))
+    payload = run_classification([*arguments, "--seeds", "0", "--pretrain_epochs", "1", "--epochs", "1",
+                                  "--method", "snella"])
     assert [row["method"] for row in payload["rows"]] == ["snella"]
     assert (tmp_path / "out" / "results.md").is_file()
 
@@ -223,6 +233,6 @@ def test_classification_paper_command_runs_on_a_tiny_vit(tmp_path):
         "--pretrained_model_name_or_path": str(tmp_path / "vit"), "--dataset_dir": str(tmp_path / "cub"),
         "--output_dir": str(tmp_path / "out"), "--train_batch_size": "4",
     })
-    payload = classification_script.main(classification_script.parse_args([*arguments, "--epochs", "1", "--seeds", "0"]))
+    payload = run_classification([*arguments, "--epochs", "1", "--seeds", "0"])
     assert [row["method"] for row in payload["rows"]] == ["snella", "snell", "lora", "full"]
     assert (tmp_path / "out" / "results.md").is_file()
