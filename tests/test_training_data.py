@@ -537,3 +537,39 @@ def test_bad_data_files_are_named_before_any_model_is_loaded(monkeypatch, tmp_pa
     (images / "a.png").unlink()
     with pytest.raises(SnellaError, match=r"the mask of .*b.png is zero everywhere"):
         script.main(script.parse_args([*base, "--instance_prompt", "p", "--masked_loss"]))
+
+
+def test_every_new_flag_is_in_help_readme_and_model_card(capsys):
+    import argparse
+    from pathlib import Path
+
+    from snella_diffusion.training.data_arguments import add_data_arguments, data_settings
+
+    parser = argparse.ArgumentParser()
+    add_data_arguments(parser)
+    flags = [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
+    flags.remove("--help")
+    assert len(flags) == 29
+    with pytest.raises(SystemExit):
+        script.parse_args(["--help"])
+    help_text = capsys.readouterr().out
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Training data: captions, datasets, buckets", 1)[1].split("\n## ", 1)[0]
+    for flag in flags:
+        assert f"  {flag} " in help_text or f"  {flag}\n" in help_text, flag
+        assert flag in section, flag
+    args = script.parse_args([])
+    for key in vars(parser.parse_args([])):
+        setattr(args, key, "changed")
+    assert set(data_settings(args)) == set(vars(parser.parse_args([]))) - {"config"}
+
+
+def test_bucket_batches_are_full_and_cover_every_item():
+    """A bucket of 5 items with batch size 2 gives 3 full batches (the last one refilled from
+    the same bucket), so accelerate can shard batches over processes."""
+    buckets_of_items = [0] * 5 + [1] * 2 + [2]
+    sampler = BucketBatchSampler(buckets_of_items, batch_size=2, seed=0)
+    batches = sampler.batches()
+    assert len(batches) == len(sampler) == 3 + 1 + 1
+    assert all(len(batch) == 2 and len({buckets_of_items[i] for i in batch}) == 1 for batch in batches)
+    assert {i for batch in batches for i in batch} == set(range(8))

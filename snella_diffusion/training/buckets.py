@@ -142,8 +142,9 @@ class BucketBatchSampler(Sampler[list[int]]):
     """Batches of dataset indices, each from one bucket.
 
     Per epoch (a function of (seed, epoch) only, so a resumed run sees the same batches): the
-    indices of each bucket are shuffled and cut into batches of ``batch_size`` (the last one
-    of a bucket may be smaller), and the order of all batches is shuffled.
+    indices of each bucket are shuffled and cut into batches of ``batch_size``, the last one
+    of a bucket filled up with the bucket's first indices of the epoch (so every batch is full,
+    which accelerate's process sharding needs), and the order of all batches is shuffled.
 
     ``sampler`` holds the epoch; accelerate's ``set_epoch`` reaches it through a process shard.
     """
@@ -167,7 +168,9 @@ class BucketBatchSampler(Sampler[list[int]]):
         batches: list[list[int]] = []
         for bucket in sorted(groups):
             members = [groups[bucket][i] for i in rng.permutation(len(groups[bucket]))]
-            batches += [members[i:i + self.batch_size] for i in range(0, len(members), self.batch_size)]
+            count = math.ceil(len(members) / self.batch_size) * self.batch_size
+            filled = [members[i % len(members)] for i in range(count)]
+            batches += [filled[i:i + self.batch_size] for i in range(0, count, self.batch_size)]
         return [batches[i] for i in rng.permutation(len(batches))]
 
     def __len__(self) -> int:
