@@ -7,12 +7,16 @@ each bad-input message (raised before any model is loaded)."""
 import json
 import math
 import sys
-import tomllib
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
 
 from snella_diffusion.errors import SnellaError
 from snella_diffusion.tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline

@@ -6,13 +6,17 @@ job config file applies, loses to flags and reloads to the same run."""
 
 import json
 import shutil
-import tomllib
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
 
 from snella_diffusion.tiny_dit_models import tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sd3_pipeline
 from snella_diffusion.tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline

@@ -121,7 +121,6 @@ def check_data_args(args: argparse.Namespace) -> None:
     else:
         for flag, value, default in (("caption_column", args.caption_column, None),
                                      ("dataset_config_name", args.dataset_config_name, None),
-                                     ("cache_dir", args.cache_dir, None),
                                      ("image_column", args.image_column, DEFAULT_IMAGE_COLUMN)):
             if value != default:
                 fail(f"--{flag} applies to --dataset_name, which is not given")
