@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -50,6 +52,61 @@ def _viridis_like(values: np.ndarray) -> np.ndarray:
     return (stops[low] * (1 - frac) + stops[low + 1] * frac).astype(np.uint8)
 
 
+@dataclass(frozen=True)
+class RowGroup:
+    """Consecutive heatmap rows ``[start, stop)`` of one block (``block``, e.g.
+    "down_blocks.1", "single_transformer_blocks.3") inside one section ("down", "mid", "up",
+    "double", "single", "blocks", or a text encoder's name)."""
+
+    section: str
+    block: str
+    start: int
+    stop: int
+
+
+_BLOCK_PATTERNS = (
+    (re.compile(r"(?:^|\.)(down_blocks\.\d+)\."), "down"),
+    (re.compile(r"(?:^|\.)(mid_block)\."), "mid"),
+    (re.compile(r"(?:^|\.)(up_blocks\.\d+)\."), "up"),
+    (re.compile(r"(?:^|\.)(single_transformer_blocks\.\d+)\."), "single"),
+    (re.compile(r"(?:^|\.)(transformer_blocks\.\d+)\."), "double"),
+    (re.compile(r"(?:^|\.)(layers\.\d+)\."), "layers"),
+)
+
+
+def _section_and_block(name: str, has_single: bool) -> tuple[str, str]:
+    component, _, path = name.partition(".")
+    if component.startswith("text_encoder"):
+        match = _BLOCK_PATTERNS[-1][0].search(name)
+        return component, f"{component} {match.group(1)}" if match else component
+    for pattern, section in _BLOCK_PATTERNS[:-1]:
+        match = pattern.search(path or name)
+        if match:
+            if section == "double" and not has_single:
+                section = "blocks"
+            return section, match.group(1)
+    parts = (path or name).split(".")
+    return parts[0], ".".join(parts[:2])
+
+
+def allocation_row_groups(layer_names: Sequence[str]) -> list[RowGroup]:
+    """Runs of consecutive layers in the same block, in row order: UNet layers group into
+    down/mid/up blocks, DiT layers into (Flux: double/single) transformer blocks, text
+    encoder layers into encoder layers. Names are ``<component>.<module path>``."""
+    has_single = any("single_transformer_blocks." in name for name in layer_names)
+    groups: list[RowGroup] = []
+    for row, name in enumerate(layer_names):
+        section, block = _section_and_block(name, has_single)
+        if groups and groups[-1].section == section and groups[-1].block == block:
+            groups[-1] = RowGroup(section, block, groups[-1].start, row + 1)
+        else:
+            groups.append(RowGroup(section, block, row, row + 1))
+    return groups
+
+
+SEPARATOR = (255, 255, 255)
+
+
 def save_allocation_heatmap(
     steps: Sequence[int],
     kept_fractions: Sequence[Sequence[float]],
@@ -58,6 +115,10 @@ def save_allocation_heatmap(
     title: str = "kept fraction per layer (rows) over optimizer steps (columns)",
 ) -> Path:
     """Heatmap of layers × reallocation steps; colour = kept fraction of ΔW entries.
+
+    Rows are labelled on the left: a coloured band per section (down / mid / up, double /
+    single, text encoder) and the block name of each run of rows where it fits; white
+    lines across the heatmap separate the sections.
 
     Args:
         steps: optimizer step of each column (allocator.history_steps).
@@ -70,7 +131,8 @@ def save_allocation_heatmap(
     layers, columns = data.shape
     heat_w = max(420, min(900, columns * 24))
     heat_h = max(200, min(1200, layers * 12))
-    left, top, bottom, legend = 8, 28, 40, 60
+    gutter, band = 190, 8
+    left, top, bottom, legend = 8 + gutter, 28, 40, 60
     width = left + heat_w + legend
     height = top + heat_h + bottom
     canvas = Image.new("RGB", (width, height), "white")
@@ -79,7 +141,29 @@ def save_allocation_heatmap(
     canvas.paste(heat, (left, top))
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
-    draw.text((left, 6), title, fill="black", font=font)
+
+    def row_y(row: int) -> int:
+        return top + round(row * heat_h / layers)
+
+    groups = allocation_row_groups(layer_names)
+    sections: list[RowGroup] = []
+    for group in groups:
+        if sections and sections[-1].section == group.section:
+            sections[-1] = RowGroup(group.section, group.section, sections[-1].start, group.stop)
+        else:
+            sections.append(RowGroup(group.section, group.section, group.start, group.stop))
+    for index, section in enumerate(sections):
+        y0, y1 = row_y(section.start), row_y(section.stop)
+        draw.rectangle([8, y0, 8 + band - 1, y1 - 1], fill=PALETTE[index % len(PALETTE)])
+        draw.text((8 + band + 3, (y0 + y1) // 2 - 5), section.section[:8], fill=PALETTE[index % len(PALETTE)], font=font)
+        if section.start > 0:
+            draw.line([(8, y0), (left + heat_w - 1, y0)], fill=SEPARATOR, width=2)
+    for group in groups:
+        y0, y1 = row_y(group.start), row_y(group.stop)
+        if y1 - y0 >= 11:
+            draw.text((8 + band + 60, (y0 + y1) // 2 - 5), group.block[-21:], fill="black", font=font)
+        draw.line([(8 + band + 58, y0), (left - 4, y0)], fill=(200, 200, 200))
+    draw.text((8, 6), title, fill="black", font=font)
     draw.text((left, top + heat_h + 6), f"steps {steps[0]} … {steps[-1]}", fill="black", font=font)
     draw.text(
         (left, top + heat_h + 20),

@@ -44,17 +44,24 @@ from snella_diffusion.training.checkpointing import (
     resolve_resume_path,
     save_checkpoint,
 )
+from snella_diffusion.training.captions import PromptEmbeddingCache
 from snella_diffusion.training.data import (
     CachedLatentsDataset,
-    DreamBoothDataset,
-    EpochShuffleSampler,
-    collate_dreambooth,
     generate_class_images,
     load_image_folder,
     synthetic_instance_images,
     warn_small_images,
     write_images,
 )
+from snella_diffusion.training.data_arguments import (
+    add_data_arguments,
+    bucket_sizes,
+    check_data_args,
+    data_settings,
+    make_training_dataset,
+    make_training_loader,
+)
+from snella_diffusion.training.ema import AdapterEMA
 from snella_diffusion.training.families import (
     ModelFamily,
     TrainingComponents,
@@ -62,8 +69,12 @@ from snella_diffusion.training.families import (
     detect_family,
 )
 from snella_diffusion.training.dit_families import expand_block_filters
+from snella_diffusion.training.job_config import RESOLVED_CONFIG_FILE, parse_args_with_config, write_resolved_config
+from snella_diffusion.training.loss_options import latent_loss_mask, perturb_noise
 from snella_diffusion.training.model_card import render_model_card, write_model_card
 from snella_diffusion.training.objectives import dreambooth_loss
+from snella_diffusion.training.optimizers import make_optimizer
+from snella_diffusion.training.training_images import load_training_images
 from snella_diffusion.training.vae_inputs import decode_in_vae_dtype
 from snella_diffusion.viz import save_allocation_heatmap, save_image_grid, save_line_plot
 
@@ -74,6 +85,7 @@ EMBEDDED_INSTANCE_FOLDER = "instance-images"
 EMBEDDED_PROMPT = "a photo of sks toy"
 EMBEDDED_MAX_STEPS = 50
 OUTPUT_FILE = "snella_weights.safetensors"
+RAW_OUTPUT_FILE = "snella_weights_raw.safetensors"
 DEFAULT_VALIDATION_STEPS = 100
 DEFAULT_CHECKPOINTING_STEPS = 500
 LR_SCHEDULERS = tuple(kind.value for kind in SchedulerType)
@@ -223,7 +235,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "MiB over all layers: with --gradient_checkpointing the recompute skips its "
                              "build (memory traded for time; 0: off).")
     add_family_arguments(parser)
-    return parser.parse_args(argv)
+    add_data_arguments(parser)
+    return parse_args_with_config(parser, argv)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -240,12 +253,12 @@ def check_args(args: argparse.Namespace) -> None:
                 f"{' and '.join(given)} given without --with_prior_preservation: add the flag to train "
                 "with the prior-preservation loss, or drop them"
             )
-    if args.instance_data_dir is not None and args.instance_prompt is None:
+    if args.instance_data_dir is not None and args.instance_prompt is None and not args.caption_extension:
         raise TrainingSetupError("--instance_prompt is required with --instance_data_dir")
-    if args.pretrained_model_name_or_path is not None and args.instance_data_dir is None:
+    if args.pretrained_model_name_or_path is not None and args.instance_data_dir is None and not args.dataset_name:
         raise TrainingSetupError(
             f"--pretrained_model_name_or_path={args.pretrained_model_name_or_path} needs "
-            "--instance_data_dir (the generated 4-image set is for the embedded tiny model only)"
+            "--instance_data_dir or --dataset_name (the generated 4-image set is for the embedded tiny model only)"
         )
     if args.resolution is not None and args.resolution < 1:
         raise TrainingSetupError(f"--resolution={args.resolution}: must be a positive number of pixels")
@@ -336,7 +349,7 @@ def prepare_embedded_inputs(args: argparse.Namespace, accelerator: Accelerator, 
         args.pretrained_model_name_or_path = str(folder)
         if args.max_train_steps is None:
             args.max_train_steps = EMBEDDED_MAX_STEPS
-    if args.instance_data_dir is None:
+    if args.instance_data_dir is None and args.dataset_name is None:
         folder = output_dir / EMBEDDED_INSTANCE_FOLDER
         if accelerator.is_main_process:
             logger.info("no --instance_data_dir: writing 4 generated instance images to %s", folder)
@@ -371,19 +384,6 @@ def snella_config(args: argparse.Namespace, family: Optional[ModelFamily], total
         importance_beta1=args.importance_beta1, importance_beta2=args.importance_beta2,
         allocator_warmup_steps=warmup, allocator_final_steps=final,
         allocator_interval=args.allocator_interval,
-    )
-
-
-def make_optimizer(args: argparse.Namespace, params: list[torch.nn.Parameter], learning_rate: float):
-    if args.use_8bit_adam:
-        import bitsandbytes
-
-        optimizer_class = bitsandbytes.optim.AdamW8bit
-    else:
-        optimizer_class = torch.optim.AdamW
-    return optimizer_class(
-        params, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
     )
 
 
@@ -441,13 +441,21 @@ def training_loss(
     denoiser: torch.nn.Module,
     generator: torch.Generator,
     prior_loss_weight: float,
+    noise_offset: float = 0.0,
+    input_perturbation: float = 0.0,
 ) -> torch.Tensor:
-    """The DreamBooth loss of one batch: draw noise and timesteps from ``generator``, predict,
-    and add the prior-preservation term on the class samples (after ``batch["num_instance"]``)."""
+    """The DreamBooth loss of one batch: draw noise (``--noise_offset``,
+    ``--input_perturbation``) and timesteps from ``generator``, predict, weight by the
+    batch's ``loss_masks`` in latent space if any, and add the prior-preservation term on the
+    class samples (after ``batch["num_instance"]``)."""
     noise = torch.randn(latents.shape, generator=generator).to(latents)
-    sample = objective.prepare(latents, noise, generator)
+    noise, input_noise = perturb_noise(noise, generator, noise_offset, input_perturbation)
+    sample = objective.prepare(latents, noise, generator, input_noise=input_noise)
     prediction = family.predict(components, sample.noisy_latents, sample.timesteps, conditioning, batch, denoiser=denoiser)
-    return dreambooth_loss(prediction, sample.target, sample.weights, batch["num_instance"], prior_loss_weight)
+    mask = batch.get("loss_masks")
+    if mask is not None:
+        mask = latent_loss_mask(mask, tuple(latents.shape[-2:])).to(latents.device)
+    return dreambooth_loss(prediction, sample.target, sample.weights, batch["num_instance"], prior_loss_weight, mask)
 
 
 def check_ranks_agree(accelerator: Accelerator, allocator: BiLevelAllocator) -> list[list[int]]:
@@ -490,12 +498,13 @@ def build_dataset(
     accelerator: Accelerator,
     family: ModelFamily,
     components: TrainingComponents,
-    instance_images: dict[str, Any],
+    instance_images: list[Any],
     resolution: int,
     encode_generator: CheckpointableGenerator,
-) -> torch.utils.data.Dataset:
-    """The DreamBooth dataset: instance images, class images with prior preservation (missing
-    ones generated by the base model on the main process), latents cached on request."""
+) -> tuple[torch.utils.data.Dataset, torch.utils.data.DataLoader]:
+    """The DreamBooth dataset and its loader: instance images (``TrainingImage`` records with
+    captions and masks), class images with prior preservation (missing ones generated by the
+    base model on the main process), aspect-ratio buckets, latents cached on request."""
     class_images = None
     if args.with_prior_preservation:
         class_folder = Path(args.class_data_dir)
@@ -513,15 +522,16 @@ def build_dataset(
         warn_small_images(class_named, resolution, f"--class_data_dir={class_folder}")
         class_images = list(class_named.values())[: args.num_class_images]
 
-    dataset = DreamBoothDataset(
-        list(instance_images.values()), args.instance_prompt, resolution, args.center_crop, args.random_flip,
-        class_images=class_images, class_prompt=args.class_prompt, seed=args.seed,
-    )
+    buckets = bucket_sizes(args, family, components, resolution)
+    if buckets:
+        logger.info("aspect-ratio buckets (h, w): %s", buckets)
+    images = make_training_dataset(args, instance_images, resolution, buckets, class_images)
+    dataset: torch.utils.data.Dataset = images
     if args.cache_latents:
         dataset = CachedLatentsDataset(
-            dataset, lambda pixels: family.encode_latents(components, pixels.to(accelerator.device), encode_generator.generator)
+            images, lambda pixels: family.encode_latents(components, pixels.to(accelerator.device), encode_generator.generator)
         )
-    return dataset
+    return dataset, make_training_loader(args, dataset, images)
 
 
 def main(args: argparse.Namespace) -> Path:
@@ -533,6 +543,7 @@ def main(args: argparse.Namespace) -> Path:
     """
     started = time.monotonic()
     check_args(args)
+    check_data_args(args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)
     output_dir = Path(args.output_dir)
@@ -555,7 +566,7 @@ def main(args: argparse.Namespace) -> Path:
         torch.backends.cuda.matmul.allow_tf32 = True
     prepare_embedded_inputs(args, accelerator, output_dir)
 
-    instance_images = load_image_folder(args.instance_data_dir, "--instance_data_dir")
+    instance_images = load_training_images(args)
     family, model_index = detect_family(args.pretrained_model_name_or_path, args.revision)
     logger.info("model family: %s (%s)", family.name, model_index.get("_class_name"))
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -574,19 +585,19 @@ def main(args: argparse.Namespace) -> Path:
         if isinstance(module, torch.nn.Module):
             module.to(accelerator.device)
 
-    warn_small_images(instance_images, resolution, f"--instance_data_dir={args.instance_data_dir}")
+    warn_small_images({image.name: image.image for image in instance_images}, resolution,
+                      f"--{'dataset_name' if args.dataset_name else 'instance_data_dir'}="
+                      f"{args.dataset_name or args.instance_data_dir}")
     encode_generator = CheckpointableGenerator(args.seed + 7919 * accelerator.process_index)
-    dataset = build_dataset(args, accelerator, family, components, instance_images, resolution, encode_generator)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=args.train_batch_size, sampler=EpochShuffleSampler(len(dataset), args.seed),
-        collate_fn=collate_dreambooth, num_workers=args.dataloader_num_workers,
-    )
+    dataset, loader = build_dataset(args, accelerator, family, components, instance_images, resolution, encode_generator)
 
     batches_per_epoch = math.ceil(len(loader) / accelerator.num_processes)
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
     num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    if accelerator.is_main_process:
+        write_resolved_config(args, output_dir / RESOLVED_CONFIG_FILE)
 
     config = snella_config(args, family, args.max_train_steps)
     trained, allocator = attach_adapters(args, family, components, config)
@@ -625,6 +636,9 @@ def main(args: argparse.Namespace) -> Path:
     accelerator.register_for_checkpointing(allocator)
     accelerator.register_for_checkpointing(noise_generator)
     accelerator.register_for_checkpointing(encode_generator)
+    ema = AdapterEMA(trainable, args.ema_decay) if args.use_ema else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
     if accelerator.is_main_process and report_to:
         accelerator.init_trackers("snella-dreambooth", config=tracker_config(args))
 
@@ -641,18 +655,13 @@ def main(args: argparse.Namespace) -> Path:
     skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
 
     objective = family.objective(components, snr_gamma=args.snr_gamma)
-    prompt_cache: dict[str, dict[str, torch.Tensor]] = {}
-    if not args.train_text_encoder:
-        with torch.no_grad():
-            for prompt in {args.instance_prompt, args.class_prompt} - {None}:
-                prompt_cache[prompt] = family.encode_prompt(components, [prompt], accelerator.device)
+    conditioning_for = PromptEmbeddingCache(
+        lambda prompts: family.encode_prompt(components, prompts, accelerator.device), args.train_text_encoder,
+    )
+    known_prompts = getattr(dataset, "dataset", dataset).possible_prompts()
+    if not args.train_text_encoder and known_prompts is not None:
+        conditioning_for.precompute(known_prompts | ({args.class_prompt} - {None}))
         family.release_text_encoders(components, args.validation_prompt, accelerator.device)
-
-    def conditioning_for(prompts: list[str]) -> dict[str, torch.Tensor]:
-        if args.train_text_encoder:
-            return family.encode_prompt(components, prompts, accelerator.device)
-        keys = prompt_cache[prompts[0]].keys()
-        return {key: torch.cat([prompt_cache[p][key] for p in prompts]) for key in keys}
 
     logger.info(
         "training %d steps (%d epochs, %d instance images, batch %d × %d processes × %d accumulation)",
@@ -686,6 +695,7 @@ def main(args: argparse.Namespace) -> Path:
                     loss = training_loss(
                         family, components, objective, batch, latents, conditioning_for(batch["prompts"]),
                         denoiser, noise_generator.generator, args.prior_loss_weight,
+                        args.noise_offset, args.input_perturbation,
                     )
                     mean_loss = accelerator.gather(loss.detach().reshape(1)).mean()
                     if not torch.isfinite(mean_loss):
@@ -700,6 +710,8 @@ def main(args: argparse.Namespace) -> Path:
                     optimizer.step()
                     if accelerator.sync_gradients:
                         allocator.step(skipped=accelerator.optimizer_step_was_skipped)
+                        if ema is not None:
+                            ema.update()
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 if not accelerator.sync_gradients:
@@ -734,6 +746,9 @@ def main(args: argparse.Namespace) -> Path:
     rank_drops = check_ranks_agree(accelerator, allocator)
     adapter_path = output_dir / OUTPUT_FILE
     if accelerator.is_main_process:
+        if ema is not None:
+            save_snella(trained, output_dir / RAW_OUTPUT_FILE, base_model=args.pretrained_model_name_or_path)
+            ema.copy_to_parameters()
         if args.validation_prompt and not any(v.endswith(f"step_{global_step}.png") for v in validations):
             validations.append(run_validation(
                 args, accelerator, family, components, trained, global_step, resolution, output_dir
@@ -794,11 +809,14 @@ def write_outputs(
         "seed": args.seed,
         "objective": objective_name,
         "wall_seconds_this_run": round(seconds, 1),
+        **data_settings(args),
     }
+    config_path = output_dir / RESOLVED_CONFIG_FILE
     card = render_model_card(
         base_model=args.pretrained_model_name_or_path, family=family.name, instance_prompt=args.instance_prompt,
         config=config, budgets=budgets, training=training, validation_prompt=args.validation_prompt,
         validation_images=validations, class_prompt=args.class_prompt if args.with_prior_preservation else None,
+        run_config=config_path.read_text(encoding="utf-8") if config_path.is_file() else None,
     )
     write_model_card(output_dir / "README.md", card)
 

@@ -82,13 +82,14 @@ def warn_small_images(images: dict[str, Image.Image], resolution: int, flag: str
 
 @dataclass
 class TransformedImage:
-    """One training image: ``pixels`` ``(3, R, R)`` float32 in [-1, 1]; ``original_size``
+    """One training image: ``pixels`` ``(3, H, W)`` float32 in [-1, 1]; ``original_size``
     (height, width) before resizing and ``crop_top_left`` (top, left) in resized pixels, the
-    two SDXL micro-conditionings."""
+    two SDXL micro-conditionings; ``mask`` ``(1, H, W)`` loss weights in [0, 1] or None."""
 
     pixels: Tensor
     original_size: tuple[int, int]
     crop_top_left: tuple[int, int]
+    mask: Optional[Tensor] = None
 
 
 def transform_image(
@@ -194,9 +195,10 @@ class EpochShuffleSampler(Sampler[int]):
 def collate_dreambooth(examples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack items into a batch: instance samples first, then (if any) class samples.
 
-    Returns ``pixel_values`` ``(B, 3, R, R)`` (or ``latents`` when the items carry cached
+    Returns ``pixel_values`` ``(B, 3, H, W)`` (or ``latents`` when the items carry cached
     latents), ``prompts`` (B strings), ``original_sizes`` and ``crop_top_lefts`` ``(B, 2)``
-    int64, ``num_instance`` (how many leading samples are instance samples).
+    int64, ``num_instance`` (how many leading samples are instance samples) and, when any
+    sample has a mask, ``loss_masks`` ``(B, 1, H, W)`` (ones for samples without one).
     """
     samples = [(e["instance"], e["instance_prompt"]) for e in examples]
     samples += [(e["class"], e["class_prompt"]) for e in examples if "class" in e]
@@ -210,23 +212,34 @@ def collate_dreambooth(examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch["latents"] = torch.stack([s.latents for s, _ in samples])
     else:
         batch["pixel_values"] = torch.stack([s.pixels for s, _ in samples])
+    masks = [s.mask for s, _ in samples]
+    if any(mask is not None for mask in masks):
+        height, width = next(mask for mask in masks if mask is not None).shape[-2:]
+        batch["loss_masks"] = torch.stack([
+            mask if mask is not None else torch.ones(1, height, width) for mask in masks
+        ])
     return batch
 
 
 @dataclass
 class CachedSample:
-    """A TransformedImage replaced by its VAE latents ``(C, R/f, R/f)``."""
+    """A TransformedImage replaced by its VAE latents ``(C, H/f, W/f)`` (the mask stays in pixels)."""
 
     latents: Tensor
     original_size: tuple[int, int]
     crop_top_left: tuple[int, int]
+    mask: Optional[Tensor] = None
 
 
 class CachedLatentsDataset(Dataset):
-    """A DreamBoothDataset whose images were encoded once (``--cache_latents``): the VAE is
-    not needed during training; augmentation is frozen at its epoch-0 draw."""
+    """A DreamBoothDataset (or any dataset of such items, e.g. ``TrainingImageDataset``) whose
+    images were encoded once (``--cache_latents``), one item at a time, so items of different
+    bucket sizes cache alike: the VAE is not needed during training; augmentation is frozen
+    at its epoch-0 draw. A dataset with ``instance_prompt_of(index)`` (per-epoch caption
+    shuffling and dropout) still draws its prompts every epoch."""
 
-    def __init__(self, dataset: DreamBoothDataset, encode: Callable[[Tensor], Tensor]) -> None:
+    def __init__(self, dataset: Dataset, encode: Callable[[Tensor], Tensor]) -> None:
+        self.dataset = dataset
         self.items = []
         for index in range(len(dataset)):
             item = dict(dataset[index])
@@ -234,17 +247,20 @@ class CachedLatentsDataset(Dataset):
                 if key in item:
                     sample: TransformedImage = item[key]
                     latents = encode(sample.pixels.unsqueeze(0))[0].cpu()
-                    item[key] = CachedSample(latents, sample.original_size, sample.crop_top_left)
+                    item[key] = CachedSample(latents, sample.original_size, sample.crop_top_left, sample.mask)
             self.items.append(item)
 
     def set_epoch(self, epoch: int) -> None:
-        return None
+        if hasattr(self.dataset, "instance_prompt_of"):
+            self.dataset.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.items[index]
+        if not hasattr(self.dataset, "instance_prompt_of"):
+            return self.items[index]
+        return {**self.items[index], "instance_prompt": self.dataset.instance_prompt_of(index)}
 
 
 def synthetic_instance_images(count: int = 4, size: int = 64, seed: int = 0) -> list[Image.Image]:

@@ -340,15 +340,17 @@ class StableDiffusionXLFamily(ModelFamily):
 
     def predict(self, components, noisy_latents, timesteps, conditioning, batch, denoiser=None):
         unet = denoiser or components.denoiser
-        size = noisy_latents.shape[-1] * self.vae_scale_factor(components)
+        factor = self.vae_scale_factor(components)
+        # target_size is the (height, width) trained at: the bucket's size with aspect-ratio buckets
+        size = torch.tensor([noisy_latents.shape[-2] * factor, noisy_latents.shape[-1] * factor])
         count = noisy_latents.shape[0]
         original = batch.get("original_sizes")
         crops = batch.get("crop_top_lefts")
         if original is None:
-            original = torch.full((count, 2), size)
+            original = size.repeat(count, 1)
         if crops is None:
             crops = torch.zeros((count, 2))
-        target = torch.full((count, 2), size)
+        target = size.repeat(count, 1)
         time_ids = torch.cat([original, crops, target], dim=1).to(noisy_latents.device, noisy_latents.dtype)
         added = {"text_embeds": conditioning["pooled_prompt_embeds"], "time_ids": time_ids}
         return unet(

@@ -181,13 +181,15 @@ class FlowMatchingObjective:
         """σ from the timesteps ``prepare`` returned, float32 ``(B,)``."""
         return timesteps.float() / self.schedule.num_train_timesteps
 
-    def prepare(self, latents: Tensor, noise: Tensor, generator: Optional[torch.Generator] = None) -> ObjectiveBatch:
+    def prepare(self, latents: Tensor, noise: Tensor, generator: Optional[torch.Generator] = None,
+                input_noise: Optional[Tensor] = None) -> ObjectiveBatch:
+        """``input_noise`` (``--input_perturbation``) replaces ``noise`` in x_σ only."""
         sigmas, timesteps = self.schedule.sample(
             self.weighting_scheme, latents.shape[0], self.logit_mean, self.logit_std, self.mode_scale,
             generator=generator,
         )
         sigmas, timesteps = sigmas.to(latents.device), timesteps.to(latents.device)
-        noisy = add_flow_noise(latents, noise, sigmas)
+        noisy = add_flow_noise(latents, noise if input_noise is None else input_noise, sigmas)
         target = latents if self.precondition else flow_target(latents, noise)
         weights = None
         if self.weighting_scheme in ("sigma_sqrt", "cosmap"):

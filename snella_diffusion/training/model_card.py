@@ -26,16 +26,19 @@ def sparsity_summary(budgets: dict[str, float]) -> dict[str, dict[str, float]]:
 def render_model_card(
     base_model: str,
     family: str,
-    instance_prompt: str,
+    instance_prompt: Optional[str],
     config: SnellaConfig,
     budgets: dict[str, float],
     training: dict[str, Any],
     validation_prompt: Optional[str] = None,
     validation_images: Sequence[str] = (),
     class_prompt: Optional[str] = None,
+    run_config: Optional[str] = None,
 ) -> str:
     """Markdown text of the card: base model, prompts, every SNELLA setting, the run's
-    training settings and the final per-layer sparsity (summary table + full list)."""
+    training settings (data, loss and optimizer options included), the final per-layer
+    sparsity (summary table + full list) and, when given, the resolved ``config.toml`` text.
+    ``instance_prompt`` None: the images were trained on their own captions."""
     lines = [
         "---",
         f"base_model: {base_model}",
@@ -51,7 +54,7 @@ def render_model_card(
         "",
         f"A SNELLA sparse adapter trained with DreamBooth on **{base_model}** ({family}).",
         "",
-        f"- Instance prompt: `{instance_prompt}`",
+        f"- Instance prompt: `{instance_prompt}`" if instance_prompt else "- Prompts: per-image captions",
     ]
     if class_prompt:
         lines.append(f"- Prior preservation with class prompt: `{class_prompt}`")
@@ -67,7 +70,7 @@ def render_model_card(
         "",
         f'pipe = DiffusionPipeline.from_pretrained("{base_model}")',
         'load_snella_weights(pipe, "snella_weights.safetensors")  # every component in the file',
-        f'image = pipe("{instance_prompt}").images[0]',
+        f'image = pipe("{instance_prompt or "<a caption like the training captions>"}").images[0]',
         "```",
         "",
         "## SNELLA settings",
@@ -97,6 +100,10 @@ def render_model_card(
         lines += [f"![{image}]({image})" for image in validation_images]
         lines.append("")
     lines += ["Allocation over training: `allocation.png` (layers × steps → kept fraction).", ""]
+    if run_config:
+        lines += ["<details><summary>Resolved settings (config.toml; repeat the run with "
+                  "<code>--config config.toml</code>)</summary>", "", "```toml", run_config.rstrip(), "```", "",
+                  "</details>", ""]
     return "\n".join(lines)
 
 

@@ -36,7 +36,9 @@ class ObjectiveBatch:
 
 
 class TrainingObjective(Protocol):
-    def prepare(self, latents: Tensor, noise: Tensor, generator: Optional[torch.Generator] = None) -> ObjectiveBatch:
+    def prepare(self, latents: Tensor, noise: Tensor, generator: Optional[torch.Generator] = None,
+                input_noise: Optional[Tensor] = None) -> ObjectiveBatch:
+        """``input_noise`` (``--input_perturbation``) replaces ``noise`` in the denoiser input only."""
         ...
 
 
@@ -71,11 +73,12 @@ class NoiseObjective:
         self.num_timesteps = int(scheduler.config.num_train_timesteps)
         self.snr_gamma = snr_gamma
 
-    def prepare(self, latents: Tensor, noise: Tensor, generator: Optional[torch.Generator] = None) -> ObjectiveBatch:
+    def prepare(self, latents: Tensor, noise: Tensor, generator: Optional[torch.Generator] = None,
+                input_noise: Optional[Tensor] = None) -> ObjectiveBatch:
         count = latents.shape[0]
         timesteps = torch.randint(0, self.num_timesteps, (count,), generator=generator, device="cpu")
         timesteps = timesteps.to(latents.device)
-        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        noisy = self.scheduler.add_noise(latents, noise if input_noise is None else input_noise, timesteps)
         if self.prediction_type == "epsilon":
             target = noise
         else:
@@ -87,12 +90,19 @@ class NoiseObjective:
         return ObjectiveBatch(noisy, timesteps, target, weights)
 
 
-def weighted_mse(prediction: Tensor, target: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+def weighted_mse(
+    prediction: Tensor, target: Tensor, weights: Optional[Tensor] = None, mask: Optional[Tensor] = None
+) -> Tensor:
     """Mean squared error in float32; with ``weights`` ``(B,)``, the mean of per-sample MSEs
-    times their weights."""
-    if weights is None:
+    times their weights; with ``mask`` ``(B, 1, h, w)`` each squared error is multiplied by the
+    mask of its position before the means (kohya's masked loss)."""
+    if weights is None and mask is None:
         return F.mse_loss(prediction.float(), target.float(), reduction="mean")
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    if mask is not None:
+        per_sample = per_sample * mask.float()
+    if weights is None:
+        return per_sample.mean()
     per_sample = per_sample.mean(dim=tuple(range(1, per_sample.dim())))
     return (per_sample * weights.float()).mean()
 
@@ -103,12 +113,16 @@ def dreambooth_loss(
     weights: Optional[Tensor],
     num_instance: int,
     prior_loss_weight: float = 1.0,
+    mask: Optional[Tensor] = None,
 ) -> Tensor:
     """Instance loss on the first ``num_instance`` samples plus ``prior_loss_weight`` times the
-    prior-preservation loss on the rest (class samples), each a ``weighted_mse``."""
+    prior-preservation loss on the rest (class samples), each a ``weighted_mse`` (with the
+    rows of ``mask`` ``(B, 1, h, w)`` when given)."""
     head = None if weights is None else weights[:num_instance]
-    loss = weighted_mse(prediction[:num_instance], target[:num_instance], head)
+    head_mask = None if mask is None else mask[:num_instance]
+    loss = weighted_mse(prediction[:num_instance], target[:num_instance], head, head_mask)
     if prediction.shape[0] > num_instance:
         tail = None if weights is None else weights[num_instance:]
-        loss = loss + prior_loss_weight * weighted_mse(prediction[num_instance:], target[num_instance:], tail)
+        tail_mask = None if mask is None else mask[num_instance:]
+        loss = loss + prior_loss_weight * weighted_mse(prediction[num_instance:], target[num_instance:], tail, tail_mask)
     return loss
