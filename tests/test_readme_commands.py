@@ -39,7 +39,7 @@ TINY_BASES = {
 TINY_SIZES = {
     "--resolution": "32", "--max_train_steps": "2", "--rank": "4", "--validation_steps": "1",
     "--checkpointing_steps": "1", "--max_sequence_length": "16", "--num_class_images": "2",
-    "--gradient_accumulation_steps": "2",
+    "--gradient_accumulation_steps": "2", "--min_bucket_reso": "16", "--max_bucket_reso": "64",
 }
 TINY_EXTRA = ["--num_validation_images", "1", "--validation_inference_steps", "1", "--report_to", "none"]
 
@@ -101,7 +101,9 @@ def tiny_world(tmp_path_factory):
     builders = {"sd": tiny_sd_pipeline, "sdxl": tiny_sdxl_pipeline, **TINY_DIT_BUILDERS}
     for name in set(TINY_BASES.values()):
         builders[name](0).save_pretrained(root / name)
-    write_images(synthetic_instance_images(count=2, size=48, seed=1), root / "dog", "dog")
+    images = write_images(synthetic_instance_images(count=2, size=48, seed=1), root / "dog", "dog")
+    for index, image in enumerate(images):  # sidecar captions for the captioned-dataset recipe
+        image.with_suffix(".txt").write_text(f"a toy, picture {index}")
     return root
 
 
@@ -142,6 +144,8 @@ def test_dreambooth_recipe_runs_on_a_tiny_model(tiny_world, tmp_path, arguments)
     tiny = tiny_arguments(arguments, replace)
     if base is None:
         tiny += ["--max_train_steps", "2"]
+    if "--enable_bucket" in tiny and "--bucket_reso_steps" not in tiny:
+        tiny += ["--bucket_reso_steps", "16"]  # the default, 64, exceeds the tiny resolution
     if "--with_prior_preservation" in tiny and "--num_class_images" not in tiny:
         tiny += ["--num_class_images", "2"]  # the default, 100, is a real run's size
     adapter = run_dreambooth([*tiny, *TINY_EXTRA])

@@ -542,8 +542,8 @@ def main(args: argparse.Namespace) -> Path:
             names the flag or file at fault.
     """
     started = time.monotonic()
-    check_args(args)
     check_data_args(args)
+    check_args(args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)
     output_dir = Path(args.output_dir)
