@@ -37,8 +37,9 @@ from transformers import ViTForImageClassification
 
 from snella_diffusion.classification.data import ImageListDataset, load_splits, transforms_for
 from snella_diffusion.classification.digits import few_shot_split, load_digit_images, pretrain_digits_vit
+from snella_diffusion.classification.ema import ParameterEma
 from snella_diffusion.classification.memory import SavedTensorMeter, training_state_bytes
-from snella_diffusion.classification.methods import METHODS, MethodSettings, prepare_method
+from snella_diffusion.classification.methods import METHODS, MethodSettings, prepare_method, weight_decay_groups
 from snella_diffusion.classification.paper import canonical_name, paper_numbers, preset_for
 from snella_diffusion.classification.report import (
     markdown_table, results_payload, summarize_method, write_json_atomic, write_text_atomic,
@@ -61,7 +62,24 @@ FALLBACKS: dict[str, tuple[Any, Any]] = {
     "warmup_epochs": (10, 2),
     "seeds": ([0], [0, 1, 2]),
     "method": (["snella"], list(METHODS)),
+    "weight_decay": (1e-4, 1e-4),
+    # The reference scripts' shared settings at paper scale; the embedded toy keeps the merged
+    # forward without regularisers.
+    "forward_mode": ("parallel", "merged"),
+    "adapter_dropout": (0.1, 0.0),
+    "drop_path": (0.1, 0.0),
+    "weight_decay_1d": (False, True),
+    "train_cls_token": (True, False),
+    "color_jitter": (0.0, 0.0),
+    "model_ema_decay": (0.0, 0.0),
 }
+
+# What a --preset fills (DatasetPreset fields of the same name), unless the flag is given.
+PRESET_FLAGS = (
+    "rank", "learning_rate", "epochs", "target_sparsity", "init_sparsity", "train_batch_size", "weight_decay",
+    "warmup_epochs", "allocator_warmup_epochs", "allocator_final_epochs", "forward_mode", "adapter_dropout",
+    "drop_path", "weight_decay_1d", "train_cls_token", "color_jitter", "model_ema_decay",
+)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -85,9 +103,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                        help="vtab: plain resize; fgvc: random resized crop + flip / resize + centre crop "
                             "(default: by layout)")
     model.add_argument("--preset", default=None,
-                       help="fill the paper's SNELLA settings for this dataset (METHOD.md §5): "
-                            "cub, nabirds, flowers, dogs, cifar100, dtd, flowers102, pets, "
-                            "camelyon, retinopathy, smallnorb_ele; explicit flags still win")
+                       help="fill the reference recipe of this dataset (the authors' snella32 script, "
+                            "see README): cub, nabirds, flowers, dogs, cars, cifar100, dtd, flowers102, "
+                            "pets, camelyon, retinopathy, smallnorb_ele; explicit flags still win")
 
     run = parser.add_argument_group("methods and training")
     run.add_argument("--method", nargs="+", choices=(*METHODS, "all"), default=None,
@@ -99,7 +117,28 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     run.add_argument("--learning_rate", type=float, default=None, help="AdamW peak lr, cosine schedule")
     run.add_argument("--method_learning_rate", nargs="+", default=[], metavar="METHOD=LR",
                      help="per-method lr overrides, e.g. full=1e-4")
-    run.add_argument("--weight_decay", type=float, default=1e-4)
+    run.add_argument("--weight_decay", type=float, default=None,
+                     help="AdamW weight decay (default: the preset's, else 1e-4)")
+    run.add_argument("--weight_decay_1d", action=argparse.BooleanOptionalAction, default=None,
+                     help="also decay 1-D parameters, 0-d scalars (alpha, gamma, beta) and biases "
+                          "(default: no at paper scale, as the reference; yes on the embedded default)")
+    run.add_argument("--train_cls_token", action=argparse.BooleanOptionalAction, default=None,
+                     help="train the ViT cls token with the head (not for full/linear; default: yes at "
+                          "paper scale, as the reference; no on the embedded default)")
+    run.add_argument("--forward_mode", choices=("merged", "parallel"), default=None,
+                     help="snella/snell: one GEMM on W0 + ΔW, or the reference's parallel adapter branch "
+                          "(default: parallel at paper scale, merged on the embedded default)")
+    run.add_argument("--adapter_dropout", type=float, default=None,
+                     help="input dropout on the parallel adapter branch (default 0.1 at paper scale)")
+    run.add_argument("--drop_path", type=float, default=None,
+                     help="DropPath on the parallel adapter branch's output (default 0.1 at paper scale)")
+    run.add_argument("--zero_sparsity_update", choices=("dense", "square"), default="dense",
+                     help="at sparsity 0 throughout: dense ΔW = M (K for snell), as the reference, or M·|M|")
+    run.add_argument("--color_jitter", type=float, default=None,
+                     help="FGVC training augmentation: brightness/contrast/saturation jitter (FGVC presets: 0.4)")
+    run.add_argument("--model_ema_decay", type=float, default=None,
+                     help="keep a model EMA with this decay and report its accuracy too; 0 = off "
+                          "(FGVC presets: 0.9999)")
     run.add_argument("--warmup_epochs", type=float, default=None, help="linear lr warmup")
     run.add_argument("--rank", type=int, default=None, help="SNELLA/SNELL rank r")
     run.add_argument("--lora_rank", type=int, default=None)
@@ -112,9 +151,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     run.add_argument("--calibration_batches", type=int, default=4,
                      help="masked_sparse: training batches whose |grad| picks the trained entries")
     run.add_argument("--allocator_warmup_epochs", type=int, default=None,
-                     help="SNELLA t_i in epochs (reallocation runs once per epoch; default 10%% of epochs)")
+                     help="SNELLA t_i in epochs (reallocation runs once per epoch; presets: 0 as the "
+                          "reference, else 10%% of epochs)")
     run.add_argument("--allocator_final_epochs", type=int, default=None,
-                     help="SNELLA t_f in epochs (default 30%% of epochs)")
+                     help="SNELLA t_f in epochs (presets: 0, else 30%% of epochs)")
     run.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None)
     run.add_argument("--dataloader_num_workers", type=int, default=0)
     run.add_argument("--num_threads", type=int, default=None,
@@ -145,7 +185,7 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
             preset = preset_for(args.preset)
         except SnellaConfigError as error:
             parser.error(str(error))
-        for name in ("rank", "learning_rate", "epochs", "target_sparsity", "init_sparsity"):
+        for name in PRESET_FLAGS:
             if getattr(args, name) is None:
                 setattr(args, name, getattr(preset, name))
     for name, (paper_scale, embedded) in FALLBACKS.items():
@@ -248,11 +288,17 @@ def train_one(
         allocator_warmup_steps=args.allocator_warmup_epochs * steps_per_epoch,
         allocator_final_steps=args.allocator_final_epochs * steps_per_epoch,
         allocator_interval=steps_per_epoch,
+        forward_mode=args.forward_mode, adapter_dropout=args.adapter_dropout, drop_path=args.drop_path,
+        train_cls_token=args.train_cls_token, zero_sparsity_update=args.zero_sparsity_update,
     )
     model.train()
     prepared = prepare_method(model, method, settings, calibration_loss if method == "masked_sparse" else None)
     lr = args.method_lr.get(method, args.learning_rate)
-    optimizer = torch.optim.AdamW(prepared.param_groups, lr=lr, weight_decay=args.weight_decay)
+    groups = weight_decay_groups(model, prepared.param_groups, args.weight_decay, args.weight_decay_1d)
+    optimizer = torch.optim.AdamW(groups, lr=lr)
+    ema = None
+    if args.model_ema_decay:
+        ema = ParameterEma([p for group in groups for p in group["params"]], args.model_ema_decay)
     scheduler = _cosine_with_warmup(optimizer, int(args.warmup_epochs * steps_per_epoch), total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
@@ -261,6 +307,7 @@ def train_one(
         torch.cuda.reset_peak_memory_stats(accelerator.device)
     meter = SavedTensorMeter(accelerator.unwrap_model(model))
     accuracies: list[float] = []
+    ema_accuracies: list[float] = []
     step_times: list[float] = []
     peak_bytes = 0
     global_step = 0
@@ -283,6 +330,8 @@ def train_one(
             if prepared.allocator is not None:
                 prepared.allocator.step(skipped=accelerator.optimizer_step_was_skipped)
             scheduler.step()
+            if ema is not None:
+                ema.update()
             if first and not on_cuda:
                 peak_bytes = meter.bytes + training_state_bytes(model, optimizer) + prepared.state_bytes
             optimizer.zero_grad(set_to_none=True)
@@ -292,6 +341,9 @@ def train_one(
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
         accuracies.append(_evaluate(model, test_loader, accelerator))
+        if ema is not None:
+            with ema.applied():
+                ema_accuracies.append(_evaluate(model, test_loader, accelerator))
     progress.close()
     if on_cuda:
         peak_bytes = torch.cuda.max_memory_allocated(accelerator.device)
@@ -311,6 +363,9 @@ def train_one(
         "steps": total_steps,
         "details": prepared.details,
     }
+    if ema is not None:
+        result.update(top1_per_epoch_ema=ema_accuracies, top1_best_ema=max(ema_accuracies),
+                      top1_final_ema=ema_accuracies[-1], model_ema_decay=args.model_ema_decay)
     if prepared.allocator is not None:
         kept = prepared.allocator.keep_counts()
         result["final_kept_fraction"] = sum(kept.values()) / sum(prepared.allocator.capacities)
@@ -345,7 +400,7 @@ def load_data(args: argparse.Namespace, accelerator: Accelerator):
 
     data = load_splits(args.dataset_dir, args.dataset_layout, args.train_split, args.test_split)
     backbone = ViTForImageClassification.from_pretrained(args.pretrained_model_name_or_path)
-    train_tf, test_tf = transforms_for(data.layout, backbone.config.image_size, args.augmentation)
+    train_tf, test_tf = transforms_for(data.layout, backbone.config.image_size, args.augmentation, args.color_jitter)
     train_set, test_set = ImageListDataset(data.train, train_tf), ImageListDataset(data.test, test_tf)
     extras = {"layout": data.layout, "num_train": len(data.train), "num_test": len(data.test)}
     return backbone, data.num_classes, (lambda seed: (train_set, test_set)), extras

@@ -21,7 +21,7 @@ def summarize_method(method: str, runs: list[dict[str, Any]], paper: dict[str, f
     """One table row from the per-seed run dicts (accuracies in %, memory in MB, time in s)."""
     best_mean, best_std = _mean_std([r["top1_best"] for r in runs])
     final_mean, final_std = _mean_std([r["top1_final"] for r in runs])
-    return {
+    row = {
         "method": method,
         "seeds": [r["seed"] for r in runs],
         "top1_best_mean": best_mean,
@@ -35,6 +35,9 @@ def summarize_method(method: str, runs: list[dict[str, Any]], paper: dict[str, f
         "paper_top1": paper.get(method),
         "runs": runs,
     }
+    if all("top1_best_ema" in r for r in runs):
+        row["top1_best_ema_mean"], row["top1_best_ema_std"] = _mean_std([r["top1_best_ema"] for r in runs])
+    return row
 
 
 def _cell(mean: float, std: float, seeds: int) -> str:
@@ -58,6 +61,12 @@ def markdown_table(rows: list[dict[str, Any]], dataset: str, paper_known: bool) 
             f"| {_cell(row['top1_final_mean'], row['top1_final_std'], seeds)} | {paper} "
             f"| {row['trainable_params']:,} | {row['peak_memory_mb']:.1f} | {row['time_per_step_s']:.4f} |"
         )
+    with_ema = [row for row in rows if "top1_best_ema_mean" in row]
+    if with_ema:
+        lines += ["", "Model EMA (the reference reports the better of model and EMA):", ""]
+        lines += [f"- {row['method']}: EMA best epoch "
+                  f"{_cell(row['top1_best_ema_mean'], row['top1_best_ema_std'], len(row['seeds']))} %"
+                  for row in with_ema]
     lines.append("")
     seeds = len(rows[0]["seeds"]) if rows else 0
     lines.append(f"Mean ± std over {seeds} seed(s). Memory: {rows[0]['memory_source'] if rows else ''}.")
