@@ -31,12 +31,14 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import ViTForImageClassification
 
 from snella_diffusion.classification.data import ImageListDataset, load_splits, transforms_for
-from snella_diffusion.classification.digits import few_shot_split, load_digit_images, pretrain_digits_vit
+from snella_diffusion.classification.digits import (
+    DigitSubset, few_shot_indices, load_digit_images, pretrain_digits_vit, validation_indices,
+)
 from snella_diffusion.classification.ema import ParameterEma
 from snella_diffusion.classification.memory import SavedTensorMeter, training_state_bytes
 from snella_diffusion.classification.methods import METHODS, MethodSettings, prepare_method, weight_decay_groups
@@ -49,6 +51,7 @@ from snella_diffusion.errors import SnellaConfigError
 logger = get_logger(__name__)
 
 DEFAULT_MODEL = "google/vit-base-patch16-224-in21k"
+DEFAULT_LR_GRID = (1e-3, 3e-3, 1e-2, 3e-2)
 
 # Settings used when neither a flag nor a preset gives one: (paper-scale, embedded default).
 FALLBACKS: dict[str, tuple[Any, Any]] = {
@@ -165,6 +168,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     embedded.add_argument("--shots", type=int, default=20, help="training images per class (digits 5-9)")
     embedded.add_argument("--pretrain_epochs", type=int, default=15, help="upstream epochs on digits 0-4")
     embedded.add_argument("--digits_image_size", type=int, default=16)
+    embedded.add_argument("--lr_grid", nargs="*", type=float, default=None,
+                          help="learning rates each method chooses from on a validation split carved from "
+                               "the training shots, before its test runs (default 1e-3 3e-3 1e-2 3e-2; an "
+                               "empty list, --learning_rate or --method_learning_rate turn it off)")
+    embedded.add_argument("--val_shots", type=int, default=5,
+                          help="training images per class held out for the lr choice (fitted on the rest)")
+    embedded.add_argument("--sweep_seeds", nargs="+", type=int, default=[0],
+                          help="seeds whose validation top-1 (final epoch, averaged) picks the lr")
 
     parser.add_argument("--output_dir", type=Path, default=Path("snella-classification"))
     args = parser.parse_args(argv)
@@ -179,6 +190,11 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error("--pretrained_model_name_or_path needs --dataset_dir (the embedded default builds its own ViT)")
     if args.embedded and args.preset:
         parser.error("--preset needs --dataset_dir")
+    if args.lr_grid is None:
+        explicit_lr = args.learning_rate is not None or args.method_learning_rate
+        args.lr_grid = [] if explicit_lr or not args.embedded else list(DEFAULT_LR_GRID)
+    if args.lr_grid and not args.embedded:
+        parser.error("--lr_grid needs the embedded default (no --dataset_dir): paper-scale presets set the lr")
     preset = None
     if args.preset:
         try:
@@ -206,6 +222,8 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
             args.method_lr[method] = float(value)
         except ValueError:
             parser.error(f"--method_learning_rate {item!r}: expected METHOD=LR")
+    if args.lr_grid and not 1 <= args.val_shots < args.shots:
+        parser.error(f"--val_shots {args.val_shots}: must lie in [1, --shots)")
     for name in ("epochs", "train_batch_size", "shots", "pretrain_epochs"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} {getattr(args, name)}: must be at least 1")
@@ -260,8 +278,10 @@ def train_one(
     num_labels: int,
     train_data: Dataset,
     test_data: Dataset,
+    learning_rate: Optional[float] = None,
 ) -> dict[str, Any]:
-    """Fine-tune a copy of ``backbone`` with ``method``; return its per-seed result."""
+    """Fine-tune a copy of ``backbone`` with ``method`` (at ``learning_rate``, default the
+    flags'), evaluating on ``test_data`` after every epoch; return its per-seed result."""
     set_seed(seed)
     model = copy.deepcopy(backbone)
     _fresh_head(model, num_labels, seed)
@@ -293,7 +313,7 @@ def train_one(
     )
     model.train()
     prepared = prepare_method(model, method, settings, calibration_loss if method == "masked_sparse" else None)
-    lr = args.method_lr.get(method, args.learning_rate)
+    lr = learning_rate if learning_rate is not None else args.method_lr.get(method, args.learning_rate)
     groups = weight_decay_groups(model, prepared.param_groups, args.weight_decay, args.weight_decay_1d)
     optimizer = torch.optim.AdamW(groups, lr=lr)
     ema = None
@@ -375,6 +395,29 @@ def train_one(
     return result
 
 
+def choose_learning_rate(args: argparse.Namespace, accelerator: Accelerator, method: str, backbone: nn.Module,
+                         num_labels: int, sweep_splits) -> dict[str, Any]:
+    """Train ``method`` at every rate of ``args.lr_grid`` on the fit part of the training shots
+    and pick the rate with the best final-epoch top-1 on the held-out part (mean over
+    ``args.sweep_seeds``; ties go to the smaller rate). ``sweep_splits(seed)`` gives
+    (fit, validation), both carved from the training shots: the test split is never read.
+
+    Returns:
+        ``{"chosen": lr, "validation_top1": {lr: mean top-1 (%)}, "seeds": [...]}``.
+    """
+    scores: dict[float, float] = {}
+    for lr in sorted(args.lr_grid):
+        top1 = []
+        for seed in args.sweep_seeds:
+            fit_set, validation_set = sweep_splits(seed)
+            run = train_one(args, accelerator, method, seed, backbone, num_labels, fit_set, validation_set, lr)
+            top1.append(run["top1_final"])
+        scores[lr] = sum(top1) / len(top1)
+    chosen = max(scores, key=lambda lr: (scores[lr], -lr))
+    logger.info(f"{method}: lr {chosen:g} chosen on validation ({scores})")
+    return {"chosen": chosen, "validation_top1": scores, "seeds": list(args.sweep_seeds)}
+
+
 def _cycle(loader: DataLoader):
     while True:
         yield from loader
@@ -393,10 +436,15 @@ def load_data(args: argparse.Namespace, accelerator: Accelerator):
         images, labels = load_digit_images(args.digits_image_size)
 
         def splits(seed: int) -> tuple[Dataset, Dataset]:
-            (train_x, train_y), (test_x, test_y) = few_shot_split(images, labels, args.shots, seed)
-            return TensorDataset(train_x, train_y), TensorDataset(test_x, test_y)
+            train, test = few_shot_indices(labels, args.shots, seed)
+            return DigitSubset(images, labels, train), DigitSubset(images, labels, test)
 
-        return backbone, 5, splits, {"pretraining": summary}
+        def sweep_splits(seed: int) -> tuple[Dataset, Dataset]:
+            train, _ = few_shot_indices(labels, args.shots, seed)
+            fit, validation = validation_indices(train, labels, args.val_shots, seed)
+            return DigitSubset(images, labels, fit), DigitSubset(images, labels, validation)
+
+        return backbone, 5, splits, {"pretraining": summary, "sweep_splits": sweep_splits}
 
     data = load_splits(args.dataset_dir, args.dataset_layout, args.train_split, args.test_split)
     backbone = ViTForImageClassification.from_pretrained(args.pretrained_model_name_or_path)
@@ -413,15 +461,23 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
     args.output_dir.mkdir(parents=True, exist_ok=True)
     backbone, num_labels, splits, extras = load_data(args, accelerator)
+    sweep_splits = extras.pop("sweep_splits", None)
     backbone.requires_grad_(True)
     paper = paper_numbers(args.dataset_name)
     rows = []
     for method in args.method:
+        sweep = None
+        if args.lr_grid:
+            sweep = choose_learning_rate(args, accelerator, method, backbone, num_labels, sweep_splits)
         runs = []
         for seed in args.seeds:
             train_set, test_set = splits(seed)
-            runs.append(train_one(args, accelerator, method, seed, backbone, num_labels, train_set, test_set))
-        rows.append(summarize_method(method, runs, paper))
+            runs.append(train_one(args, accelerator, method, seed, backbone, num_labels, train_set, test_set,
+                                  None if sweep is None else sweep["chosen"]))
+        row = summarize_method(method, runs, paper)
+        if sweep is not None:
+            row["lr_sweep"] = sweep
+        rows.append(row)
     settings = {
         key: (str(value) if isinstance(value, Path) else value)
         for key, value in vars(args).items() if key != "method_learning_rate"
