@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import statistics
 import sys
 import time
@@ -231,7 +232,7 @@ def precision_rows(device: str, steps: int = 20) -> list[Row]:
         gap = abs(half_end - end)
         rows.append(Row(
             "precision", f"tiny UNet, {steps} steps, {str(dtype).removeprefix('torch.')} vs float32",
-            f"loss {half_start:.4f} → {half_end:.4f}, |Δ end| = {gap:.4f} = {gap / max(moved, 1e-12):.2f} × fall",
+            f"loss {half_start:.4f} → {half_end:.4f}, gap to float32 {gap:.4f} = {gap / max(moved, 1e-12):.2f} × fall",
             f"< {PRECISION_LIMIT} × fall", moved > 0 and gap < PRECISION_LIMIT * moved,
         ))
     return rows
@@ -302,11 +303,7 @@ def _frozen_step(model: str, resolution: int, device: str) -> Callable[[], None]
 
 
 def xformers_installed() -> bool:
-    try:
-        import xformers  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("xformers") is not None
 
 
 def step_rows(device: str, model: str = "sd15", resolution: int = 512, warmup: int = 2,
@@ -362,7 +359,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     require_cuda()
     device = "cuda"
-    torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 in the kernel check
+    torch.set_float32_matmul_precision("highest")  # no TF32: float32 means float32 in the kernel check
     start = time.perf_counter()
     rows = kernel_rows(device) + precision_rows(device) + step_rows(device)
     name = torch.cuda.get_device_name()

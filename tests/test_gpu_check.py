@@ -41,10 +41,14 @@ def test_fails_fast_and_clearly_without_cuda():
 
 
 def test_kernel_rows_agree_with_float64_on_cpu(gpu_check):
-    rows = gpu_check.kernel_rows("cpu", shape=(96, 640), batch=8, include_compiled=False)
-    assert [row.passed for row in rows] == [True, True]
-    assert "64 Ki-entry blocks" in rows[1].setting  # 96×640 = 61 440 entries: one block by default...
-    assert 96 * 640 > gpu_check.SMALL_BLOCK_ENTRIES // 2  # ...and two of the small ones
+    from snella_diffusion.blocked import block_entries_for, column_blocks
+
+    rows = gpu_check.kernel_rows("cpu", shape=(128, 1024), batch=8, include_compiled=False)
+    assert [row.passed for row in rows] == [True, True], gpu_check.format_table(rows, "kernels on CPU")
+    assert "64 Ki-entry blocks" in rows[1].setting
+    # One block with the CPU default, two with the small blocks: both paths of the blocking ran.
+    assert len(list(column_blocks(1024, 128, block_entries_for("cpu")))) == 1
+    assert len(list(column_blocks(1024, 128, gpu_check.SMALL_BLOCK_ENTRIES))) == 2
 
 
 def test_kernel_reference_catches_a_wrong_gradient(gpu_check):
@@ -62,11 +66,12 @@ def test_kernel_reference_catches_a_wrong_gradient(gpu_check):
     assert worst == "gamma" and error == pytest.approx(0.01, rel=1e-2)
 
 
-@pytest.mark.slow
 def test_precision_rows_on_cpu(gpu_check):
-    rows = gpu_check.precision_rows("cpu", steps=20)
+    rows = gpu_check.precision_rows("cpu", steps=6)  # 6 steps (20 on the GPU) keep CI short
     assert len(rows) == 3
     assert all(row.passed for row in rows), gpu_check.format_table(rows, "precision on CPU")
+    assert all(row.value.count("|") == 0 for row in rows)  # no cell breaks the Markdown table
+    assert "bfloat16 vs float32" in rows[1].setting and "float16 vs float32" in rows[2].setting
 
 
 def test_step_rows_time_each_method_on_a_tiny_model(gpu_check, monkeypatch):
