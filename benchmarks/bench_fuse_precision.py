@@ -99,7 +99,7 @@ def format_table(rows: dict[float, dict[str, dict[str, float]]], w0_kind: str) -
     lines = [
         f"SD1.5 UNet, 160 adapted linears, W0 {w0}, rank 32, sparsity {SPARSITY}",
         "",
-        "| median non-zero |ΔW| | fp16: ΔW energy kept | fp16: entries lost | bf16: ΔW energy kept | bf16: entries lost |",
+        "| median non-zero ΔW magnitude | fp16: ΔW energy kept | fp16: entries lost | bf16: ΔW energy kept | bf16: entries lost |",
         "|---|---|---|---|---|",
     ]
     for size, result in rows.items():
