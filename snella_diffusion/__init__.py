@@ -4,7 +4,7 @@ allocation) for diffusers UNets and DiTs and transformers ViTs."""
 from .allocator import BiLevelAllocator
 from .config import SnellaConfig
 from .errors import SnellaConfigError, SnellaError, SnellaFormatError
-from .fuse import UnfuseError, fuse_snella, unfuse_snella
+from .fuse import UnfuseError, fuse_snella, fused_energy_kept, unfuse_snella
 from .inject import TARGET_PRESETS, apply_snella, remove_snella
 from .io import load_snella, read_snella_file, save_snella, snella_state_dict
 from .layer import SnellaAdapter, SnellaLinear, snella_layers
@@ -36,6 +36,7 @@ __all__ = [
     "disable_snella",
     "enable_snella",
     "fuse_snella",
+    "fused_energy_kept",
     "get_active_snella_adapters",
     "get_snella_adapter_weights",
     "load_snella",

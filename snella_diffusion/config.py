@@ -10,7 +10,7 @@ from typing import Any, Sequence, Union
 from .errors import SnellaConfigError
 
 KERNELS = ("mix", "piecewise_linear", "linear")
-SPARSIFY_MODES = ("official", "soft_threshold")
+SPARSIFY_MODES = ("official", "soft_threshold", "dense")
 FORWARD_MODES = ("merged", "parallel")
 
 TargetModules = Union[str, Sequence[str]]
@@ -27,7 +27,9 @@ class SnellaConfig:
             need exactly 2.
         kernel: "mix" (default), "piecewise_linear" (SNELL) or "linear" (LoRA-like product).
         kernel_scale: c in K = c·(D_0 - D_1); 0.1 in the paper.
-        sparsify: "official" (ΔW = M·|M| on survivors) or "soft_threshold" (M·max(|M|-τ, 0)).
+        sparsify: "official" (ΔW = M·|M| on survivors), "soft_threshold" (M·max(|M|-τ, 0)) or
+            "dense" (ΔW = M, no selection: the reference scripts' update when the sparsity is 0,
+            e.g. SNELLA on Stanford Cars; needs init_sparsity = target_sparsity = 0).
         target_modules: a preset ("unet", "dit", "vit", "text_encoder") or a list whose items
             are exact qualified module names or regular expressions matched against them.
         init_sparsity: s_init, fraction of ΔW entries set to zero at the start.
@@ -105,6 +107,11 @@ class SnellaConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise SnellaConfigError(f"{name}={value}: must lie in [0, 1)")
+        if self.sparsify == "dense" and (self.init_sparsity or self.target_sparsity):
+            raise SnellaConfigError(
+                f"sparsify='dense' keeps every entry: init_sparsity={self.init_sparsity} and "
+                f"target_sparsity={self.target_sparsity} must both be 0"
+            )
         if self.threshold_sample_size < 0:
             raise SnellaConfigError(
                 f"threshold_sample_size={self.threshold_sample_size}: must be 0 (exact) or positive"

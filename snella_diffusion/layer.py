@@ -11,6 +11,11 @@ cache-sized column blocks (``blocked``); the weight-sized results borrow reused 
 τ is cached per adapter and keyed on the parameters' version counters, so it is selected once
 per optimizer step: gradient-accumulation micro-batches and gradient-checkpointing recomputes
 reuse it.
+
+Precision: the merged GEMM runs only where it loses nothing, in float32 (or float64). With
+fp16/bf16 products (half-precision activations or autocast) W0 + ΔW_eff would round most of
+ΔW_eff away, so ``snella_linear`` applies ``x·W0ᵀ + x·ΔW_effᵀ`` as two products instead, in
+the forward, the backward and the forward cache alike; the factors and ΔW_eff stay float32.
 """
 
 from __future__ import annotations
@@ -42,6 +47,26 @@ def _in_compute_dtype(*tensors: Tensor) -> tuple[Tensor, ...]:
     """The factors and scalars in the ΔW compute dtype (no copy when already there)."""
     dtype = _compute_dtype(tensors[0].dtype)
     return tuple(t.to(dtype) for t in tensors)
+
+
+def gemm_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a layer's products with ``x`` run in: the autocast dtype where autocast is on
+    for ``x``'s device type, else ``x``'s own."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def merges_exactly(dtype: torch.dtype) -> bool:
+    """Whether W0 + ΔW_eff held in ``dtype`` keeps ΔW_eff: true for float32 and float64.
+
+    A bf16 (fp16) weight of magnitude 0.02 has a spacing of about 1.2e-4 (1.5e-5), so in a
+    half-precision W0 + ΔW_eff every ΔW entry below half that spacing rounds away and the
+    larger ones lose their low bits, while ΔW_eff alone cast to the same dtype keeps its
+    relative precision (~2^-8 for bf16, ~2^-11 for fp16).
+    """
+    return torch.finfo(dtype).bits >= 32
 
 
 class SnellaAdapter(nn.Module):
@@ -204,20 +229,23 @@ class _SnellaLinearFunction(torch.autograd.Function):
     """y = x·(W0 + scale·ΔW_eff)ᵀ + b (or x·(scale·ΔW_eff)ᵀ with no base weight).
 
     ΔW_eff is rebuilt in backward instead of being saved (or taken from ``forward_cache``).
+    ``snella_linear`` passes a base weight only when the products run in float32/float64
+    (``merges_exactly``).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, in_factors, out_factors, alpha, gamma, beta, adapter, scale):
         dtype = _compute_dtype(in_factors.dtype)
         factors = _in_compute_dtype(in_factors, out_factors, alpha, gamma, beta)
-        cache_key = _forward_cache_key(adapter, scale, x.dtype, weight) if adapter.forward_cache_bytes else None
+        out_dtype = gemm_dtype(x)
+        cache_key = _forward_cache_key(adapter, scale, out_dtype, weight) if adapter.forward_cache_bytes else None
         effective = forward_cache.lookup(adapter, cache_key) if cache_key is not None else None
         threshold = adapter.cached_threshold()
         if effective is not None and threshold is not None:
             threshold = threshold.to(dtype)
             kept = True
         else:
-            effective, threshold = _build_effective(adapter, factors, threshold, scale, weight, x.dtype)
+            effective, threshold = _build_effective(adapter, factors, threshold, scale, weight, out_dtype)
             kept = cache_key is not None and forward_cache.store(
                 adapter, cache_key, effective, adapter.forward_cache_bytes, not forward_cache.in_backward()
             )
@@ -357,14 +385,24 @@ def snella_linear(
 ) -> Tensor:
     """Apply ``x·(W0 + scale·ΔW_eff)ᵀ + b`` with the memory-lean autograd function.
 
+    When the products run in float32 (or float64), W0 + scale·ΔW_eff is built in that dtype
+    and used for one GEMM. When they run in fp16/bf16 (a half-precision ``x``, or autocast),
+    the sum would round ΔW_eff away (``merges_exactly``), so the layer computes
+    ``x·W0ᵀ + b + x·(scale·ΔW_eff)ᵀ`` instead, with ΔW_eff cast to that dtype on its own; the
+    backward follows the same rule.
+
     Args:
         x: ``(..., n)`` input.
         adapter: the adapter holding A, B, the scalars and the sparsity.
         weight: ``(m, n)`` frozen base weight, or None for the adapter branch alone.
         bias: ``(m,)`` or None.
     Returns:
-        ``(..., m)`` in x's dtype.
+        ``(..., m)`` in the product dtype (``gemm_dtype(x)``).
     """
+    dtype = gemm_dtype(x)
+    if weight is not None and not merges_exactly(dtype):
+        base = F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
+        return base + snella_linear(x, adapter, scale=scale)
     return _SnellaLinearFunction.apply(
         x, weight, bias, adapter.in_factors, adapter.out_factors, adapter.alpha,
         adapter.effective_gamma(), adapter.beta, adapter, float(scale),
@@ -396,6 +434,8 @@ class SnellaLinear(nn.Module):
         self.adapter_weights: dict[str, float] = {}
         self.disabled = False
         self.fused_adapters: dict[str, float] = {}
+        # (rounding energy, ΔW energy) of the fused adapters, set by ``fuse`` (fused_energy_kept).
+        self.fused_delta_energy: tuple[float, float] = (0.0, 0.0)
         # The pristine base weight while adapters are fused; a buffer so that it follows
         # .to(device/dtype) like the weight it restores, non-persistent so it is never saved.
         self.register_buffer("unfused_weight", None, persistent=False)

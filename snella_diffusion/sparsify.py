@@ -115,7 +115,10 @@ def survivor_gate(magnitude: Tensor, threshold: Tensor, mode: str) -> Tensor:
 
     "official": G = |M| where |M| > τ, else 0 (ΔW_eff = M·|M| on survivors).
     "soft_threshold": G = max(|M| - τ, 0) (SNELL, Eq. 5).
+    "dense": G = 1 (ΔW_eff = M: the reference's update at sparsity 0, nothing selected).
     """
     if mode == "official":
         return magnitude.mul_(magnitude > threshold)
+    if mode == "dense":
+        return magnitude.fill_(1.0)
     return magnitude.sub_(threshold).clamp_min_(0.0)

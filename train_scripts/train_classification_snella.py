@@ -31,14 +31,17 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import ViTForImageClassification
 
 from snella_diffusion.classification.data import ImageListDataset, load_splits, transforms_for
-from snella_diffusion.classification.digits import few_shot_split, load_digit_images, pretrain_digits_vit
+from snella_diffusion.classification.digits import (
+    DigitSubset, few_shot_indices, load_digit_images, pretrain_digits_vit, validation_indices,
+)
+from snella_diffusion.classification.ema import ParameterEma
 from snella_diffusion.classification.memory import SavedTensorMeter, training_state_bytes
-from snella_diffusion.classification.methods import METHODS, MethodSettings, prepare_method
+from snella_diffusion.classification.methods import METHODS, MethodSettings, prepare_method, weight_decay_groups
 from snella_diffusion.classification.paper import canonical_name, paper_numbers, preset_for
 from snella_diffusion.classification.report import (
     markdown_table, results_payload, summarize_method, write_json_atomic, write_text_atomic,
@@ -48,6 +51,7 @@ from snella_diffusion.errors import SnellaConfigError
 logger = get_logger(__name__)
 
 DEFAULT_MODEL = "google/vit-base-patch16-224-in21k"
+DEFAULT_LR_GRID = (1e-3, 3e-3, 1e-2, 3e-2)
 
 # Settings used when neither a flag nor a preset gives one: (paper-scale, embedded default).
 FALLBACKS: dict[str, tuple[Any, Any]] = {
@@ -61,7 +65,24 @@ FALLBACKS: dict[str, tuple[Any, Any]] = {
     "warmup_epochs": (10, 2),
     "seeds": ([0], [0, 1, 2]),
     "method": (["snella"], list(METHODS)),
+    "weight_decay": (1e-4, 1e-4),
+    # The reference scripts' shared settings at paper scale; the embedded toy keeps the merged
+    # forward without regularisers.
+    "forward_mode": ("parallel", "merged"),
+    "adapter_dropout": (0.1, 0.0),
+    "drop_path": (0.1, 0.0),
+    "weight_decay_1d": (False, True),
+    "train_cls_token": (True, False),
+    "color_jitter": (0.0, 0.0),
+    "model_ema_decay": (0.0, 0.0),
 }
+
+# What a --preset fills (DatasetPreset fields of the same name), unless the flag is given.
+PRESET_FLAGS = (
+    "rank", "learning_rate", "epochs", "target_sparsity", "init_sparsity", "train_batch_size", "weight_decay",
+    "warmup_epochs", "allocator_warmup_epochs", "allocator_final_epochs", "forward_mode", "adapter_dropout",
+    "drop_path", "weight_decay_1d", "train_cls_token", "color_jitter", "model_ema_decay",
+)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -85,9 +106,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                        help="vtab: plain resize; fgvc: random resized crop + flip / resize + centre crop "
                             "(default: by layout)")
     model.add_argument("--preset", default=None,
-                       help="fill the paper's SNELLA settings for this dataset (METHOD.md §5): "
-                            "cub, nabirds, flowers, dogs, cifar100, dtd, flowers102, pets, "
-                            "camelyon, retinopathy, smallnorb_ele; explicit flags still win")
+                       help="fill the reference recipe of this dataset (the authors' snella32 script, "
+                            "see README): cub, nabirds, flowers, dogs, cars, cifar100, dtd, flowers102, "
+                            "pets, camelyon, retinopathy, smallnorb_ele; explicit flags still win")
 
     run = parser.add_argument_group("methods and training")
     run.add_argument("--method", nargs="+", choices=(*METHODS, "all"), default=None,
@@ -99,7 +120,28 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     run.add_argument("--learning_rate", type=float, default=None, help="AdamW peak lr, cosine schedule")
     run.add_argument("--method_learning_rate", nargs="+", default=[], metavar="METHOD=LR",
                      help="per-method lr overrides, e.g. full=1e-4")
-    run.add_argument("--weight_decay", type=float, default=1e-4)
+    run.add_argument("--weight_decay", type=float, default=None,
+                     help="AdamW weight decay (default: the preset's, else 1e-4)")
+    run.add_argument("--weight_decay_1d", action=argparse.BooleanOptionalAction, default=None,
+                     help="also decay 1-D parameters, 0-d scalars (alpha, gamma, beta) and biases "
+                          "(default: no at paper scale, as the reference; yes on the embedded default)")
+    run.add_argument("--train_cls_token", action=argparse.BooleanOptionalAction, default=None,
+                     help="train the ViT cls token with the head (not for full/linear; default: yes at "
+                          "paper scale, as the reference; no on the embedded default)")
+    run.add_argument("--forward_mode", choices=("merged", "parallel"), default=None,
+                     help="snella/snell: one GEMM on W0 + ΔW, or the reference's parallel adapter branch "
+                          "(default: parallel at paper scale, merged on the embedded default)")
+    run.add_argument("--adapter_dropout", type=float, default=None,
+                     help="input dropout on the parallel adapter branch (default 0.1 at paper scale)")
+    run.add_argument("--drop_path", type=float, default=None,
+                     help="DropPath on the parallel adapter branch's output (default 0.1 at paper scale)")
+    run.add_argument("--zero_sparsity_update", choices=("dense", "square"), default="dense",
+                     help="at sparsity 0 throughout: dense ΔW = M (K for snell), as the reference, or M·|M|")
+    run.add_argument("--color_jitter", type=float, default=None,
+                     help="FGVC training augmentation: brightness/contrast/saturation jitter (FGVC presets: 0.4)")
+    run.add_argument("--model_ema_decay", type=float, default=None,
+                     help="keep a model EMA with this decay and report its accuracy too; 0 = off "
+                          "(FGVC presets: 0.9999)")
     run.add_argument("--warmup_epochs", type=float, default=None, help="linear lr warmup")
     run.add_argument("--rank", type=int, default=None, help="SNELLA/SNELL rank r")
     run.add_argument("--lora_rank", type=int, default=None)
@@ -112,9 +154,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     run.add_argument("--calibration_batches", type=int, default=4,
                      help="masked_sparse: training batches whose |grad| picks the trained entries")
     run.add_argument("--allocator_warmup_epochs", type=int, default=None,
-                     help="SNELLA t_i in epochs (reallocation runs once per epoch; default 10%% of epochs)")
+                     help="SNELLA t_i in epochs (reallocation runs once per epoch; presets: 0 as the "
+                          "reference, else 10%% of epochs)")
     run.add_argument("--allocator_final_epochs", type=int, default=None,
-                     help="SNELLA t_f in epochs (default 30%% of epochs)")
+                     help="SNELLA t_f in epochs (presets: 0, else 30%% of epochs)")
     run.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None)
     run.add_argument("--dataloader_num_workers", type=int, default=0)
     run.add_argument("--num_threads", type=int, default=None,
@@ -125,6 +168,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     embedded.add_argument("--shots", type=int, default=20, help="training images per class (digits 5-9)")
     embedded.add_argument("--pretrain_epochs", type=int, default=15, help="upstream epochs on digits 0-4")
     embedded.add_argument("--digits_image_size", type=int, default=16)
+    embedded.add_argument("--lr_grid", nargs="*", type=float, default=None,
+                          help="learning rates each method chooses from on a validation split carved from "
+                               "the training shots, before its test runs (default 1e-3 3e-3 1e-2 3e-2; an "
+                               "empty list, --learning_rate or --method_learning_rate turn it off)")
+    embedded.add_argument("--val_shots", type=int, default=5,
+                          help="training images per class held out for the lr choice (fitted on the rest)")
+    embedded.add_argument("--sweep_seeds", nargs="+", type=int, default=[0],
+                          help="seeds whose validation top-1 (final epoch, averaged) picks the lr")
 
     parser.add_argument("--output_dir", type=Path, default=Path("snella-classification"))
     args = parser.parse_args(argv)
@@ -139,13 +190,18 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error("--pretrained_model_name_or_path needs --dataset_dir (the embedded default builds its own ViT)")
     if args.embedded and args.preset:
         parser.error("--preset needs --dataset_dir")
+    if args.lr_grid is None:
+        explicit_lr = args.learning_rate is not None or args.method_learning_rate
+        args.lr_grid = [] if explicit_lr or not args.embedded else list(DEFAULT_LR_GRID)
+    if args.lr_grid and not args.embedded:
+        parser.error("--lr_grid needs the embedded default (no --dataset_dir): paper-scale presets set the lr")
     preset = None
     if args.preset:
         try:
             preset = preset_for(args.preset)
         except SnellaConfigError as error:
             parser.error(str(error))
-        for name in ("rank", "learning_rate", "epochs", "target_sparsity", "init_sparsity"):
+        for name in PRESET_FLAGS:
             if getattr(args, name) is None:
                 setattr(args, name, getattr(preset, name))
     for name, (paper_scale, embedded) in FALLBACKS.items():
@@ -166,6 +222,8 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
             args.method_lr[method] = float(value)
         except ValueError:
             parser.error(f"--method_learning_rate {item!r}: expected METHOD=LR")
+    if args.lr_grid and not 1 <= args.val_shots < args.shots:
+        parser.error(f"--val_shots {args.val_shots}: must lie in [1, --shots)")
     for name in ("epochs", "train_batch_size", "shots", "pretrain_epochs"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} {getattr(args, name)}: must be at least 1")
@@ -220,8 +278,10 @@ def train_one(
     num_labels: int,
     train_data: Dataset,
     test_data: Dataset,
+    learning_rate: Optional[float] = None,
 ) -> dict[str, Any]:
-    """Fine-tune a copy of ``backbone`` with ``method``; return its per-seed result."""
+    """Fine-tune a copy of ``backbone`` with ``method`` (at ``learning_rate``, default the
+    flags'), evaluating on ``test_data`` after every epoch; return its per-seed result."""
     set_seed(seed)
     model = copy.deepcopy(backbone)
     _fresh_head(model, num_labels, seed)
@@ -248,11 +308,17 @@ def train_one(
         allocator_warmup_steps=args.allocator_warmup_epochs * steps_per_epoch,
         allocator_final_steps=args.allocator_final_epochs * steps_per_epoch,
         allocator_interval=steps_per_epoch,
+        forward_mode=args.forward_mode, adapter_dropout=args.adapter_dropout, drop_path=args.drop_path,
+        train_cls_token=args.train_cls_token, zero_sparsity_update=args.zero_sparsity_update,
     )
     model.train()
     prepared = prepare_method(model, method, settings, calibration_loss if method == "masked_sparse" else None)
-    lr = args.method_lr.get(method, args.learning_rate)
-    optimizer = torch.optim.AdamW(prepared.param_groups, lr=lr, weight_decay=args.weight_decay)
+    lr = learning_rate if learning_rate is not None else args.method_lr.get(method, args.learning_rate)
+    groups = weight_decay_groups(model, prepared.param_groups, args.weight_decay, args.weight_decay_1d)
+    optimizer = torch.optim.AdamW(groups, lr=lr)
+    ema = None
+    if args.model_ema_decay:
+        ema = ParameterEma([p for group in groups for p in group["params"]], args.model_ema_decay)
     scheduler = _cosine_with_warmup(optimizer, int(args.warmup_epochs * steps_per_epoch), total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
@@ -261,6 +327,7 @@ def train_one(
         torch.cuda.reset_peak_memory_stats(accelerator.device)
     meter = SavedTensorMeter(accelerator.unwrap_model(model))
     accuracies: list[float] = []
+    ema_accuracies: list[float] = []
     step_times: list[float] = []
     peak_bytes = 0
     global_step = 0
@@ -283,6 +350,8 @@ def train_one(
             if prepared.allocator is not None:
                 prepared.allocator.step(skipped=accelerator.optimizer_step_was_skipped)
             scheduler.step()
+            if ema is not None:
+                ema.update()
             if first and not on_cuda:
                 peak_bytes = meter.bytes + training_state_bytes(model, optimizer) + prepared.state_bytes
             optimizer.zero_grad(set_to_none=True)
@@ -292,6 +361,9 @@ def train_one(
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch)
         accuracies.append(_evaluate(model, test_loader, accelerator))
+        if ema is not None:
+            with ema.applied():
+                ema_accuracies.append(_evaluate(model, test_loader, accelerator))
     progress.close()
     if on_cuda:
         peak_bytes = torch.cuda.max_memory_allocated(accelerator.device)
@@ -311,6 +383,9 @@ def train_one(
         "steps": total_steps,
         "details": prepared.details,
     }
+    if ema is not None:
+        result.update(top1_per_epoch_ema=ema_accuracies, top1_best_ema=max(ema_accuracies),
+                      top1_final_ema=ema_accuracies[-1], model_ema_decay=args.model_ema_decay)
     if prepared.allocator is not None:
         kept = prepared.allocator.keep_counts()
         result["final_kept_fraction"] = sum(kept.values()) / sum(prepared.allocator.capacities)
@@ -318,6 +393,29 @@ def train_one(
     # The accelerator keeps references to everything it prepared; drop this run's model.
     accelerator.free_memory()
     return result
+
+
+def choose_learning_rate(args: argparse.Namespace, accelerator: Accelerator, method: str, backbone: nn.Module,
+                         num_labels: int, sweep_splits) -> dict[str, Any]:
+    """Train ``method`` at every rate of ``args.lr_grid`` on the fit part of the training shots
+    and pick the rate with the best final-epoch top-1 on the held-out part (mean over
+    ``args.sweep_seeds``; ties go to the smaller rate). ``sweep_splits(seed)`` gives
+    (fit, validation), both carved from the training shots: the test split is never read.
+
+    Returns:
+        ``{"chosen": lr, "validation_top1": {lr: mean top-1 (%)}, "seeds": [...]}``.
+    """
+    scores: dict[float, float] = {}
+    for lr in sorted(args.lr_grid):
+        top1 = []
+        for seed in args.sweep_seeds:
+            fit_set, validation_set = sweep_splits(seed)
+            run = train_one(args, accelerator, method, seed, backbone, num_labels, fit_set, validation_set, lr)
+            top1.append(run["top1_final"])
+        scores[lr] = sum(top1) / len(top1)
+    chosen = max(scores, key=lambda lr: (scores[lr], -lr))
+    logger.info(f"{method}: lr {chosen:g} chosen on validation ({scores})")
+    return {"chosen": chosen, "validation_top1": scores, "seeds": list(args.sweep_seeds)}
 
 
 def _cycle(loader: DataLoader):
@@ -338,14 +436,19 @@ def load_data(args: argparse.Namespace, accelerator: Accelerator):
         images, labels = load_digit_images(args.digits_image_size)
 
         def splits(seed: int) -> tuple[Dataset, Dataset]:
-            (train_x, train_y), (test_x, test_y) = few_shot_split(images, labels, args.shots, seed)
-            return TensorDataset(train_x, train_y), TensorDataset(test_x, test_y)
+            train, test = few_shot_indices(labels, args.shots, seed)
+            return DigitSubset(images, labels, train), DigitSubset(images, labels, test)
 
-        return backbone, 5, splits, {"pretraining": summary}
+        def sweep_splits(seed: int) -> tuple[Dataset, Dataset]:
+            train, _ = few_shot_indices(labels, args.shots, seed)
+            fit, validation = validation_indices(train, labels, args.val_shots, seed)
+            return DigitSubset(images, labels, fit), DigitSubset(images, labels, validation)
+
+        return backbone, 5, splits, {"pretraining": summary, "sweep_splits": sweep_splits}
 
     data = load_splits(args.dataset_dir, args.dataset_layout, args.train_split, args.test_split)
     backbone = ViTForImageClassification.from_pretrained(args.pretrained_model_name_or_path)
-    train_tf, test_tf = transforms_for(data.layout, backbone.config.image_size, args.augmentation)
+    train_tf, test_tf = transforms_for(data.layout, backbone.config.image_size, args.augmentation, args.color_jitter)
     train_set, test_set = ImageListDataset(data.train, train_tf), ImageListDataset(data.test, test_tf)
     extras = {"layout": data.layout, "num_train": len(data.train), "num_test": len(data.test)}
     return backbone, data.num_classes, (lambda seed: (train_set, test_set)), extras
@@ -358,15 +461,23 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
     args.output_dir.mkdir(parents=True, exist_ok=True)
     backbone, num_labels, splits, extras = load_data(args, accelerator)
+    sweep_splits = extras.pop("sweep_splits", None)
     backbone.requires_grad_(True)
     paper = paper_numbers(args.dataset_name)
     rows = []
     for method in args.method:
+        sweep = None
+        if args.lr_grid:
+            sweep = choose_learning_rate(args, accelerator, method, backbone, num_labels, sweep_splits)
         runs = []
         for seed in args.seeds:
             train_set, test_set = splits(seed)
-            runs.append(train_one(args, accelerator, method, seed, backbone, num_labels, train_set, test_set))
-        rows.append(summarize_method(method, runs, paper))
+            runs.append(train_one(args, accelerator, method, seed, backbone, num_labels, train_set, test_set,
+                                  None if sweep is None else sweep["chosen"]))
+        row = summarize_method(method, runs, paper)
+        if sweep is not None:
+            row["lr_sweep"] = sweep
+        rows.append(row)
     settings = {
         key: (str(value) if isinstance(value, Path) else value)
         for key, value in vars(args).items() if key != "method_learning_rate"

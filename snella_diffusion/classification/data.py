@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageEnhance
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -202,12 +202,28 @@ def _center_crop_box(width: int, height: int, size: int) -> tuple[int, int, int,
     return left, top, left + size, top + size
 
 
+_ENHANCERS = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+
+
+def _jitter_colors(image: Image.Image, strength: float) -> Image.Image:
+    """Brightness, contrast and saturation each scaled by U(1 − strength, 1 + strength), in a
+    random order (torch RNG)."""
+    for index in torch.randperm(len(_ENHANCERS)).tolist():
+        factor = float(torch.empty(()).uniform_(1.0 - strength, 1.0 + strength))
+        image = _ENHANCERS[index](image).enhance(factor)
+    return image
+
+
 class ImageTransform:
     """PIL image → normalised float tensor ``(3, size, size)``.
 
     Modes: ``"resize"`` (VTAB: direct resize, no augmentation), ``"fgvc_train"`` (random
-    resized crop + horizontal flip), ``"fgvc_test"`` (resize shorter side to size·256/224,
-    centre crop).
+    resized crop + horizontal flip, then ``color_jitter``), ``"fgvc_test"`` (resize shorter
+    side to size·256/224, centre crop).
+
+    ``color_jitter`` j > 0 scales brightness, contrast and saturation by factors drawn from
+    U(1 − j, 1 + j), in a random order (torchvision's ColorJitter(j, j, j), as timm's
+    ``--color-jitter`` sets it).
     """
 
     MODES = ("resize", "fgvc_train", "fgvc_test")
@@ -218,10 +234,14 @@ class ImageTransform:
         size: int,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        color_jitter: float = 0.0,
     ) -> None:
         if mode not in self.MODES:
             raise SnellaError(f"transform mode {mode!r}: expected one of {self.MODES}")
+        if not 0.0 <= color_jitter < 1.0:
+            raise SnellaError(f"--color_jitter {color_jitter}: must lie in [0, 1)")
         self.mode = mode
+        self.color_jitter = float(color_jitter)
         self.size = int(size)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
@@ -236,6 +256,8 @@ class ImageTransform:
             image = image.resize((size, size), Image.BICUBIC, box=box)
             if float(torch.rand(())) < 0.5:
                 image = image.transpose(Image.FLIP_LEFT_RIGHT)
+            if self.color_jitter > 0.0:
+                image = _jitter_colors(image, self.color_jitter)
         else:
             short = round(size * 256 / 224)
             width, height = image.size
@@ -249,13 +271,15 @@ class ImageTransform:
         return (pixels - self.mean) / self.std
 
 
-def transforms_for(layout: str, size: int, augmentation: Optional[str] = None) -> tuple[ImageTransform, ImageTransform]:
-    """(train, test) transforms: ``augmentation`` "vtab" or "fgvc"; default by layout."""
+def transforms_for(layout: str, size: int, augmentation: Optional[str] = None,
+                   color_jitter: float = 0.0) -> tuple[ImageTransform, ImageTransform]:
+    """(train, test) transforms: ``augmentation`` "vtab" or "fgvc"; default by layout.
+    ``color_jitter`` applies to the FGVC training transform (the reference's 0.4)."""
     style = augmentation or ("vtab" if layout == "vtab" else "fgvc")
     if style == "vtab":
         return ImageTransform("resize", size), ImageTransform("resize", size)
     if style == "fgvc":
-        return ImageTransform("fgvc_train", size), ImageTransform("fgvc_test", size)
+        return ImageTransform("fgvc_train", size, color_jitter=color_jitter), ImageTransform("fgvc_test", size)
     raise SnellaError(f"--augmentation {style!r}: expected 'vtab' or 'fgvc'")
 
 

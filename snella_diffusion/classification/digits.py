@@ -74,18 +74,61 @@ def few_shot_split(
     images: Tensor, labels: Tensor, shots: int, seed: int
 ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
     """Digits 5-9 (relabelled 0-4): ``shots`` random training images per class, the rest for test."""
-    images, labels = _select(images, labels, DOWNSTREAM_DIGITS)
-    generator = torch.Generator().manual_seed(seed)
-    train_index = []
+    train, test = few_shot_indices(labels, shots, seed)
+    relabelled = downstream_labels(labels)
+    return (images[train], relabelled[train]), (images[test], relabelled[test])
+
+
+def downstream_labels(labels: Tensor) -> Tensor:
+    """Digit labels ``(N,)`` mapped to 0-4 for digits 5-9 and -1 for the others."""
+    relabel = torch.full((10,), -1, dtype=torch.int64)
+    relabel[torch.tensor(DOWNSTREAM_DIGITS)] = torch.arange(len(DOWNSTREAM_DIGITS))
+    return relabel[labels]
+
+
+def _per_class_sample(index: Tensor, classes: Tensor, count: int, generator: torch.Generator,
+                      flag: str) -> tuple[Tensor, Tensor]:
+    """(``count`` random entries of ``index`` per class, class after class; the rest, in order)."""
+    chosen = []
     for cls in range(len(DOWNSTREAM_DIGITS)):
-        members = torch.nonzero(labels == cls).flatten()
-        if shots >= len(members):
-            raise SnellaError(f"--shots {shots}: class {DOWNSTREAM_DIGITS[cls]} has only {len(members)} images")
-        train_index.append(members[torch.randperm(len(members), generator=generator)[:shots]])
-    train = torch.cat(train_index)
-    is_test = torch.ones(len(labels), dtype=torch.bool)
-    is_test[train] = False
-    return (images[train], labels[train]), (images[is_test], labels[is_test])
+        members = index[classes[index] == cls]
+        if count >= len(members):
+            raise SnellaError(f"{flag} {count}: class {DOWNSTREAM_DIGITS[cls]} has only {len(members)} images")
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:count]])
+    picked = torch.cat(chosen)
+    rest = index[~torch.isin(index, picked)]
+    return picked, rest
+
+
+def few_shot_indices(labels: Tensor, shots: int, seed: int) -> tuple[Tensor, Tensor]:
+    """(train, test) indices into the full digits arrays: ``shots`` random images per class of
+    digits 5-9 for training, every other 5-9 image for test."""
+    classes = downstream_labels(labels)
+    downstream = torch.nonzero(classes >= 0).flatten()
+    return _per_class_sample(downstream, classes, shots, torch.Generator().manual_seed(seed), "--shots")
+
+
+def validation_indices(train_index: Tensor, labels: Tensor, per_class: int, seed: int) -> tuple[Tensor, Tensor]:
+    """(fit, validation) indices carved from ``train_index`` alone: ``per_class`` images of each
+    class go to validation, the rest are fitted (the learning-rate sweep never sees the test
+    split)."""
+    generator = torch.Generator().manual_seed(10_000 + seed)
+    validation, fit = _per_class_sample(train_index, downstream_labels(labels), per_class, generator, "--val_shots")
+    return fit, validation
+
+
+class DigitSubset(torch.utils.data.Dataset):
+    """``(pixels (3, H, W), label 0-4)`` of the digits at ``indices`` (into the full arrays)."""
+
+    def __init__(self, images: Tensor, labels: Tensor, indices: Tensor) -> None:
+        self.images, self.labels, self.indices = images, downstream_labels(labels), indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> tuple[Tensor, Tensor]:
+        index = int(self.indices[position])
+        return self.images[index], self.labels[index]
 
 
 def pretrain_digits_vit(

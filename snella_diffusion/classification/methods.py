@@ -42,6 +42,11 @@ class MethodSettings:
     allocator_warmup_steps: int = 0
     allocator_final_steps: int = 0
     allocator_interval: int = 1
+    forward_mode: str = "merged"
+    adapter_dropout: float = 0.0
+    drop_path: float = 0.0
+    train_cls_token: bool = False
+    zero_sparsity_update: str = "dense"
 
     def density(self) -> float:
         """Fraction of each weight masked_sparse trains (default: SNELLA's final kept fraction)."""
@@ -81,19 +86,61 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+ZERO_SPARSITY_UPDATES = ("dense", "square")
+
+
 def _snella_config(settings: MethodSettings, kernel: str, allocate: bool) -> SnellaConfig:
+    """SNELLA (allocating, s_init → s_target) or SNELL (one fixed sparsity) settings. When no
+    entry is ever dropped and ``zero_sparsity_update`` is "dense", ΔW = M (= K for SNELL), as
+    in the reference scripts; "square" keeps M·|M|."""
+    if settings.zero_sparsity_update not in ZERO_SPARSITY_UPDATES:
+        raise SnellaConfigError(
+            f"--zero_sparsity_update {settings.zero_sparsity_update!r}: expected one of {ZERO_SPARSITY_UPDATES}"
+        )
+    init_sparsity = settings.init_sparsity if allocate else settings.target_sparsity
+    dense = settings.zero_sparsity_update == "dense" and init_sparsity == 0.0 and settings.target_sparsity == 0.0
+    common = dict(
+        rank=settings.rank, kernel=kernel, target_modules=settings.target_modules,
+        init_sparsity=init_sparsity, target_sparsity=settings.target_sparsity,
+        sparsify="dense" if dense else "official", forward_mode=settings.forward_mode,
+        adapter_dropout=settings.adapter_dropout, drop_path=settings.drop_path,
+    )
     if allocate:
         return SnellaConfig(
-            rank=settings.rank, kernel=kernel, target_modules=settings.target_modules,
-            init_sparsity=settings.init_sparsity, target_sparsity=settings.target_sparsity,
+            **common,
             allocator_warmup_steps=settings.allocator_warmup_steps,
             allocator_final_steps=settings.allocator_final_steps,
             allocator_interval=settings.allocator_interval,
         )
-    return SnellaConfig(
-        rank=settings.rank, kernel=kernel, target_modules=settings.target_modules,
-        init_sparsity=settings.target_sparsity, target_sparsity=settings.target_sparsity,
-    )
+    return SnellaConfig(**common)
+
+
+def cls_token(model: nn.Module) -> Optional[nn.Parameter]:
+    """The ViT's learned class token ``(1, 1, hidden)``, or None when the model has none."""
+    embeddings = getattr(getattr(model, "vit", None), "embeddings", None)
+    token = getattr(embeddings, "cls_token", None)
+    return token if isinstance(token, nn.Parameter) else None
+
+
+def weight_decay_groups(model: nn.Module, param_groups: list[dict], weight_decay: float,
+                        decay_1d: bool) -> list[dict]:
+    """``param_groups`` with ``weight_decay`` set, each group split so that 1-D (and 0-d)
+    parameters and biases get none unless ``decay_1d`` (the reference's ``set_weight_decay``).
+    Groups that already name a weight decay keep it."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    groups = []
+    for group in param_groups:
+        if "weight_decay" in group or decay_1d:
+            groups.append({"weight_decay": weight_decay, **group})
+            continue
+        decayed, exempt = [], []
+        for param in group["params"]:
+            no_decay = param.ndim <= 1 or names.get(id(param), "").endswith(".bias")
+            (exempt if no_decay else decayed).append(param)
+        rest = {key: value for key, value in group.items() if key != "params"}
+        groups += [{**rest, "params": params, "weight_decay": decay}
+                   for params, decay in ((decayed, weight_decay), (exempt, 0.0)) if params]
+    return groups
 
 
 def prepare_method(
@@ -105,7 +152,8 @@ def prepare_method(
     """Modify ``model`` in place for ``method`` and return its optimizer groups and helpers.
 
     ``calibration_loss`` (a loss on the next training batch) is required by masked_sparse.
-    The head always trains, in its own group.
+    The head always trains, in its own group (with the cls token when
+    ``settings.train_cls_token``, for every method but full and linear).
     """
     if method not in METHODS:
         raise SnellaConfigError(f"--method {method!r}: expected one of {METHODS}")
@@ -140,6 +188,11 @@ def prepare_method(
         prepared.masked = masked
         prepared.state_bytes = sum(m.numel() for m in masked.masks.values())
         prepared.details = {"layers": len(masked.weights), "density": settings.density()}
+    token = cls_token(model)
+    if settings.train_cls_token and method not in ("full", "linear") and token is not None:
+        token.requires_grad_(True)
+        head_params.append(token)
+        head_count += token.numel()
     for p in head_params:
         p.requires_grad_(True)
     head_ids = {id(p) for p in head_params}

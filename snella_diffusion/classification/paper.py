@@ -15,38 +15,71 @@ from ..errors import SnellaConfigError
 PAPER_ACCURACY_KIND = "best-epoch test top-1 (%), ViT-B/16 ImageNet-21k"
 
 
+REFERENCE_REPOSITORY = "github.com/ssfgunner/SNELL"
+
+
 @dataclass(frozen=True)
 class DatasetPreset:
-    """SNELLA-32 settings of one dataset: AdamW + cosine, 100 epochs (METHOD.md §5)."""
+    """The SNELLA-32 recipe of one dataset, as the authors' script for it sets it.
+
+    Per dataset (``source`` names the script in ``REFERENCE_REPOSITORY``): batch size, AdamW
+    lr and weight decay, s_init (``init_thres``) and s_target (``target_ratio``). Shared by
+    every script: 100 epochs, cosine schedule with 10 warm-up epochs, allocator warm-ups
+    t_i = t_f = 0 (``init_warmup``/``final_warmup``), reallocation every epoch, the parallel
+    block (``--block=BlockSNELLParallel``: input dropout 0.1, DropPath 0.1 on the adapter
+    branch), no weight decay on 1-D parameters and biases and the cls token trained with the
+    head (``train_alloc*.py``, ``lib/utils.py``). FGVC (``train_alloc_ema.py``) also trains
+    with ColorJitter 0.4 (``lib/datasets.py``: timm ``create_transform`` defaults) and keeps a
+    model EMA (``--model-ema-decay=0.9999``), reporting model and EMA; VTAB
+    (``train_alloc.py --no_aug --direct_resize``) does neither. At sparsity 0 (Stanford Cars)
+    the update is dense, ΔW = M (``MethodSettings.zero_sparsity_update``).
+    """
 
     group: str
     target_sparsity: float
     init_sparsity: float
-    rank: int = 32
+    train_batch_size: int
+    weight_decay: float
+    source: str
     learning_rate: float = 1e-3
+    rank: int = 32
     epochs: int = 100
+    warmup_epochs: int = 10
+    allocator_warmup_epochs: int = 0
+    allocator_final_epochs: int = 0
+    forward_mode: str = "parallel"
+    adapter_dropout: float = 0.1
+    drop_path: float = 0.1
+    weight_decay_1d: bool = False
+    train_cls_token: bool = True
+    color_jitter: float = 0.0
+    model_ema_decay: float = 0.0
 
 
-def _fgvc(target: float) -> DatasetPreset:
-    return DatasetPreset("fgvc", target_sparsity=target, init_sparsity=0.0)
+def _fgvc(target: float, batch_size: int, weight_decay: float, script: str, learning_rate: float = 1e-3) -> DatasetPreset:
+    return DatasetPreset("fgvc", target_sparsity=target, init_sparsity=0.0, train_batch_size=batch_size,
+                         weight_decay=weight_decay, learning_rate=learning_rate,
+                         source=f"scripts/fgvc/snella32/{script}.sh", color_jitter=0.4, model_ema_decay=0.9999)
 
 
-def _vtab(target: float) -> DatasetPreset:
-    return DatasetPreset("vtab", target_sparsity=target, init_sparsity=0.01)
+def _vtab(target: float, batch_size: int, weight_decay: float, script: str) -> DatasetPreset:
+    return DatasetPreset("vtab", target_sparsity=target, init_sparsity=0.01, train_batch_size=batch_size,
+                         weight_decay=weight_decay, source=f"scripts/vtab/snella32/{script}.sh")
 
 
 PRESETS: dict[str, DatasetPreset] = {
-    "cub": _fgvc(0.30),
-    "nabirds": _fgvc(0.16),
-    "flowers": _fgvc(0.61),
-    "dogs": _fgvc(0.24),
-    "cifar100": _vtab(0.80),
-    "dtd": _vtab(0.93),
-    "flowers102": _vtab(0.40),
-    "pets": _vtab(0.55),
-    "camelyon": _vtab(0.76),
-    "retinopathy": _vtab(0.20),
-    "smallnorb_ele": _vtab(0.63),
+    "cub": _fgvc(0.30, 16, 0.05, "cub"),
+    "nabirds": _fgvc(0.16, 32, 5e-4, "nabirds"),
+    "flowers": _fgvc(0.61, 16, 1e-3, "flowers"),
+    "dogs": _fgvc(0.24, 32, 5e-3, "dogs", learning_rate=1e-4),
+    "cars": _fgvc(0.0, 16, 0.05, "cars"),
+    "cifar100": _vtab(0.80, 8, 0.05, "cifar"),
+    "dtd": _vtab(0.93, 8, 5e-3, "dtd"),
+    "flowers102": _vtab(0.40, 8, 1e-3, "flowers"),
+    "pets": _vtab(0.55, 16, 0.05, "pets"),
+    "camelyon": _vtab(0.76, 8, 5e-4, "camelyon"),
+    "retinopathy": _vtab(0.20, 32, 0.05, "retino"),
+    "smallnorb_ele": _vtab(0.63, 32, 1e-3, "snorb_ele"),
 }
 
 # Common folder names of the prepared datasets, mapped onto the names above.

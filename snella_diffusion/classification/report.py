@@ -21,7 +21,7 @@ def summarize_method(method: str, runs: list[dict[str, Any]], paper: dict[str, f
     """One table row from the per-seed run dicts (accuracies in %, memory in MB, time in s)."""
     best_mean, best_std = _mean_std([r["top1_best"] for r in runs])
     final_mean, final_std = _mean_std([r["top1_final"] for r in runs])
-    return {
+    row = {
         "method": method,
         "seeds": [r["seed"] for r in runs],
         "top1_best_mean": best_mean,
@@ -33,8 +33,12 @@ def summarize_method(method: str, runs: list[dict[str, Any]], paper: dict[str, f
         "memory_source": runs[0]["memory_source"],
         "time_per_step_s": statistics.fmean(r["time_per_step_s"] for r in runs),
         "paper_top1": paper.get(method),
+        "learning_rate": runs[0]["learning_rate"],
         "runs": runs,
     }
+    if all("top1_best_ema" in r for r in runs):
+        row["top1_best_ema_mean"], row["top1_best_ema_std"] = _mean_std([r["top1_best_ema"] for r in runs])
+    return row
 
 
 def _cell(mean: float, std: float, seeds: int) -> str:
@@ -46,18 +50,33 @@ def markdown_table(rows: list[dict[str, Any]], dataset: str, paper_known: bool) 
     lines = [
         f"Dataset: {dataset}",
         "",
-        "| method | top-1 best epoch (%) | top-1 final epoch (%) | paper top-1 (%) | trainable params "
+        "| method | top-1 best epoch (%) | top-1 final epoch (%) | paper top-1 (%) | lr | trainable params "
         "| peak memory (MB) | time/step (s) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         seeds = len(row["seeds"])
         paper = "—" if row["paper_top1"] is None else f"{row['paper_top1']:.1f}"
+        lr = f"{row['learning_rate']:g}" + (" (val)" if "lr_sweep" in row else "")
         lines.append(
             f"| {row['method']} | {_cell(row['top1_best_mean'], row['top1_best_std'], seeds)} "
-            f"| {_cell(row['top1_final_mean'], row['top1_final_std'], seeds)} | {paper} "
+            f"| {_cell(row['top1_final_mean'], row['top1_final_std'], seeds)} | {paper} | {lr} "
             f"| {row['trainable_params']:,} | {row['peak_memory_mb']:.1f} | {row['time_per_step_s']:.4f} |"
         )
+    swept = [row for row in rows if "lr_sweep" in row]
+    if swept:
+        seeds = ", ".join(str(seed) for seed in swept[0]["lr_sweep"]["seeds"])
+        lines += ["", f"lr (val): chosen per method by final-epoch top-1 on a validation split carved from the "
+                      f"training shots (seed(s) {seeds}); the test split is not used for the choice:", ""]
+        lines += [f"- {row['method']}: " + ", ".join(f"{lr:g} → {top1:.1f} %"
+                                                     for lr, top1 in row["lr_sweep"]["validation_top1"].items())
+                  for row in swept]
+    with_ema = [row for row in rows if "top1_best_ema_mean" in row]
+    if with_ema:
+        lines += ["", "Model EMA (the reference reports the better of model and EMA):", ""]
+        lines += [f"- {row['method']}: EMA best epoch "
+                  f"{_cell(row['top1_best_ema_mean'], row['top1_best_ema_std'], len(row['seeds']))} %"
+                  for row in with_ema]
     lines.append("")
     seeds = len(rows[0]["seeds"]) if rows else 0
     lines.append(f"Mean ± std over {seeds} seed(s). Memory: {rows[0]['memory_source'] if rows else ''}.")
