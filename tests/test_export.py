@@ -25,7 +25,7 @@ BUILDERS = {"sd": tiny_sd_pipeline, "sdxl": tiny_sdxl_pipeline, "flux": tiny_flu
             "sd3": tiny_sd3_pipeline, "pixart": tiny_pixart_pipeline}
 # diffusers' kohya Flux converter splits linear1 at Flux.1's widths (3072·3 + 12288), so the
 # tiny Flux adapter exported as a kohya LoRA leaves the single-block q/k/v/MLP input out.
-FLUX_WITHOUT_LINEAR1 = [r"(?:.*\.)?attn\.(?:to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)",
+FLUX_WITHOUT_LINEAR1 = [r"transformer_blocks\.\d+\.attn\.(?:to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)",
                         r"transformer_blocks\.\d+\.(?:ff|ff_context)\.net\.(?:0\.proj|2)",
                         r"single_transformer_blocks\.\d+\.proj_out"]
 
@@ -105,6 +105,10 @@ def denoiser_inputs(family: str) -> dict:
                                                   indexing="ij"), -1).reshape(16, 3),
             "txt_ids": torch.zeros(5, 3),
         }
+    if family == "sd3":
+        return {"hidden_states": torch.randn(1, 4, 16, 16, generator=generator),
+                "encoder_hidden_states": torch.randn(1, 5, 64, generator=generator),
+                "pooled_projections": torch.randn(1, 64, generator=generator), "timestep": torch.tensor([500.0])}
     inputs = {"sample": torch.randn(1, 4, 16, 16, generator=generator), "timestep": torch.tensor([500])}
     if family == "sd":
         inputs["encoder_hidden_states"] = torch.randn(1, 7, 32, generator=generator)
@@ -118,12 +122,12 @@ def denoiser_inputs(family: str) -> dict:
 @torch.no_grad()
 def outputs(pipe, family: str) -> dict[str, torch.Tensor]:
     """Denoiser output for fixed inputs, and each CLIP text encoder's hidden states."""
-    denoiser = pipe.transformer if family == "flux" else pipe.unet
+    denoiser = pipe.unet if family in ("sd", "sdxl") else pipe.transformer
     result = {"denoiser": denoiser(**denoiser_inputs(family), return_dict=False)[0]}
     tokens = torch.tensor([[0, 70, 71, 72, 1, 1, 1]])
     for name in ("text_encoder", "text_encoder_2"):
         encoder = getattr(pipe, name, None)
-        if encoder is not None and family != "flux":
+        if encoder is not None and family in ("sd", "sdxl"):
             result[name] = encoder(tokens)[0]
     return result
 
@@ -201,11 +205,11 @@ def test_diff_keys_per_family(case, tmp_path):
 # --- lora / peft through diffusers ---------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family, adapted", [("sd", "sd"), ("sdxl", "sdxl"), ("flux", "flux_kohya"), ("flux", "flux")])
-@pytest.mark.parametrize("to", ["lora", "peft"])
+@pytest.mark.parametrize("family, adapted, to", [
+    ("sd", "sd", "lora"), ("sd", "sd", "peft"), ("sdxl", "sdxl", "lora"), ("sdxl", "sdxl", "peft"),
+    ("flux", "flux_kohya", "lora"), ("flux", "flux", "peft"), ("sd3", "sd3", "peft"),
+])
 def test_full_rank_lora_reproduces_fused_outputs(case, tmp_path, family, adapted, to):
-    if adapted == "flux" and to == "lora":
-        pytest.skip("kohya Flux linear1 is split at Flux.1's widths by diffusers (see FLUX_WITHOUT_LINEAR1)")
     base, adapter = case(adapted)
     out = tmp_path / f"{to}.safetensors"
     report = export_snella([adapter], base, out, to=to, energy=1.0, dtype="fp32")
@@ -256,22 +260,30 @@ def test_output_error_falls_with_rank_and_energy_matches_residual(case, tmp_path
     assert errors[-1] < errors[0] / 3
 
 
-def test_energy_ranks_differ_per_layer_and_load_exactly(case, tmp_path):
+@pytest.mark.parametrize("to", ["lora", "peft"])
+def test_energy_ranks_differ_per_layer_and_load_exactly(case, tmp_path, to):
     """--energy picks a rank per layer; diffusers applies each layer's up @ down exactly."""
     base, adapter = case("sd")
     out = tmp_path / "energy.safetensors"
-    report = export_snella([adapter], base, out, to="lora", energy=0.9, max_rank=12, dtype="fp32")
+    report = export_snella([adapter], base, out, to=to, energy=0.9, max_rank=12, dtype="fp32")
     ranks = {record["rank"] for record in report.layers.values()}
     assert len(ranks) > 1 and max(ranks) <= 12
     assert all(record["energy"] >= 0.9 or record["rank"] == 12 for record in report.layers.values())
     tensors = load_file(str(out))
     loaded = lora_fused_pipeline("sd", out).unet
     pristine = BUILDERS["sd"](0).unet
+    checked = 0
     for path, module in pristine.named_modules():
-        key = "lora_unet_" + path.replace(".", "_")
-        if f"{key}.lora_down.weight" in tensors:
-            applied = loaded.get_submodule(path).weight - module.weight
-            torch.testing.assert_close(applied, low_rank_product(tensors, key), rtol=1e-4, atol=1e-6)
+        kohya, peft = "lora_unet_" + path.replace(".", "_"), f"unet.{path}"
+        if f"{kohya}.lora_down.weight" in tensors:
+            product = low_rank_product(tensors, kohya)
+        elif f"{peft}.lora_A.weight" in tensors:
+            product = tensors[f"{peft}.lora_B.weight"] @ tensors[f"{peft}.lora_A.weight"]
+        else:
+            continue
+        checked += 1
+        torch.testing.assert_close(loaded.get_submodule(path).weight - module.weight, product, rtol=1e-4, atol=1e-6)
+    assert checked == len(snella_layers(fused_pipeline("sd", [(adapter, 1.0)]).unet))
 
 
 # --- Flux fused rows ------------------------------------------------------------------------
@@ -435,3 +447,20 @@ def test_existing_output_needs_overwrite_and_failures_leave_it_intact(case, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.energy.json", "out.safetensors"]
     export_snella([adapter], base, out, to="lora", rank=4, overwrite=True)
     assert load_file(str(out))["lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"].shape[0] == 4
+
+
+@pytest.mark.slow
+def test_python_dash_m_entry_point(case, tmp_path):
+    import subprocess
+    import sys
+
+    base, adapter = case("sd")
+    out = tmp_path / "m.safetensors"
+    run = subprocess.run([sys.executable, "-m", "snella_diffusion.export", str(adapter), "--base", str(base),
+                          "--to", "diff", "-o", str(out)], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert run.returncode == 0, run.stderr
+    assert "wrote" in run.stdout and load_file(str(out))
+    again = subprocess.run([sys.executable, "-m", "snella_diffusion.export", str(adapter), "--base", str(base),
+                            "--to", "lora", "--energy", "1.5", "-o", str(tmp_path / "x.safetensors")],
+                           capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert again.returncode == 2 and "--energy 1.5: must lie in (0, 1]" in again.stderr
