@@ -8,7 +8,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -109,9 +109,12 @@ def _record(low: LowRank, parts: list[str]) -> dict[str, Any]:
             "parts": parts}
 
 
-def _peft_metadata(ranks: dict[str, dict[str, int]]) -> str:
+def _peft_metadata(factors: dict[tuple[str, str], tuple[Tensor, Tensor, int]]) -> str:
     """``lora_adapter_metadata``: a LoraConfig per component (``unet.r``, ``unet.rank_pattern``,
     ...) with alpha = rank in every module, so each layer applies exactly up @ down."""
+    ranks: dict[str, dict[str, int]] = {}
+    for (component, path), (_, _, rank) in factors.items():
+        ranks.setdefault(component, {})[_metadata_path(path)] = rank
     packed: dict[str, Any] = {}
     for component, module_ranks in ranks.items():
         common = collections.Counter(module_ranks.values()).most_common(1)[0][0]
@@ -148,6 +151,66 @@ def _metadata_path(path: str) -> str:
     return path.removeprefix("text_model.")
 
 
+def _check_flags(to: str, dtype: str, choice: RankChoice) -> None:
+    """Raises SnellaError naming the flag at fault."""
+    if to not in EXPORT_FORMATS:
+        raise SnellaError(f"--to {to}: must be one of {', '.join(EXPORT_FORMATS)}")
+    if dtype not in EXPORT_DTYPES:
+        raise SnellaError(f"--dtype {dtype}: must be one of {', '.join(EXPORT_DTYPES)}")
+    if to != "diff":
+        choice.validate()
+    elif (choice.rank, choice.energy, choice.max_rank) != (None, None, None):
+        raise SnellaError("--rank / --energy / --max_rank apply to --to lora or peft, not diff")
+
+
+@dataclasses.dataclass
+class _Factorised:
+    """The truncated SVDs of an export: kohya factors by key, PEFT factors by
+    ``(component, exported path)`` (a fused weight's parts share ``down`` and split ``up``
+    by rows), the per-weight records and Σ kept / Σ total ‖ΔW‖²_F."""
+
+    kohya: dict[str, LowRank] = dataclasses.field(default_factory=dict)
+    peft: dict[tuple[str, str], tuple[Tensor, Tensor, int]] = dataclasses.field(default_factory=dict)
+    records: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    kept: float = 0.0
+    total: float = 0.0
+
+
+DeltaBuilder = Callable[[ExportTarget], tuple[Tensor, list[tuple[LayerKey, int, int]]]]
+
+
+def _factorise(targets: list[ExportTarget], target_delta: DeltaBuilder, choice: RankChoice, to: str,
+               adapted: set[LayerKey], spelled: Callable[[LayerKey], str]) -> _Factorised:
+    """Truncate every target's ΔW; records are keyed by the kohya key (lora, fused weights) or
+    by ``<component>.<path>`` (peft)."""
+    result = _Factorised()
+    for target in targets:
+        delta, rows = target_delta(target)
+        low = truncate(delta, choice, target.key)
+        result.total += low.norm ** 2
+        result.kept += low.norm ** 2 - low.residual_norm ** 2
+        part_names = [f"{c}.{spelled((c, p))}" for (c, p), _, _ in rows if (c, p) in adapted]
+        name = target.key if to == "lora" or len(target.parts) > 1 else part_names[0]
+        result.records[name] = _record(low, part_names)
+        if low.rank == 0:
+            continue
+        result.kohya[target.key] = low
+        for (component, path), start, count in rows:
+            if (component, path) in adapted:
+                result.peft[(component, spelled((component, path)))] = (
+                    low.down, low.up[start:start + count], low.rank)
+    return result
+
+
+def _peft_tensors(factors: dict[tuple[str, str], tuple[Tensor, Tensor, int]], dtype: torch.dtype) -> dict[str, Tensor]:
+    """``<component>.<path>.lora_A.weight`` = down ``(r, n)``, ``lora_B.weight`` = up ``(m, r)``."""
+    tensors: dict[str, Tensor] = {}
+    for (component, path), (down, up, _) in factors.items():
+        tensors[f"{component}.{path}.lora_A.weight"] = down.to(dtype)
+        tensors[f"{component}.{path}.lora_B.weight"] = up.to(dtype)
+    return tensors
+
+
 def export_snella(
     adapters: Sequence[AdapterSpec],
     base: Union[PathLike, Any],
@@ -181,16 +244,8 @@ def export_snella(
         before any file is read, the adapters against the base before any ΔW is built.
     """
     output = Path(output)
-    if to not in EXPORT_FORMATS:
-        raise SnellaError(f"--to {to}: must be one of {', '.join(EXPORT_FORMATS)}")
-    if dtype not in EXPORT_DTYPES:
-        raise SnellaError(f"--dtype {dtype}: must be one of {', '.join(EXPORT_DTYPES)}")
     choice = RankChoice(rank, energy, max_rank)
-    if to == "diff":
-        if rank is not None or energy is not None or max_rank is not None:
-            raise SnellaError("--rank / --energy / --max_rank apply to --to lora or peft, not diff")
-    else:
-        choice.validate()
+    _check_flags(to, dtype, choice)
     check_outputs(output, to, overwrite)
 
     sources = read_adapters(_as_specs(adapters))
@@ -202,54 +257,31 @@ def export_snella(
     def spelled(layer: LayerKey) -> str:
         return canonical_path(base_model.components[layer[0]], layer[1])
 
+    def target_delta(target: ExportTarget) -> tuple[Tensor, list[tuple[LayerKey, int, int]]]:
+        return _target_delta(base_model, sources, target, adapted, adapter_weight)
+
     targets = base_model.family.targets(layers, spelled)
     torch_dtype = EXPORT_DTYPES[dtype]
-    tensors: dict[str, Tensor] = {}
-    records: dict[str, dict[str, Any]] = {}
-    peft_ranks: dict[str, dict[str, int]] = {}
-    kohya_factors: dict[str, LowRank] = {}
-    kept = total = 0.0
-    for target in targets:
-        delta, rows = _target_delta(base_model, sources, target, adapted, adapter_weight)
-        if to == "diff":
-            tensors[f"{target.key}.diff"] = delta.to(torch_dtype)
-            continue
-        low = truncate(delta, choice, target.key)
-        total += low.norm ** 2
-        kept += low.norm ** 2 - low.residual_norm ** 2
-        part_names = [f"{c}.{spelled((c, p))}" for (c, p), _, _ in rows if (c, p) in adapted]
-        name = target.key if to == "lora" or len(target.parts) > 1 else part_names[0]
-        records[name] = _record(low, part_names)
-        if low.rank == 0:
-            continue
-        if to == "lora":
-            kohya_factors[target.key] = low
-            continue
-        for (component, path), start, count in rows:
-            if (component, path) not in adapted:
-                continue
-            key = f"{component}.{spelled((component, path))}"
-            tensors[f"{key}.lora_A.weight"] = low.down.to(torch_dtype)
-            tensors[f"{key}.lora_B.weight"] = low.up[start:start + count].to(torch_dtype)
-            peft_ranks.setdefault(component, {})[_metadata_path(spelled((component, path)))] = low.rank
+    if to == "diff":
+        tensors = {f"{t.key}.diff": target_delta(t)[0].to(torch_dtype) for t in targets}
+        metadata = header_metadata(base_model.family, to, sources, output, adapter_weight, title=title)
+        write_export(output, tensors, metadata, None)
+        return ExportReport(output, to, base_model.family.name, len(tensors))
 
-    tensors.update(_kohya_tensors(kohya_factors, torch_dtype))
-    ranks = [record["rank"] for record in records.values() if record["rank"] > 0]
+    factorised = _factorise(targets, target_delta, choice, to, adapted, spelled)
+    tensors = _kohya_tensors(factorised.kohya, torch_dtype) if to == "lora" else _peft_tensors(factorised.peft, torch_dtype)
+    ranks = [record["rank"] for record in factorised.records.values() if record["rank"] > 0]
     metadata = header_metadata(base_model.family, to, sources, output, adapter_weight, ranks, title)
-    report = None
-    overall = None
-    if to != "diff":
-        overall = kept / total if total > 0 else 1.0
-        report = {
-            "format": to, "rank": rank, "energy_target": energy, "max_rank": max_rank,
-            "overall": {"energy": overall, "norm": total ** 0.5, "residual_norm": max(total - kept, 0.0) ** 0.5},
-            "layers": records,
-        }
-        metadata["snella_energy"] = repr(overall)
-        if to == "peft" and peft_ranks:
-            metadata["lora_adapter_metadata"] = _peft_metadata(peft_ranks)
+    overall = factorised.kept / factorised.total if factorised.total > 0 else 1.0
+    report = {
+        "format": to, "rank": rank, "energy_target": energy, "max_rank": max_rank,
+        "overall": {"energy": overall, "norm": factorised.total ** 0.5,
+                    "residual_norm": max(factorised.total - factorised.kept, 0.0) ** 0.5},
+        "layers": factorised.records,
+    }
+    metadata["snella_energy"] = repr(overall)
+    if to == "peft" and factorised.peft:
+        metadata["lora_adapter_metadata"] = _peft_metadata(factorised.peft)
     write_export(output, tensors, metadata, report)
-    return ExportReport(
-        output, to, base_model.family.name, len(tensors), records, overall,
-        energy_report_path(output) if report is not None else None,
-    )
+    return ExportReport(output, to, base_model.family.name, len(tensors), factorised.records, overall,
+                        energy_report_path(output))

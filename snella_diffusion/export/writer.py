@@ -74,7 +74,8 @@ def header_metadata(
     elif ranks:
         uniform = len(set(ranks)) == 1
         metadata["ss_network_dim"] = str(ranks[0]) if uniform else "Dynamic"
-        metadata["ss_network_alpha"] = str(ranks[0]) if uniform else "Dynamic"
+        # kohya files carry one alpha (the largest rank); PEFT alphas follow each rank.
+        metadata["ss_network_alpha"] = str(max(ranks)) if uniform or to == "lora" else "Dynamic"
     return metadata
 
 
