@@ -466,3 +466,17 @@ def test_python_dash_m_entry_point(case, tmp_path):
                           "--to", "diff", "-o", str(out)], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert run.returncode == 0, run.stderr
     assert "wrote" in run.stdout and load_file(str(out))
+
+
+def test_base_errors_name_the_folder_and_component(case, tmp_path):
+    base, adapter = case("sd")
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(SnellaError, match="model_index.json is missing"):
+        export_snella([adapter], tmp_path, out)
+    broken = tmp_path / "broken"
+    (broken / "unet").mkdir(parents=True)
+    (broken / "model_index.json").write_text((base / "model_index.json").read_text())
+    (broken / "unet" / "config.json").write_text((base / "unet" / "config.json").read_text())
+    with pytest.raises(SnellaError, match="broken: text_encoder/config.json is missing"):
+        export_snella([adapter], broken, out)
+    assert not out.exists()

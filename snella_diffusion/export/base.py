@@ -68,25 +68,34 @@ def _skeleton(source: str, component: str, spec: Any) -> nn.Module:
     except (ImportError, AttributeError) as error:
         raise SnellaError(f"--base {source}: component {component!r} names {library}.{class_name}, "
                           f"which cannot be imported ({error})") from error
-    local = Path(source) / component
-    location = str(local) if local.is_dir() else source
-    kwargs = {} if local.is_dir() else {"subfolder": component}
-    with torch.device("meta"):
-        if hasattr(cls, "load_config"):
-            return cls.from_config(cls.load_config(location, **kwargs))
-        if hasattr(cls, "config_class"):
+    if Path(source).is_dir():
+        # transformers builds a default config when none exists: require the file.
+        location, kwargs = str(_config_file(source, f"{component}/config.json").parent), {}
+    else:
+        location, kwargs = source, {"subfolder": component}
+    if not (hasattr(cls, "load_config") or hasattr(cls, "config_class")):
+        raise SnellaError(f"--base {source}: component {component!r} ({class_name}) is not a model")
+    try:
+        with torch.device("meta"):
+            if hasattr(cls, "load_config"):
+                return cls.from_config(cls.load_config(location, **kwargs))
             return cls(cls.config_class.from_pretrained(location, **kwargs))
-    raise SnellaError(f"--base {source}: component {component!r} ({class_name}) is not a model")
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise SnellaError(f"--base {source}: the config of component {component!r} ({class_name}) "
+                          f"cannot be read ({type(error).__name__}: {error})") from error
 
 
 def _from_folder(source: str, needed: Iterable[str]) -> BaseModel:
     index = _read_json(source, "model_index.json")
     pipeline_class = index.get("_class_name", "")
     configs = {
-        name: _read_json(source, f"{name}/{'scheduler_config' if name == 'scheduler' else 'config'}.json")
-        for name in CONFIG_COMPONENTS
+        name: _read_json(source, f"{name}/config.json")
+        for name in ("unet", "transformer")
         if name in index and isinstance(index[name], (list, tuple)) and index[name][0] is not None
     }
+    scheduler = Path(source) / "scheduler" / "scheduler_config.json"
+    if scheduler.is_file():  # only SD 2.x's name depends on it (v-prediction): optional
+        configs["scheduler"] = _read_json(source, "scheduler/scheduler_config.json")
     family = export_family(pipeline_class, configs, f"--base {source}/model_index.json")
     components = {name: _skeleton(source, name, index[name]) for name in needed if name in index}
     return BaseModel(source, pipeline_class, family, components)
