@@ -1,5 +1,7 @@
 """Per-family key names: which exported weight a diffusers layer lands in, as ComfyUI, Forge,
-AUTOMATIC1111 and diffusers map them (sources in ``/work/shared/INTEROP.md`` and the README).
+AUTOMATIC1111 and diffusers map them (ComfyUI ``comfy/lora.py`` / ``comfy/utils.py``, diffusers
+``loaders/lora_conversion_utils.py``; the README section "Use in ComfyUI / Forge /
+AUTOMATIC1111" lists them).
 
 An :class:`ExportTarget` is one weight of the exported file: its key (without the
 ``.diff`` / ``.lora_down.weight`` suffix) and the diffusers layers whose ΔW it stacks by rows.
