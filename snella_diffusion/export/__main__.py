@@ -1,0 +1,5 @@
+"""``python -m snella_diffusion.export``."""
+
+from .cli import cli
+
+cli()
