@@ -31,8 +31,9 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from snella_diffusion import BiLevelAllocator, SnellaConfig, SnellaError, apply_snella, save_snella
+from snella_diffusion import BiLevelAllocator, SnellaConfig, SnellaError, apply_snella
 from snella_diffusion.config import FORWARD_MODES, KERNELS, SPARSIFY_MODES
+from snella_diffusion.training.adapters import ADAPTERS, attach_baseline, output_file, save_trained
 from snella_diffusion.training.checkpointing import (
     CheckpointableGenerator,
     list_checkpoints,
@@ -161,6 +162,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     run = parser.add_argument_group("validation, logging, checkpoints")
     run.add_argument("--validation_prompt", type=str, default=None,
                      help="Prompt for sample grids (default with the embedded model: the instance prompt).")
+    run.add_argument("--validation_guidance_scale", type=float, default=None,
+                     help="Classifier-free guidance of validation and class-image sampling (default: the "
+                          "pipeline's own, 7.5 for Stable Diffusion).")
     run.add_argument("--num_validation_images", type=int, default=4, help="Images per validation grid.")
     run.add_argument("--validation_steps", type=int, default=None,
                      help="Write validation/step_<N>.png every N optimizer steps and at the end "
@@ -206,6 +210,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="Build ΔW and its backward over whole matrices fused by torch.compile "
                              "instead of the default blocked eager path (slower than the default on a "
                              "CPU; costs tens of seconds of compilation at the first step).")
+    snella.add_argument("--adapter", type=str, default="snella", choices=list(ADAPTERS),
+                        help="What to train: SNELLA, PEFT LoRA on the same layers (diffusers LoRA file), or "
+                             "the full denoiser; the other flags stay the same, for A/B runs.")
+    snella.add_argument("--lora_rank", type=int, default=None,
+                        help="LoRA rank with --adapter=lora (default --rank: the same parameter count).")
     snella.add_argument("--forward_cache_mb", type=int, default=0,
                         help="Keep W0 + ΔW from each forward until the layer's backward, up to this many "
                              "MiB over all layers: with --gradient_checkpointing the recompute skips its "
@@ -242,6 +251,10 @@ def check_args(args: argparse.Namespace) -> None:
             raise TrainingSetupError(f"--{flag}={getattr(args, flag)}: must be at least 1")
     if args.max_train_steps is not None and args.max_train_steps < 1:
         raise TrainingSetupError(f"--max_train_steps={args.max_train_steps}: must be at least 1")
+    if args.adapter != "snella" and args.train_text_encoder:
+        raise TrainingSetupError(f"--adapter={args.adapter} trains the denoiser only: drop --train_text_encoder")
+    if args.lora_rank is not None and (args.adapter != "lora" or args.lora_rank < 1):
+        raise TrainingSetupError(f"--lora_rank={args.lora_rank}: needs --adapter=lora and a rank of at least 1")
 
 
 def resolve_report_to(report_to: Optional[str]) -> Optional[str]:
@@ -349,9 +362,9 @@ def run_validation(
     for index in range(args.num_validation_images):
         generator = torch.Generator().manual_seed(args.seed + index)
         with accelerator.autocast():
+            inputs = {**family.validation_inputs(components, args.validation_prompt), **guidance_kwargs(args)}
             result = pipeline(
-                **family.validation_inputs(components, args.validation_prompt),
-                num_inference_steps=args.validation_inference_steps,
+                **inputs, num_inference_steps=args.validation_inference_steps,
                 generator=generator, height=resolution, width=resolution, output_type="pil",
             )
         images.append(result.images[0])
@@ -363,6 +376,11 @@ def run_validation(
             tracker.writer.add_images("validation", stacked, step, dataformats="NHWC")
     logger.info("validation samples: %s", path)
     return path
+
+
+def guidance_kwargs(args: argparse.Namespace) -> dict[str, float]:
+    """``{"guidance_scale": --validation_guidance_scale}`` when the flag is set, else nothing."""
+    return {} if args.validation_guidance_scale is None else {"guidance_scale": args.validation_guidance_scale}
 
 
 def training_loss(
@@ -438,7 +456,8 @@ def build_dataset(
             base_pipeline.set_progress_bar_config(disable=True)
             generate_class_images(
                 base_pipeline, args.class_prompt, class_folder, args.num_class_images, args.sample_batch_size,
-                seed=args.seed, progress=True, pipeline_kwargs={"height": resolution, "width": resolution},
+                seed=args.seed, progress=True,
+                pipeline_kwargs={"height": resolution, "width": resolution, **guidance_kwargs(args)},
             )
             del base_pipeline
         accelerator.wait_for_everyone()
@@ -515,7 +534,11 @@ def main(args: argparse.Namespace) -> Path:
     num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
 
     config = snella_config(args, family, args.max_train_steps)
-    trained, allocator = attach_adapters(args, family, components, config)
+    if args.adapter == "snella":
+        trained, allocator = attach_adapters(args, family, components, config)
+    else:
+        trained, allocator = attach_baseline(args.adapter, components.denoiser, family.denoiser_component, config,
+                                             args.lora_rank)
     trainable = [p for module in trained.values() for p in module.parameters() if p.requires_grad]
     logger.info(
         "SNELLA: %d adapted layers (%s), %d trainable parameters", len(allocator.names),
@@ -547,7 +570,8 @@ def main(args: argparse.Namespace) -> Path:
     wrapped = dict(zip(names, prepared[: len(names)]))
     optimizer, loader, lr_scheduler = prepared[len(names):]
     noise_generator = CheckpointableGenerator(args.seed + 104729 * accelerator.process_index)
-    register_adapter_hooks(accelerator, trained, args.pretrained_model_name_or_path, accelerator.unwrap_model)
+    if args.adapter == "snella":
+        register_adapter_hooks(accelerator, trained, args.pretrained_model_name_or_path, accelerator.unwrap_model)
     accelerator.register_for_checkpointing(allocator)
     accelerator.register_for_checkpointing(noise_generator)
     accelerator.register_for_checkpointing(encode_generator)
@@ -658,13 +682,13 @@ def main(args: argparse.Namespace) -> Path:
         # The run ended between reallocation steps: apply the final budget to the saved adapter.
         allocator.reallocate(allocator.final_volume)
     rank_drops = check_ranks_agree(accelerator, allocator)
-    adapter_path = output_dir / OUTPUT_FILE
+    adapter_path = output_file(args.adapter, output_dir, family.denoiser_component)
     if accelerator.is_main_process:
         if args.validation_prompt and not any(v.endswith(f"step_{global_step}.png") for v in validations):
             validations.append(run_validation(
                 args, accelerator, family, components, trained, global_step, resolution, output_dir
             ).relative_to(output_dir).as_posix())
-        save_snella(trained, adapter_path, base_model=args.pretrained_model_name_or_path)
+        save_trained(args.adapter, trained, output_dir, args.pretrained_model_name_or_path)
         write_outputs(args, family, config, allocator, rank_drops, losses, validations, output_dir,
                       time.monotonic() - started, accelerator.num_processes, describe_objective(objective))
         logger.info("wrote %s", adapter_path)

@@ -106,10 +106,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--warmup_steps", type=int, default=200)
     parser.add_argument("--ema_decay", type=float, default=0.999)
     parser.add_argument("--prompt_dropout", type=float, default=0.1)
-    parser.add_argument("--vae_steps", type=int, default=600)
+    parser.add_argument("--vae_steps", type=int, default=200)
     parser.add_argument("--checkpoint_every", type=int, default=250)
     parser.add_argument("--log_every", type=int, default=25)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it).")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (results depend on it).")
     return parser.parse_args(argv)
 
 
