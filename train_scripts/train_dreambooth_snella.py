@@ -66,8 +66,14 @@ logger = get_logger(__name__)
 
 EMBEDDED_MODEL_FOLDER = "embedded-base-model"
 EMBEDDED_INSTANCE_FOLDER = "instance-images"
-EMBEDDED_PROMPT = "a photo of sks toy"
-EMBEDDED_MAX_STEPS = 50
+EMBEDDED_PROMPT = "a sks square"
+SYNTHETIC_PROMPT = "a photo of sks toy"
+EMBEDDED_CLASS_PROMPT = "a square"
+EMBEDDED_CLASS_FOLDER = "class-images"
+EMBEDDED_INSTANCE_COUNT = 5
+EMBEDDED_MAX_STEPS = 200
+# The lab base breaks under strong classifier-free guidance (issue 16): sample it at 1.
+EMBEDDED_GUIDANCE_SCALE = 1.0
 OUTPUT_FILE = "snella_weights.safetensors"
 DEFAULT_VALIDATION_STEPS = 100
 DEFAULT_CHECKPOINTING_STEPS = 500
@@ -165,6 +171,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     run.add_argument("--validation_guidance_scale", type=float, default=None,
                      help="Classifier-free guidance of validation and class-image sampling (default: the "
                           "pipeline's own, 7.5 for Stable Diffusion).")
+    run.add_argument("--validation_with_class_prompt", action="store_true",
+                     help="Add a row of --class_prompt samples to each validation grid (shows leakage).")
     run.add_argument("--num_validation_images", type=int, default=4, help="Images per validation grid.")
     run.add_argument("--validation_steps", type=int, default=None,
                      help="Write validation/step_<N>.png every N optimizer steps and at the end "
@@ -278,26 +286,43 @@ def prepare_embedded_inputs(args: argparse.Namespace, accelerator: Accelerator, 
     embedded_model = args.pretrained_model_name_or_path is None
     if embedded_model:
         folder = output_dir / EMBEDDED_MODEL_FOLDER
-        if accelerator.is_main_process and not (folder / "model_index.json").is_file():
-            from snella_diffusion.tiny_models import tiny_sd_pipeline
+        if accelerator.is_main_process:
+            from snella_diffusion.lab.shipped import materialize_base
 
-            logger.info("no --pretrained_model_name_or_path: saving the embedded tiny SD model to %s", folder)
-            tiny_sd_pipeline(seed=0).save_pretrained(folder)
+            logger.info("no --pretrained_model_name_or_path: writing the pretrained lab base to %s", folder)
+            materialize_base(folder)
         args.pretrained_model_name_or_path = str(folder)
         if args.max_train_steps is None:
             args.max_train_steps = EMBEDDED_MAX_STEPS
-    if args.instance_data_dir is None:
+    if args.instance_data_dir is None and embedded_model:
+        from snella_diffusion.lab.world import instance_pil_images
+
+        folder = output_dir / EMBEDDED_INSTANCE_FOLDER
+        if accelerator.is_main_process:
+            logger.info("no --instance_data_dir: writing %d images of the lab concept sks to %s",
+                        EMBEDDED_INSTANCE_COUNT, folder)
+            write_images(instance_pil_images(EMBEDDED_INSTANCE_COUNT, seed=0), folder, "instance")
+        args.instance_data_dir = str(folder)
+        args.instance_prompt = args.instance_prompt or EMBEDDED_PROMPT
+        if not args.with_prior_preservation:
+            args.with_prior_preservation = True
+            args.class_prompt = args.class_prompt or EMBEDDED_CLASS_PROMPT
+            args.class_data_dir = args.class_data_dir or str(output_dir / EMBEDDED_CLASS_FOLDER)
+            args.validation_with_class_prompt = True
+    elif args.instance_data_dir is None:
         folder = output_dir / EMBEDDED_INSTANCE_FOLDER
         if accelerator.is_main_process:
             logger.info("no --instance_data_dir: writing 4 generated instance images to %s", folder)
             write_images(synthetic_instance_images(count=4, size=64, seed=0), folder, "instance")
         args.instance_data_dir = str(folder)
         if args.instance_prompt is None:
-            args.instance_prompt = EMBEDDED_PROMPT
+            args.instance_prompt = SYNTHETIC_PROMPT
     if embedded_model:
         half_run = max(1, args.max_train_steps // 2)
         if args.validation_prompt is None:
             args.validation_prompt = args.instance_prompt
+        if args.validation_guidance_scale is None:
+            args.validation_guidance_scale = EMBEDDED_GUIDANCE_SCALE
         args.validation_steps = args.validation_steps or half_run
         args.checkpointing_steps = args.checkpointing_steps or half_run
     args.validation_steps = args.validation_steps or DEFAULT_VALIDATION_STEPS
@@ -359,17 +384,18 @@ def run_validation(
     pipeline = family.pipeline(components, overrides)
     pipeline.set_progress_bar_config(disable=True)
     images = []
-    for index in range(args.num_validation_images):
+    prompts = [args.validation_prompt] + ([args.class_prompt] if args.validation_with_class_prompt and args.class_prompt else [])
+    for prompt, index in ((p, i) for p in prompts for i in range(args.num_validation_images)):
         generator = torch.Generator().manual_seed(args.seed + index)
         with accelerator.autocast():
-            inputs = {**family.validation_inputs(components, args.validation_prompt), **guidance_kwargs(args)}
+            inputs = {**family.validation_inputs(components, prompt), **guidance_kwargs(args)}
             result = pipeline(
                 **inputs, num_inference_steps=args.validation_inference_steps,
                 generator=generator, height=resolution, width=resolution, output_type="pil",
             )
         images.append(result.images[0])
     path = save_image_grid(images, output_dir / "validation" / f"step_{step}.png",
-                           columns=min(4, len(images)))
+                           columns=min(4, len(images)) if len(prompts) == 1 else args.num_validation_images)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             stacked = np.stack([np.asarray(image) for image in images])

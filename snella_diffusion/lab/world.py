@@ -186,3 +186,12 @@ def downsample(images: np.ndarray, factor: int = 2) -> np.ndarray:
     *lead, height, width, channels = images.shape
     blocks = images.reshape(*lead, height // factor, factor, width // factor, factor, channels)
     return blocks.mean(axis=(-4, -2))
+
+
+def instance_pil_images(count: int, seed: int, factor: int = 2) -> list:
+    """``count`` concept images as 8-bit PIL images, area-downsampled by ``factor`` (2: the
+    lab base's 16 px)."""
+    from PIL import Image
+
+    images, _ = instance_images(count, seed)
+    return [Image.fromarray(np.round(image * 255).astype(np.uint8)) for image in downsample(images, factor)]
