@@ -103,7 +103,7 @@ def train_run(args: argparse.Namespace, method: str, learning_rate: float, steps
     argv = [
         "--pretrained_model_name_or_path", str(args.base), "--instance_data_dir", str(args.output_dir / "instance"),
         "--instance_prompt", world.INSTANCE_PROMPT, "--with_prior_preservation",
-        "--class_data_dir", str(args.output_dir / "class"), "--class_prompt", world.CLASS_PROMPT,
+        "--class_data_dir", str(args.class_dir or args.output_dir / "class"), "--class_prompt", world.CLASS_PROMPT,
         "--num_class_images", str(args.num_class_images), "--sample_batch_size", "25",
         "--resolution", "16", "--train_batch_size", str(args.train_batch_size),
         "--max_train_steps", str(steps), "--learning_rate", str(learning_rate), "--seed", str(seed),
@@ -228,6 +228,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="Shrink every evaluation group by this factor (smoke tests only).")
     parser.add_argument("--drift_cap", type=float, default=0.10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--class_dir", type=Path, default=None,
+                        help="Class-image folder shared between lab processes (default <output_dir>/class).")
+    parser.add_argument("--merge_from", nargs="*", type=Path, default=[],
+                        help="Other lab output folders (same base) whose finished runs join this report.")
     return parser.parse_args(argv)
 
 
@@ -258,6 +262,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         results = {"base_path": str(args.base), "inference_steps": args.inference_steps, "base": base_metrics,
                    "runs": {}}
         results_file.write_text(json.dumps(results, indent=1))
+    for other in args.merge_from:
+        other_results = json.loads((other / "results.json").read_text())
+        if other_results["base_path"] != results["base_path"]:
+            raise SystemExit(f"--merge_from={other}: its base {other_results['base_path']} differs")
+        for name, run in other_results["runs"].items():
+            if name not in results["runs"]:
+                results["runs"][name] = run
+                sample_file = other / "samples" / f"{name}.npz"
+                (args.output_dir / "samples" / sample_file.name).write_bytes(sample_file.read_bytes())
+    results_file.write_text(json.dumps(results, indent=1))
     write_instance_images(args.output_dir / "instance", args.instance_count, seed=12345)
     for method, learning_rate, steps, seed in planned_runs(args):
         name = f"{method}-lr{learning_rate:g}-s{steps}-seed{seed}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -45,3 +45,43 @@ def random_prompts(count: int, seed: int) -> list[str]:
     prompts = base_prompts()
     rng = np.random.default_rng(seed)
     return [prompts[i] for i in rng.integers(len(prompts), size=count)]
+
+
+ACCEPTANCE_SAMPLES = 192
+ACCEPTANCE_SEED = 7
+
+
+def acceptance(pipeline: Any, count: int = ACCEPTANCE_SAMPLES, steps: int = BASE_INFERENCE_STEPS,
+               guidance_scale: float = BASE_GUIDANCE_SCALE) -> dict[str, float]:
+    """Issue 16's acceptance measurement: ``count`` samples of random full prompts (seeded),
+    ``steps`` steps of the pipeline's own sampler, scored by the decoders."""
+    prompts = random_prompts(count, seed=ACCEPTANCE_SEED)
+    return score_prompts(sample(pipeline, prompts, seed=ACCEPTANCE_SEED * 1000, guidance_scale=guidance_scale,
+                                steps=steps), prompts)
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> None:
+    """``python -m snella_diffusion.lab.evaluate <pipeline folder> [--guidance 1 2 3]``: prints
+    the acceptance scores as JSON, one line per guidance scale."""
+    import argparse
+    import json
+
+    from diffusers import StableDiffusionPipeline
+
+    parser = argparse.ArgumentParser(description=cli.__doc__)
+    parser.add_argument("folder")
+    parser.add_argument("--guidance", nargs="+", type=float, default=[BASE_GUIDANCE_SCALE])
+    parser.add_argument("--steps", type=int, default=BASE_INFERENCE_STEPS)
+    parser.add_argument("--count", type=int, default=ACCEPTANCE_SAMPLES)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    pipeline = StableDiffusionPipeline.from_pretrained(args.folder, safety_checker=None, requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    for guidance in args.guidance:
+        scores = acceptance(pipeline, args.count, args.steps, guidance)
+        print(json.dumps({"guidance_scale": guidance, "steps": args.steps, "samples": args.count, **scores}), flush=True)
+
+
+if __name__ == "__main__":
+    cli()

@@ -71,3 +71,19 @@ def save_scatter(points: dict[str, Sequence[tuple[float, float]]], path: Path, t
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
+
+
+def save_pretraining_curve(progress_file: Path, path: Path) -> Path:
+    """The checkpoint scores of ``pretrain.py``'s ``progress.jsonl`` (colour, shape, size and
+    all-three accuracy on the 48 base prompts) against the step."""
+    import json
+
+    from snella_diffusion.viz import save_line_plot
+
+    series: dict[str, list[tuple[float, float]]] = {k: [] for k in ("color", "shape", "size", "all")}
+    for line in Path(progress_file).read_text().splitlines():
+        record = json.loads(line)
+        for key in series:
+            if "eval_48_guidance_1" in record:
+                series[key].append((float(record["step"]), record["eval_48_guidance_1"][key]))
+    return save_line_plot(series, path, title="lab base pretraining: accuracy on the 48 base prompts (guidance 1)")
