@@ -71,6 +71,7 @@ SYNTHETIC_PROMPT = "a photo of sks toy"
 EMBEDDED_CLASS_PROMPT = "a square"
 EMBEDDED_CLASS_FOLDER = "class-images"
 EMBEDDED_INSTANCE_COUNT = 5
+EMBEDDED_CLASS_IMAGES = 50
 EMBEDDED_MAX_STEPS = 200
 # The lab base breaks under strong classifier-free guidance (issue 16): sample it at 1.
 EMBEDDED_GUIDANCE_SCALE = 1.0
@@ -308,6 +309,7 @@ def prepare_embedded_inputs(args: argparse.Namespace, accelerator: Accelerator, 
             args.with_prior_preservation = True
             args.class_prompt = args.class_prompt or EMBEDDED_CLASS_PROMPT
             args.class_data_dir = args.class_data_dir or str(output_dir / EMBEDDED_CLASS_FOLDER)
+            args.num_class_images = min(args.num_class_images, EMBEDDED_CLASS_IMAGES)
             args.validation_with_class_prompt = True
     elif args.instance_data_dir is None:
         folder = output_dir / EMBEDDED_INSTANCE_FOLDER
