@@ -72,7 +72,7 @@ EMBEDDED_CLASS_PROMPT = "a square"
 EMBEDDED_CLASS_FOLDER = "class-images"
 EMBEDDED_INSTANCE_COUNT = 5
 EMBEDDED_CLASS_IMAGES = 50
-EMBEDDED_MAX_STEPS = 200
+EMBEDDED_MAX_STEPS = 400
 # The lab base breaks under strong classifier-free guidance (issue 16): sample it at 1.
 EMBEDDED_GUIDANCE_SCALE = 1.0
 OUTPUT_FILE = "snella_weights.safetensors"
