@@ -37,6 +37,7 @@ from snella_diffusion import BiLevelAllocator, SnellaConfig, SnellaError, apply_
 from snella_diffusion.config import FORWARD_MODES, KERNELS, SPARSIFY_MODES
 from snella_diffusion.delta_cache import without_delta_cache
 from snella_diffusion.inject import check_targets
+from snella_diffusion.training.adapters import ADAPTERS, attach_baseline, output_file, save_trained
 from snella_diffusion.training.checkpointing import (
     CheckpointableGenerator,
     list_checkpoints,
@@ -82,8 +83,15 @@ logger = get_logger(__name__)
 
 EMBEDDED_MODEL_FOLDER = "embedded-base-model"
 EMBEDDED_INSTANCE_FOLDER = "instance-images"
-EMBEDDED_PROMPT = "a photo of sks toy"
-EMBEDDED_MAX_STEPS = 50
+EMBEDDED_PROMPT = "a sks square"
+SYNTHETIC_PROMPT = "a photo of sks toy"
+EMBEDDED_CLASS_PROMPT = "a square"
+EMBEDDED_CLASS_FOLDER = "class-images"
+EMBEDDED_INSTANCE_COUNT = 5
+EMBEDDED_CLASS_IMAGES = 50
+EMBEDDED_MAX_STEPS = 400
+# The lab base breaks under strong classifier-free guidance (issue 16): sample it at 1.
+EMBEDDED_GUIDANCE_SCALE = 1.0
 OUTPUT_FILE = "snella_weights.safetensors"
 RAW_OUTPUT_FILE = "snella_weights_raw.safetensors"
 DEFAULT_VALIDATION_STEPS = 100
@@ -154,8 +162,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                        help="Micro-batches accumulated per optimizer step.")
     train.add_argument("--gradient_checkpointing", action="store_true",
                        help="Recompute UNet (and trained text encoder) activations in backward to save memory.")
-    train.add_argument("--learning_rate", type=float, default=1e-3,
-                       help="Initial learning rate (1e-3 is the SNELLA reference value).")
+    train.add_argument("--learning_rate", type=float, default=3e-3,
+                       help="Initial learning rate. 3e-3: SNELLA's best in the personalization lab, where "
+                            "1e-3 learnt the concept 2-3x less often (README); LoRA and full runs may want less.")
     train.add_argument("--scale_lr", action="store_true",
                        help="Multiply the learning rate by GPUs × accumulation steps × batch size.")
     train.add_argument("--lr_scheduler", type=str, default="constant", choices=list(LR_SCHEDULERS),
@@ -184,6 +193,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     run = parser.add_argument_group("validation, logging, checkpoints")
     run.add_argument("--validation_prompt", type=str, default=None,
                      help="Prompt for sample grids (default with the embedded model: the instance prompt).")
+    run.add_argument("--validation_guidance_scale", type=float, default=None,
+                     help="Classifier-free guidance of validation and class-image sampling (default: the "
+                          "pipeline's own, 7.5 for Stable Diffusion).")
+    run.add_argument("--validation_with_class_prompt", action="store_true",
+                     help="Add a row of --class_prompt samples to each validation grid (shows leakage).")
     run.add_argument("--num_validation_images", type=int, default=4, help="Images per validation grid.")
     run.add_argument("--validation_steps", type=int, default=None,
                      help="Write validation/step_<N>.png every N optimizer steps and at the end "
@@ -230,6 +244,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="Build ΔW and its backward over whole matrices fused by torch.compile "
                              "instead of the default blocked eager path (slower than the default on a "
                              "CPU; costs tens of seconds of compilation at the first step).")
+    snella.add_argument("--adapter", type=str, default="snella", choices=list(ADAPTERS),
+                        help="What to train: SNELLA, PEFT LoRA on the same layers (diffusers LoRA file), or "
+                             "the full denoiser; the other flags stay the same, for A/B runs.")
+    snella.add_argument("--lora_rank", type=int, default=None,
+                        help="LoRA rank with --adapter=lora (default --rank: the same parameter count).")
     snella.add_argument("--forward_cache_mb", type=int, default=0,
                         help="Keep W0 + ΔW from each forward until the layer's backward, up to this many "
                              "MiB over all layers: with --gradient_checkpointing the recompute skips its "
@@ -287,6 +306,12 @@ def check_args(args: argparse.Namespace) -> None:
             raise TrainingSetupError(f"--{flag}={getattr(args, flag)}: must be at least 1")
     if args.max_train_steps is not None and args.max_train_steps < 1:
         raise TrainingSetupError(f"--max_train_steps={args.max_train_steps}: must be at least 1")
+    if args.adapter != "snella" and args.train_text_encoder:
+        raise TrainingSetupError(f"--adapter={args.adapter} trains the denoiser only: drop --train_text_encoder")
+    if args.adapter != "snella" and args.use_ema:
+        raise TrainingSetupError(f"--adapter={args.adapter}: --use_ema averages SNELLA parameters only; drop one of them")
+    if args.lora_rank is not None and (args.adapter != "lora" or args.lora_rank < 1):
+        raise TrainingSetupError(f"--lora_rank={args.lora_rank}: needs --adapter=lora and a rank of at least 1")
 
 
 def check_snella_flags(args: argparse.Namespace) -> None:
@@ -341,26 +366,44 @@ def prepare_embedded_inputs(args: argparse.Namespace, accelerator: Accelerator, 
     embedded_model = args.pretrained_model_name_or_path is None
     if embedded_model:
         folder = output_dir / EMBEDDED_MODEL_FOLDER
-        if accelerator.is_main_process and not (folder / "model_index.json").is_file():
-            from snella_diffusion.tiny_models import tiny_sd_pipeline
+        if accelerator.is_main_process:
+            from snella_diffusion.lab.shipped import materialize_base
 
-            logger.info("no --pretrained_model_name_or_path: saving the embedded tiny SD model to %s", folder)
-            tiny_sd_pipeline(seed=0).save_pretrained(folder)
+            logger.info("no --pretrained_model_name_or_path: writing the pretrained lab base to %s", folder)
+            materialize_base(folder)
         args.pretrained_model_name_or_path = str(folder)
         if args.max_train_steps is None:
             args.max_train_steps = EMBEDDED_MAX_STEPS
-    if args.instance_data_dir is None and args.dataset_name is None:
+    if args.instance_data_dir is None and args.dataset_name is None and embedded_model:
+        from snella_diffusion.lab.world import instance_pil_images
+
+        folder = output_dir / EMBEDDED_INSTANCE_FOLDER
+        if accelerator.is_main_process:
+            logger.info("no --instance_data_dir: writing %d images of the lab concept sks to %s",
+                        EMBEDDED_INSTANCE_COUNT, folder)
+            write_images(instance_pil_images(EMBEDDED_INSTANCE_COUNT, seed=0), folder, "instance")
+        args.instance_data_dir = str(folder)
+        args.instance_prompt = args.instance_prompt or EMBEDDED_PROMPT
+        if not args.with_prior_preservation:
+            args.with_prior_preservation = True
+            args.class_prompt = args.class_prompt or EMBEDDED_CLASS_PROMPT
+            args.class_data_dir = args.class_data_dir or str(output_dir / EMBEDDED_CLASS_FOLDER)
+            args.num_class_images = min(args.num_class_images, EMBEDDED_CLASS_IMAGES)
+            args.validation_with_class_prompt = True
+    elif args.instance_data_dir is None and args.dataset_name is None:
         folder = output_dir / EMBEDDED_INSTANCE_FOLDER
         if accelerator.is_main_process:
             logger.info("no --instance_data_dir: writing 4 generated instance images to %s", folder)
             write_images(synthetic_instance_images(count=4, size=64, seed=0), folder, "instance")
         args.instance_data_dir = str(folder)
         if args.instance_prompt is None:
-            args.instance_prompt = EMBEDDED_PROMPT
+            args.instance_prompt = SYNTHETIC_PROMPT
     if embedded_model:
         half_run = max(1, args.max_train_steps // 2)
         if args.validation_prompt is None:
             args.validation_prompt = args.instance_prompt
+        if args.validation_guidance_scale is None:
+            args.validation_guidance_scale = EMBEDDED_GUIDANCE_SCALE
         args.validation_steps = args.validation_steps or half_run
         args.checkpointing_steps = args.checkpointing_steps or half_run
     args.validation_steps = args.validation_steps or DEFAULT_VALIDATION_STEPS
@@ -410,25 +453,31 @@ def run_validation(
     pipeline = family.pipeline(components, overrides)
     pipeline.set_progress_bar_config(disable=True)
     images = []
-    for index in range(args.num_validation_images):
+    prompts = [args.validation_prompt] + ([args.class_prompt] if args.validation_with_class_prompt and args.class_prompt else [])
+    for prompt, index in ((p, i) for p in prompts for i in range(args.num_validation_images)):
         generator = torch.Generator().manual_seed(args.seed + index)
         # No ΔW cache: each adapted layer builds its ΔW, uses it and drops it, so validation
         # needs one layer's ΔW on top of the model, not a second copy of every adapted weight.
         with accelerator.autocast(), without_delta_cache(*trained.values()), decode_in_vae_dtype(components.vae):
+            inputs = {**family.validation_inputs(components, prompt), **guidance_kwargs(args)}
             result = pipeline(
-                **family.validation_inputs(components, args.validation_prompt),
-                num_inference_steps=args.validation_inference_steps,
+                **inputs, num_inference_steps=args.validation_inference_steps,
                 generator=generator, height=resolution, width=resolution, output_type="pil",
             )
         images.append(result.images[0])
     path = save_image_grid(images, output_dir / "validation" / f"step_{step}.png",
-                           columns=min(4, len(images)))
+                           columns=min(4, len(images)) if len(prompts) == 1 else args.num_validation_images)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             stacked = np.stack([np.asarray(image) for image in images])
             tracker.writer.add_images("validation", stacked, step, dataformats="NHWC")
     logger.info("validation samples: %s", path)
     return path
+
+
+def guidance_kwargs(args: argparse.Namespace) -> dict[str, float]:
+    """``{"guidance_scale": --validation_guidance_scale}`` when the flag is set, else nothing."""
+    return {} if args.validation_guidance_scale is None else {"guidance_scale": args.validation_guidance_scale}
 
 
 def training_loss(
@@ -514,7 +563,8 @@ def build_dataset(
             with decode_in_vae_dtype(components.vae):
                 generate_class_images(
                     base_pipeline, args.class_prompt, class_folder, args.num_class_images, args.sample_batch_size,
-                    seed=args.seed, progress=True, pipeline_kwargs={"height": resolution, "width": resolution},
+                    seed=args.seed, progress=True,
+                    pipeline_kwargs={"height": resolution, "width": resolution, **guidance_kwargs(args)},
                 )
             del base_pipeline
         accelerator.wait_for_everyone()
@@ -600,7 +650,11 @@ def main(args: argparse.Namespace) -> Path:
         write_resolved_config(args, output_dir / RESOLVED_CONFIG_FILE)
 
     config = snella_config(args, family, args.max_train_steps)
-    trained, allocator = attach_adapters(args, family, components, config)
+    if args.adapter == "snella":
+        trained, allocator = attach_adapters(args, family, components, config)
+    else:
+        trained, allocator = attach_baseline(args.adapter, components.denoiser, family.denoiser_component, config,
+                                             args.lora_rank)
     trainable = [p for module in trained.values() for p in module.parameters() if p.requires_grad]
     logger.info(
         "SNELLA: %d adapted layers (%s), %d trainable parameters", len(allocator.names),
@@ -632,7 +686,8 @@ def main(args: argparse.Namespace) -> Path:
     wrapped = dict(zip(names, prepared[: len(names)]))
     optimizer, loader, lr_scheduler = prepared[len(names):]
     noise_generator = CheckpointableGenerator(args.seed + 104729 * accelerator.process_index)
-    register_adapter_hooks(accelerator, trained, args.pretrained_model_name_or_path, accelerator.unwrap_model)
+    if args.adapter == "snella":
+        register_adapter_hooks(accelerator, trained, args.pretrained_model_name_or_path, accelerator.unwrap_model)
     accelerator.register_for_checkpointing(allocator)
     accelerator.register_for_checkpointing(noise_generator)
     accelerator.register_for_checkpointing(encode_generator)
@@ -744,7 +799,7 @@ def main(args: argparse.Namespace) -> Path:
         # The run ended between reallocation steps: apply the final budget to the saved adapter.
         allocator.reallocate(allocator.final_volume)
     rank_drops = check_ranks_agree(accelerator, allocator)
-    adapter_path = output_dir / OUTPUT_FILE
+    adapter_path = output_file(args.adapter, output_dir, family.denoiser_component)
     if accelerator.is_main_process:
         if ema is not None:
             save_snella(trained, output_dir / RAW_OUTPUT_FILE, base_model=args.pretrained_model_name_or_path)
@@ -753,7 +808,7 @@ def main(args: argparse.Namespace) -> Path:
             validations.append(run_validation(
                 args, accelerator, family, components, trained, global_step, resolution, output_dir
             ).relative_to(output_dir).as_posix())
-        save_snella(trained, adapter_path, base_model=args.pretrained_model_name_or_path)
+        save_trained(args.adapter, trained, output_dir, args.pretrained_model_name_or_path)
         write_outputs(args, family, config, allocator, rank_drops, losses, validations, output_dir,
                       time.monotonic() - started, accelerator.num_processes, describe_objective(objective))
         logger.info("wrote %s", adapter_path)

@@ -1,0 +1,134 @@
+"""The lab's pretrained base (issue 16): shipped weights and their hash check, deterministic
+pretraining, the base loaded by path drawing its prompts, and DreamBooth on it raising the
+concept fidelity, with SNELLA and with a LoRA file diffusers loads."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from snella_diffusion.errors import SnellaError
+from snella_diffusion.lab import pretrain, shipped, world
+from snella_diffusion.lab.evaluate import sample, score_prompts
+
+DREAMBOOTH_STEPS = 200
+DREAMBOOTH_LR = "3e-3"
+FIDELITY_PROBES = 32
+
+
+@pytest.fixture(scope="session")
+def base_folder(tmp_path_factory):
+    return shipped.materialize_base(tmp_path_factory.mktemp("lab") / "base")
+
+
+@pytest.fixture(scope="session")
+def base_pipeline(base_folder):
+    from diffusers import DiffusionPipeline
+
+    pipeline = DiffusionPipeline.from_pretrained(base_folder)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def fidelity(pipeline):
+    prompts = [world.INSTANCE_PROMPT] * FIDELITY_PROBES
+    return score_prompts(sample(pipeline, prompts, seed=500, steps=10), prompts)["concept_loose"]
+
+
+@pytest.fixture(scope="session")
+def dreambooth_runs(base_folder, tmp_path_factory):
+    """One SNELLA and one LoRA run of the same settings: {adapter: output folder}."""
+    from train_scripts.train_dreambooth_snella import main, parse_args
+
+    root = tmp_path_factory.mktemp("lab-dreambooth")
+    instance = root / "instance"
+    instance.mkdir()
+    for index, image in enumerate(world.instance_pil_images(5, seed=12345)):
+        image.save(instance / f"sks_{index}.png")
+    runs = {}
+    for adapter in ("snella", "lora"):
+        out = root / adapter
+        main(parse_args([
+            "--pretrained_model_name_or_path", str(base_folder), "--instance_data_dir", str(instance),
+            "--instance_prompt", world.INSTANCE_PROMPT, "--with_prior_preservation",
+            "--class_data_dir", str(root / "class"), "--class_prompt", world.CLASS_PROMPT,
+            "--num_class_images", "8", "--sample_batch_size", "8", "--validation_guidance_scale", "1",
+            "--max_train_steps", str(DREAMBOOTH_STEPS), "--learning_rate", DREAMBOOTH_LR, "--train_batch_size", "2",
+            "--rank", "8", "--adapter", adapter, "--checkpointing_steps", "100000", "--report_to", "none",
+            "--output_dir", str(out),
+        ]))
+        runs[adapter] = out
+    return runs
+
+
+def test_shipped_weights_fit_and_match_their_hash():
+    record = shipped.shipped_record()
+    assert shipped.WEIGHTS_FILE.stat().st_size == record["bytes"] <= 8 * 2**20
+    assert shipped.sha256_of(shipped.WEIGHTS_FILE) == record["sha256"]
+
+
+def test_a_modified_weights_file_is_rejected_by_name(tmp_path):
+    copy = tmp_path / "lab_base.fp16.safetensors"
+    shutil.copy(shipped.WEIGHTS_FILE, copy)
+    with open(copy, "r+b") as handle:
+        handle.seek(-1, 2)
+        last = handle.read(1)
+        handle.seek(-1, 2)
+        handle.write(bytes([last[0] ^ 0xFF]))
+    with pytest.raises(SnellaError, match="lab_base.fp16.safetensors: SHA-256"):
+        shipped.load_shipped_pipeline(weights_file=copy)
+
+
+def test_pretraining_is_deterministic(tmp_path):
+    def run(folder):
+        pretrain.main(pretrain.parse_args([
+            "--output_dir", str(folder), "--max_steps", "3", "--vae_steps", "2", "--batch_size", "4",
+            "--warmup_steps", "2", "--eval_inference_steps", "0", "--log_every", "1",
+        ]))
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel.from_pretrained(folder / "pipeline", subfolder="unet").state_dict()
+
+    first, second = run(tmp_path / "a"), run(tmp_path / "b")
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    from snella_diffusion.lab.base import unet
+
+    untrained = unet(0).state_dict()
+    assert any(not torch.equal(first[key], untrained[key]) for key in first)
+
+
+@pytest.mark.slow
+def test_the_base_loaded_by_path_draws_its_prompts(base_pipeline):
+    from diffusers import StableDiffusionPipeline
+
+    assert isinstance(base_pipeline, StableDiffusionPipeline)
+    prompts = world.base_prompts()
+    scores = score_prompts(sample(base_pipeline, prompts, seed=2024), prompts)
+    # Shipped base (750 steps): colour 95 %, size 81 %, all three 18 % on 192 samples; chance is
+    # 17 %, 50 % and 2 %. Shape is at chance: the pretraining was cut short (see README).
+    assert scores["color"] >= 0.85
+    assert scores["size"] >= 0.65
+    assert scores["all"] >= 0.08
+    assert scores["concept_loose"] == 0.0
+
+
+@pytest.mark.slow
+def test_dreambooth_raises_fidelity_with_snella_and_lora(base_folder, base_pipeline, dreambooth_runs):
+    from diffusers import StableDiffusionPipeline
+
+    from snella_diffusion.loaders import load_snella_weights
+
+    before = fidelity(base_pipeline)
+    snella = StableDiffusionPipeline.from_pretrained(base_folder)
+    snella.set_progress_bar_config(disable=True)
+    load_snella_weights(snella, dreambooth_runs["snella"] / "snella_weights.safetensors")
+    lora = StableDiffusionPipeline.from_pretrained(base_folder)
+    lora.set_progress_bar_config(disable=True)
+    lora.load_lora_weights(dreambooth_runs["lora"])
+    assert lora.get_active_adapters(), "diffusers loaded no LoRA adapter"
+    after_snella, after_lora = fidelity(snella), fidelity(lora)
+    # Measured: the base 0/32, SNELLA 4/32 after 200 steps (lab: 13–23 % of 64 at this
+    # setting); at least 3 of the 32 probes must now show the concept.
+    assert after_snella >= before + 0.09, (before, after_snella)
+    assert after_lora >= before + 0.09, (before, after_lora)
