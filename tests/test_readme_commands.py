@@ -240,3 +240,53 @@ def test_classification_paper_command_runs_on_a_tiny_vit(tmp_path):
     payload = run_classification([*arguments, "--epochs", "1", "--seeds", "0"])
     assert [row["method"] for row in payload["rows"]] == ["snella", "snell", "lora", "full"]
     assert (tmp_path / "out" / "results.md").is_file()
+
+
+EXPORTS = shell_commands("snella-export")
+# --base in the README's export commands -> tiny stand-in
+EXPORT_BASES = {"stable-diffusion-v1-5/stable-diffusion-v1-5": "sd", "./sdxl-base": "sdxl", "./flux-dev": "flux"}
+EXPORT_SIZES = {"--rank": "4", "--max_rank": "4"}
+
+
+def test_readme_export_commands_cover_every_format():
+    assert {flag_value(arguments, "--to") for arguments in EXPORTS} == {"diff", "lora", "peft"}
+    assert all(flag_value(arguments, "--base") in EXPORT_BASES for arguments in EXPORTS)
+
+
+def tiny_adapter(base_folder: Path, base: str, path: Path, seed: int) -> str:
+    """A SNELLA file for the tiny ``base`` with non-trivial factors; returns its path."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(base_folder)
+    denoiser = pipe.transformer if base == "flux" else pipe.unet
+    layers = apply_snella(denoiser, SnellaConfig(rank=4, target_modules="dit" if base == "flux" else "unet"))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.out_factors.add_(torch.randn(layer.out_factors.shape, generator=generator))
+    save_snella(denoiser, path)
+    return str(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arguments", EXPORTS, ids=lambda a: f"{flag_value(a, '--to')}-{flag_value(a, '--base')}")
+def test_export_command_runs_on_a_tiny_model(tiny_world, tmp_path, arguments):
+    from snella_diffusion.export.cli import main as export_main
+
+    base = EXPORT_BASES[flag_value(arguments, "--base")]
+    base_folder = tiny_world / base
+    first_flag = next(i for i, word in enumerate(arguments) if word.startswith("-"))
+    adapters = []
+    for index, spec in enumerate(arguments[:first_flag]):
+        _, _, weight = spec.partition(":")
+        path = tiny_adapter(base_folder, base, tmp_path / f"adapter{index}.safetensors", seed=index)
+        adapters.append(f"{path}:{weight}" if weight else path)
+    output = tmp_path / "exported.safetensors"
+    flags = tiny_arguments(arguments[first_flag:], {"--base": str(base_folder), "-o": str(output), **EXPORT_SIZES})
+    assert export_main([*adapters, *flags]) == 0
+    from safetensors.torch import load_file
+
+    tensors = load_file(output)
+    suffixes = {"diff": (".diff",), "lora": (".lora_down.weight", ".lora_up.weight", ".alpha"),
+                "peft": (".lora_A.weight", ".lora_B.weight")}[flag_value(arguments, "--to")]
+    assert tensors and all(key.endswith(suffixes) for key in tensors)
