@@ -32,12 +32,7 @@ FLUX_WITHOUT_LINEAR1 = [r"transformer_blocks\.\d+\.attn\.(?:to_q|to_k|to_v|to_ou
                         r"single_transformer_blocks\.\d+\.proj_out"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def perturbed_adapter(pipe, components: dict[str, object], path: Path, seed: int) -> Path:

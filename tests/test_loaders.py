@@ -29,13 +29,7 @@ from snella_diffusion.tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline
 CUSTOM_PIPELINE = str(Path(__file__).resolve().parents[1] / "pipelines" / "snella_pipeline")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread (and do not fight other test processes)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def perturbed_adapter(models: dict, path: Path, seed: int, rank: int = 4) -> Path:

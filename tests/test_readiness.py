@@ -39,13 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 MISSING_MODEL = "/nonexistent/base-model"  # a check that ran after loading would fail on this path first
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread (two OpenMP threads wait on each other on a busy box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

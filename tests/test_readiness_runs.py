@@ -8,7 +8,6 @@ import contextlib
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from snella_diffusion import read_snella_file
@@ -22,13 +21,7 @@ FAST = ["--rank", "4", "--train_batch_size", "1", "--report_to", "none", "--chec
         "--num_validation_images", "1", "--validation_inference_steps", "1", "--seed", "1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread (two OpenMP threads wait on each other on a busy box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def run_main(*flags: str) -> Path:

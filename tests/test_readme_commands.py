@@ -44,13 +44,7 @@ TINY_SIZES = {
 TINY_EXTRA = ["--num_validation_images", "1", "--validation_inference_steps", "1", "--report_to", "none"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread (two OpenMP threads wait on each other on a busy box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def code_blocks(language: str) -> list[str]:
