@@ -51,7 +51,7 @@ from snella_diffusion.errors import SnellaConfigError
 logger = get_logger(__name__)
 
 DEFAULT_MODEL = "google/vit-base-patch16-224-in21k"
-DEFAULT_LR_GRID = (1e-3, 3e-3, 1e-2, 3e-2)
+DEFAULT_LR_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
 # Settings used when neither a flag nor a preset gives one: (paper-scale, embedded default).
 FALLBACKS: dict[str, tuple[Any, Any]] = {
@@ -170,7 +170,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     embedded.add_argument("--digits_image_size", type=int, default=16)
     embedded.add_argument("--lr_grid", nargs="*", type=float, default=None,
                           help="learning rates each method chooses from on a validation split carved from "
-                               "the training shots, before its test runs (default 1e-3 3e-3 1e-2 3e-2; an "
+                               "the training shots, before its test runs (default 1e-3 3e-3 1e-2 3e-2 1e-1; an "
                                "empty list, --learning_rate or --method_learning_rate turn it off)")
     embedded.add_argument("--val_shots", type=int, default=5,
                           help="training images per class held out for the lr choice (fitted on the rest)")
