@@ -62,7 +62,7 @@ def test_the_lr_choice_never_reads_the_test_split(digits, monkeypatch):
 
 
 def test_the_best_validation_rate_wins_and_ties_go_to_the_smaller(monkeypatch):
-    scores = {1e-3: 60.0, 3e-3: 80.0, 1e-2: 80.0, 3e-2: 40.0}
+    scores = {1e-3: 60.0, 3e-3: 80.0, 1e-2: 80.0, 3e-2: 40.0, 1e-1: 20.0}
     seen = []
 
     def fake_train_one(args, accelerator, method, seed, backbone, num_labels, fit, validation, lr):
@@ -76,7 +76,7 @@ def test_the_best_validation_rate_wins_and_ties_go_to_the_smaller(monkeypatch):
     assert sweep["chosen"] == 3e-3
     assert sweep["validation_top1"][3e-3] == pytest.approx(80.5)
     assert all(fit == f"fit{seed}" and validation == f"val{seed}" for seed, _, fit, validation in seen)
-    assert len(seen) == 8
+    assert len(seen) == 2 * len(script.DEFAULT_LR_GRID)  # every rate, each sweep seed
 
 
 def test_an_explicit_rate_turns_the_sweep_off(tmp_path):
