@@ -203,14 +203,21 @@ def test_kohya_buckets_hold_about_the_area_in_multiples_of_the_step():
     assert nearest_bucket((600, 1000), [(32, 32), (24, 40), (40, 24)]) == 1
 
 
-def test_square_bucket_is_the_square_transform_draw_for_draw():
+def test_resize_and_crop_matches_pil_resize_and_crop():
+    """Against PIL directly: a 53×37 image onto a 24×40 bucket scales by max(24/37, 40/53)."""
     image = gradient(53, 37, seed=0)
+    scale = max(24 / 37, 40 / 53)
+    resized = image.resize((max(40, round(53 * scale)), max(24, round(37 * scale))), Image.BICUBIC)
     for seed in range(5):
-        for center_crop in (False, True):
-            old = transform_image(image, 24, center_crop, True, np.random.default_rng(seed))
-            new = resize_and_crop(image, (24, 24), center_crop, True, np.random.default_rng(seed))
-            assert torch.equal(old.pixels, new.pixels)
-            assert old.crop_top_left == new.crop_top_left and old.original_size == new.original_size
+        crop = resize_and_crop(image, (24, 40), False, False, np.random.default_rng(seed))
+        top, left = crop.crop_top_left
+        expected = np.asarray(resized.crop((left, top, left + 40, top + 24)), dtype=np.float32) / 127.5 - 1.0
+        assert torch.equal(crop.pixels, torch.from_numpy(expected.transpose(2, 0, 1).copy()))
+        assert crop.original_size == (37, 53)
+    centred = resize_and_crop(image, (24, 40), True, False, np.random.default_rng(0))
+    assert centred.crop_top_left == ((resized.height - 24) // 2, (resized.width - 40) // 2)
+    square = transform_image(image, 24, True, False, np.random.default_rng(0))
+    assert square.pixels.shape == (3, 24, 24) and square.crop_top_left == (0, (round(53 * 24 / 37) - 24) // 2)
 
 
 @pytest.fixture(scope="session")

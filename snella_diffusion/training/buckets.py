@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.utils.data import Sampler
 
 from ..errors import SnellaError
-from .data import EpochShuffleSampler
+from .data import EpochShuffleSampler, resize_and_crop
 
 Size = tuple[int, int]
 
@@ -85,57 +85,6 @@ def nearest_bucket(size: Size, buckets: Sequence[Size]) -> int:
     ratio = math.log(size[0] / size[1])
     distances = [abs(ratio - math.log(h / w)) for h, w in buckets]
     return int(np.argmin(distances))
-
-
-@dataclass
-class ResizedCrop:
-    """One image (and its mask) resized to cover a target size and cropped to it.
-
-    ``pixels`` ``(3, H, W)`` float32 in [-1, 1]; ``mask`` ``(1, H, W)`` float32 in [0, 1] or
-    None; ``original_size`` (height, width) of the input; ``crop_top_left`` (top, left) in
-    resized pixels."""
-
-    pixels: Tensor
-    mask: Optional[Tensor]
-    original_size: Size
-    crop_top_left: Size
-
-
-def resize_and_crop(
-    image: Image.Image,
-    size: Size,
-    center_crop: bool,
-    random_flip: bool,
-    rng: np.random.Generator,
-    mask: Optional[Image.Image] = None,
-) -> ResizedCrop:
-    """Scale ``image`` (bicubic; ``mask`` bilinear) by ``max(H/h, W/w)`` so it covers ``size``
-    ``(H, W)``, crop (centred, or at a corner drawn from ``rng``: top, then left), flip
-    horizontally with probability 0.5 if ``random_flip`` (a third draw), map to [-1, 1].
-
-    For a square ``size`` this is ``data.transform_image`` draw for draw."""
-    target_h, target_w = size
-    width, height = image.size
-    scale = max(target_h / height, target_w / width)
-    new_w = max(target_w, round(width * scale))
-    new_h = max(target_h, round(height * scale))
-    resized = image.resize((new_w, new_h), Image.BICUBIC)
-    if center_crop:
-        top, left = (new_h - target_h) // 2, (new_w - target_w) // 2
-    else:
-        top = int(rng.integers(0, new_h - target_h + 1))
-        left = int(rng.integers(0, new_w - target_w + 1))
-    box = (left, top, left + target_w, top + target_h)
-    array = np.asarray(resized.crop(box), dtype=np.float32) / 127.5 - 1.0
-    mask_array = None
-    if mask is not None:
-        mask_array = np.asarray(mask.resize((new_w, new_h), Image.BILINEAR).crop(box), dtype=np.float32) / 255.0
-    if random_flip and rng.random() < 0.5:
-        array = array[:, ::-1]
-        mask_array = None if mask_array is None else mask_array[:, ::-1]
-    pixels = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
-    mask_tensor = None if mask_array is None else torch.from_numpy(np.ascontiguousarray(mask_array))[None]
-    return ResizedCrop(pixels, mask_tensor, (height, width), (top, left))
 
 
 class BucketBatchSampler(Sampler[list[int]]):

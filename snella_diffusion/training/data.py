@@ -92,6 +92,43 @@ class TransformedImage:
     mask: Optional[Tensor] = None
 
 
+def resize_and_crop(
+    image: Image.Image,
+    size: tuple[int, int],
+    center_crop: bool,
+    random_flip: bool,
+    rng: np.random.Generator,
+    mask: Optional[Image.Image] = None,
+) -> TransformedImage:
+    """Scale ``image`` (bicubic; ``mask`` bilinear) by ``max(H/h, W/w)`` so it covers ``size``
+    ``(H, W)``, crop (centred, or at a corner drawn from ``rng``: top, then left), flip
+    horizontally with probability 0.5 if ``random_flip`` (a third draw), map to [-1, 1].
+
+    ``transform_image`` is the square case."""
+    target_h, target_w = size
+    width, height = image.size
+    scale = max(target_h / height, target_w / width)
+    new_w = max(target_w, round(width * scale))
+    new_h = max(target_h, round(height * scale))
+    resized = image.resize((new_w, new_h), Image.BICUBIC)
+    if center_crop:
+        top, left = (new_h - target_h) // 2, (new_w - target_w) // 2
+    else:
+        top = int(rng.integers(0, new_h - target_h + 1))
+        left = int(rng.integers(0, new_w - target_w + 1))
+    box = (left, top, left + target_w, top + target_h)
+    array = np.asarray(resized.crop(box), dtype=np.float32) / 127.5 - 1.0
+    mask_array = None
+    if mask is not None:
+        mask_array = np.asarray(mask.resize((new_w, new_h), Image.BILINEAR).crop(box), dtype=np.float32) / 255.0
+    if random_flip and rng.random() < 0.5:
+        array = array[:, ::-1]
+        mask_array = None if mask_array is None else mask_array[:, ::-1]
+    pixels = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+    mask_tensor = None if mask_array is None else torch.from_numpy(np.ascontiguousarray(mask_array))[None]
+    return TransformedImage(pixels, (height, width), (top, left), mask_tensor)
+
+
 def transform_image(
     image: Image.Image,
     resolution: int,
@@ -101,22 +138,7 @@ def transform_image(
 ) -> TransformedImage:
     """Resize the shorter side to ``resolution`` (bicubic), crop a square (center or random),
     flip horizontally with probability 0.5 if ``random_flip``, map to [-1, 1]."""
-    width, height = image.size
-    scale = resolution / min(width, height)
-    new_width = max(resolution, round(width * scale))
-    new_height = max(resolution, round(height * scale))
-    resized = image.resize((new_width, new_height), Image.BICUBIC)
-    if center_crop:
-        top, left = (new_height - resolution) // 2, (new_width - resolution) // 2
-    else:
-        top = int(rng.integers(0, new_height - resolution + 1))
-        left = int(rng.integers(0, new_width - resolution + 1))
-    cropped = resized.crop((left, top, left + resolution, top + resolution))
-    array = np.asarray(cropped, dtype=np.float32) / 127.5 - 1.0
-    if random_flip and rng.random() < 0.5:
-        array = array[:, ::-1]
-    pixels = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
-    return TransformedImage(pixels, (height, width), (top, left))
+    return resize_and_crop(image, (resolution, resolution), center_crop, random_flip, rng)
 
 
 class DreamBoothDataset(Dataset):
