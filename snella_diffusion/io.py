@@ -9,6 +9,7 @@ runs before the model is touched, and a load that fails half-way is rolled back.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -34,6 +35,15 @@ KEY_INFIX = ".snella."
 
 PathLike = Union[str, os.PathLike]
 Components = Union[nn.Module, dict[str, nn.Module]]
+
+
+def file_sha256(path: PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def default_component(model: nn.Module) -> str:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from snella_diffusion.errors import SnellaError
+from snella_diffusion.io import file_sha256
 from snella_diffusion.lab import pretrain, shipped, world
 from snella_diffusion.lab.evaluate import sample, score_prompts
 
@@ -65,7 +66,7 @@ def dreambooth_runs(base_folder, tmp_path_factory):
 def test_shipped_weights_fit_and_match_their_hash():
     record = shipped.shipped_record()
     assert shipped.WEIGHTS_FILE.stat().st_size == record["bytes"] <= 8 * 2**20
-    assert shipped.sha256_of(shipped.WEIGHTS_FILE) == record["sha256"]
+    assert file_sha256(shipped.WEIGHTS_FILE) == record["sha256"]
 
 
 def test_a_modified_weights_file_is_rejected_by_name(tmp_path):

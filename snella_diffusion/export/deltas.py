@@ -9,7 +9,6 @@ base weight is left uninitialised: ΔW does not depend on it.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from pathlib import Path
 from typing import Union
@@ -18,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import SnellaError
-from ..io import SnellaFile, _check_against_model, _copy_into, read_snella_file
+from ..io import SnellaFile, _check_against_model, _copy_into, file_sha256, read_snella_file
 from ..layer import SnellaLinear
 from .base import BaseModel
 from .families import LayerKey
@@ -34,14 +33,6 @@ class AdapterSource:
     weight: float
     file: SnellaFile
     sha256: str
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_adapters(specs: list[tuple[Union[str, os.PathLike], float]]) -> list[AdapterSource]:

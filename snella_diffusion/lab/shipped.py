@@ -13,7 +13,6 @@ weights in float32 and writes a ``StableDiffusionPipeline`` folder that
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import tempfile
@@ -23,6 +22,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from snella_diffusion.errors import SnellaError
+from snella_diffusion.io import file_sha256
 from snella_diffusion.lab import base
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -30,14 +30,6 @@ WEIGHTS_FILE = WEIGHTS_DIR / "lab_base.fp16.safetensors"
 RECORD_FILE = WEIGHTS_DIR / "lab_base.json"
 COMPONENTS = ("unet", "text_encoder", "vae")
 MAX_BYTES = 8 * 2**20
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def export_weights(pipeline_folder: Path, record: Optional[dict[str, Any]] = None,
@@ -58,7 +50,7 @@ def export_weights(pipeline_folder: Path, record: Optional[dict[str, Any]] = Non
     size = weights_file.stat().st_size
     if size > MAX_BYTES:
         raise SnellaError(f"{weights_file}: {size} bytes, more than the {MAX_BYTES} the package allows")
-    digest = sha256_of(weights_file)
+    digest = file_sha256(weights_file)
     record_file.write_text(json.dumps({**(record or {}), "sha256": digest, "bytes": size}, indent=1) + "\n")
     return digest
 
@@ -80,7 +72,7 @@ def load_shipped_pipeline(weights_file: Path = WEIGHTS_FILE, record_file: Path =
     record = shipped_record(record_file)
     if not weights_file.is_file():
         raise SnellaError(f"{weights_file}: missing; rebuild it with python -m snella_diffusion.lab.pretrain")
-    digest = sha256_of(weights_file)
+    digest = file_sha256(weights_file)
     if digest != record["sha256"]:
         raise SnellaError(f"{weights_file}: SHA-256 {digest} differs from {record['sha256']} in {record_file}")
     tensors = load_file(weights_file)
