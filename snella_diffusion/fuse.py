@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import SnellaError
+from .blocked import effective_blocked
 from .layer import SnellaLinear, snella_layers
 
 KeepOriginal = Union[str, bool]
@@ -106,6 +107,13 @@ def write_fused_weight(
     if pristine_weight(layer) is None and not layer.original_discarded:
         _keep_pristine(layer, keep_original)
     pristine = pristine_weight(layer)
+    if _fuses_in_one_pass(layer, fused, pristine):
+        with torch.no_grad():
+            name, factor = next(iter(fused.items()))
+            layer.fused_delta_energy = _fuse_one_float32(layer, name, factor, pristine)
+        layer.fused_adapters = dict(fused)
+        layer._delta_cache = None
+        return
     with torch.no_grad():
         reference = pristine if pristine is not None else weight
         if pristine is not None:
@@ -123,6 +131,37 @@ def write_fused_weight(
         weight.copy_(fused_weight)
     layer.fused_adapters = dict(fused)
     layer._delta_cache = None
+
+
+def _fuses_in_one_pass(layer: SnellaLinear, fused: dict[str, float], pristine: Optional[Tensor]) -> bool:
+    """Whether the fused weight is W0 + s·ΔW of one adapter into a float32 weight with W0 kept
+    on the same device: then one blocked pass writes it."""
+    weight = layer.base_layer.weight
+    return (len(fused) == 1 and not layer.fused_adapters and weight.dtype == torch.float32
+            and pristine is not None and pristine.device == weight.device and pristine.dtype == torch.float32)
+
+
+def _fuse_one_float32(layer: SnellaLinear, name: str, factor: float, pristine: Tensor) -> tuple[float, float]:
+    """W0 + factor·ΔW written over the float32 weight by one blocked pass that builds ΔW block
+    by block (``blocked.effective_blocked``: the same expressions and the same float32 sum as
+    adding ``delta_weight()``, without the whole-matrix M, ΔW and sum); returns the energies
+    (0, ||W − W0||²) with W0 the kept ``pristine`` weight."""
+    adapter = layer.adapters[name]
+    weight = layer.base_layer.weight
+    threshold = adapter.refresh_threshold()
+    factors = (adapter.in_factors, adapter.out_factors, adapter.alpha, adapter.effective_gamma(), adapter.beta)
+    factors = tuple(t.detach().to(torch.float32) for t in factors)
+    effective_blocked(adapter.kernel, *factors, adapter.kernel_scale, threshold.to(torch.float32),
+                      adapter.sparsify_mode, factor, pristine, torch.float32, out=weight.data)
+    return 0.0, _squared_distance(weight.detach(), pristine)
+
+
+def _squared_distance(first: Tensor, second: Tensor, rows_per_chunk: int = 256) -> float:
+    """||first − second||² of two ``(m, n)`` matrices, summed in float32 a chunk of rows at a time."""
+    total = torch.zeros((), dtype=torch.float32, device=first.device)
+    for start in range(0, first.shape[0], rows_per_chunk):
+        total += torch.sub(first[start : start + rows_per_chunk], second[start : start + rows_per_chunk]).square_().sum()
+    return float(total)
 
 
 def _rounding_and_delta_energy(pristine: Tensor, exact: Tensor, fused: Tensor) -> tuple[float, float]:

@@ -235,3 +235,34 @@ def test_pristine_copy_follows_dtype_casts():
     assert model[0].base_layer.weight.dtype == torch.float16
     assert torch.equal(model[0].base_layer.weight, w0.to(torch.float16))
     assert "0.unfused_weight" not in model.state_dict()
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.7])
+def test_one_pass_fuse_equals_the_whole_matrix_fuse_bit_for_bit(scale, monkeypatch):
+    """A float32 weight of one adapter is fused by one blocked pass (fuse._fuse_one_float32);
+    it writes exactly W0 + s·ΔW as the whole-matrix path (W0 copy + delta_weight()) does,
+    here over two column blocks, with the same energy accounting."""
+    from snella_diffusion import fuse as fuse_module
+
+    def model_with_adapter() -> nn.Module:
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Linear(600, 1024))
+        apply_snella(model, SnellaConfig(rank=8, target_modules=["0"], init_sparsity=0.6))
+        with torch.no_grad():
+            model[0].out_factors.normal_(std=0.3)
+        return model
+
+    one_pass, whole = model_with_adapter(), model_with_adapter()
+    calls = []
+    single = fuse_module._fuse_one_float32
+    monkeypatch.setattr(fuse_module, "_fuse_one_float32", lambda *a: calls.append(1) or single(*a))
+    fuse_snella(one_pass, scale=scale)
+    monkeypatch.setattr(fuse_module, "_fuses_in_one_pass", lambda *a: False)
+    fuse_snella(whole, scale=scale)
+    assert calls == [1]
+    assert torch.equal(one_pass[0].base_layer.weight, whole[0].base_layer.weight)
+    assert one_pass[0].fused_delta_energy[0] == whole[0].fused_delta_energy[0] == 0.0
+    assert one_pass[0].fused_delta_energy[1] == pytest.approx(whole[0].fused_delta_energy[1], rel=1e-5)
+    unfuse_snella(one_pass)
+    unfuse_snella(whole)
+    assert torch.equal(one_pass[0].base_layer.weight, whole[0].base_layer.weight)
