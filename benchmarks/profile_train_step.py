@@ -4,8 +4,10 @@ Builds the same model and method as ``bench_train_step.py`` (``benchmarking.buil
 wraps the layer's phases with wall-clock timers and prints, per timed step, the seconds spent in
 each phase summed over all adapted layers, and their share of the step:
 
-- ``build M (τ unknown)``: ``merged_blocked`` in the first forward after an optimizer step;
-- ``select τ``: the threshold selection (``SnellaAdapter.select_threshold_on``);
+- ``build M (τ unknown)``: ``merged_blocked`` (cold) or ``merged_blocked_in_window`` (warm-started
+  τ: it also counts the window) in the first forward after an optimizer step;
+- ``select τ``: the threshold selection (``SnellaAdapter.select_threshold_on``, cold, or
+  ``select_threshold_in_window``, warm; a miss counts its cold fallback too);
 - ``W0+ΔW from M``: ``effective_blocked`` reading a built M;
 - ``W0+ΔW from factors``: ``effective_blocked`` rebuilding M (recompute, or τ already known);
 - ``backward pass``: ``backward_blocked`` (M again, factor gradients, W0+ΔW for ∂L/∂x);
@@ -26,7 +28,7 @@ from typing import Any, Callable, Iterator, Optional
 from snella_diffusion import layer
 from snella_diffusion.benchmarking import MODEL_SPECS, BenchmarkSettings, build_training_setup, training_step
 
-PHASES = ("build M (τ unknown)", "select τ", "W0+ΔW from M", "W0+ΔW from factors", "backward pass",
+PHASES = ("build M (τ unknown)", "select τ", "select τ (warm)", "W0+ΔW from M", "W0+ΔW from factors", "backward pass",
           "layer forward", "layer backward")
 
 
@@ -61,11 +63,16 @@ def instrument(clock: PhaseClock) -> None:
         return timed
 
     layer.merged_blocked = wrapped(layer.merged_blocked, lambda kw: "build M (τ unknown)")
+    layer.merged_blocked_in_window = wrapped(layer.merged_blocked_in_window, lambda kw: "build M (τ unknown)")
     layer.effective_blocked = wrapped(
         layer.effective_blocked, lambda kw: "W0+ΔW from M" if kw.get("merged") is not None else "W0+ΔW from factors")
     layer.backward_blocked = wrapped(layer.backward_blocked, lambda kw: "backward pass")
     select = layer.SnellaAdapter.select_threshold_on
-    layer.SnellaAdapter.select_threshold_on = lambda self, merged: _timed_call(clock, "select τ", select, self, merged)
+    layer.SnellaAdapter.select_threshold_on = (
+        lambda self, merged, missed=False: _timed_call(clock, "select τ", select, self, merged, missed))
+    select_warm = layer.SnellaAdapter.select_threshold_in_window
+    layer.SnellaAdapter.select_threshold_in_window = (
+        lambda self, *a: _timed_call(clock, "select τ (warm)", select_warm, self, *a))
     function = layer._SnellaLinearFunction
     forward, backward = function.forward, function.backward
     function.forward = staticmethod(lambda ctx, *a: _timed_call(clock, "layer forward", forward, ctx, *a))

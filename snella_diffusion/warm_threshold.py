@@ -66,14 +66,13 @@ class WarmStart:
 
     def window(self, drop_count: int) -> Optional[tuple[float, float]]:
         """[low, high] expected to hold the ``drop_count``-th smallest |M|, or None when the
-        last τ gives no guess (τ = 0, or k changed and the density is unknown)."""
+        last τ gives no guess (τ = 0). A changed k with the density still unknown keeps the
+        window on the last τ (a hit then measures the density)."""
         if self.threshold <= 0.0:
             return None
         center = self.threshold
         slack = self.half_width * self.threshold
-        if drop_count != self.drop_count:
-            if not self.density:
-                return None
+        if drop_count != self.drop_count and self.density:
             shift = (drop_count - self.drop_count) / self.density
             center += shift
             slack += 0.5 * abs(shift)

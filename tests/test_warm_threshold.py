@@ -141,5 +141,5 @@ def test_window_shifts_with_the_drop_count():
     state = warm_threshold.WarmStart(threshold=1.0, drop_count=1000, density=500.0, half_width=0.01)
     low, high = state.window(1100)
     assert low < 1.2 < high and high - low == pytest.approx(0.02 + 0.2)
-    assert warm_threshold.WarmStart(1.0, 1000).window(1100) is None
+    assert warm_threshold.WarmStart(1.0, 1000).window(1100) == pytest.approx((0.99, 1.01))
     assert warm_threshold.WarmStart(0.0, 1000).window(1000) is None
