@@ -53,8 +53,19 @@ class PhaseClock:
         self.calls.clear()
 
 
-def instrument(clock: PhaseClock) -> None:
-    """Wrap the layer module's phase functions with ``clock`` (this process only)."""
+def instrument(clock: PhaseClock) -> Callable[[], None]:
+    """Wrap the layer module's phase functions with ``clock``; returns the function that puts
+    the originals back."""
+    function = layer._SnellaLinearFunction
+    originals = [(layer, name, getattr(layer, name)) for name in
+                 ("merged_blocked", "merged_blocked_in_window", "effective_blocked", "backward_blocked")]
+    originals += [(layer.SnellaAdapter, name, getattr(layer.SnellaAdapter, name))
+                  for name in ("select_threshold_on", "select_threshold_in_window")]
+    originals += [(function, name, function.__dict__[name]) for name in ("forward", "backward")]
+
+    def restore() -> None:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
 
     def wrapped(function: Callable, name: Callable[[dict[str, Any]], str]) -> Callable:
         def timed(*args: Any, **kwargs: Any) -> Any:
@@ -69,19 +80,19 @@ def instrument(clock: PhaseClock) -> None:
     layer.backward_blocked = wrapped(layer.backward_blocked, lambda kw: "backward pass")
     select = layer.SnellaAdapter.select_threshold_on
     layer.SnellaAdapter.select_threshold_on = (
-        lambda self, merged, missed=False: _timed_call(clock, "select τ", select, self, merged, missed))
+        lambda self, *a, **kw: _timed_call(clock, "select τ", select, self, *a, **kw))
     select_warm = layer.SnellaAdapter.select_threshold_in_window
     layer.SnellaAdapter.select_threshold_in_window = (
-        lambda self, *a: _timed_call(clock, "select τ (warm)", select_warm, self, *a))
-    function = layer._SnellaLinearFunction
+        lambda self, *a, **kw: _timed_call(clock, "select τ (warm)", select_warm, self, *a, **kw))
     forward, backward = function.forward, function.backward
     function.forward = staticmethod(lambda ctx, *a: _timed_call(clock, "layer forward", forward, ctx, *a))
     function.backward = staticmethod(lambda ctx, *a: _timed_call(clock, "layer backward", backward, ctx, *a))
+    return restore
 
 
-def _timed_call(clock: PhaseClock, phase: str, function: Callable, *args: Any) -> Any:
+def _timed_call(clock: PhaseClock, phase: str, function: Callable, *args: Any, **kwargs: Any) -> Any:
     with clock.timing(phase):
-        return function(*args)
+        return function(*args, **kwargs)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -110,14 +121,17 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
         gradient_checkpointing=args.gradient_checkpointing, num_threads=args.num_threads, snella_options=options,
     )
     clock = PhaseClock()
-    instrument(clock)
-    setup = build_training_setup(settings)
-    training_step(setup)
+    restore = instrument(clock)
     per_step: list[tuple[float, dict[str, float], dict[str, int]]] = []
-    for _ in range(args.steps):
-        clock.reset()
-        timing = training_step(setup)
-        per_step.append((timing.step_seconds, dict(clock.seconds), dict(clock.calls)))
+    try:
+        setup = build_training_setup(settings)
+        training_step(setup)
+        for _ in range(args.steps):
+            clock.reset()
+            timing = training_step(setup)
+            per_step.append((timing.step_seconds, dict(clock.seconds), dict(clock.calls)))
+    finally:
+        restore()
     step = statistics.median(s for s, _, _ in per_step)
     medians = {phase: statistics.median(p.get(phase, 0.0) for _, p, _ in per_step) for phase in PHASES}
     print(f"{args.model} {args.resolution}px snella r{args.rank} s{args.sparsity} "

@@ -251,3 +251,25 @@ def test_config_override_needs_key_and_value():
     assert script.parse_overrides(["num_layers=2", "act_fn=gelu"]) == {"num_layers": 2, "act_fn": "gelu"}
     with pytest.raises(SnellaError, match="--config_override"):
         script.parse_overrides(["num_layers"])
+
+
+def test_profile_train_step_times_the_layer_phases_and_restores_the_layer(capsys):
+    spec = importlib.util.spec_from_file_location(
+        "profile_train_step", SCRIPT.with_name("profile_train_step.py"))
+    profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile)
+    from snella_diffusion import layer
+
+    before = (layer.merged_blocked, layer.effective_blocked, layer.SnellaAdapter.select_threshold_on,
+              layer._SnellaLinearFunction.__dict__["forward"])
+    medians = profile.main(["--model", "tiny", "--resolution", "64", "--steps", "2", "--gradient_checkpointing"])
+    after = (layer.merged_blocked, layer.effective_blocked, layer.SnellaAdapter.select_threshold_on,
+             layer._SnellaLinearFunction.__dict__["forward"])
+    assert before == after
+    # Every layer call was timed: the builds happened.
+    assert medians["layer forward"] > 0 and medians["backward pass"] > 0
+    assert medians["W0+ΔW from factors"] > 0  # the checkpoint recompute rebuilt the weight
+    # (A recompute runs inside the layer backward that unpacks its saved tensors, so the two
+    # overlap; each alone lies within the step.)
+    assert max(medians["layer forward"], medians["layer backward"]) <= medians["step"]
+    assert "| backward pass |" in capsys.readouterr().out
