@@ -10,7 +10,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -29,17 +29,36 @@ def _save(image: Image.Image, path: PathLike) -> Path:
     return destination
 
 
-def save_image_grid(images: Sequence[Image.Image], path: PathLike, columns: int = 4) -> Path:
-    """Tile ``images`` (resized to the first one's size) in rows of ``columns``."""
+MIN_GRID_TILE = 128
+ROW_LABEL_WIDTH = 160
+
+
+def save_image_grid(images: Sequence[Image.Image], path: PathLike, columns: int = 4,
+                    row_labels: Optional[Sequence[str]] = None, min_tile: int = MIN_GRID_TILE) -> Path:
+    """Tile ``images`` (resized to the first one's size) in rows of ``columns``.
+
+    Tiles smaller than ``min_tile`` pixels on their short side are enlarged by an integer
+    factor, nearest neighbour (a 16 px sample stays readable, its pixels exact); ``row_labels``
+    (one per row) are written in a white margin on the left.
+    """
     if not images:
         raise ValueError("save_image_grid: no images")
     width, height = images[0].size
+    zoom = max(1, -(-min_tile // max(1, min(width, height))))
     columns = max(1, min(columns, len(images)))
     rows = math.ceil(len(images) / columns)
-    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    margin = ROW_LABEL_WIDTH if row_labels else 0
+    tile_width, tile_height = width * zoom, height * zoom
+    grid = Image.new("RGB", (margin + columns * tile_width, rows * tile_height), "white")
     for index, image in enumerate(images):
-        tile = image.convert("RGB").resize((width, height))
-        grid.paste(tile, ((index % columns) * width, (index // columns) * height))
+        tile = image.convert("RGB").resize((width, height)).resize((tile_width, tile_height), Image.NEAREST)
+        grid.paste(tile, (margin + (index % columns) * tile_width, (index // columns) * tile_height))
+    if row_labels:
+        from PIL import ImageDraw
+
+        draw = ImageDraw.Draw(grid)
+        for row, label in enumerate(row_labels[:rows]):
+            draw.text((6, row * tile_height + tile_height // 2 - 6), label, fill="black")
     return _save(grid, path)
 
 

@@ -121,7 +121,7 @@ def test_sd_run_writes_every_output(sd_run, sd_folder):
     assert len(snella_file.layers["unet"]) == 60  # 6 transformer blocks × 10 linears
     for step in (HALF, STEPS):
         grid = Image.open(sd_run / "validation" / f"step_{step}.png")
-        assert grid.size == (64, 32)  # 2 samples of 32 px in one row
+        assert grid.size == (256, 128)  # 2 samples of 32 px in one row, each enlarged 4× to 128 px
         checkpoint = sd_run / f"checkpoint-{step}"
         for name in (ADAPTER_FILE, "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl"):
             assert (checkpoint / name).is_file(), name

@@ -584,3 +584,21 @@ def test_bucket_batches_are_full_and_cover_every_item():
     assert len(batches) == len(sampler) == 3 + 1 + 1
     assert all(len(batch) == 2 and len({buckets_of_items[i] for i in batch}) == 1 for batch in batches)
     assert {i for batch in batches for i in batch} == set(range(8))
+
+
+def test_image_grid_enlarges_small_tiles_pixel_exactly_and_labels_rows(tmp_path):
+    from PIL import Image
+
+    from snella_diffusion.viz import ROW_LABEL_WIDTH, save_image_grid
+
+    rng = np.random.default_rng(0)
+    tiles = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(4)]
+    path = save_image_grid([Image.fromarray(t) for t in tiles], tmp_path / "grid.png", columns=2,
+                           row_labels=["a sks square", "a square"])
+    grid = np.asarray(Image.open(path))
+    assert grid.shape == (2 * 128, ROW_LABEL_WIDTH + 2 * 128, 3)  # 16 px tiles enlarged 8×
+    for index, tile in enumerate(tiles):
+        top, left = (index // 2) * 128, ROW_LABEL_WIDTH + (index % 2) * 128
+        enlarged = tile.repeat(8, axis=0).repeat(8, axis=1)
+        assert np.array_equal(grid[top : top + 128, left : left + 128], enlarged)
+    assert (grid[:, :ROW_LABEL_WIDTH] < 128).any()  # the labels are drawn (dark text on white)

@@ -466,7 +466,8 @@ def run_validation(
             )
         images.append(result.images[0])
     path = save_image_grid(images, output_dir / "validation" / f"step_{step}.png",
-                           columns=min(4, len(images)) if len(prompts) == 1 else args.num_validation_images)
+                           columns=min(4, len(images)) if len(prompts) == 1 else args.num_validation_images,
+                           row_labels=prompts if len(prompts) > 1 else None)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             stacked = np.stack([np.asarray(image) for image in images])
