@@ -66,6 +66,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_threads", type=int, default=0,
                         help="torch intra-op threads per method process (0: torch's default); 1 is steadier on shared cores")
+    parser.add_argument("--allocator_interval", type=int, default=10,
+                        help="SNELLA reallocates every this many steps (SnellaConfig's default 10; 1: every "
+                             "step, its most expensive schedule, where τ is always selected cold)")
     parser.add_argument("--config_override", action="append", default=[], metavar="KEY=JSON",
                         help="change a model config key, e.g. num_single_layers=4 (repeatable)")
     parser.add_argument("--snella_option", action="append", default=[], metavar="KEY=JSON",
@@ -98,6 +101,7 @@ def settings_for(args: argparse.Namespace, method: str) -> BenchmarkSettings:
         rank=args.rank, sparsity=args.sparsity, repeats=args.repeats, warmup=args.warmup,
         dtype=args.dtype, device=args.device, gradient_checkpointing=args.gradient_checkpointing,
         seed=args.seed, num_threads=args.num_threads, config_overrides=parse_overrides(args.config_override),
+        allocator_interval=args.allocator_interval,
         snella_options=parse_overrides(args.snella_option, "--snella_option"),
     )
     settings.validate()

@@ -119,6 +119,7 @@ class BenchmarkSettings:
     config_overrides: dict[str, Any] = field(default_factory=dict)
     snella_options: dict[str, Any] = field(default_factory=dict)
     num_threads: int = 0
+    allocator_interval: int = SnellaConfig.allocator_interval
 
     def validate(self) -> None:
         """Raise SnellaError naming the flag that holds an invalid value."""
@@ -136,6 +137,7 @@ class BenchmarkSettings:
             ("--repeats", self.repeats, 1),
             ("--warmup", self.warmup, 0),
             ("--num_threads", self.num_threads, 0),
+            ("--allocator_interval", self.allocator_interval, 1),
         ):
             if value < least:
                 raise SnellaError(f"{flag} {value}: must be at least {least}")
@@ -327,7 +329,8 @@ def build_training_setup(settings: BenchmarkSettings) -> TrainingSetup:
     """Build the model, apply ``settings.method`` to the shared target linears, make AdamW.
 
     - snella: ``apply_snella`` (rank r, sparsity s from the start) and a BiLevelAllocator that
-      reallocates every step (its most expensive schedule).
+      reallocates every ``allocator_interval`` steps (default: SnellaConfig's 10; 1 is its most
+      expensive schedule, where k changes every step and τ is always selected cold).
     - lora: PEFT LoRA of rank r on the same linears.
     - masked_sparse: gradient-masked training of the full target weights (density 1 - s),
       calibrated on one batch; AdamW holds full-size state for those weights.
@@ -363,7 +366,8 @@ def build_training_setup(settings: BenchmarkSettings) -> TrainingSetup:
     if settings.method == "snella":
         config = SnellaConfig(
             rank=settings.rank, target_modules=targets, init_sparsity=settings.sparsity,
-            target_sparsity=settings.sparsity, allocator_interval=1, **settings.snella_options,
+            target_sparsity=settings.sparsity, allocator_interval=settings.allocator_interval,
+            **settings.snella_options,
         )
         apply_snella(model, config)
         allocator = BiLevelAllocator(model, config, total_steps=settings.warmup + settings.repeats)

@@ -29,6 +29,9 @@ MAX_HALF_WIDTH = 0.25
 # by at most this factor per step (moves are noisy: a small one is often followed by a large one).
 HALF_WIDTH_PER_MOVE = 4.0
 HALF_WIDTH_DECAY = 0.7
+# A k that moved by more than this fraction of itself selects cold: the density measured near
+# the old τ says little so far away (a reallocation can move a layer's k by half).
+MAX_RELATIVE_SHIFT = 0.05
 
 _enabled = True
 
@@ -66,13 +69,15 @@ class WarmStart:
 
     def window(self, drop_count: int) -> Optional[tuple[float, float]]:
         """[low, high] expected to hold the ``drop_count``-th smallest |M|, or None when the
-        last τ gives no guess (τ = 0). A changed k with the density still unknown keeps the
-        window on the last τ (a hit then measures the density)."""
+        last τ gives no guess: τ = 0, or k moved by more than ``MAX_RELATIVE_SHIFT`` or with
+        the density near τ still unknown."""
         if self.threshold <= 0.0:
             return None
         center = self.threshold
         slack = self.half_width * self.threshold
-        if drop_count != self.drop_count and self.density:
+        if drop_count != self.drop_count:
+            if not self.density or abs(drop_count - self.drop_count) > MAX_RELATIVE_SHIFT * self.drop_count:
+                return None
             shift = (drop_count - self.drop_count) / self.density
             center += shift
             slack += 0.5 * abs(shift)

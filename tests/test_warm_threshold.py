@@ -139,7 +139,9 @@ def test_resume_from_state_dict_stays_bit_identical():
 
 def test_window_shifts_with_the_drop_count():
     state = warm_threshold.WarmStart(threshold=1.0, drop_count=1000, density=500.0, half_width=0.01)
-    low, high = state.window(1100)
-    assert low < 1.2 < high and high - low == pytest.approx(0.02 + 0.2)
-    assert warm_threshold.WarmStart(1.0, 1000).window(1100) == pytest.approx((0.99, 1.01))
+    low, high = state.window(1040)
+    assert low < 1.08 < high and high - low == pytest.approx(0.02 + 0.08)
+    assert state.window(1100) is None  # moved by 10 % of k: cold
+    assert warm_threshold.WarmStart(1.0, 1000).window(1010) is None  # density unknown: cold
+    assert warm_threshold.WarmStart(1.0, 1000).window(1000) == pytest.approx((0.99, 1.01))
     assert warm_threshold.WarmStart(0.0, 1000).window(1000) is None
