@@ -4,10 +4,8 @@ Builds the same model and method as ``bench_train_step.py`` (``benchmarking.buil
 wraps the layer's phases with wall-clock timers and prints, per timed step, the seconds spent in
 each phase summed over all adapted layers, and their share of the step:
 
-- ``build M (τ unknown)``: ``merged_blocked`` (cold) or ``merged_blocked_in_window`` (warm-started
-  τ: it also counts the window) in the first forward after an optimizer step;
-- ``select τ``: the threshold selection (``SnellaAdapter.select_threshold_on``, cold, or
-  ``select_threshold_in_window``, warm; a miss counts its cold fallback too);
+- ``build M (τ unknown)``: ``merged_blocked`` in the first forward after an optimizer step;
+- ``select τ``: the threshold selection (``SnellaAdapter.select_threshold_on``);
 - ``W0+ΔW from M``: ``effective_blocked`` reading a built M;
 - ``W0+ΔW from factors``: ``effective_blocked`` rebuilding M (recompute, or τ already known);
 - ``backward pass``: ``backward_blocked`` (M again, factor gradients, W0+ΔW for ∂L/∂x);
@@ -28,7 +26,7 @@ from typing import Any, Callable, Iterator, Optional
 from snella_diffusion import layer
 from snella_diffusion.benchmarking import MODEL_SPECS, BenchmarkSettings, build_training_setup, training_step
 
-PHASES = ("build M (τ unknown)", "select τ", "select τ (warm)", "W0+ΔW from M", "W0+ΔW from factors", "backward pass",
+PHASES = ("build M (τ unknown)", "select τ", "W0+ΔW from M", "W0+ΔW from factors", "backward pass",
           "layer forward", "layer backward")
 
 
@@ -57,10 +55,9 @@ def instrument(clock: PhaseClock) -> Callable[[], None]:
     """Wrap the layer module's phase functions with ``clock``; returns the function that puts
     the originals back."""
     function = layer._SnellaLinearFunction
-    originals = [(layer, name, getattr(layer, name)) for name in
-                 ("merged_blocked", "merged_blocked_in_window", "effective_blocked", "backward_blocked")]
-    originals += [(layer.SnellaAdapter, name, getattr(layer.SnellaAdapter, name))
-                  for name in ("select_threshold_on", "select_threshold_in_window")]
+    originals = [(layer, name, getattr(layer, name))
+                 for name in ("merged_blocked", "effective_blocked", "backward_blocked")]
+    originals += [(layer.SnellaAdapter, "select_threshold_on", layer.SnellaAdapter.select_threshold_on)]
     originals += [(function, name, function.__dict__[name]) for name in ("forward", "backward")]
 
     def restore() -> None:
@@ -74,16 +71,12 @@ def instrument(clock: PhaseClock) -> Callable[[], None]:
         return timed
 
     layer.merged_blocked = wrapped(layer.merged_blocked, lambda kw: "build M (τ unknown)")
-    layer.merged_blocked_in_window = wrapped(layer.merged_blocked_in_window, lambda kw: "build M (τ unknown)")
     layer.effective_blocked = wrapped(
         layer.effective_blocked, lambda kw: "W0+ΔW from M" if kw.get("merged") is not None else "W0+ΔW from factors")
     layer.backward_blocked = wrapped(layer.backward_blocked, lambda kw: "backward pass")
     select = layer.SnellaAdapter.select_threshold_on
     layer.SnellaAdapter.select_threshold_on = (
         lambda self, *a, **kw: _timed_call(clock, "select τ", select, self, *a, **kw))
-    select_warm = layer.SnellaAdapter.select_threshold_in_window
-    layer.SnellaAdapter.select_threshold_in_window = (
-        lambda self, *a, **kw: _timed_call(clock, "select τ (warm)", select_warm, self, *a, **kw))
     forward, backward = function.forward, function.backward
     function.forward = staticmethod(lambda ctx, *a: _timed_call(clock, "layer forward", forward, ctx, *a))
     function.backward = staticmethod(lambda ctx, *a: _timed_call(clock, "layer backward", backward, ctx, *a))

@@ -84,18 +84,6 @@ class _Workspace:
         self.buffers: dict[str, Tensor] = {}
         self.views: dict[tuple[str, int], Tensor] = {}
 
-    def take_bool(self, name: str, columns: int) -> Tensor:
-        """A boolean ``(rows, columns)`` buffer ``name`` (a mask of a block)."""
-        view = self.views.get((name, columns))
-        if view is None:
-            buffer = self.buffers.get(name)
-            if buffer is None:
-                buffer = torch.empty(self.rows * self.width, dtype=torch.bool, device=self.like.device)
-                self.buffers[name] = buffer
-            view = buffer[: self.rows * columns].view(self.rows, columns)
-            self.views[(name, columns)] = view
-        return view
-
     def take(self, name: str, columns: int, heads: int = 0) -> Tensor:
         """The buffer ``name`` as a contiguous ``(rows, columns)`` (or ``(heads, rows, columns)``)."""
         view = self.views.get((name, columns))
@@ -200,37 +188,6 @@ def merged_blocked(kernel: str, in_factors: Tensor, out_factors: Tensor, alpha: 
     for columns in blocks:
         result[:, columns] = _Block(factors, columns, alpha, gamma, beta, False, workspace).merged
     return result
-
-
-def merged_blocked_in_window(kernel: str, in_factors: Tensor, out_factors: Tensor, alpha: Tensor, gamma: Tensor,
-                             beta: Tensor, scale: float, low: float, high: float,
-                             block_entries: Optional[int] = None,
-                             out: Optional[Tensor] = None) -> tuple[Tensor, int, Tensor]:
-    """M as ``merged_blocked`` builds it, and, counted while each block is still in cache, what
-    an exact top-k selection inside the magnitude window [low, high] needs.
-
-    Returns:
-        M ``(m, n)``; the number of entries with |M| < low (low and high compared in M's
-        dtype); the magnitudes that lie in [low, high] ``(w,)``, in block order.
-    """
-    factors = _Factors(kernel, in_factors, out_factors, scale)
-    n, m = in_factors.shape[1], out_factors.shape[1]
-    result = _result(out, m, n, in_factors.dtype, in_factors.device)
-    blocks, workspace = _plan(n, m, in_factors, block_entries)
-    below = torch.zeros((), dtype=torch.int64, device=in_factors.device)
-    inside = []
-    for columns in blocks:
-        width = columns.stop - columns.start
-        block = _Block(factors, columns, alpha, gamma, beta, False, workspace).merged
-        result[:, columns] = block
-        magnitude = torch.abs(block, out=workspace.take("gate", width))
-        under = torch.lt(magnitude, low, out=workspace.take_bool("under", width))
-        below += torch.count_nonzero(under)
-        # low <= v <= high is (v <= high) xor (v < low), as v < low implies v <= high.
-        within = torch.le(magnitude, high, out=workspace.take_bool("within", width)).logical_xor_(under)
-        inside.append(magnitude[within])
-    window = torch.cat(inside) if inside else torch.empty(0, dtype=in_factors.dtype, device=in_factors.device)
-    return result, int(below), window
 
 
 def effective_blocked(kernel: str, in_factors: Tensor, out_factors: Tensor, alpha: Tensor, gamma: Tensor,

@@ -10,8 +10,7 @@ cache-sized column blocks (``blocked``); the weight-sized results borrow reused 
 
 τ is cached per adapter and keyed on the parameters' version counters, so it is selected once
 per optimizer step: gradient-accumulation micro-batches and gradient-checkpointing recomputes
-reuse it. On the CPU that selection is warm-started from the previous step's τ
-(``warm_threshold``) and stays exact.
+reuse it.
 
 Precision: the merged GEMM runs only where it loses nothing, in float32 (or float64). With
 fp16/bf16 products (half-precision activations or autocast) W0 + ΔW_eff would round most of
@@ -28,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import forward_cache, scratch, warm_threshold
-from .blocked import backward_blocked, effective_blocked, merged_blocked, merged_blocked_in_window
+from . import forward_cache, scratch
+from .blocked import backward_blocked, effective_blocked, merged_blocked
 from .config import SnellaConfig
 from .errors import SnellaError
 from .fused import pipeline
@@ -108,7 +107,6 @@ class SnellaAdapter(nn.Module):
         self.register_buffer("drop_count", torch.zeros((), dtype=torch.int64, device=device))
         self.drop_count_host = 0
         self._threshold_key: Optional[tuple] = None
-        self._warm_start: Optional[warm_threshold.WarmStart] = None
         self.reset_parameters()
         self.set_sparsity(config.init_sparsity)
 
@@ -181,38 +179,10 @@ class SnellaAdapter(nn.Module):
             )
             return merged_blocked(self.kernel, *factors, self.kernel_scale)
 
-    def select_threshold_on(self, merged: Tensor, missed_window: bool = False) -> Tensor:
+    def select_threshold_on(self, merged: Tensor) -> Tensor:
         """Select τ on M ``(m, n)`` for the current sparsity and record it for these parameters."""
         threshold = select_threshold(merged, self.drop_count_host, self.threshold_sample_size, absolute=True)
         self.record_threshold(threshold)
-        if self._warm_eligible(merged.device):
-            self._warm_start = warm_threshold.after_cold(self._warm_start, float(threshold), self.drop_count_host,
-                                                         missed_window)
-        return threshold
-
-    def _warm_eligible(self, device: torch.device) -> bool:
-        """Whether this adapter's selection is exact, on the CPU, and has something to select."""
-        exact = not (self.threshold_sample_size and self.numel > self.threshold_sample_size)
-        return device.type == "cpu" and exact and 0 < self.drop_count_host < self.numel
-
-    def warm_window(self, device: torch.device) -> Optional[tuple[float, float]]:
-        """The magnitude window around the last τ that the next selection tries first, or None
-        for a cold selection (``warm_threshold``)."""
-        if self._warm_start is None or not warm_threshold.enabled() or not self._warm_eligible(device):
-            return None
-        return self._warm_start.window(self.drop_count_host)
-
-    def select_threshold_in_window(self, merged: Tensor, window: tuple[float, float], below: int,
-                                   inside: Tensor) -> Tensor:
-        """τ from the counts ``merged_blocked_in_window`` took on M; the cold selection on
-        ``merged`` when the k-th smallest |M| is not inside the window. Exact either way."""
-        rank = self.drop_count_host - below
-        if not 0 < rank <= inside.numel():
-            return self.select_threshold_on(merged, missed_window=True)
-        threshold = torch.kthvalue(inside, rank).values
-        self.record_threshold(threshold)
-        self._warm_start = warm_threshold.after_hit(self._warm_start, float(threshold), self.drop_count_host,
-                                                    window, inside.numel())
         return threshold
 
     def refresh_threshold(self) -> Tensor:
@@ -253,9 +223,6 @@ class SnellaAdapter(nn.Module):
         # A state dict may hold a τ saved before any forward: select it again (deterministic).
         # Adapter files store a τ refreshed at save time; load_snella reuses that one.
         self._threshold_key = None
-        # The saved τ still tells a resumed run where to look first (the value stays exact).
-        saved = float(self.threshold)
-        self._warm_start = warm_threshold.WarmStart(saved, self.drop_count_host) if saved > 0 else None
 
 
 class _SnellaLinearFunction(torch.autograd.Function):
@@ -360,15 +327,9 @@ def _build_effective(adapter: SnellaAdapter, factors: tuple[Tensor, ...], thresh
     shape = (factors[1].shape[1], factors[0].shape[1])
     merged = None
     if threshold is None:
-        window = adapter.warm_window(device)
-        if window is None:
-            merged = merged_blocked(adapter.kernel, *factors, adapter.kernel_scale,
-                                    out=scratch.borrow(shape, dtype, device))
-            threshold = adapter.select_threshold_on(merged)
-        else:
-            merged, below, inside = merged_blocked_in_window(adapter.kernel, *factors, adapter.kernel_scale, *window,
-                                                             out=scratch.borrow(shape, dtype, device))
-            threshold = adapter.select_threshold_in_window(merged, window, below, inside)
+        merged = merged_blocked(adapter.kernel, *factors, adapter.kernel_scale,
+                                out=scratch.borrow(shape, dtype, device))
+        threshold = adapter.select_threshold_on(merged)
     threshold = threshold.to(dtype)
     effective = effective_blocked(
         adapter.kernel, *factors, adapter.kernel_scale, threshold, adapter.sparsify_mode, scale, weight, out_dtype,
