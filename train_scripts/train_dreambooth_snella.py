@@ -77,6 +77,7 @@ from snella_diffusion.training.objectives import dreambooth_loss
 from snella_diffusion.training.optimizers import make_optimizer
 from snella_diffusion.training.training_images import load_training_images
 from snella_diffusion.training.vae_inputs import decode_in_vae_dtype
+from snella_diffusion.lab.base import BASE_GUIDANCE_SCALE
 from snella_diffusion.viz import save_allocation_heatmap, save_image_grid, save_line_plot
 
 logger = get_logger(__name__)
@@ -90,8 +91,8 @@ EMBEDDED_CLASS_FOLDER = "class-images"
 EMBEDDED_INSTANCE_COUNT = 5
 EMBEDDED_CLASS_IMAGES = 50
 EMBEDDED_MAX_STEPS = 400
-# The lab base breaks under strong classifier-free guidance (issue 16): sample it at 1.
-EMBEDDED_GUIDANCE_SCALE = 1.0
+# The lab base draws its prompts best at guidance 3 (lab.base.BASE_GUIDANCE_SCALE, issue 16).
+EMBEDDED_GUIDANCE_SCALE = BASE_GUIDANCE_SCALE
 OUTPUT_FILE = "snella_weights.safetensors"
 RAW_OUTPUT_FILE = "snella_weights_raw.safetensors"
 DEFAULT_VALIDATION_STEPS = 100

@@ -185,7 +185,8 @@ def main(args: argparse.Namespace) -> Path:
         if step % args.checkpoint_every == 0 or step == args.max_steps or out_of_time:
             save_pipeline_atomically(ema_pipeline, args.output_dir / "pipeline")
             if args.eval_inference_steps:
-                images = sample(ema_pipeline, eval_prompts, seed=10_000, steps=args.eval_inference_steps)
+                images = sample(ema_pipeline, eval_prompts, seed=10_000, guidance_scale=1.0,
+                                steps=args.eval_inference_steps)
                 scores = score_prompts(images, eval_prompts)
                 print(f"eval step {step}: " + " ".join(f"{k} {v:.2f}" for k, v in scores.items()), flush=True)
                 log({"step": step, "eval_48_guidance_1": scores, "seconds": time.monotonic() - train_started})
