@@ -77,7 +77,7 @@ from snella_diffusion.training.objectives import dreambooth_loss
 from snella_diffusion.training.optimizers import make_optimizer
 from snella_diffusion.training.training_images import load_training_images
 from snella_diffusion.training.vae_inputs import decode_in_vae_dtype
-from snella_diffusion.lab.base import BASE_GUIDANCE_SCALE
+from snella_diffusion.lab.base import BASE_GUIDANCE_SCALE, BASE_INFERENCE_STEPS
 from snella_diffusion.viz import save_allocation_heatmap, save_image_grid, save_line_plot
 
 logger = get_logger(__name__)
@@ -138,6 +138,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       help="Class images wanted for prior preservation; missing ones are generated.")
     data.add_argument("--prior_loss_weight", type=float, default=1.0, help="Weight of the prior-preservation loss.")
     data.add_argument("--sample_batch_size", type=int, default=4, help="Batch size for generating class images.")
+    data.add_argument("--class_inference_steps", type=int, default=None,
+                      help="Sampling steps per class image (default: the pipeline's own; 25 for the embedded model).")
     data.add_argument("--resolution", type=int, default=None,
                       help="Training resolution in pixels (default: the model's native size, "
                            "512 for SD 1.5, 1024 for SDXL, 32 for the embedded model).")
@@ -302,7 +304,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise TrainingSetupError("--use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes)")
     for flag in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps",
-                 "num_validation_images", "sample_batch_size", "allocator_interval"):
+                 "num_validation_images", "sample_batch_size", "allocator_interval", "class_inference_steps"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise TrainingSetupError(f"--{flag}={getattr(args, flag)}: must be at least 1")
     if args.max_train_steps is not None and args.max_train_steps < 1:
@@ -390,6 +392,9 @@ def prepare_embedded_inputs(args: argparse.Namespace, accelerator: Accelerator, 
             args.class_prompt = args.class_prompt or EMBEDDED_CLASS_PROMPT
             args.class_data_dir = args.class_data_dir or str(output_dir / EMBEDDED_CLASS_FOLDER)
             args.num_class_images = min(args.num_class_images, EMBEDDED_CLASS_IMAGES)
+            args.sample_batch_size = max(args.sample_batch_size, EMBEDDED_CLASS_IMAGES // 2)
+            if args.class_inference_steps is None:
+                args.class_inference_steps = BASE_INFERENCE_STEPS
             args.validation_with_class_prompt = True
     elif args.instance_data_dir is None and args.dataset_name is None:
         folder = output_dir / EMBEDDED_INSTANCE_FOLDER
@@ -566,7 +571,9 @@ def build_dataset(
                 generate_class_images(
                     base_pipeline, args.class_prompt, class_folder, args.num_class_images, args.sample_batch_size,
                     seed=args.seed, progress=True,
-                    pipeline_kwargs={"height": resolution, "width": resolution, **guidance_kwargs(args)},
+                    pipeline_kwargs={"height": resolution, "width": resolution, **guidance_kwargs(args),
+                                     **({} if args.class_inference_steps is None
+                                        else {"num_inference_steps": args.class_inference_steps})},
                 )
             del base_pipeline
         accelerator.wait_for_everyone()
