@@ -90,7 +90,7 @@ EMBEDDED_CLASS_PROMPT = "a square"
 EMBEDDED_CLASS_FOLDER = "class-images"
 EMBEDDED_INSTANCE_COUNT = 5
 EMBEDDED_CLASS_IMAGES = 50
-EMBEDDED_MAX_STEPS = 400
+EMBEDDED_MAX_STEPS = 200
 # The lab base draws its prompts best at guidance 3 (lab.base.BASE_GUIDANCE_SCALE, issue 16).
 EMBEDDED_GUIDANCE_SCALE = BASE_GUIDANCE_SCALE
 OUTPUT_FILE = "snella_weights.safetensors"
@@ -165,9 +165,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                        help="Micro-batches accumulated per optimizer step.")
     train.add_argument("--gradient_checkpointing", action="store_true",
                        help="Recompute UNet (and trained text encoder) activations in backward to save memory.")
-    train.add_argument("--learning_rate", type=float, default=3e-3,
-                       help="Initial learning rate. 3e-3: SNELLA's best in the personalization lab, where "
-                            "1e-3 learnt the concept 2-3x less often (README); LoRA and full runs may want less.")
+    train.add_argument("--learning_rate", type=float, default=1e-2,
+                       help="Initial learning rate. 1e-2: SNELLA's best in the personalization lab (fidelity "
+                            "0.125 vs 0.0 at 1e-3 and 0.062 at 3e-3, 200 steps; README). LoRA's best there was "
+                            "1e-3: pass that with --adapter lora; full fine-tuning wants about 1e-4.")
     train.add_argument("--scale_lr", action="store_true",
                        help="Multiply the learning rate by GPUs × accumulation steps × batch size.")
     train.add_argument("--lr_scheduler", type=str, default="constant", choices=list(LR_SCHEDULERS),
