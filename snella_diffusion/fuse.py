@@ -150,18 +150,10 @@ def _fuse_one_float32(layer: SnellaLinear, name: str, factor: float, pristine: T
     weight = layer.base_layer.weight
     threshold = adapter.refresh_threshold()
     factors = (adapter.in_factors, adapter.out_factors, adapter.alpha, adapter.effective_gamma(), adapter.beta)
-    factors = tuple(t.detach().to(torch.float32) for t in factors)
-    effective_blocked(adapter.kernel, *factors, adapter.kernel_scale, threshold.to(torch.float32),
-                      adapter.sparsify_mode, factor, pristine, torch.float32, out=weight.data)
-    return 0.0, _squared_distance(weight.detach(), pristine)
-
-
-def _squared_distance(first: Tensor, second: Tensor, rows_per_chunk: int = 256) -> float:
-    """||first − second||² of two ``(m, n)`` matrices, summed in float32 a chunk of rows at a time."""
-    total = torch.zeros((), dtype=torch.float32, device=first.device)
-    for start in range(0, first.shape[0], rows_per_chunk):
-        total += torch.sub(first[start : start + rows_per_chunk], second[start : start + rows_per_chunk]).square_().sum()
-    return float(total)
+    factors = tuple(t.to(torch.float32) for t in factors)
+    fused = effective_blocked(adapter.kernel, *factors, adapter.kernel_scale, threshold.to(torch.float32),
+                              adapter.sparsify_mode, factor, pristine, torch.float32, out=weight.data)
+    return _rounding_and_delta_energy(pristine, fused, fused)
 
 
 def _rounding_and_delta_energy(pristine: Tensor, exact: Tensor, fused: Tensor) -> tuple[float, float]:

@@ -262,7 +262,7 @@ def test_one_pass_fuse_equals_the_whole_matrix_fuse_bit_for_bit(scale, monkeypat
     assert calls == [1]
     assert torch.equal(one_pass[0].base_layer.weight, whole[0].base_layer.weight)
     assert one_pass[0].fused_delta_energy[0] == whole[0].fused_delta_energy[0] == 0.0
-    assert one_pass[0].fused_delta_energy[1] == pytest.approx(whole[0].fused_delta_energy[1], rel=1e-5)
+    assert one_pass[0].fused_delta_energy[1] == whole[0].fused_delta_energy[1] > 0.0
     unfuse_snella(one_pass)
     unfuse_snella(whole)
     assert torch.equal(one_pass[0].base_layer.weight, whole[0].base_layer.weight)
