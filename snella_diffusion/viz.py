@@ -29,6 +29,19 @@ def _save(image: Image.Image, path: PathLike) -> Path:
     return destination
 
 
+def draw_label(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, fill: object = "black",
+               font: Optional[ImageFont.ImageFont] = None) -> None:
+    """Write ``text`` at ``xy`` (pixels) word by word, one ``n``-width apart: Pillow's default
+    font advances only 2 px for a space at its default size, so "a sks square" read as
+    "asksssquare"."""
+    font = font or ImageFont.load_default()
+    gap = max(font.getlength(" "), font.getlength("n"))
+    x, y = xy
+    for word in text.split(" "):
+        draw.text((x, y), word, fill=fill, font=font)
+        x += font.getlength(word) + gap
+
+
 MIN_GRID_TILE = 128
 ROW_LABEL_WIDTH = 160
 
@@ -54,11 +67,9 @@ def save_image_grid(images: Sequence[Image.Image], path: PathLike, columns: int 
         tile = image.convert("RGB").resize((width, height)).resize((tile_width, tile_height), Image.NEAREST)
         grid.paste(tile, (margin + (index % columns) * tile_width, (index // columns) * tile_height))
     if row_labels:
-        from PIL import ImageDraw
-
         draw = ImageDraw.Draw(grid)
         for row, label in enumerate(row_labels[:rows]):
-            draw.text((6, row * tile_height + tile_height // 2 - 6), label, fill="black")
+            draw_label(draw, (6, row * tile_height + tile_height // 2 - 6), label)
     return _save(grid, path)
 
 
@@ -182,14 +193,10 @@ def save_allocation_heatmap(
         if y1 - y0 >= 11:
             draw.text((8 + band + 60, (y0 + y1) // 2 - 5), group.block[-21:], fill="black", font=font)
         draw.line([(8 + band + 58, y0), (left - 4, y0)], fill=(200, 200, 200))
-    draw.text((8, 6), title, fill="black", font=font)
-    draw.text((left, top + heat_h + 6), f"steps {steps[0]} … {steps[-1]}", fill="black", font=font)
-    draw.text(
-        (left, top + heat_h + 20),
-        f"{layers} layers ({layer_names[0]} … {layer_names[-1]})"[:140],
-        fill="black",
-        font=font,
-    )
+    draw_label(draw, (8, 6), title, font=font)
+    draw_label(draw, (left, top + heat_h + 6), f"steps {steps[0]} … {steps[-1]}", font=font)
+    draw_label(draw, (left, top + heat_h + 20), f"{layers} layers ({layer_names[0]} … {layer_names[-1]})"[:140],
+               font=font)
     ramp = _viridis_like(np.linspace(1, 0, heat_h)[:, None].repeat(12, axis=1))
     canvas.paste(Image.fromarray(ramp), (width - legend + 10, top))
     draw.text((width - legend + 26, top), "1.0", fill="black", font=font)
@@ -201,7 +208,7 @@ def _frame(width: int, height: int, title: str):
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
-    draw.text((10, 6), title, fill="black", font=font)
+    draw_label(draw, (10, 6), title, font=font)
     return canvas, draw, font
 
 
@@ -232,7 +239,7 @@ def save_line_plot(
         elif pixels:
             x, y = pixels[0]
             draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-        draw.text((width - margin - 150, margin + 5 + 14 * index), name, fill=colour, font=font)
+        draw_label(draw, (width - margin - 150, margin + 5 + 14 * index), name, fill=colour, font=font)
     draw.text((margin, height - margin + 5), f"{x_low:g}", fill="black", font=font)
     draw.text((width - margin - 40, height - margin + 5), f"{x_high:g}", fill="black", font=font)
     draw.text((5, height - margin - 10), f"{y_low:.3g}", fill="black", font=font)
@@ -252,7 +259,7 @@ def save_bar_chart(values: dict[str, dict[str, float]], path: PathLike, title: s
     canvas, draw, font = _frame(panel_w * len(values), height + 20, title)
     for panel, (metric, items) in enumerate(values.items()):
         x0 = panel * panel_w
-        draw.text((x0 + margin, 24), metric, fill="black", font=font)
+        draw_label(draw, (x0 + margin, 24), metric, font=font)
         top_value = max(items.values()) if items and max(items.values()) > 0 else 1.0
         bar_w = (panel_w - 2 * margin) / max(len(items), 1)
         base_y = height - margin

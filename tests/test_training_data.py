@@ -602,3 +602,21 @@ def test_image_grid_enlarges_small_tiles_pixel_exactly_and_labels_rows(tmp_path)
         enlarged = tile.repeat(8, axis=0).repeat(8, axis=1)
         assert np.array_equal(grid[top : top + 128, left : left + 128], enlarged)
     assert (grid[:, :ROW_LABEL_WIDTH] < 128).any()  # the labels are drawn (dark text on white)
+
+
+def test_labels_keep_a_visible_gap_between_words():
+    from PIL import Image, ImageDraw, ImageFont
+
+    from snella_diffusion.viz import draw_label
+
+    def ink_columns(text):
+        image = Image.new("L", (200, 20), 255)
+        draw_label(ImageDraw.Draw(image), (2, 2), text)
+        return np.flatnonzero((np.asarray(image) < 128).any(axis=0))
+
+    joined, spaced = ink_columns("ab"), ink_columns("a b")
+    font = ImageFont.load_default()
+    # "a b" is "ab" with its "b" moved right by the gap (an "n" width, at least 4 px here).
+    assert spaced[-1] - joined[-1] == font.getlength("n") >= 4
+    gaps = np.diff(spaced)
+    assert gaps.max() >= 4

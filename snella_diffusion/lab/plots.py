@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from snella_diffusion.viz import PALETTE
+from snella_diffusion.viz import PALETTE, draw_label
 
 LABEL_WIDTH = 150
 
@@ -23,7 +23,7 @@ def save_lab_grid(rows: dict[str, np.ndarray], path: Path, zoom: int = 4) -> Pat
     font = ImageFont.load_default()
     for row, (label, images) in enumerate(rows.items()):
         top = row * (height + 2)
-        draw.text((4, top + height // 2 - 6), label, fill="black", font=font)
+        draw_label(draw, (4, top + height // 2 - 6), label, font=font)
         for column, image in enumerate(images):
             pixels = np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
             tile = Image.fromarray(pixels).resize((pixels.shape[1] * zoom, pixels.shape[0] * zoom), Image.NEAREST)
@@ -43,7 +43,7 @@ def save_scatter(points: dict[str, Sequence[tuple[float, float]]], path: Path, t
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
-    draw.text((10, 6), title, fill="black", font=font)
+    draw_label(draw, (10, 6), title, font=font)
     xs, ys = [p[0] for p in values], [p[1] for p in values]
     x_low, x_high = min(xs + [0.0]), max(xs + [0.0])
     y_low, y_high = 0.0, max(ys + [1.0])
@@ -61,13 +61,13 @@ def save_scatter(points: dict[str, Sequence[tuple[float, float]]], path: Path, t
         for x, y in series:
             px, py = to_pixel(x, y)
             draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=colour)
-        draw.text((margin + 8, margin + 6 + 14 * index), name, fill=colour, font=font)
+        draw_label(draw, (margin + 8, margin + 6 + 14 * index), name, fill=colour, font=font)
     draw.text((margin, height - margin + 6), f"{x_low:.2f}", fill="black", font=font)
     draw.text((width - margin - 30, height - margin + 6), f"{x_high:.2f}", fill="black", font=font)
-    draw.text((width // 2 - 40, height - margin + 20), x_label, fill="black", font=font)
+    draw_label(draw, (width // 2 - 40, height - margin + 20), x_label, font=font)
     draw.text((5, height - margin - 10), f"{y_low:.2f}", fill="black", font=font)
     draw.text((5, margin), f"{y_high:.2f}", fill="black", font=font)
-    draw.text((5, height // 2), y_label, fill="black", font=font)
+    draw_label(draw, (5, height // 2), y_label, font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
