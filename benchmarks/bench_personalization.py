@@ -10,7 +10,9 @@ Methods (same target layers, rank, data, steps, batch, prior preservation, seeds
 - ``lora``: ``--adapter lora`` (PEFT LoRA, rank = --rank: the same trainable-parameter count);
 - ``full``: ``--adapter full`` (every UNet parameter).
 
-A run is named ``<method>-lr<lr>-s<steps>-seed<seed>``; finished runs are kept in
+A run is named ``<method>-lr<lr>-s<steps>-seed<seed>`` (``<method>[<variant>]-...`` with
+``--variant``: extra training flags from ``--train_flags``, e.g. ``--variant te --train_flags
+"--train_text_encoder"``, reported as a method of their own); finished runs are kept in
 ``results.json`` and skipped when the command is repeated (so a sweep can be resumed or
 extended). ``--sweep`` adds, for ``--sweep_methods``, every (learning rate, steps) pair of
 ``--sweep_learning_rates`` × ``--sweep_steps`` at the first seed. The report (``results.md``,
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import threading
 import time
@@ -109,7 +112,7 @@ def train_run(args: argparse.Namespace, method: str, learning_rate: float, steps
         "--max_train_steps", str(steps), "--learning_rate", str(learning_rate), "--seed", str(seed),
         "--rank", str(args.rank), "--validation_guidance_scale", str(BASE_GUIDANCE_SCALE), "--mixed_precision", "no",
         "--checkpointing_steps", str(10**9), "--report_to", "none", "--output_dir", str(run_dir),
-        *method_flags(method, args.snell_sparsity),
+        *method_flags(method, args.snell_sparsity), *shlex.split(args.train_flags),
     ]
     started = time.monotonic()
     with PeakRss() as rss:
@@ -140,10 +143,15 @@ def summarise(values: list[float]) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
 
 
+def run_label(run: dict[str, Any]) -> str:
+    """The method as reported: ``snella``, or ``snella[te]`` for a run of variant ``te``."""
+    return f"{run['method']}[{run['variant']}]" if run.get("variant") else run["method"]
+
+
 def settings_table(runs: dict[str, dict[str, Any]]) -> dict[tuple[str, float, int], list[dict[str, Any]]]:
     grouped: dict[tuple[str, float, int], list[dict[str, Any]]] = {}
     for run in runs.values():
-        grouped.setdefault((run["method"], run["learning_rate"], run["steps"]), []).append(run)
+        grouped.setdefault((run_label(run), run["learning_rate"], run["steps"]), []).append(run)
     return dict(sorted(grouped.items()))
 
 
@@ -187,9 +195,14 @@ def write_report(args: argparse.Namespace, results: dict[str, Any]) -> None:
                  x_label="drift_all", y_label="fidelity_loose")
     for method, key in best.items():
         run = min(grouped[key], key=lambda r: r["seed"])
-        grid = np.load(args.output_dir / "samples" / f"{run['name']}.npz")
+        sample_file = args.output_dir / "samples" / f"{run['name']}.npz"
+        if not sample_file.exists():
+            print(f"no samples of {run['name']} in {sample_file.parent}: its grid is not rewritten", flush=True)
+            continue
+        grid = np.load(sample_file)
+        file_label = method.replace("[", "_").replace("]", "")
         save_lab_grid({name: grid[name] for name in grid.files},
-                      args.output_dir / f"grid_{method}.png")
+                      args.output_dir / f"grid_{file_label}.png")
 
 
 def grid_rows(images: dict[str, np.ndarray], columns: int = 8) -> dict[str, np.ndarray]:
@@ -219,6 +232,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--sweep_learning_rates", nargs="+", type=float, default=[1e-4, 1e-3, 3e-3, 1e-2])
     parser.add_argument("--sweep_steps", nargs="+", type=int, default=[100, 200, 400])
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--variant", default="",
+                        help="Name of a variant of the --methods and --sweep runs (part of each run's name).")
+    parser.add_argument("--train_flags", default="",
+                        help="Extra training-script flags of the variant, one string (e.g. \"--train_text_encoder "
+                             "--target_sparsity 0.5\"); they come after the method's own flags, so they win.")
     parser.add_argument("--snell_sparsity", type=float, default=0.8)
     parser.add_argument("--train_batch_size", type=int, default=4)
     parser.add_argument("--num_class_images", type=int, default=50)
@@ -251,6 +269,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     import torch
 
     args = parse_args(argv)
+    if bool(args.variant) != bool(args.train_flags):
+        raise SystemExit("--variant and --train_flags go together: name the variant of the extra flags")
     torch.set_num_threads(args.threads)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "samples").mkdir(exist_ok=True)
@@ -274,13 +294,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     results_file.write_text(json.dumps(results, indent=1))
     write_instance_images(args.output_dir / "instance", args.instance_count, seed=12345)
     for method, learning_rate, steps, seed in planned_runs(args):
-        name = f"{method}-lr{learning_rate:g}-s{steps}-seed{seed}"
+        label = f"{method}[{args.variant}]" if args.variant else method
+        name = f"{label}-lr{learning_rate:g}-s{steps}-seed{seed}"
         if name in results["runs"]:
             continue
         print(f"run {name}", flush=True)
         run_dir = args.output_dir / "runs" / name
-        record: dict[str, Any] = {"name": name, "method": method, "learning_rate": learning_rate, "steps": steps,
-                                  "seed": seed}
+        record: dict[str, Any] = {"name": name, "method": method, "variant": args.variant,
+                                  "learning_rate": learning_rate, "steps": steps, "seed": seed}
         record.update(train_run(args, method, learning_rate, steps, seed, run_dir))
         metrics, images = evaluate_pipeline(load_pipeline(args.base, method, record["adapter_file"]),
                                             scale=args.eval_scale, steps=args.inference_steps)
