@@ -265,6 +265,39 @@ def test_sdxl_with_text_encoders_trains_and_saves_every_component(sdxl_folder, i
     assert (after - before).abs().mean() > 1e-3 * before.abs().mean()
 
 
+@pytest.mark.parametrize("base", ["sd", "sdxl"])
+def test_lora_with_text_encoders_saves_what_diffusers_loads(base, sd_folder, sdxl_folder, instance_dir, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    folder = {"sd": sd_folder, "sdxl": sdxl_folder}[base]
+    run_main(
+        "--pretrained_model_name_or_path", str(folder), "--instance_data_dir", str(instance_dir),
+        "--instance_prompt", PROMPT, "--output_dir", str(tmp_path), "--max_train_steps", "3",
+        "--adapter", "lora", "--train_text_encoder", "--learning_rate", "1e-2", "--report_to", "none",
+        "--checkpointing_steps", "100",
+    )
+    saved = adapter_tensors(tmp_path / "pytorch_lora_weights.safetensors")
+    encoders = ["text_encoder", "text_encoder_2"] if base == "sdxl" else ["text_encoder"]
+    assert {key.split(".", 1)[0] for key in saved} == {"unet", *encoders}
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    tokens = pipe.tokenizer([PROMPT], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                            return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = pipe.text_encoder(tokens)[0]
+    pipe.load_lora_weights(str(tmp_path))
+    with torch.no_grad():
+        after = pipe.text_encoder(tokens)[0]
+    # Each saved text-encoder factor is in the loaded encoder, bit for bit (diffusers renames the
+    # keys on load, so they are matched by value), and the loaded factors move its output.
+    loaded = [p.detach() for name, p in pipe.text_encoder.named_parameters() if "lora_" in name]
+    text_keys = [key for key in saved if key.startswith("text_encoder.")]
+    assert len(text_keys) == len(loaded) > 0
+    for key in text_keys:
+        assert any(p.shape == saved[key].shape and torch.equal(p, saved[key]) for p in loaded), key
+    assert any(p.abs().max() > 0 for p in loaded)
+    assert (after - before).abs().max() > 0
+
+
 @pytest.mark.slow
 def test_two_gloo_processes_agree_on_every_sparsity(sdxl_folder, instance_dir, tmp_path):
     """torchrun, 2 CPU ranks over gloo; SDXL with its text encoders adapted (the first encoder's

@@ -401,3 +401,27 @@ def test_fuse_memory_accounting_on_meta_configs():
     assert sizes["sd15"]["entries"] < sizes["sdxl"]["entries"] < sizes["flux"]["entries"]
     recorded = json.loads((REPO / "benchmarks" / "results" / "fuse_memory.json").read_text())
     assert recorded == {model: sizes[model] for model in recorded}
+
+
+@pytest.mark.parametrize("flags, rank, text_encoder", [
+    ([], script.EMBEDDED_RANK, True),  # the embedded model: the lab's best setting
+    (["--no-train_text_encoder", "--rank", "16"], 16, False),
+    (["--adapter", "lora"], script.EMBEDDED_RANK, True),  # the same A/B settings as SNELLA
+    (["--adapter", "full"], script.EMBEDDED_RANK, False),  # full trains the denoiser only
+    (["--pretrained_model_name_or_path", "some/model"], script.DEFAULT_RANK, False),
+    (["--pretrained_model_name_or_path", "some/model", "--train_text_encoder"], script.DEFAULT_RANK, True),
+])
+def test_rank_and_text_encoder_defaults_depend_on_the_model(flags, rank, text_encoder):
+    args = script.parse_args(flags)
+    assert (args.rank, args.train_text_encoder) == (rank, text_encoder)
+    assert (script.EMBEDDED_RANK, script.DEFAULT_RANK) == (8, 32)
+
+
+def test_resolved_text_encoder_switch_round_trips_through_the_job_file(tmp_path):
+    from snella_diffusion.training.job_config import write_resolved_config
+
+    write_resolved_config(script.parse_args([]), tmp_path / "config.toml")
+    repeated = script.parse_args(["--config", str(tmp_path / "config.toml")])
+    assert (repeated.rank, repeated.train_text_encoder) == (script.EMBEDDED_RANK, True)
+    write_resolved_config(script.parse_args(["--no-train_text_encoder"]), tmp_path / "off.toml")
+    assert script.parse_args(["--config", str(tmp_path / "off.toml")]).train_text_encoder is False

@@ -1,10 +1,12 @@
 """What the DreamBooth script trains, selected by ``--adapter``: SNELLA (the default), PEFT LoRA
-on the same linears at the same trainable-parameter count, or the full denoiser.
+on the same linears at the same trainable-parameter count, or the full denoiser. With
+``--train_text_encoder`` SNELLA and LoRA also adapt the text encoders (the ``text_encoder``
+preset: attention projections and MLP linears), so an A/B run changes the adapter only.
 
 SNELLA-r holds r·(m + n) factor entries per (m, n) linear (plus 3 scalars), exactly what LoRA
 of rank r holds, so ``--lora_rank`` defaults to ``--rank``. A LoRA run is saved in the diffusers
-LoRA format (``pytorch_lora_weights.safetensors``, keys ``unet.<module>.lora_A.weight`` …) that
-``pipeline.load_lora_weights(output_dir)`` reads; a full run saves the fine-tuned denoiser as a
+LoRA format (``pytorch_lora_weights.safetensors``, keys ``unet.<module>.lora_A.weight``,
+``text_encoder.<module>.lora_A.weight`` …) that ``pipeline.load_lora_weights(output_dir)`` reads; a full run saves the fine-tuned denoiser as a
 diffusers model folder (``<output_dir>/<component>``).
 
 LoRA and full runs have no sparsity to allocate: ``StaticAllocator`` stands in for the
@@ -68,18 +70,25 @@ class StaticAllocator:
 
 def attach_baseline(
     adapter: str, denoiser: nn.Module, component: str, config: SnellaConfig, lora_rank: Optional[int] = None,
-    lora_alpha: Optional[float] = None,
+    lora_alpha: Optional[float] = None, text_encoders: Optional[dict[str, nn.Module]] = None,
 ) -> tuple[dict[str, nn.Module], StaticAllocator]:
     """Makes ``denoiser`` trainable the ``adapter`` way (``"lora"``: PEFT LoRA on the SNELLA
-    targets of ``config``, rank ``lora_rank`` or ``config.rank``, alpha = rank unless given;
-    ``"full"``: every parameter). Returns ``({component: denoiser}, StaticAllocator)``."""
+    targets of ``config``, rank ``lora_rank`` or ``config.rank``, alpha = rank unless given, and
+    on the ``text_encoder`` preset of each of ``text_encoders``; ``"full"``: every denoiser
+    parameter, no text encoder). Returns ``({component: model}, StaticAllocator)``."""
+    trained = {component: denoiser}
     if adapter == "lora":
-        apply_lora(denoiser, config.target_modules, lora_rank or config.rank, lora_alpha)
+        rank = lora_rank or config.rank
+        apply_lora(denoiser, config.target_modules, rank, lora_alpha)
+        for name, encoder in (text_encoders or {}).items():
+            apply_lora(encoder, "text_encoder", rank, lora_alpha)
+            trained[name] = encoder
     elif adapter == "full":
+        if text_encoders:
+            raise SnellaConfigError("--adapter=full trains the denoiser only: drop --train_text_encoder")
         denoiser.requires_grad_(True)
     else:
         raise SnellaConfigError(f"--adapter={adapter}: expected one of {', '.join(ADAPTERS[1:])} here")
-    trained = {component: denoiser}
     return trained, StaticAllocator(trained)
 
 
@@ -97,16 +106,19 @@ def save_trained(adapter: str, trained: dict[str, nn.Module], output_dir: Path, 
     if adapter == "snella":
         return save_snella(trained, output_file(adapter, output_dir), base_model=base_model)
     if adapter == "lora":
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        if set(trained) != {"unet"}:
+        if "unet" not in trained or not set(trained) <= {"unet", "text_encoder", "text_encoder_2"}:
             raise SnellaConfigError(
-                f"--adapter=lora: saving in the diffusers LoRA format supports the unet only, got {sorted(trained)}"
+                "--adapter=lora: saving in the diffusers LoRA format supports a UNet and its text encoders, "
+                f"got {sorted(trained)}"
             )
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(trained["unet"]))
-        StableDiffusionPipeline.save_lora_weights(output_dir, unet_lora_layers=layers, safe_serialization=True)
+        layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+                  for name, model in trained.items()}
+        saver = StableDiffusionXLPipeline if "text_encoder_2" in trained else StableDiffusionPipeline
+        saver.save_lora_weights(output_dir, **layers, safe_serialization=True)
         return output_file(adapter, output_dir)
     (component, model), = trained.items()
     model.save_pretrained(output_dir / component)
