@@ -33,6 +33,24 @@ def save_lab_grid(rows: dict[str, np.ndarray], path: Path, zoom: int = 4) -> Pat
     return path
 
 
+MARKERS = ("circle", "square", "triangle", "diamond")
+
+
+def draw_marker(draw: ImageDraw.ImageDraw, centre: tuple[float, float], shape: str, colour: object,
+                radius: float = 4.0) -> None:
+    """A filled marker of ``shape`` (one of ``MARKERS``) centred on ``centre`` (pixels): the
+    shape tells apart series that share a palette colour."""
+    x, y = centre
+    if shape == "circle":
+        draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour)
+    elif shape == "square":
+        draw.rectangle([x - radius, y - radius, x + radius, y + radius], fill=colour)
+    elif shape == "triangle":
+        draw.polygon([(x, y - radius), (x + radius, y + radius), (x - radius, y + radius)], fill=colour)
+    else:
+        draw.polygon([(x, y - radius), (x + radius, y), (x, y + radius), (x - radius, y)], fill=colour)
+
+
 def save_scatter(points: dict[str, Sequence[tuple[float, float]]], path: Path, title: str = "",
                  x_label: str = "x", y_label: str = "y") -> Path:
     """One marker colour per series of (x, y) points; axis ranges printed at the corners."""
@@ -57,11 +75,11 @@ def save_scatter(points: dict[str, Sequence[tuple[float, float]]], path: Path, t
     zero_x, _ = to_pixel(0.0, 0.0)
     draw.line([zero_x, margin, zero_x, height - margin], fill=(180, 180, 180))
     for index, (name, series) in enumerate(points.items()):
-        colour = PALETTE[index % len(PALETTE)]
+        colour, shape = PALETTE[index % len(PALETTE)], MARKERS[(index // len(PALETTE)) % len(MARKERS)]
         for x, y in series:
-            px, py = to_pixel(x, y)
-            draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=colour)
-        draw_label(draw, (margin + 8, margin + 6 + 14 * index), name, fill=colour, font=font)
+            draw_marker(draw, to_pixel(x, y), shape, colour)
+        draw_marker(draw, (margin + 12, margin + 12 + 14 * index), shape, colour)
+        draw_label(draw, (margin + 22, margin + 6 + 14 * index), name, fill=colour, font=font)
     draw.text((margin, height - margin + 6), f"{x_low:.2f}", fill="black", font=font)
     draw.text((width - margin - 30, height - margin + 6), f"{x_high:.2f}", fill="black", font=font)
     draw_label(draw, (width // 2 - 40, height - margin + 20), x_label, font=font)
