@@ -417,6 +417,13 @@ def test_rank_and_text_encoder_defaults_depend_on_the_model(flags, rank, text_en
     assert (script.EMBEDDED_RANK, script.DEFAULT_RANK) == (8, 32)
 
 
+@pytest.mark.parametrize("flags, sparsity", [
+    ([], 0.5), (["--target_sparsity", "0.9"], 0.9), (["--pretrained_model_name_or_path", "some/model"], 0.8),
+])
+def test_target_sparsity_default_depends_on_the_model(flags, sparsity):
+    assert script.parse_args(flags).target_sparsity == sparsity
+
+
 def test_resolved_text_encoder_switch_round_trips_through_the_job_file(tmp_path):
     from snella_diffusion.training.job_config import write_resolved_config
 
