@@ -5,9 +5,10 @@
         --instance_prompt="a photo of sks dog" --output_dir=<dir>
 
 Flags follow diffusers' ``train_dreambooth_lora.py``. With no ``--pretrained_model_name_or_path``
-the script trains the embedded tiny Stable Diffusion model (built from configs, saved to
-``<output_dir>/embedded-base-model`` and loaded by path), and with no ``--instance_data_dir``
-it generates a small deterministic instance set: a complete run in about a minute on a CPU.
+the script trains the embedded model, the shipped pretrained 16 px lab base
+(``snella_diffusion/lab``, written to ``<output_dir>/embedded-base-model`` and loaded by path),
+and with no ``--instance_data_dir`` it generates 5 images of the lab concept ``sks`` and turns
+on prior preservation: a complete run in under two minutes on a CPU.
 """
 
 from __future__ import annotations
