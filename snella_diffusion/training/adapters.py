@@ -5,9 +5,11 @@ preset: attention projections and MLP linears), so an A/B run changes the adapte
 
 SNELLA-r holds r·(m + n) factor entries per (m, n) linear (plus 3 scalars), exactly what LoRA
 of rank r holds, so ``--lora_rank`` defaults to ``--rank``. A LoRA run is saved in the diffusers
-LoRA format (``pytorch_lora_weights.safetensors``, keys ``unet.<module>.lora_A.weight``,
-``text_encoder.<module>.lora_A.weight`` …) that ``pipeline.load_lora_weights(output_dir)`` reads; a full run saves the fine-tuned denoiser as a
-diffusers model folder (``<output_dir>/<component>``).
+LoRA format (``pytorch_lora_weights.safetensors``: keys ``unet.<module>.lora_A.weight`` …, and
+``text_encoder.<module>.lora_linear_layer.down.weight`` … for trained text encoders, as
+diffusers' own DreamBooth LoRA script writes them) that ``pipeline.load_lora_weights(output_dir)``
+reads; a full run saves the fine-tuned denoiser as a diffusers model folder
+(``<output_dir>/<component>``).
 
 LoRA and full runs have no sparsity to allocate: ``StaticAllocator`` stands in for the
 SNELLA allocator in the training loop (every entry kept, nothing reallocated).
