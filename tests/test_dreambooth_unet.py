@@ -266,7 +266,8 @@ def test_sdxl_with_text_encoders_trains_and_saves_every_component(sdxl_folder, i
 
 
 @pytest.mark.parametrize("base", ["sd", "sdxl"])
-def test_lora_with_text_encoders_saves_what_diffusers_loads(base, sd_folder, sdxl_folder, instance_dir, tmp_path):
+def test_lora_with_text_encoders_saves_what_diffusers_loads(base, sd_folder, sdxl_folder, instance_dir, tmp_path,
+                                                           monkeypatch):
     from diffusers import DiffusionPipeline
 
     folder = {"sd": sd_folder, "sdxl": sdxl_folder}[base]
@@ -296,6 +297,16 @@ def test_lora_with_text_encoders_saves_what_diffusers_loads(base, sd_folder, sdx
         assert any(p.shape == saved[key].shape and torch.equal(p, saved[key]) for p in loaded), key
     assert any(p.abs().max() > 0 for p in loaded)
     assert (after - before).abs().max() > 0
+
+    # The model card describes the LoRA run, and its snippet loads the file for real.
+    card = (tmp_path / "README.md").read_text()
+    assert "# LoRA DreamBooth adapter" in card and "SNELLA settings" not in card and "Final sparsity" not in card
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0].splitlines()
+    loading = "\n".join(line for line in snippet if not line.startswith("image = "))  # no sampling
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(loading, "README.md", "exec"), scope)
+    assert len(scope["pipe"].get_active_adapters()) == 1
 
 
 @pytest.mark.slow

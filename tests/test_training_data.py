@@ -620,3 +620,19 @@ def test_labels_keep_a_visible_gap_between_words():
     assert spaced[-1] - joined[-1] == font.getlength("n") >= 4
     gaps = np.diff(spaced)
     assert gaps.max() >= 4
+
+
+def test_full_run_card_loads_the_component_and_a_captions_card_has_no_prompt_key():
+    from snella_diffusion import SnellaConfig
+    from snella_diffusion.training.model_card import render_model_card
+
+    card = render_model_card("base/sd", "stable-diffusion", None, SnellaConfig(), {"unet": 0.0}, {"steps": 2},
+                             adapter="full", component="unet")
+    front_matter = card.split("---")[1]
+    assert "instance_prompt" not in front_matter and "- snella" not in front_matter
+    assert "# DreamBooth fine-tuned unet" in card
+    assert 'pipe.unet = type(pipe.unet).from_pretrained("unet")' in card
+    assert "SNELLA settings" not in card and "Final sparsity" not in card and "allocation.png" not in card
+    snella = render_model_card("base/sd", "stable-diffusion", "a sks dog", SnellaConfig(), {"unet.a": 0.5}, {})
+    assert "instance_prompt: 'a sks dog'" in snella and "## SNELLA settings" in snella
+    assert "| unet | 1 | 0.5000 | 0.5000 | 0.5000 |" in snella

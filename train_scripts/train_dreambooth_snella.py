@@ -912,6 +912,7 @@ def write_outputs(
         config=config, budgets=budgets, training=training, validation_prompt=args.validation_prompt,
         validation_images=validations, class_prompt=args.class_prompt if args.with_prior_preservation else None,
         run_config=config_path.read_text(encoding="utf-8") if config_path.is_file() else None,
+        adapter=args.adapter, lora_rank=args.lora_rank, component=family.denoiser_component,
     )
     write_model_card(output_dir / "README.md", card)
 

@@ -1,4 +1,5 @@
-"""The ``README.md`` model card written next to a trained adapter."""
+"""The ``README.md`` model card written next to a trained adapter (SNELLA, or the LoRA / full
+fine-tuning result of an ``--adapter`` A/B run)."""
 
 from __future__ import annotations
 
@@ -34,25 +35,35 @@ def render_model_card(
     validation_images: Sequence[str] = (),
     class_prompt: Optional[str] = None,
     run_config: Optional[str] = None,
+    adapter: str = "snella",
+    lora_rank: Optional[int] = None,
+    component: str = "unet",
 ) -> str:
-    """Markdown text of the card: base model, prompts, every SNELLA setting, the run's
-    training settings (data, loss and optimizer options included), the final per-layer
-    sparsity (summary table + full list) and, when given, the resolved ``config.toml`` text.
-    ``instance_prompt`` None: the images were trained on their own captions."""
+    """Markdown text of the card: base model, prompts, how to load the result, the adapter's
+    settings, the run's training settings (data, loss and optimizer options included), for
+    SNELLA the final per-layer sparsity (summary table + full list), and, when given, the
+    resolved ``config.toml`` text. ``instance_prompt`` None: the images were trained on their
+    own captions. ``adapter`` is ``"snella"``, ``"lora"`` (rank ``lora_rank`` or
+    ``config.rank`` on ``config.target_modules``) or ``"full"`` (``component`` fine-tuned)."""
+    title, summary = {
+        "snella": ("SNELLA DreamBooth adapter", "A SNELLA sparse adapter"),
+        "lora": ("LoRA DreamBooth adapter", "A PEFT LoRA adapter (snella-diffusion `--adapter lora`)"),
+        "full": (f"DreamBooth fine-tuned {component}", f"The fully fine-tuned {component}"),
+    }[adapter]
     lines = [
         "---",
         f"base_model: {base_model}",
         "library_name: snella-diffusion",
         "tags:",
-        "- snella",
+        *({"snella": ["- snella"], "lora": ["- lora"], "full": []}[adapter]),
         "- dreambooth",
         "- diffusers",
-        f"instance_prompt: {instance_prompt!r}",
+        *([f"instance_prompt: {instance_prompt!r}"] if instance_prompt else []),
         "---",
         "",
-        "# SNELLA DreamBooth adapter",
+        f"# {title}",
         "",
-        f"A SNELLA sparse adapter trained with DreamBooth on **{base_model}** ({family}).",
+        f"{summary} trained with DreamBooth on **{base_model}** ({family}).",
         "",
         f"- Instance prompt: `{instance_prompt}`" if instance_prompt else "- Prompts: per-image captions",
     ]
@@ -60,29 +71,55 @@ def render_model_card(
         lines.append(f"- Prior preservation with class prompt: `{class_prompt}`")
     if validation_prompt:
         lines.append(f"- Validation prompt: `{validation_prompt}`")
+    load = {
+        "snella": ["from snella_diffusion.loaders import load_snella_weights", "",
+                   f'pipe = DiffusionPipeline.from_pretrained("{base_model}")',
+                   'load_snella_weights(pipe, "snella_weights.safetensors")  # every component in the file'],
+        "lora": ["", f'pipe = DiffusionPipeline.from_pretrained("{base_model}")',
+                 'pipe.load_lora_weights(".", weight_name="pytorch_lora_weights.safetensors")'],
+        "full": ["", f'pipe = DiffusionPipeline.from_pretrained("{base_model}")',
+                 f'pipe.{component} = type(pipe.{component}).from_pretrained("{component}")'],
+    }[adapter]
     lines += [
         "",
         "## Use",
         "",
         "```python",
         "from diffusers import DiffusionPipeline",
-        "from snella_diffusion.loaders import load_snella_weights",
-        "",
-        f'pipe = DiffusionPipeline.from_pretrained("{base_model}")',
-        'load_snella_weights(pipe, "snella_weights.safetensors")  # every component in the file',
+        *load,
         f'image = pipe("{instance_prompt or "<a caption like the training captions>"}").images[0]',
         "```",
         "",
-        "## SNELLA settings",
-        "",
-        "| setting | value |",
-        "| --- | --- |",
     ]
-    lines += [f"| `{key}` | `{value}` |" for key, value in config.to_dict().items()]
-    lines += ["", "## Training", "", "| setting | value |", "| --- | --- |"]
+    if adapter == "snella":
+        lines += ["## SNELLA settings", "", "| setting | value |", "| --- | --- |"]
+        lines += [f"| `{key}` | `{value}` |" for key, value in config.to_dict().items()]
+        lines.append("")
+    elif adapter == "lora":
+        rank = lora_rank or config.rank
+        lines += ["## LoRA settings", "", "| setting | value |", "| --- | --- |", f"| `rank` | `{rank}` |",
+                  f"| `lora_alpha` | `{rank}` |", f"| `target_modules` | `{config.target_modules}` |", ""]
+    lines += ["## Training", "", "| setting | value |", "| --- | --- |"]
     lines += [f"| `{key}` | `{value}` |" for key, value in training.items()]
-    lines += [
-        "",
+    lines.append("")
+    if adapter == "snella":
+        lines += sparsity_lines(budgets)
+    if validation_images:
+        lines += ["## Validation samples", ""]
+        lines += [f"![{image}]({image})" for image in validation_images]
+        lines.append("")
+    if adapter == "snella":
+        lines += ["Allocation over training: `allocation.png` (layers × steps → kept fraction).", ""]
+    if run_config:
+        lines += ["<details><summary>Resolved settings (config.toml; repeat the run with "
+                  "<code>--config config.toml</code>)</summary>", "", "```toml", run_config.rstrip(), "```", "",
+                  "</details>", ""]
+    return "\n".join(lines)
+
+
+def sparsity_lines(budgets: dict[str, float]) -> list[str]:
+    """The card's final-sparsity section: a per-component summary and the per-layer list."""
+    lines = [
         "## Final sparsity (fraction of ΔW entries set to zero)",
         "",
         "| component | layers | mean | min | max |",
@@ -95,16 +132,7 @@ def render_model_card(
     lines += ["", "<details><summary>Per-layer sparsity</summary>", "", "| layer | sparsity |", "| --- | --- |"]
     lines += [f"| `{name}` | {value:.4f} |" for name, value in budgets.items()]
     lines += ["", "</details>", ""]
-    if validation_images:
-        lines += ["## Validation samples", ""]
-        lines += [f"![{image}]({image})" for image in validation_images]
-        lines.append("")
-    lines += ["Allocation over training: `allocation.png` (layers × steps → kept fraction).", ""]
-    if run_config:
-        lines += ["<details><summary>Resolved settings (config.toml; repeat the run with "
-                  "<code>--config config.toml</code>)</summary>", "", "```toml", run_config.rstrip(), "```", "",
-                  "</details>", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def write_model_card(path: Path, text: str) -> Path:
