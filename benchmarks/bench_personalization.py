@@ -143,15 +143,16 @@ def summarise(values: list[float]) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
 
 
-def run_label(run: dict[str, Any]) -> str:
-    """The method as reported: ``snella``, or ``snella[te]`` for a run of variant ``te``."""
-    return f"{run['method']}[{run['variant']}]" if run.get("variant") else run["method"]
+def run_label(method: str, variant: str = "") -> str:
+    """The method as reported and in run names: ``snella``, or ``snella[te]`` for variant ``te``."""
+    return f"{method}[{variant}]" if variant else method
 
 
 def settings_table(runs: dict[str, dict[str, Any]]) -> dict[tuple[str, float, int], list[dict[str, Any]]]:
     grouped: dict[tuple[str, float, int], list[dict[str, Any]]] = {}
     for run in runs.values():
-        grouped.setdefault((run_label(run), run["learning_rate"], run["steps"]), []).append(run)
+        grouped.setdefault((run_label(run["method"], run.get("variant", "")), run["learning_rate"], run["steps"]),
+                           []).append(run)
     return dict(sorted(grouped.items()))
 
 
@@ -294,8 +295,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     results_file.write_text(json.dumps(results, indent=1))
     write_instance_images(args.output_dir / "instance", args.instance_count, seed=12345)
     for method, learning_rate, steps, seed in planned_runs(args):
-        label = f"{method}[{args.variant}]" if args.variant else method
-        name = f"{label}-lr{learning_rate:g}-s{steps}-seed{seed}"
+        name = f"{run_label(method, args.variant)}-lr{learning_rate:g}-s{steps}-seed{seed}"
         if name in results["runs"]:
             continue
         print(f"run {name}", flush=True)
