@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 from PIL import Image
 
 from snella_diffusion.benchmarking import (
@@ -46,10 +46,7 @@ TINY_FLUX = {
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("bench_train_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_train_step")
 
 
 def _tiny(method: str, **changes) -> BenchmarkSettings:
@@ -254,10 +251,7 @@ def test_config_override_needs_key_and_value():
 
 
 def test_profile_train_step_times_the_layer_phases_and_restores_the_layer(capsys):
-    spec = importlib.util.spec_from_file_location(
-        "profile_train_step", SCRIPT.with_name("profile_train_step.py"))
-    profile = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(profile)
+    profile = load_benchmark("profile_train_step")
     from snella_diffusion import layer
 
     before = (layer.merged_blocked, layer.effective_blocked, layer.SnellaAdapter.select_threshold_on,

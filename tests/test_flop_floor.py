@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 from torch import nn
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "flop_floor.py"
 
 
 @pytest.fixture(scope="module")
 def flop_floor_module():
-    spec = importlib.util.spec_from_file_location("flop_floor", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("flop_floor")
 
 
 class OneLinear(nn.Module):
