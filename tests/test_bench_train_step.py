@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +23,6 @@ from snella_diffusion.benchmarking import (
 )
 from snella_diffusion.errors import SnellaError
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train_step.py"
 
 # Tiny versions of the published configs (the keys that set widths and depths overridden).
 TINY_SDXL = {
