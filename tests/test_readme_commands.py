@@ -49,20 +49,24 @@ TINY_SIZES = {
 }
 TINY_EXTRA = ["--num_validation_images", "1", "--validation_inference_steps", "1", "--report_to", "none"]
 
-# The programs whose commands the tests below run (a command ends with its name).
+# The programs whose commands the tests below run (a command runs one when one of its words ends
+# with the program's name).
 RUN_HERE = ("train_dreambooth_snella.py", "train_classification_snella.py", "snella-export",
             "bench_train_step.py")
 # Shell commands shown on the pages that no test here runs, each with the reason (the command as
 # shlex splits it, comments dropped, joined by single spaces).
 NOT_RUN_HERE = {
     "pip install torch": "installs a package; tests/test_install.py installs the project into a fresh venv",
-    'pip install .[tensorboard]': "installs the project; tests/test_install.py does the same into a fresh venv",
+    "pip install .[tensorboard]": "installs the project; tests/test_install.py does the same into a fresh venv",
     "pip install -c .ci/constraints.txt torch==2.13.0": "installs a package (the quick start's first step)",
     "pip install -c .ci/constraints.txt -e .[test]": "installs the project (the quick start's second step)",
     "python -m pip install -q -c .ci/constraints.txt torch==2.13.0": "installs a package; .ci/run runs this line",
     "python -m pip install -q -c .ci/constraints.txt -e .[test]": "installs the project; .ci/run runs this line",
     "python -m pytest -q": "the test suite itself; .ci/run runs this line",
 }
+
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def page_name(page: Path) -> str:
@@ -125,9 +129,6 @@ def test_ci_runs_the_readme_test_command():
     ci_command = (REPO / ".ci" / "run").read_text().strip().splitlines()[-1]
     readme_lines = [line for block in code_blocks("bash", PAGES[0].read_text()) for line in block.splitlines()]
     assert ci_command in readme_lines and ci_command.endswith("python -m pytest -q")
-
-
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 DREAMBOOTH = shell_commands("train_dreambooth_snella.py")
