@@ -125,6 +125,14 @@ def test_every_shell_command_is_run_or_excused():
     assert set(NOT_RUN_HERE) <= set(shown), set(NOT_RUN_HERE) - set(shown)  # no stale excuses
 
 
+@pytest.mark.parametrize("page", PAGES, ids=page_name)
+def test_every_code_block_is_a_shell_or_python_block(page):
+    """The blocks these tests run are the ``bash`` and ``python`` ones: a block in any other
+    language (or none) would go unrun."""
+    languages = re.findall(r"^```(\w*)\n.*?^```", page.read_text(), flags=re.S | re.M)
+    assert set(languages) <= {"bash", "python"}, languages
+
+
 def test_ci_runs_the_readme_test_command():
     ci_command = (REPO / ".ci" / "run").read_text().strip().splitlines()[-1]
     readme_lines = [line for block in code_blocks("bash", PAGES[0].read_text()) for line in block.splitlines()]
