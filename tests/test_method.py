@@ -12,6 +12,9 @@ it and the fast path to each other.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -314,3 +317,20 @@ def test_zero_distances_give_the_library_gradients(kernel):
     reference = _method_step(base, theta, merged, x, upstream, 0.3, "soft_threshold")
     assert all(torch.isfinite(g).all() for g in reference[1])
     _compare_steps(_library_step(layer, x, upstream), reference)
+
+
+def test_code_cites_the_sections_of_docs_method():
+    """Every ``METHOD.md`` the package cites is the repository's docs/METHOD.md, and every
+    section it cites (§N or §N-M) is a heading of that page."""
+    root = Path(__file__).resolve().parents[1]
+    headings = {int(n) for n in re.findall(r"^## (\d+)\. ", (root / "docs" / "METHOD.md").read_text(), re.M)}
+    cited = []
+    for path in sorted((root / "snella_diffusion").rglob("*.py")):
+        for match in re.finditer(r"(\S*)METHOD\.md(?: §(\d+)(?:-(\d+))?)?", path.read_text()):
+            assert match.group(1).endswith("docs/"), f"{path.name} cites {match.group(0)}, not docs/METHOD.md"
+            if match.group(2):
+                first, last = int(match.group(2)), int(match.group(3) or match.group(2))
+                cited.append((path.name, set(range(first, last + 1))))
+    assert {"method.py", "kernels.py", "sparsify.py", "allocator.py"} <= {name for name, _ in cited}
+    for name, sections in cited:
+        assert sections <= headings, f"{name} cites §{sorted(sections - headings)}, missing from docs/METHOD.md"
