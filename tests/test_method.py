@@ -178,31 +178,35 @@ def _layer(base, kernel, rule, forward_mode, factors, kernel_scale=0.1):
     return layer
 
 
-def _real_factors(out_features, in_features, seed, gamma=SCALARS["gamma"]):
+def _real_factors(out_features, in_features, seed, gamma=SCALARS["gamma"], device="cpu"):
     """Factors like a trained layer's: kernel values of order 0.1, a peaked softmax (γ = 0.05)."""
     generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(2, in_features, 16, generator=generator, dtype=torch.float64) * 0.3,
-            torch.randn(2, out_features, 16, generator=generator, dtype=torch.float64) * 0.3,
-            torch.tensor(SCALARS["alpha"], dtype=torch.float64), torch.tensor(gamma, dtype=torch.float64),
-            torch.tensor(SCALARS["beta"], dtype=torch.float64))
+    factors = (torch.randn(2, in_features, 16, generator=generator, dtype=torch.float64) * 0.3,
+               torch.randn(2, out_features, 16, generator=generator, dtype=torch.float64) * 0.3,
+               torch.tensor(SCALARS["alpha"], dtype=torch.float64), torch.tensor(gamma, dtype=torch.float64),
+               torch.tensor(SCALARS["beta"], dtype=torch.float64))
+    return tuple(t.to(device) for t in factors)
 
 
-def _base(out_features, in_features, seed):
+def _base(out_features, in_features, seed, device="cpu"):
     torch.manual_seed(seed)
-    return torch.nn.Linear(in_features, out_features, dtype=torch.float64)
+    return torch.nn.Linear(in_features, out_features, dtype=torch.float64).to(device)
 
 
 # (m, n): SD1.5 attention 320², an FF output 1280→320 (one CPU block of 2^19 entries), then
-# layers of several blocks (640×2048, 1280×5120: 13 and 63 blocks of the blocked path).
+# layers of several CPU blocks (640×2048: 3, 1280×5120: 13).
 SIZES = [(320, 320), (320, 1280), (640, 2048), (1280, 5120)]
+# The accelerator path (one block up to 2^24 entries, τ selected on the device) where present.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_fast_delta_weight_and_threshold_equal_the_method(size, kernel):
+def test_fast_delta_weight_and_threshold_equal_the_method(size, kernel, device):
     """``SnellaAdapter.delta_weight()`` and its τ equal method.py's in float64."""
-    factors = _real_factors(*size, seed=10)
-    base = _base(*size, seed=11)
+    factors = _real_factors(*size, seed=10, device=device)
+    base = _base(*size, seed=11, device=device)
     with torch.no_grad():
         merged = method.merged_matrix(kernel, *factors)
         adapters = {rule: _layer(base, kernel, rule, "merged", factors).primary for rule in RULES}
@@ -217,6 +221,30 @@ def test_fast_delta_weight_and_threshold_equal_the_method(size, kernel):
                 del delta
         dense = _layer(base, kernel, "dense", "merged", factors).primary.delta_weight()
         _assert_close(dense, merged)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_differentiable_delta_weight_equals_the_method(kernel):
+    """With autograd on, ``SnellaAdapter.delta_weight()`` (values from the blocked build, the
+    gradient through the whole-matrix ``kernels.kernel_matrix``) has method.py's ΔW gradient."""
+    size = (640, 2048)
+    factors = _real_factors(*size, seed=20)
+    upstream = torch.randn(*size, dtype=torch.float64, generator=torch.Generator().manual_seed(21))
+    theta = [t.clone().requires_grad_() for t in factors]
+    for rule in RULES:
+        adapter = _layer(_base(*size, seed=22), kernel, rule, "merged", factors).primary
+        adapter.set_sparsity(0.5)
+        delta = adapter.delta_weight()
+        got = torch.autograd.grad(delta, [getattr(adapter, name) for name in PARAMS], upstream,
+                                  allow_unused=True, materialize_grads=True)
+        want_delta = method.delta_weight(*theta, 0.5, kernel=kernel, sparsify=rule)
+        want = torch.autograd.grad(want_delta, theta, upstream, allow_unused=True, materialize_grads=True)
+        _assert_close(delta.detach(), want_delta.detach())
+        for name, mine, reference in zip(PARAMS, got, want):
+            if reference.abs().max() == 0:
+                assert not mine.any(), name
+            else:
+                _assert_close(mine, reference, 1e-10 if name == "gamma" else 1e-11)
 
 
 def _library_step(layer, x, upstream):
@@ -254,23 +282,35 @@ GRADIENT_CASES = [(size, kernel, SPARSITIES, ("merged", "parallel")) for size in
 GRADIENT_CASES += [(SIZES[3], kernel, [0.9], ("merged",)) for kernel in KERNELS]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("size, kernel, sparsities, modes", GRADIENT_CASES,
                          ids=[f"{c[0][0]}x{c[0][1]}-{c[1]}" for c in GRADIENT_CASES])
-def test_fast_training_gradients_equal_the_method(size, kernel, sparsities, modes):
+def test_fast_training_gradients_equal_the_method(size, kernel, sparsities, modes, device):
     """The training forward/backward of ``SnellaLinear`` (merged and parallel modes, both
     rules) gives the output and the gradients of the input, the factors and the scalars that
     autograd gives through x·(W0 + ΔW)ᵀ + b with ΔW from method.py, in float64."""
+    _assert_training_matches_the_method(size, kernel, sparsities, modes, device, kernel_scale=0.1)
+
+
+@pytest.mark.parametrize("kernel", ["mix", "piecewise_linear"])
+def test_negative_kernel_scale_matches_the_method(kernel):
+    """c < 0 (the fast path swaps the heads to keep |c|·D under the root) over 3 CPU blocks."""
+    _assert_training_matches_the_method((640, 2048), kernel, [0.5], ("merged",), "cpu", kernel_scale=-0.3)
+
+
+def _assert_training_matches_the_method(size, kernel, sparsities, modes, device, kernel_scale):
+    """One forward/backward per rule, mode and sparsity, library against method.py."""
     out_features, in_features = size
-    factors = _real_factors(out_features, in_features, seed=12)
-    base = _base(out_features, in_features, seed=13)
+    factors = _real_factors(out_features, in_features, seed=12, device=device)
+    base = _base(out_features, in_features, seed=13, device=device)
     generator = torch.Generator().manual_seed(14)
-    x = torch.randn(2, 3, in_features, generator=generator, dtype=torch.float64)
-    upstream = torch.randn(2, 3, out_features, generator=generator, dtype=torch.float64)
+    x = torch.randn(2, 3, in_features, generator=generator, dtype=torch.float64).to(device)
+    upstream = torch.randn(2, 3, out_features, generator=generator, dtype=torch.float64).to(device)
     theta = [t.clone().requires_grad_() for t in factors]
-    merged = method.merged_matrix(kernel, *theta)
+    merged = method.merged_matrix(kernel, *theta, kernel_scale=kernel_scale)
     for rule in RULES:
         for mode in modes:
-            layer = _layer(base, kernel, rule, mode, factors)
+            layer = _layer(base, kernel, rule, mode, factors, kernel_scale)
             for sparsity in sparsities:
                 layer.primary.set_sparsity(sparsity)
                 _compare_steps(_library_step(layer, x, upstream),
