@@ -1,8 +1,9 @@
 """ΔW of one SNELLA layer in plain torch: the definition of the method (docs/METHOD.md §1-2).
 
-Every fast path (``kernels``, ``sparsify``, ``blocked`` and the layer's autograd function) is
-tested against this module for values and gradients (``tests/test_method.py``). It favours
-reading over speed: whole ``(m, n)`` matrices, plain autograd, no caches.
+The fast path (``blocked``, ``sparsify`` and the layer's autograd function; ``kernels`` behind
+a differentiable ``SnellaAdapter.delta_weight``) is tested against this module for values and
+gradients (``tests/test_method.py``). It favours reading over speed: whole ``(m, n)``
+matrices, plain autograd, no caches.
 
 Names and shapes are those of the adapter file (m = out_features, n = in_features, P = 2 heads
 of width d = r/P): ``in_factors`` A ``(P, n, d)``, ``out_factors`` B ``(P, m, d)``, the 0-d
