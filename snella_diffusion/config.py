@@ -18,7 +18,7 @@ TargetModules = Union[str, Sequence[str]]
 
 @dataclass
 class SnellaConfig:
-    """Settings of a SNELLA adapter (METHOD.md §1-3).
+    """Settings of a SNELLA adapter (docs/METHOD.md §1-3).
 
     Attributes:
         rank: total factor width r, split over ``num_heads`` heads (r/P each); SNELLA-r has the

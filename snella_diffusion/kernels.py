@@ -1,4 +1,4 @@
-"""Kernelized merge M = κ(A, B) of METHOD.md §1, with a hand-written backward.
+"""Kernelized merge M = κ(A, B) of docs/METHOD.md §1, with a hand-written backward.
 
 Shapes: ``in_factors`` A is ``(P, n, d)``, ``out_factors`` B is ``(P, m, d)`` with d = r/P; the
 result M is ``(m, n)``, the ``nn.Linear.weight`` layout. Distances use the GEMM identity

@@ -26,7 +26,7 @@ def _midpoint_threshold(merged, sparsity=SPARSITY):
 
 
 def _delta(merged, threshold, mode):
-    """ΔW_eff for a given τ, gate detached (METHOD.md §2)."""
+    """ΔW_eff for a given τ, gate detached (docs/METHOD.md §2)."""
     magnitude = merged.detach().abs()
     if mode == "official":
         return torch.where(magnitude > threshold, merged * magnitude, torch.zeros_like(merged))
