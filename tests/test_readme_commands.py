@@ -390,11 +390,6 @@ def test_benchmark_command_runs_on_the_tiny_model(tmp_path, command):
 # The page's shape: a front page, links that resolve, one copy of each number.
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
-# Pages that other branches of the same change add (docs/METHOD.md: written with the method's
-# one-screen definition); a link to one is checked as soon as the file exists.
-ADDED_ELSEWHERE = {"docs/METHOD.md"}
-
-
 def without_code_blocks(text: str) -> str:
     return re.sub(r"```.*?```", "", text, flags=re.S)
 
@@ -435,8 +430,7 @@ def test_every_relative_link_and_anchor_resolves(page):
         path, _, anchor = target.partition("#")
         resolved = (page.parent / path).resolve() if path else page
         if not resolved.exists():
-            if resolved.relative_to(REPO).as_posix() not in ADDED_ELSEWHERE:
-                broken.append(target)
+            broken.append(target)
         elif anchor and resolved.suffix == ".md" and anchor not in heading_anchors(resolved.read_text()):
             broken.append(target)
     assert not broken, f"{page_name(page)}: {broken}"
