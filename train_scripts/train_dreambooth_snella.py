@@ -14,7 +14,6 @@ on prior preservation: a complete run in under two minutes on a CPU.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import logging
@@ -34,11 +33,12 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from diffusers.optimization import SchedulerType, get_scheduler
 from tqdm.auto import tqdm
 
-from snella_diffusion import BiLevelAllocator, SnellaConfig, SnellaError, apply_snella, save_snella
+from snella_diffusion import BiLevelAllocator, SnellaConfig, SnellaError, save_snella
 from snella_diffusion.config import FORWARD_MODES, KERNELS, SPARSIFY_MODES
 from snella_diffusion.delta_cache import without_delta_cache
 from snella_diffusion.inject import check_targets
-from snella_diffusion.training.adapters import ADAPTERS, attach_baseline, output_file, save_trained
+from snella_diffusion.methods import method_for
+from snella_diffusion.training.adapters import ADAPTERS, attach_method
 from snella_diffusion.training.checkpointing import (
     CheckpointableGenerator,
     list_checkpoints,
@@ -287,7 +287,7 @@ def resolve_model_defaults(args: argparse.Namespace) -> argparse.Namespace:
     if args.target_sparsity is None:
         args.target_sparsity = EMBEDDED_TARGET_SPARSITY if embedded_model else DEFAULT_TARGET_SPARSITY
     if args.train_text_encoder is None:
-        args.train_text_encoder = embedded_model and args.adapter != "full"
+        args.train_text_encoder = embedded_model and method_for(args.adapter, ADAPTERS, "--adapter").adapts_layers
     return args
 
 
@@ -339,11 +339,12 @@ def check_args(args: argparse.Namespace) -> None:
             raise TrainingSetupError(f"--{flag}={getattr(args, flag)}: must be at least 1")
     if args.max_train_steps is not None and args.max_train_steps < 1:
         raise TrainingSetupError(f"--max_train_steps={args.max_train_steps}: must be at least 1")
-    if args.adapter == "full" and args.train_text_encoder:
-        raise TrainingSetupError("--adapter=full trains the denoiser only: drop --train_text_encoder")
-    if args.adapter != "snella" and args.use_ema:
+    method = method_for(args.adapter, ADAPTERS, "--adapter")
+    if args.train_text_encoder and not method.adapts_layers:
+        raise TrainingSetupError(f"--adapter={args.adapter} trains the denoiser only: drop --train_text_encoder")
+    if args.use_ema and not method.snella_layers:
         raise TrainingSetupError(f"--adapter={args.adapter}: --use_ema averages SNELLA parameters only; drop one of them")
-    if args.lora_rank is not None and (args.adapter != "lora" or args.lora_rank < 1):
+    if args.lora_rank is not None and (not method.uses_lora_rank or args.lora_rank < 1):
         raise TrainingSetupError(f"--lora_rank={args.lora_rank}: needs --adapter=lora and a rank of at least 1")
 
 
@@ -562,23 +563,6 @@ def tracker_config(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-def attach_adapters(
-    args: argparse.Namespace, family: ModelFamily, components: TrainingComponents, config: SnellaConfig
-) -> tuple[dict[str, torch.nn.Module], BiLevelAllocator]:
-    """Inject SNELLA into the denoiser (and, with ``--train_text_encoder``, the text encoders
-    with the ``text_encoder`` preset); one allocator over every adapted layer, named
-    ``<component>.<module path>``. Returns ``({component: model}, allocator)``."""
-    trained: dict[str, torch.nn.Module] = {family.denoiser_component: components.denoiser}
-    layers = {f"{family.denoiser_component}.{n}": l for n, l in apply_snella(components.denoiser, config).items()}
-    if args.train_text_encoder:
-        text_config = dataclasses.replace(config, target_modules="text_encoder", exclude_modules=[])
-        for name, encoder in components.text_encoders.items():
-            trained[name] = encoder
-            layers.update({f"{name}.{n}": l for n, l in apply_snella(encoder, text_config).items()})
-    allocator = BiLevelAllocator(layers, config, total_steps=args.max_train_steps)
-    return trained, allocator
-
-
 def build_dataset(
     args: argparse.Namespace,
     accelerator: Accelerator,
@@ -689,12 +673,10 @@ def main(args: argparse.Namespace) -> Path:
         write_resolved_config(args, output_dir / RESOLVED_CONFIG_FILE)
 
     config = snella_config(args, family, args.max_train_steps)
-    if args.adapter == "snella":
-        trained, allocator = attach_adapters(args, family, components, config)
-    else:
-        text_encoders = components.text_encoders if args.train_text_encoder else None
-        trained, allocator = attach_baseline(args.adapter, components.denoiser, family.denoiser_component, config,
-                                             args.lora_rank, text_encoders=text_encoders)
+    method = method_for(args.adapter, ADAPTERS, "--adapter")
+    text_encoders = components.text_encoders if args.train_text_encoder else None
+    trained, allocator = attach_method(method, components.denoiser, family.denoiser_component, config,
+                                       args.max_train_steps, args.lora_rank, text_encoders=text_encoders)
     trainable = [p for module in trained.values() for p in module.parameters() if p.requires_grad]
     logger.info(
         "SNELLA: %d adapted layers (%s), %d trainable parameters", len(allocator.names),
@@ -726,7 +708,7 @@ def main(args: argparse.Namespace) -> Path:
     wrapped = dict(zip(names, prepared[: len(names)]))
     optimizer, loader, lr_scheduler = prepared[len(names):]
     noise_generator = CheckpointableGenerator(args.seed + 104729 * accelerator.process_index)
-    if args.adapter == "snella":
+    if method.snella_layers:
         register_adapter_hooks(accelerator, trained, args.pretrained_model_name_or_path, accelerator.unwrap_model)
     accelerator.register_for_checkpointing(allocator)
     accelerator.register_for_checkpointing(noise_generator)
@@ -839,7 +821,7 @@ def main(args: argparse.Namespace) -> Path:
         # The run ended between reallocation steps: apply the final budget to the saved adapter.
         allocator.reallocate(allocator.final_volume)
     rank_drops = check_ranks_agree(accelerator, allocator)
-    adapter_path = output_file(args.adapter, output_dir, family.denoiser_component)
+    adapter_path = method.output_file(output_dir, family.denoiser_component)
     if accelerator.is_main_process:
         if ema is not None:
             save_snella(trained, output_dir / RAW_OUTPUT_FILE, base_model=args.pretrained_model_name_or_path)
@@ -848,7 +830,7 @@ def main(args: argparse.Namespace) -> Path:
             validations.append(run_validation(
                 args, accelerator, family, components, trained, global_step, resolution, output_dir
             ).relative_to(output_dir).as_posix())
-        save_trained(args.adapter, trained, output_dir, args.pretrained_model_name_or_path)
+        method.save(trained, output_dir, args.pretrained_model_name_or_path)
         write_outputs(args, family, config, allocator, rank_drops, losses, validations, output_dir,
                       time.monotonic() - started, accelerator.num_processes, describe_objective(objective))
         logger.info("wrote %s", adapter_path)
