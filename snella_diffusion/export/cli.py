@@ -24,10 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "only its configs are read")
     parser.add_argument("--to", required=True, choices=EXPORT_FORMATS,
                         help="diff: exact ΔW per layer (large); lora: kohya LoRA by truncated SVD; "
-                             "peft: the same factors under diffusers/PEFT names")
+                             "peft: the same factors under diffusers/PEFT names; comfyui: the SNELLA "
+                             "factors for ComfyUI's Load LoRA node with the snella-comfyui node (exact, compact)")
     parser.add_argument("-o", "--output", required=True, metavar="OUT.safetensors")
-    parser.add_argument("--dtype", default="fp16", choices=list(EXPORT_DTYPES),
-                        help="dtype of the written tensors (default fp16)")
+    parser.add_argument("--dtype", default=None, choices=list(EXPORT_DTYPES),
+                        help="dtype of the written tensors (default fp16; comfyui: always fp32)")
     rank = parser.add_mutually_exclusive_group()
     rank.add_argument("--rank", type=int, default=None, help="lora/peft: the same rank for every layer")
     rank.add_argument("--energy", type=float, default=None,
