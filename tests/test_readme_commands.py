@@ -243,7 +243,7 @@ EXPORT_SIZES = {"--rank": "4", "--max_rank": "4"}
 
 
 def test_readme_export_commands_cover_every_format():
-    assert {flag_value(arguments, "--to") for arguments in EXPORTS} == {"diff", "lora", "peft"}
+    assert {flag_value(arguments, "--to") for arguments in EXPORTS} == {"diff", "lora", "peft", "comfyui"}
     assert all(flag_value(arguments, "--base") in EXPORT_BASES for arguments in EXPORTS)
 
 
@@ -282,5 +282,7 @@ def test_export_command_runs_on_a_tiny_model(tiny_world, tmp_path, arguments):
 
     tensors = load_file(output)
     suffixes = {"diff": (".diff",), "lora": (".lora_down.weight", ".lora_up.weight", ".alpha"),
-                "peft": (".lora_A.weight", ".lora_B.weight")}[flag_value(arguments, "--to")]
+                "peft": (".lora_A.weight", ".lora_B.weight"),
+                "comfyui": (".snella.in_factors", ".snella.out_factors", ".snella.scalars", ".snella.spec",
+                            ".snella.scales")}[flag_value(arguments, "--to")]
     assert tensors and all(key.endswith(suffixes) for key in tensors)

@@ -22,7 +22,7 @@ from ..comfyui.layout import LAYOUT_VERSION, encode_layer
 from ..errors import SnellaError
 from .base import BaseModel
 from .deltas import AdapterSource, adapted_layers, layer_shape
-from .families import FLUX_TOP_LEVEL, LayerKey, flux_fused_targets
+from .families import LayerKey, flux_fused_targets
 
 # Flux layers ComfyUI maps besides those holding a BFL name in .families: the final adaLN,
 # whose swapped scale/shift halves ComfyUI's key map undoes with a transform of the update.
@@ -39,7 +39,7 @@ def comfyui_prefix(base: BaseModel, layer: LayerKey, spelled: Callable[[LayerKey
     family = base.family
     if family.name == "flux" and component == "transformer":
         _, covered = flux_fused_targets({path})
-        if path not in covered and path not in FLUX_TOP_LEVEL and path not in FLUX_EXTRA_PATHS:
+        if path not in covered and path not in FLUX_EXTRA_PATHS:
             raise SnellaError(
                 f"layer transformer.{path}: ComfyUI's Flux key map (comfy.utils.flux_to_diffusers) has no "
                 "name for this layer, so ComfyUI could not load it; train without it or export with --to peft")
