@@ -1,5 +1,5 @@
 """By hand, not in CI: ComfyUI's real loader functions on ``snella-export --to comfyui`` files of
-the tiny SD and Flux pipelines.
+the tiny SD 1.x, Flux.1 and SD3 pipelines.
 
     PYTHONPATH=$PWD:tests python tests/manual/comfyui_real_loader.py /path/to/ComfyUI
 
@@ -143,6 +143,84 @@ def check_flux(comfy, work: Path) -> bool:
     return run_checks(comfy, "flux", output, key_map, {**state, **clip_state}, expected, locate)
 
 
+def tiny_sd3_at_comfyui_widths(seed: int = 0):
+    """The tiny SD3 pipeline with a transformer whose width is 64·depth, the head layout
+    ComfyUI's ``mmdit_to_diffusers`` assumes when it slices the fused q/k/v weights."""
+    from diffusers import SD3Transformer2DModel
+
+    from snella_diffusion.tiny_dit_models import tiny_sd3_pipeline
+
+    pipe = tiny_sd3_pipeline(seed)
+    torch.manual_seed(seed)
+    pipe.transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=64, num_attention_heads=2,
+        caption_projection_dim=128, joint_attention_dim=64, pooled_projection_dim=64, out_channels=4,
+        pos_embed_max_size=32)
+    return pipe
+
+
+def comfy_state_from_map(model: nn.Module, key_map: dict, prefix: str) -> dict[str, torch.Tensor]:
+    """ComfyUI-side weights built from the diffusers ones through ComfyUI's own diffusers→native
+    map: a row slice of a fused weight, a weight ComfyUI stores transformed, or a plain rename."""
+    pieces: dict[str, list] = {}
+    for name, param in model.named_parameters():
+        target = key_map.get(name)
+        if target is None or not name.endswith(".weight"):
+            continue
+        key, offset, function = (target, None, None) if isinstance(target, str) else (
+            target[0], target[1], target[2] if len(target) > 2 else None)
+        weight = param.detach().clone()
+        pieces.setdefault(prefix + key.removeprefix(prefix), []).append(
+            (offset, weight if function is None else function(weight)))
+    state = {}
+    for key, parts in pieces.items():
+        if parts[0][0] is None:
+            state[key] = parts[0][1]
+            continue
+        rows = max(offset[1] + offset[2] for offset, _ in parts)
+        fused = torch.zeros(rows, parts[0][1].shape[1])
+        for (dim, start, length), weight in parts:
+            fused.narrow(dim, start, length).copy_(weight)
+        state[key] = fused
+    return state
+
+
+def check_sd3(comfy, work: Path) -> bool:
+    import test_comfyui
+    from test_comfyui import reference, trained_adapter
+
+    from snella_diffusion.export import export_snella
+
+    test_comfyui.BUILDERS["sd3"] = tiny_sd3_at_comfyui_widths
+    test_comfyui.ADAPTED["sd3"] = {"transformer": ["dit", r"transformer_blocks\.1\.norm1_context\.linear",
+                                                   r"transformer_blocks\.0\.norm1\.linear"],
+                                   "text_encoder": "text_encoder"}
+    adapter = trained_adapter("sd3", work / "sd3.safetensors")
+    output = work / "sd3-comfyui.safetensors"
+    export_snella([adapter], tiny_sd3_at_comfyui_widths(0), output, to="comfyui")
+    expected = reference("sd3", adapter)
+    pipe = tiny_sd3_at_comfyui_widths(0)
+    unet_config = {"depth": pipe.transformer.config.num_layers}
+    diffusers_map = comfy.utils.mmdit_to_diffusers(unet_config, output_prefix="diffusion_model.")
+    state = comfy_state_from_map(pipe.transformer, diffusers_map, "diffusion_model.")
+    model = comfy.model_base.SD3()
+    model.state_dict = lambda: state
+    model.model_config = types.SimpleNamespace(unet_config=unet_config)
+    key_map = comfy.lora.model_lora_keys_unet(model, {})
+    text = pipe.text_encoder
+    prefix = "" if hasattr(text, "text_model") else "text_model."
+    clip_state = {f"clip_l.transformer.{prefix}{name}": p.detach().clone() for name, p in text.named_parameters()}
+    key_map = comfy.lora.model_lora_keys_clip(StateOnly(clip_state, {}), key_map)
+
+    def locate(component, path):
+        if component == "text_encoder":
+            return f"clip_l.transformer.{prefix}{path}.weight", None
+        target = key_map[f"transformer.{path}"]
+        return (target, None) if isinstance(target, str) else (target[0], target[1:])
+
+    return run_checks(comfy, "sd3", output, key_map, {**state, **clip_state}, expected, locate)
+
+
 def run_checks(comfy, family, output, key_map, state, expected, locate) -> bool:
     from snella_diffusion.comfyui import register
 
@@ -183,7 +261,7 @@ def main() -> int:
     root = Path(sys.argv[1])
     comfy = import_comfy(root)
     with tempfile.TemporaryDirectory() as folder:
-        results = [check_sd(comfy, Path(folder)), check_flux(comfy, Path(folder))]
+        results = [check(comfy, Path(folder)) for check in (check_sd, check_flux, check_sd3)]
     print("PASS" if all(results) else "FAIL")
     return 0 if all(results) else 1
 
