@@ -317,6 +317,30 @@ def test_bypass_h_adds_x_delta_transposed(comfy, exported):
         snella.h(x, torch.zeros(2, 3, delta.shape[0] * 3))
 
 
+def test_calculate_weight_dtype_offset_and_mismatch(comfy, exported, caplog):
+    adapter, output, expected = exported("sd")
+    lora = load_file(output)
+    prefix = sorted(lora_prefixes(lora))[0]
+    snella = weight_adapter_module.adapter_class().load(prefix, lora, None, None, set())
+    delta = snella.layer.delta_weight()
+    w0 = torch.randn(delta.shape, generator=torch.Generator().manual_seed(2))
+    # Half-precision patching (ComfyUI's low-VRAM path): ΔW built in float32, s·ΔW cast once.
+    half = w0.to(torch.bfloat16)
+    patched = snella.calculate_weight(half.clone(), prefix, 0.5, 1.0, None, None, torch.bfloat16)
+    assert patched.dtype == torch.bfloat16
+    assert torch.equal(patched, half + (0.5 * delta).to(torch.bfloat16))
+    # A caller passing the whole fused weight with (dim, start, rows): only those rows move.
+    fused = torch.cat([w0, w0, w0])
+    rows = delta.shape[0]
+    out = snella.calculate_weight(fused.clone(), prefix, 1.0, 1.0, (0, rows, rows), lambda t: t)
+    assert torch.equal(out[:rows], w0) and torch.equal(out[2 * rows:], w0)
+    assert_relative(out[rows:2 * rows], w0 + delta, "offset rows")
+    # A weight of another shape is left alone and the error names the layer.
+    other = torch.zeros(rows + 1, delta.shape[1])
+    assert torch.equal(snella.calculate_weight(other.clone(), "k", 1.0, 1.0, None, None), other)
+    assert prefix in caplog.text and "not merged" in caplog.text
+
+
 def test_malformed_layer_names_the_key(comfy, exported, tmp_path):
     _, output, _ = exported("sd")
     lora = load_file(output)
