@@ -5,7 +5,8 @@ the tiny SD 1.x, Flux.1 and SD3 pipelines.
 
 Runs ComfyUI's own ``comfy.lora.model_lora_keys_unet`` / ``model_lora_keys_clip`` (with
 ``comfy.utils.unet_to_diffusers`` / ``flux_to_diffusers``), ``comfy.lora.load_lora``,
-``comfy.utils.load_torch_file`` and ``comfy.lora.calculate_weight`` with the SNELLA adapter
+``comfy.utils.load_torch_file`` and ``comfy.model_patcher.ModelPatcher`` (``add_patches``,
+``patch_weight_to_device``, hence ``comfy.lora.calculate_weight``) with the SNELLA adapter
 registered, and compares every patched weight with ``fuse_snella``'s. ``comfy.model_base`` is
 replaced by empty classes (ComfyUI's loader uses it only for ``isinstance`` checks; importing
 it needs torchvision with compiled ops); ``--cpu`` is forced. Prints one line per check and
@@ -63,16 +64,33 @@ class CapturedWarnings(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+def module_tree(state: dict[str, torch.Tensor]) -> nn.Module:
+    """An ``nn.Module`` whose parameters are ``state`` under the same dotted names."""
+    root = nn.Module()
+    for key, tensor in state.items():
+        *path, leaf = key.split(".")
+        node = root
+        for part in path:
+            if not hasattr(node, part):
+                node.add_module(part, nn.Module())
+            node = getattr(node, part)
+        node.register_parameter(leaf, nn.Parameter(tensor.to(torch.float32, copy=True), requires_grad=False))
+    return root
+
+
 def patch_all(comfy, patches: dict, state: dict[str, torch.Tensor], strength: float) -> dict[str, torch.Tensor]:
-    """ComfyUI's patch tuples per weight (as ModelPatcher.add_patches builds them), applied by
-    ``comfy.lora.calculate_weight`` on float32 copies."""
-    by_key: dict[str, list] = {}
-    for target, adapter in patches.items():
-        key, offset, function = (target, None, None) if isinstance(target, str) else (
-            target[0], target[1], target[2] if len(target) > 2 else None)
-        by_key.setdefault(key, []).append((strength, adapter, 1.0, offset, function))
-    return {key: comfy.lora.calculate_weight(entries, state[key].to(torch.float32, copy=True), key)
-            for key, entries in by_key.items()}
+    """ComfyUI's ``ModelPatcher``: ``add_patches`` with the slider's strength, then
+    ``patch_weight_to_device`` on every patched weight (``comfy.lora.calculate_weight`` inside)."""
+    import comfy.model_patcher
+
+    model = module_tree(state)
+    model.device = None
+    cpu = torch.device("cpu")
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    patcher.add_patches(patches, strength)
+    for key in list(patcher.patches):
+        patcher.patch_weight_to_device(key)
+    return {key: comfy.utils.get_attr(model, key).detach().clone() for key in patcher.patches}
 
 
 def worst(actual: torch.Tensor, expected: torch.Tensor) -> float:
