@@ -14,8 +14,9 @@ from .writer import EXPORT_DTYPES, EXPORT_FORMATS
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="snella-export",
-        description="Export SNELLA adapters as a dense difference (diff) or a LoRA (lora: kohya names "
-                    "for ComfyUI / Forge / AUTOMATIC1111; peft: diffusers names) of the base's family.",
+        description="Export SNELLA adapters as a dense difference (diff), a LoRA (lora: kohya names "
+                    "for ComfyUI / Forge / AUTOMATIC1111; peft: diffusers names) or SNELLA factors for "
+                    "ComfyUI's SNELLA node (comfyui) of the base's family.",
     )
     parser.add_argument("adapters", nargs="+", metavar="ADAPTER[:w]",
                         help="SNELLA .safetensors files; several are merged as Σ w_k·ΔW_k (w defaults to 1)")
