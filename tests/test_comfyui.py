@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 import comfyui_standin as standin
@@ -151,7 +151,8 @@ def flux_key_map(pipe) -> tuple[dict[str, object], dict[str, torch.Tensor], dict
     for index in range(transformer.config.num_layers):
         block = f"transformer_blocks.{index}"
         fused[f"double_blocks.{index}.img_attn.qkv.weight"] = [
-            (f"{block}.attn.to_q", 0, hidden), (f"{block}.attn.to_k", hidden, hidden), (f"{block}.attn.to_v", 2 * hidden, hidden)]
+            (f"{block}.attn.to_q", 0, hidden), (f"{block}.attn.to_k", hidden, hidden),
+            (f"{block}.attn.to_v", 2 * hidden, hidden)]
         fused[f"double_blocks.{index}.txt_attn.qkv.weight"] = [
             (f"{block}.attn.add_q_proj", 0, hidden), (f"{block}.attn.add_k_proj", hidden, hidden),
             (f"{block}.attn.add_v_proj", 2 * hidden, hidden)]
@@ -366,10 +367,10 @@ def test_export_refuses_what_comfyui_cannot_take(exported, tmp_path):
         export_snella([adapter, adapter], base, tmp_path / "two.safetensors", to="comfyui")
     with pytest.raises(SnellaError, match="--dtype fp16"):
         export_snella([adapter], base, tmp_path / "half.safetensors", to="comfyui", dtype="fp16")
-    assert export_main([str(adapter), "--base", str(base), "--to", "comfyui", "-o", str(tmp_path / "c.safetensors")]) == 0
+    command = [str(adapter), "--base", str(base), "--to", "comfyui"]
+    assert export_main([*command, "-o", str(tmp_path / "c.safetensors")]) == 0
     assert (tmp_path / "c.safetensors").is_file()
-    assert export_main([str(adapter), "--base", str(base), "--to", "comfyui", "--rank", "2",
-                        "-o", str(tmp_path / "r.safetensors")]) == 2
+    assert export_main([*command, "--rank", "2", "-o", str(tmp_path / "r.safetensors")]) == 2
 
 
 def test_adapter_weight_scales_delta(comfy, exported, tmp_path):

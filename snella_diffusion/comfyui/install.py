@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Set up ComfyUI to load SNELLA files (snella-export --to comfyui) in its Load LoRA nodes.")
     commands = parser.add_subparsers(dest="command", required=True)
     install = commands.add_parser("install", help="write custom_nodes/snella_diffusion into a ComfyUI folder")
-    install.add_argument("comfyui", metavar="COMFYUI_FOLDER", help="the ComfyUI checkout (holds comfy/ and custom_nodes/)")
+    install.add_argument("comfyui", metavar="COMFYUI_FOLDER",
+                         help="the ComfyUI checkout (holds comfy/ and custom_nodes/)")
     install.add_argument("--no_overwrite", action="store_true", help="refuse to replace an existing node folder")
     return parser
 

@@ -75,7 +75,8 @@ def comfyui_tensors(sources: list[AdapterSource], base: BaseModel, adapter_weigh
         if prefix in prefixes:
             raise SnellaError(f"layers {prefixes[prefix]} and {component}.{path} both map to ComfyUI key {prefix}")
         drop_count = int(params["drop_count"]) if "drop_count" in params else None
-        if weight == 0.0 or drop_count == shape[0] * shape[1] or (drop_count is None and float(params["sparsity"]) == 1.0):
+        all_dropped = drop_count == shape[0] * shape[1] if drop_count is not None else float(params["sparsity"]) == 1.0
+        if weight == 0.0 or all_dropped:
             zero.append(f"{component}.{path}")
             continue
         tensors.update(encode_layer(prefix, params, source.file.config, shape, weight))
