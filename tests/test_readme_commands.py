@@ -63,6 +63,9 @@ NOT_RUN_HERE = {
     "python -m pip install -q -c .ci/constraints.txt torch==2.13.0": "installs a package; .ci/run runs this line",
     "python -m pip install -q -c .ci/constraints.txt -e .[test]": "installs the project; .ci/run runs this line",
     "python -m pytest -q": "the test suite itself; .ci/run runs this line",
+    "pip install snella-diffusion": "installs the published package into ComfyUI's Python",
+    "snella-comfyui install /path/to/ComfyUI": "writes into a ComfyUI checkout; tests/test_comfyui.py runs "
+                                               "it on a stand-in folder",
 }
 
 
@@ -325,7 +328,7 @@ EXPORT_SIZES = {"--rank": "4", "--max_rank": "4"}
 
 
 def test_export_commands_cover_every_format():
-    assert {flag_value(arguments, "--to") for _, arguments in EXPORTS} == {"diff", "lora", "peft"}
+    assert {flag_value(arguments, "--to") for _, arguments in EXPORTS} == {"diff", "lora", "peft", "comfyui"}
     assert all(flag_value(arguments, "--base") in EXPORT_BASES for _, arguments in EXPORTS)
 
 
@@ -366,7 +369,9 @@ def test_export_command_runs_on_a_tiny_model(tiny_world, tmp_path, command):
 
     tensors = load_file(output)
     suffixes = {"diff": (".diff",), "lora": (".lora_down.weight", ".lora_up.weight", ".alpha"),
-                "peft": (".lora_A.weight", ".lora_B.weight")}[flag_value(arguments, "--to")]
+                "peft": (".lora_A.weight", ".lora_B.weight"),
+                "comfyui": (".snella.in_factors", ".snella.out_factors", ".snella.scalars", ".snella.spec",
+                            ".snella.scales")}[flag_value(arguments, "--to")]
     assert tensors and all(key.endswith(suffixes) for key in tensors)
 
 

@@ -17,9 +17,10 @@ from ..errors import SnellaError
 from .deltas import AdapterSource
 from .families import ExportFamily
 
-EXPORT_FORMATS = ("diff", "lora", "peft")
+EXPORT_FORMATS = ("diff", "lora", "peft", "comfyui")
 EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-NETWORK_MODULES = {"diff": "lycoris.kohya", "lora": "networks.lora", "peft": "networks.lora"}
+NETWORK_MODULES = {"diff": "lycoris.kohya", "lora": "networks.lora", "peft": "networks.lora",
+                   "comfyui": "snella_diffusion.comfyui"}
 
 
 def energy_report_path(output: Path) -> Path:
@@ -29,7 +30,7 @@ def energy_report_path(output: Path) -> Path:
 
 def check_outputs(output: Path, to: str, overwrite: bool) -> None:
     """Raises SnellaError if a file the export would write exists and ``overwrite`` is off."""
-    paths = [output] + ([energy_report_path(output)] if to != "diff" else [])
+    paths = [output] + ([energy_report_path(output)] if to in ("lora", "peft") else [])
     for path in paths:
         if path.exists() and not overwrite:
             raise SnellaError(f"-o {output}: {path} exists; pass --overwrite to replace it")
