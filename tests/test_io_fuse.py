@@ -4,7 +4,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from snella_diffusion import (
-    SnellaConfig, SnellaError, apply_snella, fuse_snella, load_snella, save_snella, snella_layers,
+    SnellaConfig, SnellaError, SnellaLinear, apply_snella, fuse_snella, load_snella, save_snella, snella_layers,
     unfuse_snella,
 )
 from snella_diffusion.io import read_snella_file
@@ -239,10 +239,9 @@ def test_pristine_copy_follows_dtype_casts():
 
 @pytest.mark.parametrize("scale", [1.0, 0.7])
 def test_one_pass_fuse_equals_the_whole_matrix_fuse_bit_for_bit(scale, monkeypatch):
-    """A float32 weight of one adapter is fused by one blocked pass (fuse._fuse_one_float32);
+    """A float32 weight of one adapter is fused by one blocked pass (SnellaLinear._fuse_one_float32);
     it writes exactly W0 + s·ΔW as the whole-matrix path (W0 copy + delta_weight()) does,
     here over two column blocks, with the same energy accounting."""
-    from snella_diffusion import fuse as fuse_module
 
     def model_with_adapter() -> nn.Module:
         torch.manual_seed(3)
@@ -254,10 +253,10 @@ def test_one_pass_fuse_equals_the_whole_matrix_fuse_bit_for_bit(scale, monkeypat
 
     one_pass, whole = model_with_adapter(), model_with_adapter()
     calls = []
-    single = fuse_module._fuse_one_float32
-    monkeypatch.setattr(fuse_module, "_fuse_one_float32", lambda *a: calls.append(1) or single(*a))
+    single = SnellaLinear._fuse_one_float32
+    monkeypatch.setattr(SnellaLinear, "_fuse_one_float32", lambda *a: calls.append(1) or single(*a))
     fuse_snella(one_pass, scale=scale)
-    monkeypatch.setattr(fuse_module, "_fuses_in_one_pass", lambda *a: False)
+    monkeypatch.setattr(SnellaLinear, "_fuses_in_one_pass", lambda *a: False)
     fuse_snella(whole, scale=scale)
     assert calls == [1]
     assert torch.equal(one_pass[0].base_layer.weight, whole[0].base_layer.weight)
