@@ -115,3 +115,19 @@ def test_negative_budget_is_refused_and_remove_snella_clears():
     assert kept_weights.held_bytes() > 0
     remove_snella(model)
     assert kept_weights.held_bytes() == 0
+
+
+def test_a_forward_cache_object_keeps_its_own_entries_within_the_budget():
+    from snella_diffusion.forward_cache import ForwardCache
+
+    cache = ForwardCache()
+    first, second = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    matrix = torch.zeros(8, 8)  # 256 bytes
+    assert cache.store(first, ("v", 1), matrix, budget_bytes=512, evict_older=True)
+    assert cache.store(second, ("v", 1), matrix.clone(), budget_bytes=512, evict_older=True)
+    assert cache.held_bytes() == 512 and kept_weights.held_bytes() == 0
+    assert cache.lookup(first, ("v", 2)) is None and cache.lookup(first, ("v", 1)) is matrix
+    assert not cache.store(first, ("v", 2), torch.zeros(16, 16), budget_bytes=512, evict_older=False)
+    assert cache.held_bytes() == 256  # the old entry of ``first`` was replaced, the new one did not fit
+    cache.drop(second)
+    assert cache.held_bytes() == 0

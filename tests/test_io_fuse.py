@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -60,6 +62,28 @@ def test_save_load_round_trip_gives_identical_outputs(saved):
         original = snella_layers(model)[name]
         assert torch.equal(layer.delta_weight(), original.delta_weight())
         assert torch.equal(layer.sparsity, original.sparsity)
+
+
+def test_a_file_whose_config_asks_for_compile_kernels_loads_and_gives_the_same_outputs(saved, tmp_path):
+    """``compile_kernels`` chose the retired whole-matrix compiled path: a file that carries it
+    set to true still loads, and runs the blocked path with identical outputs."""
+    model, path = saved
+
+    def ask_for_compiled_kernels(metadata):
+        config = json.loads(metadata["config"])
+        assert config["compile_kernels"] is False
+        config["compile_kernels"] = True
+        metadata["config"] = json.dumps(config)
+
+    older = _rewrite(path, tmp_path, change_metadata=ask_for_compiled_kernels)
+    assert read_snella_file(older).config.compile_kernels is True
+    fresh = _model()
+    load_snella(fresh, older)
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    fresh(x).square().sum().backward()  # training on it works too
+    assert all(torch.isfinite(layer.in_factors.grad).all() for layer in snella_layers(fresh).values())
 
 
 def test_file_layout_and_header(saved):

@@ -146,3 +146,85 @@ def test_wraps_linear_subclasses_and_keeps_their_weights():
     assert layers["0"].base_layer is base
     assert layers["0"].weight is base.weight
     assert not base.weight.requires_grad
+
+
+def _trained_layer(in_features=20, out_features=12, seed=0):
+    torch.manual_seed(seed)
+    layer = SnellaLinear(nn.Linear(in_features, out_features), _config(init_sparsity=0.3))
+    with torch.no_grad():
+        layer.primary.out_factors.normal_(std=0.5)
+    return layer
+
+
+def test_inference_delta_cache_methods_measure_free_and_switch_off_the_cache():
+    layer = _trained_layer()
+    x = torch.randn(3, 20)
+    with torch.no_grad():
+        want = layer.base_layer(x) + x @ layer.delta_weight().T
+        assert layer.delta_cache_bytes() == 0
+        assert torch.allclose(layer(x), want, atol=1e-6)
+        assert layer.delta_cache_bytes() == 12 * 20 * 4  # one float32 (m, n) matrix
+        layer.release_delta_cache()
+        assert layer.delta_cache_bytes() == 0
+        layer(x)
+        layer.set_inference_delta_caching(False)  # frees the cache now
+        assert layer.delta_cache_bytes() == 0 and not layer.cache_inference_delta
+        assert torch.equal(layer(x), layer(x)) and layer.delta_cache_bytes() == 0
+        layer.set_inference_delta_caching(True)
+        layer(x)
+        assert layer.delta_cache_bytes() == 12 * 20 * 4
+
+
+def test_fuse_remove_and_unwrap_are_layer_methods_that_restore_w0_bit_for_bit():
+    layer = _trained_layer()
+    layer.add_adapter("second", _config(init_sparsity=0.5))
+    with torch.no_grad():
+        layer.adapters["second"].out_factors.normal_(std=0.5)
+    w0 = layer.base_layer.weight.detach().clone()
+    first, second = layer.delta_weight("default"), layer.delta_weight("second")
+    layer.fuse_adapters(scale=0.5)
+    assert layer.fused_adapters == {"default": 0.5, "second": 0.5}
+    assert torch.equal(layer.pristine_weight, w0)
+    assert torch.allclose(layer.base_layer.weight, w0 + 0.5 * first + 0.5 * second, atol=1e-6)
+    layer.remove_adapter("second")  # its ΔW leaves the weight, the other stays fused
+    assert layer.fused_adapters == {"default": 0.5} and list(layer.adapters) == ["default"]
+    assert torch.equal(layer.base_layer.weight, (w0 + 0.5 * first))
+    base = layer.unwrap()
+    assert base is layer.base_layer and torch.equal(base.weight, w0)
+    assert layer.fused_adapters == {} and layer.pristine_weight is None
+
+
+def test_weights_fused_without_a_kept_w0_refuse_restoring_and_unwrap_keeps_them():
+    from snella_diffusion import UnfuseError
+
+    layer = _trained_layer()
+    layer.fuse_adapters(keep_original=False)
+    fused = layer.base_layer.weight.detach().clone()
+    with pytest.raises(UnfuseError, match="layer enc.0: adapters were fused with keep_original=False"):
+        layer.restore_base_weight("enc.0")
+    with pytest.raises(UnfuseError, match="adapter 'default' was fused"):
+        layer.check_removable("default", "enc.0")
+    assert torch.equal(layer.unwrap("enc.0").weight, fused)
+
+
+def test_no_module_outside_the_layer_writes_its_state():
+    """Fuse state, the inference ΔW cache and the disabled switch are written by SnellaLinear's
+    methods only: no other module of the package assigns to those attributes."""
+    import ast
+    from pathlib import Path
+
+    import snella_diffusion
+
+    owned = {"fused_adapters", "fused_delta_energy", "unfused_weight", "unfused_weight_cpu",
+             "original_discarded", "_delta_cache", "_cache_inference_delta", "cache_inference_delta", "disabled"}
+    package = Path(snella_diffusion.__file__).parent
+    writes = []
+    for path in package.rglob("*.py"):
+        if path.name == "layer.py" and path.parent == package:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+            for target in targets:
+                if isinstance(target, ast.Attribute) and target.attr in owned:
+                    writes.append(f"{path.relative_to(package)}:{node.lineno} .{target.attr}")
+    assert writes == []

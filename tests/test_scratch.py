@@ -61,3 +61,19 @@ def test_remove_snella_frees_the_idle_buffers(small_buffers):
     assert idle_buffers.idle_bytes() > 0
     remove_snella(model)
     assert idle_buffers.idle_bytes() == 0
+
+
+def test_pools_are_objects_with_their_own_limits_and_buffers():
+    from snella_diffusion.scratch import BufferPool
+
+    pool = BufferPool(min_bytes=1024, keep_per_shape=1, max_idle_bytes=1 << 20)
+    idle_before = idle_buffers.idle_bytes()
+    first, second = torch.empty(64, 32), torch.empty(64, 32)
+    pool.give_back(first)
+    pool.give_back(second)  # keep_per_shape=1: dropped
+    assert pool.idle_bytes() == 64 * 32 * 4
+    assert idle_buffers.idle_bytes() == idle_before  # the process-wide pool is untouched
+    assert pool.borrow((64, 32), torch.float32, torch.device("cpu")) is first
+    pool.give_back(first)
+    pool.release()
+    assert pool.idle_bytes() == 0
