@@ -114,6 +114,7 @@ class SnellaAdapter(nn.Module):
         return self.threshold if self._threshold_key == self.version_key() else None
 
     def record_threshold(self, threshold: Tensor) -> None:
+        """Keep τ (0-d) as the one selected for the current parameters (``cached_threshold``)."""
         with torch.no_grad():
             self.threshold.copy_(threshold)
         self._threshold_key = self.version_key()

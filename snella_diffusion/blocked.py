@@ -92,7 +92,7 @@ class Factors:
         """``(in_factors, out_factors, alpha, gamma, beta)``."""
         return self.in_factors, self.out_factors, self.alpha, self.gamma, self.beta
 
-    def in_compute_dtype(self) -> "Factors":
+    def in_compute_dtype(self) -> Factors:
         """The factors in float32, or float64 when they are float64 (gradient checks); no copy
         where they already are."""
         dtype = torch.promote_types(self.in_factors.dtype, torch.float32)
@@ -119,7 +119,7 @@ class KernelSpec:
             raise SnellaError(f"kernel={self.kernel!r}: expected one of {', '.join(_MERGES)}")
         object.__setattr__(self, "_merge", _MERGES[self.kernel])
 
-    def merge(self, factors: Factors) -> "_Merge":
+    def merge(self, factors: Factors) -> _Merge:
         """This kernel's block builder for ``factors``."""
         return self._merge(factors, self.kernel_scale)
 
