@@ -72,7 +72,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--config_override", action="append", default=[], metavar="KEY=JSON",
                         help="change a model config key, e.g. num_single_layers=4 (repeatable)")
     parser.add_argument("--snella_option", action="append", default=[], metavar="KEY=JSON",
-                        help="a further SnellaConfig field for the snella method, e.g. compile_kernels=true (repeatable)")
+                        help="a further SnellaConfig field for the snella method, e.g. forward_cache_mb=640 (repeatable)")
     parser.add_argument("--output_dir", default="benchmarks/results", help="where the JSON, table and PNG go")
     parser.add_argument("--report", metavar="JSON",
                         help="measure nothing: rewrite the table and chart of a saved result JSON beside it")

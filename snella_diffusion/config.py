@@ -40,10 +40,10 @@ class SnellaConfig:
         threshold_sample_size: 0 selects τ exactly with ``kthvalue`` over all m·n entries;
             N > 0 selects it on a fixed strided sample of N entries when m·n > N (faster; the
             kept count then deviates from the target by about 0.5/sqrt(N) of m·n).
-        compile_kernels: build ΔW and its backward over whole matrices, fused with
-            ``torch.compile``, instead of the default eager blocked path (compiling costs tens
-            of seconds once per process; on a CPU the blocked path is faster, see
-            ``fused.py``).
+        compile_kernels: deprecated and ignored; accepted so that configs and adapter files
+            that carry it still load. It chose a whole-matrix path compiled with
+            ``torch.compile``, which lost to the blocked path (``blocked.py``: 7.4 s against
+            4.8–6.7 s per SD1.5 step on a CPU) and was retired.
         forward_cache_mb: keep W0 + ΔW_eff from each training forward until the layer's
             backward, up to this many MiB over all layers (0: off). Under gradient checkpointing
             the recompute then skips its build and the backward its merge with W0: memory

@@ -313,13 +313,13 @@ def disable_snella(pipe: Any) -> None:
     if fused is not None:
         raise SnellaError(f"layer {fused} holds fused adapters: call unfuse_snella(pipe) before disable_snella")
     for layer in _pipeline_layers(pipe).values():
-        layer.disabled = True
+        layer.set_disabled(True)
 
 
 def enable_snella(pipe: Any) -> None:
     """Undo ``disable_snella``."""
     for layer in _pipeline_layers(pipe).values():
-        layer.disabled = False
+        layer.set_disabled(False)
 
 
 class SnellaLoaderMixin:
