@@ -30,7 +30,8 @@ from snella_diffusion.training.data import (
     warn_small_images,
     write_images,
 )
-from snella_diffusion.training.families import UnknownModelFamilyError, detect_family, family_for_class
+from snella_diffusion.families import UnknownModelFamilyError, detect_family, family_for_class
+from snella_diffusion.training.checkpointing import resolve_resume_path
 from snella_diffusion.training.objectives import (
     NoiseObjective,
     dreambooth_loss,
@@ -469,7 +470,7 @@ def test_help_documents_every_flag(capsys):
 def test_speed_flags_reach_the_adapter_config():
     args = script.parse_args([*FAST_FLAGS, "--instance_prompt", PROMPT, "--output_dir", "unused",
                               "--forward_cache_mb", "256", "--threshold_sample_size", "4096"])
-    config = script.snella_config(args, family_for_class("StableDiffusionPipeline"), total_steps=10)
+    config = args.adapter.snella_config(family_for_class("StableDiffusionPipeline").denoiser_preset, total_steps=10)
     assert config.forward_cache_mb == 256 and config.threshold_sample_size == 4096
     assert not config.compile_kernels
 
@@ -485,7 +486,7 @@ def test_resume_from_an_unfitting_or_missing_checkpoint_is_named(sd_run, sd_fold
             "--rank", "8", "--resume_from_checkpoint", "latest", "--report_to", "none",
         )
     with pytest.raises(CheckpointError, match="--resume_from_checkpoint=checkpoint-7: no such checkpoint folder"):
-        script.resolve_resume_path(tmp_path, "checkpoint-7")
+        resolve_resume_path(tmp_path, "checkpoint-7")
 
 
 def test_bad_flag_combinations_are_named(tmp_path):
