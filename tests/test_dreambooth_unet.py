@@ -31,7 +31,9 @@ from snella_diffusion.training.data import (
     write_images,
 )
 from snella_diffusion.families import UnknownModelFamilyError, detect_family, family_for_class
+from snella_diffusion.training.batch_loss import training_loss
 from snella_diffusion.training.checkpointing import resolve_resume_path
+from snella_diffusion.training.loop import NonFiniteLossError
 from snella_diffusion.training.objectives import (
     NoiseObjective,
     dreambooth_loss,
@@ -193,8 +195,8 @@ def test_training_lowers_the_loss_on_a_fixed_batch_and_noise(sd_folder):
     optimizer = torch.optim.AdamW([p for p in components.denoiser.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for step in range(31):
-        loss = script.training_loss(family, components, objective, batch, latents, conditioning,
-                                    components.denoiser, torch.Generator().manual_seed(5), 1.0)
+        loss = training_loss(family, components, objective, batch, latents, conditioning,
+                             components.denoiser, torch.Generator().manual_seed(5), 1.0)
         losses.append(loss.item())
         if step < 30:
             loss.backward()
@@ -434,7 +436,7 @@ def test_xformers_without_cuda_is_a_clear_message(tmp_path, capsys):
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, sd_folder, instance_dir):
-    with pytest.raises(script.NonFiniteLossError, match=r"loss is (nan|inf) at step \d+.*checkpoint-\d+\) is intact"):
+    with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf) at step \d+.*checkpoint-\d+\) is intact"):
         run_main(
             "--pretrained_model_name_or_path", str(sd_folder), "--instance_data_dir", str(instance_dir),
             "--instance_prompt", PROMPT, "--output_dir", str(tmp_path), "--max_train_steps", "6",

@@ -31,6 +31,7 @@ from snella_diffusion.training.captions import CaptionOptions, read_sidecar_capt
 from snella_diffusion.training.data import CachedLatentsDataset, collate_dreambooth, transform_image
 from snella_diffusion.training.ema import AdapterEMA, ema_decay_at
 from snella_diffusion.families import detect_family
+from snella_diffusion.training.batch_loss import training_loss
 from snella_diffusion.training.data_arguments import check_data_settings
 from snella_diffusion.training.hf_datasets import dataset_images
 from snella_diffusion.training.image_dataset import TrainingImageDataset
@@ -305,8 +306,8 @@ def test_cached_latents_with_buckets_give_the_same_loss(sd_components, three_rat
         with torch.no_grad():
             conditioning = family.encode_prompt(components, from_pixels["prompts"], torch.device("cpu"))
             losses = [
-                script.training_loss(family, components, objective, b, lat, conditioning, components.denoiser,
-                                     torch.Generator().manual_seed(5), 1.0, 0.1, 0.1).item()
+                training_loss(family, components, objective, b, lat, conditioning, components.denoiser,
+                              torch.Generator().manual_seed(5), 1.0, 0.1, 0.1).item()
                 for b, lat in ((from_cache, from_cache["latents"]), (from_pixels, latents))
             ]
         assert losses[0] == losses[1]

@@ -17,7 +17,6 @@ in ``snella_diffusion/training/``; this file is the training loop.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import sys
@@ -34,15 +33,13 @@ from tqdm.auto import tqdm
 from snella_diffusion import SnellaError, save_snella
 from snella_diffusion.families import detect_family
 from snella_diffusion.training.adapters import attach_baseline, output_file, save_trained
-from snella_diffusion.training.batch_loss import training_loss
-from snella_diffusion.training.captions import PromptEmbeddingCache
 from snella_diffusion.training.checkpointing import CheckpointableGenerator, list_checkpoints, register_adapter_hooks, save_checkpoint
-from snella_diffusion.training.data import warn_small_images
 from snella_diffusion.training.data_arguments import check_data_settings
 from snella_diffusion.training.ema import AdapterEMA
 from snella_diffusion.training.embedded_run import prepare_embedded_inputs
 from snella_diffusion.training.job_config import RESOLVED_CONFIG_FILE, write_resolved_config
 from snella_diffusion.training.run_checks import check_run_settings, resolve_report_to
+from snella_diffusion.training.loop import MicroBatchStep
 from snella_diffusion.training.run_outputs import check_ranks_agree, describe_objective, tracker_config, write_outputs
 from snella_diffusion.training.run_settings import RunSettings, parse_run_settings
 from snella_diffusion.training.run_setup import (
@@ -52,6 +49,8 @@ from snella_diffusion.training.run_setup import (
     make_accelerator,
     make_optimization,
     prepare_for_training,
+    prompt_conditioning,
+    resolve_step_count,
     resume_step,
 )
 from snella_diffusion.training.training_images import load_training_images
@@ -61,10 +60,6 @@ logger = get_logger(__name__)
 
 OUTPUT_FILE = "snella_weights.safetensors"
 RAW_OUTPUT_FILE = "snella_weights_raw.safetensors"
-
-
-class NonFiniteLossError(SnellaError):
-    """The training loss became NaN or infinite; training stopped without saving."""
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> RunSettings:
@@ -101,18 +96,10 @@ def main(settings: RunSettings) -> Path:
     family, model_index = detect_family(base_model, settings.model.revision)
     logger.info("model family: %s (%s)", family.name, model_index.get("_class_name"))
     components, resolution, weight_dtype = load_components(settings, family, model_index, accelerator)
-    source = settings.datasets.dataset_name or settings.data.instance_data_dir
-    warn_small_images({image.name: image.image for image in instance_images}, resolution,
-                      f"--{'dataset_name' if settings.datasets.dataset_name else 'instance_data_dir'}={source}")
     encode_generator = CheckpointableGenerator(seed + 7919 * process)
     dataset, loader = build_dataset(settings, accelerator, family, components, instance_images, resolution, encode_generator)
-
-    steps_per_epoch = math.ceil(math.ceil(len(loader) / accelerator.num_processes) / settings.training.gradient_accumulation_steps)
-    if settings.training.max_train_steps is None:
-        steps = settings.training.num_train_epochs * steps_per_epoch
-        settings = dataclasses.replace(settings, training=dataclasses.replace(settings.training, max_train_steps=steps))
+    settings, steps_per_epoch = resolve_step_count(settings, loader, accelerator.num_processes)
     training, validation, adapter = settings.training, settings.validation, settings.adapter
-    num_epochs = math.ceil(training.max_train_steps / steps_per_epoch)
     if accelerator.is_main_process:
         write_resolved_config(settings.flags(), output_dir / RESOLVED_CONFIG_FILE)
 
@@ -128,33 +115,24 @@ def main(settings: RunSettings) -> Path:
                 ", ".join(trained), sum(p.numel() for p in trainable))
     prepare_for_training(settings, components, trained)
     optimizer, lr_scheduler = make_optimization(settings, trainable, accelerator.num_processes)
-
-    prepared = accelerator.prepare(*trained.values(), optimizer, loader, lr_scheduler)
-    wrapped = dict(zip(trained, prepared[: len(trained)]))
-    optimizer, loader, lr_scheduler = prepared[len(trained):]
+    *wrapped_modules, optimizer, loader, lr_scheduler = accelerator.prepare(*trained.values(), optimizer, loader, lr_scheduler)
     noise_generator = CheckpointableGenerator(seed + 104729 * process)
     if adapter.adapter == "snella":
         register_adapter_hooks(accelerator, trained, base_model, accelerator.unwrap_model)
-    for state in (allocator, noise_generator, encode_generator):
-        accelerator.register_for_checkpointing(state)
     ema = AdapterEMA(trainable, settings.ema.ema_decay) if settings.ema.use_ema else None
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
+    for state in (allocator, noise_generator, encode_generator, *([ema] if ema is not None else [])):
+        accelerator.register_for_checkpointing(state)
     if accelerator.is_main_process and report_to:
         accelerator.init_trackers("snella-dreambooth", config=tracker_config(settings))
     global_step = resume_step(accelerator, output_dir, validation.resume_from_checkpoint)
-    first_epoch = global_step // steps_per_epoch
-    skip_batches = (global_step % steps_per_epoch) * training.gradient_accumulation_steps
-
     objective = family.objective(components, snr_gamma=training.snr_gamma)
-    conditioning_for = PromptEmbeddingCache(
-        lambda prompts: family.encode_prompt(components, prompts, accelerator.device), training.train_text_encoder,
-    )
-    known_prompts = getattr(dataset, "dataset", dataset).possible_prompts()
-    if not training.train_text_encoder and known_prompts is not None:
-        conditioning_for.precompute(known_prompts | ({settings.data.class_prompt} - {None}))
-        family.release_text_encoders(components, validation.validation_prompt, accelerator.device)
+    step = MicroBatchStep(settings, accelerator, family, components, objective,
+                          prompt_conditioning(settings, family, components, dataset, accelerator.device),
+                          dict(zip(trained, wrapped_modules)), trainable, optimizer, lr_scheduler, allocator, ema,
+                          encode_generator, noise_generator, weight_dtype)
 
+    first_epoch, num_epochs = global_step // steps_per_epoch, math.ceil(training.max_train_steps / steps_per_epoch)
+    skip_batches = (global_step % steps_per_epoch) * training.gradient_accumulation_steps
     logger.info("training %d steps (%d epochs, %d instance images, batch %d × %d processes × %d accumulation)",
                 training.max_train_steps, num_epochs, len(instance_images), training.train_batch_size,
                 accelerator.num_processes, training.gradient_accumulation_steps)
@@ -162,9 +140,8 @@ def main(settings: RunSettings) -> Path:
                     disable=not accelerator.is_local_main_process)
     losses: list[tuple[float, float]] = []
     validations: list[str] = []
-    denoiser = wrapped[family.denoiser_component]
     checkpoints = list_checkpoints(output_dir)
-    last_checkpoint_name = checkpoints[-1].name if checkpoints else "none"
+    last_checkpoint = checkpoints[-1].name if checkpoints else "none"
 
     def validate() -> None:
         path = run_validation(settings, accelerator, family, components, trained, global_step, resolution, output_dir)
@@ -178,34 +155,7 @@ def main(settings: RunSettings) -> Path:
             dataset.set_epoch(epoch)
             batches = accelerator.skip_first_batches(loader, skip_batches) if epoch == first_epoch and skip_batches else loader
             for batch in batches:
-                with accelerator.accumulate(*wrapped.values()):
-                    if "latents" in batch:
-                        latents = batch["latents"].to(accelerator.device, weight_dtype)
-                    else:
-                        pixels = batch["pixel_values"].to(accelerator.device)
-                        latents = family.encode_latents(components, pixels, encode_generator.generator).to(weight_dtype)
-                    loss = training_loss(
-                        family, components, objective, batch, latents, conditioning_for(batch["prompts"]), denoiser,
-                        noise_generator.generator, settings.data.prior_loss_weight, settings.loss.noise_offset,
-                        settings.loss.input_perturbation,
-                    )
-                    mean_loss = accelerator.gather(loss.detach().reshape(1)).mean()
-                    if not torch.isfinite(mean_loss):
-                        raise NonFiniteLossError(
-                            f"training loss is {mean_loss.item()} at step {global_step + 1}: stopped without "
-                            f"saving; the last checkpoint ({last_checkpoint_name}) is intact. Lower "
-                            "--learning_rate, or train with --mixed_precision=no or bf16"
-                        )
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and training.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(trainable, training.max_grad_norm)
-                    optimizer.step()
-                    if accelerator.sync_gradients:
-                        allocator.step(skipped=accelerator.optimizer_step_was_skipped)
-                        if ema is not None:
-                            ema.update()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                mean_loss = step(batch, global_step, last_checkpoint)
                 if not accelerator.sync_gradients:
                     continue
                 global_step += 1
@@ -218,7 +168,7 @@ def main(settings: RunSettings) -> Path:
                                 step=global_step)
                 if global_step % validation.checkpointing_steps == 0:
                     path = save_checkpoint(accelerator, output_dir, global_step, validation.checkpoints_total_limit)
-                    last_checkpoint_name = path.name
+                    last_checkpoint = path.name
                     logger.info("saved %s", path)
                 if validation.validation_prompt and global_step % validation.validation_steps == 0 and accelerator.is_main_process:
                     validate()
