@@ -25,10 +25,7 @@ import traceback
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
 from snella_diffusion import SnellaError, save_snella
 from snella_diffusion.families import detect_family
@@ -38,20 +35,20 @@ from snella_diffusion.training.data_arguments import check_data_settings
 from snella_diffusion.training.ema import AdapterEMA
 from snella_diffusion.training.embedded_run import prepare_embedded_inputs
 from snella_diffusion.training.job_config import RESOLVED_CONFIG_FILE, write_resolved_config
-from snella_diffusion.training.run_checks import check_run_settings, resolve_report_to
-from snella_diffusion.training.loop import MicroBatchStep
-from snella_diffusion.training.run_outputs import check_ranks_agree, describe_objective, tracker_config, write_outputs
+from snella_diffusion.training.run_checks import check_run_settings
+from snella_diffusion.training.loop import MicroBatchStep, RunProgress
+from snella_diffusion.training.run_outputs import describe_objective, finalize_allocation, tracker_config, write_outputs
 from snella_diffusion.training.run_settings import RunSettings, parse_run_settings
 from snella_diffusion.training.run_setup import (
     attach_adapters,
     build_dataset,
     load_components,
-    make_accelerator,
     make_optimization,
     prepare_for_training,
     prompt_conditioning,
     resolve_step_count,
     resume_step,
+    start_run,
 )
 from snella_diffusion.training.training_images import load_training_images
 from snella_diffusion.training.validation import run_validation
@@ -80,15 +77,7 @@ def main(settings: RunSettings) -> Path:
     check_run_settings(settings)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)
-    output_dir = Path(settings.training.output_dir)
-    report_to = resolve_report_to(settings.validation.report_to)
-    accelerator = make_accelerator(settings, output_dir, report_to)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    set_seed(settings.training.seed)
-    if settings.training.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
+    accelerator, output_dir, report_to = start_run(settings)
     settings = prepare_embedded_inputs(settings, accelerator, output_dir)
     base_model, seed, process = settings.model.pretrained_model_name_or_path, settings.training.seed, accelerator.process_index
 
@@ -136,9 +125,7 @@ def main(settings: RunSettings) -> Path:
     logger.info("training %d steps (%d epochs, %d instance images, batch %d × %d processes × %d accumulation)",
                 training.max_train_steps, num_epochs, len(instance_images), training.train_batch_size,
                 accelerator.num_processes, training.gradient_accumulation_steps)
-    progress = tqdm(range(training.max_train_steps), initial=global_step, desc="Steps",
-                    disable=not accelerator.is_local_main_process)
-    losses: list[tuple[float, float]] = []
+    progress = RunProgress(accelerator, training.max_train_steps, global_step)
     validations: list[str] = []
     checkpoints = list_checkpoints(output_dir)
     last_checkpoint = checkpoints[-1].name if checkpoints else "none"
@@ -159,13 +146,7 @@ def main(settings: RunSettings) -> Path:
                 if not accelerator.sync_gradients:
                     continue
                 global_step += 1
-                progress.update(1)
-                loss_value = mean_loss.item()
-                losses.append((float(global_step), loss_value))
-                kept = sum(allocator.keep_counts().values()) / sum(allocator.capacities)
-                progress.set_postfix(loss=f"{loss_value:.4f}", kept=f"{kept:.3f}")
-                accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0], "kept_fraction": kept},
-                                step=global_step)
+                progress.record(global_step, mean_loss, lr_scheduler.get_last_lr()[0], allocator)
                 if global_step % validation.checkpointing_steps == 0:
                     path = save_checkpoint(accelerator, output_dir, global_step, validation.checkpoints_total_limit)
                     last_checkpoint = path.name
@@ -180,10 +161,7 @@ def main(settings: RunSettings) -> Path:
     progress.close()
 
     accelerator.wait_for_everyone()
-    if global_step >= training.max_train_steps and allocator.history_steps[-1] != allocator.step_count:
-        # The run ended between reallocation steps: apply the final budget to the saved adapter.
-        allocator.reallocate(allocator.final_volume)
-    rank_drops = check_ranks_agree(accelerator, allocator)
+    rank_drops = finalize_allocation(accelerator, allocator, finished=global_step >= training.max_train_steps)
     adapter_path = output_file(adapter.adapter, output_dir, family.denoiser_component)
     if accelerator.is_main_process:
         if ema is not None:
@@ -192,7 +170,7 @@ def main(settings: RunSettings) -> Path:
         if validation.validation_prompt and not any(v.endswith(f"step_{global_step}.png") for v in validations):
             validate()
         save_trained(adapter.adapter, trained, output_dir, base_model)
-        write_outputs(settings, family, config, allocator, rank_drops, losses, validations, output_dir,
+        write_outputs(settings, family, config, allocator, rank_drops, progress.losses, validations, output_dir,
                       time.monotonic() - started, accelerator.num_processes, describe_objective(objective))
         logger.info("wrote %s", adapter_path)
     accelerator.wait_for_everyone()

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import SnellaError
 from ..families import ModelFamily, TrainingComponents
@@ -76,3 +77,26 @@ class MicroBatchStep:
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return mean_loss
+
+
+class RunProgress:
+    """The progress bar, the loss history ``[(step, loss)]`` and the tracker log of a run's
+    optimizer steps."""
+
+    def __init__(self, accelerator: Any, total_steps: int, first_step: int) -> None:
+        self.accelerator = accelerator
+        self.bar = tqdm(range(total_steps), initial=first_step, desc="Steps",
+                        disable=not accelerator.is_local_main_process)
+        self.losses: list[tuple[float, float]] = []
+
+    def record(self, step: int, mean_loss: torch.Tensor, learning_rate: float, allocator: Any) -> None:
+        """Log optimizer step ``step``: its loss, learning rate and the kept fraction of ΔW entries."""
+        self.bar.update(1)
+        loss_value = mean_loss.item()
+        self.losses.append((float(step), loss_value))
+        kept = sum(allocator.keep_counts().values()) / sum(allocator.capacities)
+        self.bar.set_postfix(loss=f"{loss_value:.4f}", kept=f"{kept:.3f}")
+        self.accelerator.log({"loss": loss_value, "lr": learning_rate, "kept_fraction": kept}, step=step)
+
+    def close(self) -> None:
+        self.bar.close()

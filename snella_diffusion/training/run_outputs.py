@@ -37,6 +37,14 @@ def check_ranks_agree(accelerator: Any, allocator: BiLevelAllocator) -> list[lis
     return rows
 
 
+def finalize_allocation(accelerator: Any, allocator: BiLevelAllocator, finished: bool) -> list[list[int]]:
+    """When the run ``finished`` between reallocation steps, apply the final budget to the saved
+    adapter; returns the per-process drop counts (``check_ranks_agree``)."""
+    if finished and allocator.history_steps[-1] != allocator.step_count:
+        allocator.reallocate(allocator.final_volume)
+    return check_ranks_agree(accelerator, allocator)
+
+
 def tracker_config(settings: RunSettings) -> dict[str, Any]:
     """The flags as TensorBoard hyper-parameters (scalars and strings only)."""
     return {key: value if isinstance(value, (int, float, str, bool)) else str(value)

@@ -7,11 +7,11 @@ import dataclasses
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 
 from ..allocator import BiLevelAllocator
@@ -23,7 +23,7 @@ from .checkpointing import CheckpointableGenerator, resolve_resume_path
 from .data import CachedLatentsDataset, generate_class_images, load_image_folder, warn_small_images
 from .data_arguments import bucket_sizes, make_training_dataset, make_training_loader
 from .optimizers import make_optimizer
-from .run_checks import TrainingSetupError, use_cpu
+from .run_checks import TrainingSetupError, resolve_report_to, use_cpu
 from .run_settings import RunSettings
 from .training_images import TrainingImage
 from .vae_inputs import decode_in_vae_dtype
@@ -164,6 +164,21 @@ def make_accelerator(settings: RunSettings, output_dir: Path, report_to: Any) ->
         # last layer get no gradient, which DDP must be told about.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(training.train_text_encoder))],
     )
+
+
+def start_run(settings: RunSettings) -> tuple[Accelerator, Path, Optional[str]]:
+    """The run's Accelerator, output folder (created by the main process) and tracker; seeds
+    every generator with ``--seed`` and allows TF32 on request."""
+    output_dir = Path(settings.training.output_dir)
+    report_to = resolve_report_to(settings.validation.report_to)
+    accelerator = make_accelerator(settings, output_dir, report_to)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    set_seed(settings.training.seed)
+    if settings.training.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return accelerator, output_dir, report_to
 
 
 def prepare_for_training(settings: RunSettings, components: TrainingComponents,
