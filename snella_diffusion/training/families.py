@@ -1,6 +1,6 @@
 """Old import path of the model families: they live in ``snella_diffusion/families/``."""
 
-from ..families import (  # noqa: F401
+from ..families import (
     FAMILIES,
     FamilySettings,
     ModelFamily,
@@ -13,5 +13,23 @@ from ..families import (  # noqa: F401
     read_model_index,
     register_family,
 )
-from ..families.base import FLOAT32_COMPONENTS, SKIPPED_COMPONENTS, dtype_keyword  # noqa: F401
-from ..families.tokens import tokenize  # noqa: F401
+from ..families.base import FLOAT32_COMPONENTS, SKIPPED_COMPONENTS, dtype_keyword
+from ..families.tokens import tokenize
+
+__all__ = [
+    "FAMILIES",
+    "FLOAT32_COMPONENTS",
+    "SKIPPED_COMPONENTS",
+    "FamilySettings",
+    "ModelFamily",
+    "StableDiffusionFamily",
+    "StableDiffusionXLFamily",
+    "TrainingComponents",
+    "UnknownModelFamilyError",
+    "detect_family",
+    "dtype_keyword",
+    "family_for_class",
+    "read_model_index",
+    "register_family",
+    "tokenize",
+]
