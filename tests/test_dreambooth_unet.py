@@ -34,6 +34,7 @@ from snella_diffusion.families import UnknownModelFamilyError, detect_family, fa
 from snella_diffusion.training.batch_loss import training_loss
 from snella_diffusion.training.checkpointing import resolve_resume_path
 from snella_diffusion.training.loop import NonFiniteLossError
+from snella_diffusion.training.run_checks import resolve_report_to
 from snella_diffusion.training.objectives import (
     NoiseObjective,
     dreambooth_loss,
@@ -539,10 +540,10 @@ def test_report_to_falls_back_when_tensorboard_is_missing(monkeypatch, caplog):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "tensorboard" else real_find_spec(name, *a))
-    assert script.resolve_report_to(None) is None
+    assert resolve_report_to(None) is None
     with caplog.at_level("WARNING"):
-        assert script.resolve_report_to("tensorboard") is None
+        assert resolve_report_to("tensorboard") is None
     assert "tensorboard is not installed" in caplog.text
     monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
-    assert script.resolve_report_to(None) == "tensorboard"
-    assert script.resolve_report_to("none") is None
+    assert resolve_report_to(None) == "tensorboard"
+    assert resolve_report_to("none") is None
