@@ -35,8 +35,8 @@ from snella_diffusion.training.data_arguments import check_data_settings
 from snella_diffusion.training.ema import AdapterEMA
 from snella_diffusion.training.embedded_run import prepare_embedded_inputs
 from snella_diffusion.training.job_config import RESOLVED_CONFIG_FILE, write_resolved_config
-from snella_diffusion.training.run_checks import check_run_settings
 from snella_diffusion.training.loop import MicroBatchStep, RunProgress
+from snella_diffusion.training.run_checks import check_run_settings
 from snella_diffusion.training.run_outputs import describe_objective, finalize_allocation, tracker_config, write_outputs
 from snella_diffusion.training.run_settings import RunSettings, parse_run_settings
 from snella_diffusion.training.run_setup import (
@@ -55,7 +55,6 @@ from snella_diffusion.training.validation import run_validation
 
 logger = get_logger(__name__)
 
-OUTPUT_FILE = "snella_weights.safetensors"
 RAW_OUTPUT_FILE = "snella_weights_raw.safetensors"
 
 
