@@ -191,13 +191,14 @@ def read_snella_file(path: PathLike) -> SnellaFile:
             f"{file}: header 'format_version' is {version!r}; this snella-diffusion reads "
             f"{', '.join(SUPPORTED_VERSIONS)} (upgrade the package to read newer files)"
         )
-    if "config" not in metadata:
-        raise SnellaFormatError(f"{file}: header 'config' is missing (expected SnellaConfig JSON)")
+    for entry in ("config", "shapes"):
+        if entry not in metadata:
+            raise SnellaFormatError(f"{file}: header '{entry}' is missing (every SNELLA file has one)")
     try:
         config = SnellaConfig.from_json(metadata["config"])
     except SnellaConfigError as error:
         raise SnellaFormatError(f"{file}: header 'config': {error}") from error
-    shapes = parse_shapes(file, metadata.get("shapes", ""))
+    shapes = parse_shapes(file, metadata["shapes"])
     layers: dict[str, dict[str, dict[str, Tensor]]] = {}
     for key, tensor in tensors.items():
         layer_key, infix, param = key.rpartition(KEY_INFIX)

@@ -113,8 +113,10 @@ def load_snella_weights(
         The adapter name.
     Raises:
         SnellaFormatError: the file is missing, not safetensors, a LoRA/LyCORIS file, of an
-            unknown version, holds non-finite values, names a component the pipeline lacks or
-            was trained on another base (the first mismatching layer is named).
+            unknown version, has a header entry or config field of the wrong type or range,
+            holds tensors of the wrong dtype or shape, non-finite values or factors whose ΔW
+            could overflow, names a component the pipeline lacks or was trained on another
+            base (the entry, key or first mismatching layer is named).
         SnellaError: ``adapter_name`` is already loaded. In every case the pipeline is left
             exactly as it was.
     """
