@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import SnellaError
+from ..hub import HubDownloadError, download_hub_file
 from ..training.objectives import NoiseObjective, TrainingObjective
 
 if TYPE_CHECKING:
@@ -135,14 +136,11 @@ def read_model_index(source: str, revision: Optional[str] = None) -> dict[str, A
             f"--pretrained_model_name_or_path={source}: is a file, expected a diffusers pipeline folder"
         )
     else:
-        from huggingface_hub import hf_hub_download
-
         try:
-            index_path = Path(hf_hub_download(source, "model_index.json", revision=revision))
-        except Exception as error:  # network, auth and not-found errors all end here
+            index_path = download_hub_file(source, "model_index.json", revision=revision)
+        except HubDownloadError as error:
             raise UnknownModelFamilyError(
-                f"--pretrained_model_name_or_path={source}: no local folder of that name and "
-                f"model_index.json could not be fetched from the hub ({type(error).__name__}: {error})"
+                f"--pretrained_model_name_or_path={source}: no local folder of that name, and {error}"
             ) from error
     try:
         return json.loads(index_path.read_text())

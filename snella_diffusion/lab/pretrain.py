@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from snella_diffusion.files import replace_folder_atomically
 from snella_diffusion.lab import base, world
 from snella_diffusion.lab.evaluate import sample, score_prompts
 
@@ -83,16 +83,7 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 def save_pipeline_atomically(pipeline: Any, folder: Path) -> None:
     """``save_pretrained`` into a temporary sibling folder, then swap it in."""
-    staging = folder.with_name(folder.name + ".tmp")
-    if staging.exists():
-        shutil.rmtree(staging)
-    pipeline.save_pretrained(staging)
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        folder.rename(old)
-    staging.rename(folder)
-    if old.exists():
-        shutil.rmtree(old)
+    replace_folder_atomically(folder, pipeline.save_pretrained)
 
 
 @dataclass(frozen=True)

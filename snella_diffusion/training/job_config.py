@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from ..errors import SnellaError
+from ..files import write_text_atomically
 
 CONFIG_SUFFIXES = (".toml", ".yaml", ".yml", ".json")
 RESOLVED_CONFIG_FILE = "config.toml"
@@ -177,9 +176,5 @@ def resolved_settings(flags: Mapping[str, Any]) -> dict[str, Any]:
 def write_resolved_config(flags: Mapping[str, Any], path: Path) -> str:
     """Write ``resolved_settings(flags)`` as TOML to ``path`` atomically; returns the text."""
     text = render_toml(resolved_settings(flags))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w", encoding="utf-8") as stream:
-        stream.write(text)
-    os.replace(temporary, path)
+    write_text_atomically(path, text)
     return text
