@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 import torch
 
-from snella_diffusion.benchmarking import (
+from snella_diffusion.testing.benchmarking import (
     DTYPES,
     METHODS,
     MODEL_SPECS,

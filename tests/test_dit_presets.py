@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from snella_diffusion import SnellaConfig, apply_snella, snella_layers
-from snella_diffusion.reference_configs import build_reference_model
+from snella_diffusion.testing.reference_configs import build_reference_model
 
 
 @pytest.fixture(scope="module")

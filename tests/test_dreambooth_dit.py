@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from snella_diffusion import SnellaConfig, apply_snella, load_snella, read_snella_file
-from snella_diffusion.tiny_dit_models import TINY_DIT_BUILDERS, tiny_t5_tokenizer
+from snella_diffusion.testing.tiny_dit_models import TINY_DIT_BUILDERS, tiny_t5_tokenizer
 from snella_diffusion.families import FamilySettings, detect_family
 from snella_diffusion.families.dit import DiTFlags
 from snella_diffusion.training.objectives import weighted_mse

@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from snella_diffusion import load_snella, read_snella_file
 from snella_diffusion.errors import SnellaError
-from snella_diffusion.tiny_models import tiny_ddpm_scheduler, tiny_sd_pipeline, tiny_sdxl_pipeline
+from snella_diffusion.testing.tiny_models import tiny_ddpm_scheduler, tiny_sd_pipeline, tiny_sdxl_pipeline
 from snella_diffusion.training.checkpointing import ADAPTER_FILE
 from snella_diffusion.training.data import (
     DataError,

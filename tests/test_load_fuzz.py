@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save
 
 from snella_diffusion import SnellaConfig, SnellaError, apply_snella, load_snella, remove_snella, save_snella
 from snella_diffusion.loaders import load_snella_weights, unload_snella_weights
-from snella_diffusion.tiny_models import tiny_sd_pipeline
+from snella_diffusion.testing.tiny_models import tiny_sd_pipeline
 
 pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.slow]
 

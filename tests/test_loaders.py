@@ -24,7 +24,7 @@ from snella_diffusion.loaders import (
     unfuse_snella,
     unload_snella_weights,
 )
-from snella_diffusion.tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline
+from snella_diffusion.testing.tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 CUSTOM_PIPELINE = str(Path(__file__).resolve().parents[1] / "pipelines" / "snella_pipeline")
 

@@ -28,7 +28,7 @@ from snella_diffusion import (
     unfuse_snella,
 )
 from snella_diffusion.delta_cache import delta_cache_bytes, without_delta_cache
-from snella_diffusion.tiny_models import tiny_sd_pipeline, tiny_vae
+from snella_diffusion.testing.tiny_models import tiny_sd_pipeline, tiny_vae
 from snella_diffusion.training.data import generate_class_images, synthetic_instance_images, write_images
 from snella_diffusion.training.families import detect_family
 from snella_diffusion.training.vae_inputs import decode_in_vae_dtype

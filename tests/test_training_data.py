@@ -19,7 +19,7 @@ except ImportError:  # Python 3.10
     import tomli as tomllib
 
 from snella_diffusion.errors import SnellaError
-from snella_diffusion.tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline
+from snella_diffusion.testing.tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline
 from snella_diffusion.training.buckets import (
     BucketBatchSampler,
     kohya_buckets,

@@ -18,8 +18,8 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
-from snella_diffusion.tiny_dit_models import tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sd3_pipeline
-from snella_diffusion.tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline
+from snella_diffusion.testing.tiny_dit_models import tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sd3_pipeline
+from snella_diffusion.testing.tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline
 from snella_diffusion.families import base, tokens
 from snella_diffusion.training.buckets import kohya_buckets
 from snella_diffusion.training.ema import ema_decay_at
