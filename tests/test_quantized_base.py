@@ -95,6 +95,18 @@ def stored_bytes(weight: Tensor) -> dict[str, Tensor]:
     return found
 
 
+def dequantized(base: nn.Module) -> Tensor:
+    """The weight ``base`` multiplies by, in float32 ``(m, n)``, from its stored format."""
+    weight = base.weight
+    if type(weight).__name__ == "Params4bit":
+        import bitsandbytes.functional as bnb_functional
+
+        return bnb_functional.dequantize_4bit(weight.data, weight.quant_state).float()
+    if type(weight) in (Tensor, nn.Parameter):
+        return weight.detach().float()
+    return weight.dequantize().float()
+
+
 def snapshot(model: nn.Module) -> dict[str, dict[str, Tensor]]:
     return {name: stored_bytes(layer.base_layer.weight) for name, layer in snella_layers(model).items()}
 
@@ -156,6 +168,7 @@ def test_layers_accept_quantized_bases_and_add_delta_beside_the_base_product(bac
             inference = layer(x)
         # (c) the inference ΔW is kept in the compute dtype, not the storage dtype
         assert layer._delta_cache[1].dtype == dtype
+        x.requires_grad_(True)
         training = layer(x)  # grad on, trainable factors: the training forward
         scale = float(expected.abs().max())
         # the check can fail: leaving x·ΔWᵀ out is far outside the tolerance
@@ -165,13 +178,17 @@ def test_layers_accept_quantized_bases_and_add_delta_beside_the_base_product(bac
             error = float((output.detach().float() - expected).abs().max()) / scale
             assert error < TOLERANCE[dtype], f"{name}: {error:.2e}"
         # factor gradients equal those of x·ΔWᵀ in float32 (the base does not depend on them)
-        grads = torch.autograd.grad(training.float().square().sum(), [layer.in_factors, layer.out_factors])
+        # factor gradients equal those of x·ΔWᵀ in float32 (the base does not depend on them); the
+        # input gradient is upstream·(W0 + ΔW) with W0 dequantized, in float32
+        grads = torch.autograd.grad(training.float().square().sum(), [layer.in_factors, layer.out_factors, x])
         with torch.no_grad():
             upstream = 2 * training.float()
-        reference = torch.autograd.grad((upstream * (x.float() @ layer.delta_weight().T)).sum(),
-                                        [layer.in_factors, layer.out_factors])
+            reference_x = upstream @ (dequantized(layer.base_layer) + delta)
+        x_float = x.detach().float()
+        reference = torch.autograd.grad((upstream * (x_float @ layer.delta_weight().T)).sum(),
+                                        [layer.in_factors, layer.out_factors]) + (reference_x,)
         for got, want in zip(grads, reference):
-            assert float((got - want).norm() / want.norm()) < TOLERANCE[dtype] * 2, name
+            assert float((got.float() - want).norm() / want.norm()) < TOLERANCE[dtype] * 2, name
     assert_bytes_unchanged(model, before)
 
 
@@ -193,7 +210,7 @@ def test_training_lowers_the_loss_and_never_writes_the_packed_weight(backend, dt
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < 0.8 * losses[0] and losses == sorted(losses, reverse=True), losses
     model.eval()
     with torch.no_grad():
@@ -271,6 +288,16 @@ def test_unknown_packed_types_are_refused_by_name():
     integer.weight = nn.Parameter(torch.zeros(8, 8, dtype=torch.int8), requires_grad=False)
     with pytest.raises(SnellaError, match=r"layer '0' is a quantized linear, Linear \(weight dtype torch.int8\)"):
         apply_snella(nn.Sequential(integer), SnellaConfig(rank=2, target_modules=["0"]))
+
+
+def test_inference_delta_follows_the_autocast_dtype_over_float8_storage():
+    model, call, layers = adapted("fp8", torch.float32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        call()
+    assert {layer._delta_cache[1].dtype for layer in layers.values()} == {torch.bfloat16}
+    with torch.no_grad():
+        call()
+    assert {layer._delta_cache[1].dtype for layer in layers.values()} == {torch.float32}
 
 
 def test_float_weights_keep_the_merged_path():
