@@ -188,7 +188,7 @@ def train_tiny(device: str, dtype: torch.dtype, steps: int = 20, learning_rate: 
     weights in ``dtype`` and autocast to ``dtype`` (float32 factors); the loss is on a fixed
     set of 4 batches, evaluated the same way as it trains."""
     snella = _snella()
-    from snella_diffusion.benchmarking import build_benchmark_model, diffusion_loss, make_training_batch
+    from snella_diffusion.testing.benchmarking import build_benchmark_model, diffusion_loss, make_training_batch
 
     model = build_benchmark_model("tiny", "cpu", torch.float32, seed).to(device=device, dtype=dtype)
     torch.manual_seed(seed)
@@ -270,7 +270,7 @@ def time_steps(step: Callable[[], None], device: str, warmup: int, repeats: int)
 
 def _method_setup(model: str, method: str, resolution: int, device: str, snella_options: dict,
                   xformers: bool):
-    from snella_diffusion.benchmarking import BenchmarkSettings, build_training_setup
+    from snella_diffusion.testing.benchmarking import BenchmarkSettings, build_training_setup
 
     settings = BenchmarkSettings(model=model, method=method, resolution=resolution, dtype="bfloat16",
                                  device=device, snella_options=snella_options)
@@ -282,7 +282,7 @@ def _method_setup(model: str, method: str, resolution: int, device: str, snella_
 
 def _frozen_step(model: str, resolution: int, device: str) -> Callable[[], None]:
     """Forward and backward of the frozen bf16 model to its input latents (no weights train)."""
-    from snella_diffusion.benchmarking import build_benchmark_model, diffusion_loss, make_training_batch
+    from snella_diffusion.testing.benchmarking import build_benchmark_model, diffusion_loss, make_training_batch
 
     network = build_benchmark_model(model, device, torch.bfloat16)
     network.requires_grad_(False)
@@ -304,7 +304,7 @@ def xformers_installed() -> bool:
 def step_rows(device: str, model: str = "sd15", resolution: int = 512, warmup: int = 2,
               repeats: int = 5) -> list[Row]:
     """Step time and peak memory per method, each measured from a freshly built model."""
-    from snella_diffusion.benchmarking import training_step
+    from snella_diffusion.testing.benchmarking import training_step
 
     variants: list[tuple[str, Optional[str], dict, bool]] = [
         ("frozen model", None, {}, False),

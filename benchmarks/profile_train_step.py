@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
 
 from snella_diffusion import adapter, autograd
-from snella_diffusion.benchmarking import MODEL_SPECS, BenchmarkSettings, build_training_setup, training_step
+from snella_diffusion.testing.benchmarking import MODEL_SPECS, BenchmarkSettings, build_training_setup, training_step
 
 PHASES = ("build M (τ unknown)", "select τ", "W0+ΔW from M", "W0+ΔW from factors", "backward pass",
           "layer forward", "layer backward")

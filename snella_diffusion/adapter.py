@@ -18,9 +18,8 @@ from .blocked import Factors, KernelSpec, effective_blocked, merged_blocked
 from .config import SnellaConfig
 from .errors import SnellaError
 from .kernels import kernel_matrix
+from .method import GAMMA_FLOOR
 from .sparsify import drop_count_for, select_threshold, survivor_gate
-
-GAMMA_FLOOR = 1e-4
 
 
 class SnellaAdapter(nn.Module):

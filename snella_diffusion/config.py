@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence, Union
 
@@ -14,6 +15,29 @@ SPARSIFY_MODES = ("official", "soft_threshold", "dense")
 FORWARD_MODES = ("merged", "parallel")
 
 TargetModules = Union[str, Sequence[str]]
+
+
+def _is_string_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+# The JSON values each annotated field type accepts (bool is not a number here, though
+# Python's bool subclasses int: ``rank: true`` is refused).
+FIELD_TYPE_CHECKS: dict[str, tuple[str, Any]] = {
+    "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "float": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "TargetModules": ("a preset name or a list of strings", lambda v: isinstance(v, str) or _is_string_list(v)),
+    "list[str]": ("a list of strings", _is_string_list),
+}
+
+
+def check_field_type(name: str, annotation: str, value: Any) -> None:
+    """Raise SnellaConfigError if ``value`` (from JSON) does not fit field ``name``'s type."""
+    expected, accepts = FIELD_TYPE_CHECKS[str(annotation)]
+    if not accepts(value):
+        raise SnellaConfigError(f"{name}={value!r}: must be {expected}, got {type(value).__name__}")
 
 
 @dataclass
@@ -91,6 +115,8 @@ class SnellaConfig:
             raise SnellaConfigError(
                 f"forward_mode={self.forward_mode!r}: expected one of {FORWARD_MODES}"
             )
+        if not math.isfinite(self.kernel_scale):
+            raise SnellaConfigError(f"kernel_scale={self.kernel_scale}: must be a finite number")
         if self.num_heads < 1:
             raise SnellaConfigError(f"num_heads={self.num_heads}: must be at least 1")
         if self.kernel != "linear" and self.num_heads != 2:
@@ -140,11 +166,17 @@ class SnellaConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "SnellaConfig":
-        """Build a config from ``to_dict`` output; unknown keys raise SnellaConfigError."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        """Build a config from ``to_dict`` output (e.g. a file's JSON), checking every value's
+        type before its range; unknown keys or a value of the wrong type raise
+        SnellaConfigError naming the field."""
+        if not isinstance(values, dict):
+            raise SnellaConfigError(f"config must be a JSON object of fields, got {type(values).__name__}")
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
         if unknown:
             raise SnellaConfigError(f"unknown SnellaConfig field(s): {', '.join(unknown)}")
+        for name, value in values.items():
+            check_field_type(name, fields[name], value)
         return cls(**values)
 
     @classmethod

@@ -14,7 +14,7 @@ Every method works on the linears SNELLA's ``target_modules`` rule picks in one 
 
 Three callers choose among them by name: the DreamBooth script (``--adapter``: snella, lora,
 full; ``training/adapters.py``), the classification script (``--method``: all of them;
-``classification/methods.py``) and ``benchmarking.py`` (snella, lora, masked_sparse, full).
+``classification/methods.py``) and ``testing/benchmarking.py`` (snella, lora, masked_sparse, full).
 What differs between methods is asked of the method object, never by comparing its name.
 """
 

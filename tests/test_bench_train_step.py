@@ -1,4 +1,4 @@
-"""benchmarks/bench_train_step.py and snella_diffusion.benchmarking on tiny configs."""
+"""benchmarks/bench_train_step.py and snella_diffusion.testing.benchmarking on tiny configs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from benchmark_scripts import load_benchmark
 from PIL import Image
 
-from snella_diffusion.benchmarking import (
+from snella_diffusion.testing.benchmarking import (
     METHODS,
     BenchmarkSettings,
     _unet_alphas_cumprod,

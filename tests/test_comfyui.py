@@ -25,8 +25,8 @@ from snella_diffusion.export import export_snella
 from snella_diffusion.export.cli import main as export_main
 from snella_diffusion.layer import snella_layers
 from snella_diffusion.loaders import fuse_snella, load_snella_weights
-from snella_diffusion.tiny_dit_models import tiny_flux_pipeline, tiny_sd3_pipeline
-from snella_diffusion.tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline
+from snella_diffusion.testing.tiny_dit_models import tiny_flux_pipeline, tiny_sd3_pipeline
+from snella_diffusion.testing.tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

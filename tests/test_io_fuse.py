@@ -187,8 +187,8 @@ def test_failure_half_way_rolls_back(saved, monkeypatch):
             raise RuntimeError("disk went away")
         return original(adapter, params)
 
-    original = io_module._copy_into
-    monkeypatch.setattr(io_module, "_copy_into", fail_second)
+    original = io_module.copy_adapter_params
+    monkeypatch.setattr(io_module, "copy_adapter_params", fail_second)
     with pytest.raises(RuntimeError):
         load_snella(fresh, path)
     _assert_unchanged(fresh, snapshot)

@@ -24,7 +24,7 @@ from snella_diffusion.methods import (
     AttachSettings,
     method_for,
 )
-from snella_diffusion.tiny_models import tiny_clip_text_encoder
+from snella_diffusion.testing.tiny_models import tiny_clip_text_encoder
 from snella_diffusion.training.adapters import ADAPTERS, StaticAllocator, attach_method
 from snella_diffusion.training.ema import AdapterEMA, ParameterEma
 

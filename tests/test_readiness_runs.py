@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from snella_diffusion import read_snella_file
-from snella_diffusion.tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline
+from snella_diffusion.testing.tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline
 from snella_diffusion.training.data import synthetic_instance_images, write_images
 
 from live_tensor_bytes import LiveTensorBytes

@@ -21,8 +21,8 @@ import torch
 from benchmark_scripts import load_benchmark
 
 from snella_diffusion import SnellaConfig, apply_snella, save_snella
-from snella_diffusion.tiny_dit_models import TINY_DIT_BUILDERS
-from snella_diffusion.tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline
+from snella_diffusion.testing.tiny_dit_models import TINY_DIT_BUILDERS
+from snella_diffusion.testing.tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline
 from snella_diffusion.training.data import synthetic_instance_images, write_images
 
 from train_scripts import train_classification_snella as classification_script

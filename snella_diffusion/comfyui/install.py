@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from ..errors import SnellaError
+from ..files import replace_folder_atomically
 
 NODE_FOLDER = "snella_diffusion"
 NODE_INIT = (
@@ -25,7 +24,7 @@ NODE_REQUIREMENTS = "snella-diffusion\n"
 
 def install_node(comfyui_root: Union[str, os.PathLike], overwrite: bool = True) -> Path:
     """Write ``<comfyui_root>/custom_nodes/snella_diffusion`` atomically (built beside it, then
-    renamed into place); returns the folder.
+    swapped into place by ``files.replace_folder_atomically``); returns the folder.
 
     Raises:
         SnellaError: ``comfyui_root`` is not a ComfyUI checkout (no ``comfy/`` folder inside),
@@ -39,22 +38,12 @@ def install_node(comfyui_root: Union[str, os.PathLike], overwrite: bool = True) 
     destination = root / "custom_nodes" / NODE_FOLDER
     if destination.exists() and not overwrite:
         raise SnellaError(f"{destination} exists; pass --overwrite to replace it")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{NODE_FOLDER}.", dir=destination.parent))
-    try:
-        (staging / "__init__.py").write_text(NODE_INIT)
-        (staging / "requirements.txt").write_text(NODE_REQUIREMENTS)
-        if destination.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{NODE_FOLDER}.old.", dir=destination.parent))
-            os.replace(destination, retired / NODE_FOLDER)
-            os.replace(staging, destination)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, destination)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return destination
+
+    def write(folder: Path) -> None:
+        (folder / "__init__.py").write_text(NODE_INIT)
+        (folder / "requirements.txt").write_text(NODE_REQUIREMENTS)
+
+    return replace_folder_atomically(destination, write)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -14,6 +12,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..errors import SnellaError
+from ..files import write_atomically, write_text_atomically
 from .deltas import AdapterSource
 from .families import ExportFamily
 
@@ -80,18 +79,6 @@ def header_metadata(
     return metadata
 
 
-def _replace_atomically(write, destination: Path) -> None:
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{destination.name}.", dir=destination.parent)
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, destination)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def write_export(
     output: Path, tensors: dict[str, Tensor], metadata: dict[str, str], report: Optional[dict[str, Any]]
 ) -> None:
@@ -100,7 +87,7 @@ def write_export(
     if not tensors:
         raise SnellaError(f"-o {output}: nothing to write (every exported ΔW is zero)")
     contiguous = {key: value.contiguous() for key, value in tensors.items()}
-    _replace_atomically(lambda path: save_file(contiguous, path, metadata=metadata), output)
+    write_atomically(output, lambda path: save_file(contiguous, str(path), metadata=metadata))
     if report is not None:
         text = json.dumps(report, indent=2, sort_keys=True)
-        _replace_atomically(lambda path: Path(path).write_text(text + "\n"), energy_report_path(output))
+        write_text_atomically(energy_report_path(output), text + "\n")

@@ -101,7 +101,7 @@ def check_sd(comfy, work: Path) -> bool:
     from test_comfyui import reference, trained_adapter
 
     from snella_diffusion.export import export_snella
-    from snella_diffusion.tiny_models import tiny_sd_pipeline
+    from snella_diffusion.testing.tiny_models import tiny_sd_pipeline
 
     adapter = trained_adapter("sd", work / "sd.safetensors")
     output = work / "sd-comfyui.safetensors"
@@ -129,7 +129,7 @@ def check_flux(comfy, work: Path) -> bool:
     from test_comfyui import flux_key_map, reference, trained_adapter
 
     from snella_diffusion.export import export_snella
-    from snella_diffusion.tiny_dit_models import tiny_flux_pipeline
+    from snella_diffusion.testing.tiny_dit_models import tiny_flux_pipeline
 
     adapter = trained_adapter("flux", work / "flux.safetensors")
     output = work / "flux-comfyui.safetensors"
@@ -166,7 +166,7 @@ def tiny_sd3_at_comfyui_widths(seed: int = 0):
     ComfyUI's ``mmdit_to_diffusers`` assumes when it slices the fused q/k/v weights."""
     from diffusers import SD3Transformer2DModel
 
-    from snella_diffusion.tiny_dit_models import tiny_sd3_pipeline
+    from snella_diffusion.testing.tiny_dit_models import tiny_sd3_pipeline
 
     pipe = tiny_sd3_pipeline(seed)
     torch.manual_seed(seed)

@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .allocator import BiLevelAllocator
-from .baselines import GradientMaskedSparse
-from .config import SnellaConfig
-from .errors import SnellaError
-from .inject import find_target_linears
-from .methods import AttachSettings, method_for
+from ..allocator import BiLevelAllocator
+from ..baselines import GradientMaskedSparse
+from ..config import SnellaConfig
+from ..errors import SnellaError
+from ..inject import find_target_linears
+from ..methods import AttachSettings, method_for
 from .reference_configs import build_reference_model
 
 METHODS = ("snella", "lora", "masked_sparse", "full")
