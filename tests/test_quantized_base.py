@@ -22,7 +22,7 @@ from snella_diffusion.inject import remove_snella
 from snella_diffusion.layer import SnellaLinear, snella_layers
 from snella_diffusion.loaders import fuse_snella, load_snella_weights, unload_snella_weights
 from snella_diffusion.quantized import base_quantization
-from snella_diffusion.tiny_dit_models import tiny_flux_pipeline
+from snella_diffusion.testing.tiny_dit_models import tiny_flux_pipeline
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -124,6 +124,11 @@ def quantized_flux(backend: str, compute_dtype: torch.dtype) -> tuple[nn.Module,
     quantize, _ = BACKENDS[backend]
     model = tiny_flux_pipeline(seed=0).transformer
     quantize(model, compute_dtype)
+    return model, flux_call(model, compute_dtype)
+
+
+def flux_call(model: nn.Module, compute_dtype: torch.dtype) -> Callable[[], Tensor]:
+    """``model``'s prediction on a fixed batch (inputs in ``compute_dtype``)."""
     generator = torch.Generator().manual_seed(1)
     hidden = torch.randn(2, TOKENS, 16, generator=generator).to(compute_dtype)
     context = torch.randn(2, TEXT_TOKENS, 64, generator=generator).to(compute_dtype)
@@ -137,7 +142,7 @@ def quantized_flux(backend: str, compute_dtype: torch.dtype) -> tuple[nn.Module,
                      timestep=torch.tensor([0.3, 0.8]).to(compute_dtype), img_ids=image_ids,
                      txt_ids=torch.zeros(TEXT_TOKENS, 3), guidance=torch.tensor([3.5, 3.5]).to(compute_dtype)).sample
 
-    return model, call
+    return call
 
 
 def adapted(backend: str, compute_dtype: torch.dtype, forward_mode: str = "merged"):
@@ -248,7 +253,8 @@ def test_loaders_run_unfused_on_a_quantized_pipeline_and_unload_restores_it(tmp_
     for name, layer in loaded.items():  # the loaded ΔW is the trained one
         assert torch.equal(layer.delta_weight(), layers[name].delta_weight())
         assert layer._delta_cache[1].dtype == torch.bfloat16
-    with pytest.raises(SnellaError, match=r"cannot fuse SNELLA adapters into a quantized base weight \(float8 storage\)"):
+    refusal = r"cannot fuse SNELLA adapters into a quantized base weight \(float8 storage\)"
+    with pytest.raises(SnellaError, match=refusal):
         fuse_snella(pipe)
     unload_snella_weights(pipe)
     assert not snella_layers(model)
@@ -311,3 +317,71 @@ def test_float_weights_keep_the_merged_path():
     with torch.no_grad():
         layer(x)
     assert layer._delta_cache[1].dtype == torch.float32
+
+
+# --- the DreamBooth script's --quantize_base ----------------------------------------------------
+
+@pytest.mark.slow
+def test_script_trains_over_an_fp8_base_and_the_adapter_loads_unquantized(tmp_path, caplog):
+    from accelerate.state import AcceleratorState
+
+    from snella_diffusion import load_snella, read_snella_file
+    from snella_diffusion.training.data import synthetic_instance_images, write_images
+    from train_scripts.train_dreambooth_snella import main, parse_args
+
+    pipe_folder, images = tmp_path / "flux", tmp_path / "images"
+    tiny_flux_pipeline(0).save_pretrained(pipe_folder)
+    write_images(synthetic_instance_images(count=2, size=64, seed=0), images, "instance")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        with caplog.at_level("INFO"):
+            adapter = main(parse_args([
+                "--pretrained_model_name_or_path", str(pipe_folder), "--output_dir", str(tmp_path / "out"),
+                "--instance_data_dir", str(images), "--instance_prompt", "a photo of sks dog", "--resolution", "32",
+                "--max_train_steps", "2", "--train_batch_size", "1", "--rank", "4", "--max_sequence_length", "16",
+                "--report_to", "none", "--quantize_base", "fp8", "--validation_prompt", "a photo of sks dog",
+                "--num_validation_images", "1", "--validation_inference_steps", "1", "--validation_steps", "2",
+            ]))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert "the denoiser's 25 linears stored as fp8 (diffusers), computed in torch.float32" in caplog.text
+    assert (tmp_path / "out" / "validation" / "step_2.png").is_file()
+    stored = read_snella_file(adapter)
+    assert len(stored.layers["transformer"]) == 17
+    unquantized = tiny_flux_pipeline(0).transformer  # the weights the run quantized, in float32
+    call = flux_call(unquantized, torch.float32)
+    with torch.no_grad():
+        before = call()
+        layers = load_snella(unquantized, adapter)
+        after = call()
+    assert len(layers) == 17 and all(layer.base_quantization is None for layer in layers.values())
+    assert float((after - before).abs().max()) > 1e-5
+
+
+def _flag_error(*flags: str, cuda: bool = False, monkeypatch=None) -> str:
+    from snella_diffusion.training import run_checks
+    from train_scripts.train_dreambooth_snella import parse_args
+
+    settings = parse_args(["--pretrained_model_name_or_path", "some/model", "--instance_data_dir", "images",
+                           "--instance_prompt", "sks", *flags])
+    with pytest.raises(run_checks.TrainingSetupError) as error:
+        run_checks.check_quantization_settings(settings.quantization, settings.adapter.method.snella_layers, cuda)
+    return str(error.value)
+
+
+def test_quantize_flags_are_checked_with_one_line_errors(monkeypatch):
+    from snella_diffusion.training import run_checks
+
+    assert _flag_error("--quantize_base", "nf4", cuda=False) == (
+        "--quantize_base=nf4: bitsandbytes 4-bit training needs a CUDA GPU and this run has none; use fp8 or int8")
+    assert _flag_error("--quantize_base", "int8", "--quantize_backend", "bitsandbytes") == (
+        "--quantize_backend=bitsandbytes: cannot do --quantize_base=int8 (use torchao or quanto)")
+    assert _flag_error("--quantize_backend", "torchao") == "--quantize_backend=torchao: needs --quantize_base"
+    assert _flag_error("--quantize_base", "fp8", "--adapter", "full") == (
+        "--quantize_base=fp8: only SNELLA adapters train beside a quantized base (--adapter snella)")
+    monkeypatch.setattr(run_checks, "_installed", lambda module: module != "optimum.quanto")
+    assert _flag_error("--quantize_base", "int8", "--quantize_backend", "quanto") == (
+        "--quantize_base=int8: the quanto backend is not installed (pip install 'snella-diffusion[quantization]')")
+    settings = run_checks.QuantizationSettings(quantize_base="int8")
+    assert settings.backend == "torchao"
+    run_checks.check_quantization_settings(settings, True, False)  # torchao int8 runs on the CPU
