@@ -385,3 +385,25 @@ def test_quantize_flags_are_checked_with_one_line_errors(monkeypatch):
     settings = run_checks.QuantizationSettings(quantize_base="int8")
     assert settings.backend == "torchao"
     run_checks.check_quantization_settings(settings, True, False)  # torchao int8 runs on the CPU
+
+
+def test_snella_linear_applies_float8_weights_beside_delta_and_refuses_packed_ones():
+    from snella_diffusion.layer import snella_linear
+
+    layer = SnellaLinear(nn.Linear(8, 6), SnellaConfig(rank=2, target_modules=["0"]))
+    adapter = layer.adapters["default"]
+    stored = layer.base_layer.weight.detach().to(torch.float8_e4m3fn)
+    bytes_before = stored.view(torch.uint8).clone()
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = x @ (stored.float() + layer.delta_weight()).T
+    # float32 products over a float8 weight: no W0 + ΔW sum in the float8 dtype (it used to fail
+    # with "Promotion for Float8 Types is not supported")
+    output = snella_linear(x, adapter, stored)
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)
+    output.sum().backward()
+    assert adapter.in_factors.grad is not None
+    assert torch.equal(stored.view(torch.uint8), bytes_before)
+    packed = torch.zeros(6, 8).as_subclass(PackedWeight)
+    with pytest.raises(SnellaError, match=r"snella_linear: the base weight is packed \(PackedWeight"):
+        snella_linear(x, adapter, packed)
