@@ -116,7 +116,8 @@ def find_target_linears(model: nn.Module, config: SnellaConfig) -> dict[str, nn.
 
     Raises:
         SnellaError: an entry of ``target_modules`` matches no linear layer (naming what it
-            matched instead, e.g. Conv2d modules), or a matched linear is quantized.
+            matched instead, e.g. Conv2d modules), or a matched linear is packed in a format
+            SNELLA does not adapt (``quantized.unsupported_quantization``).
     """
     entries = _entries(config.target_modules)
     excluded = _patterns(config.exclude_modules) if config.exclude_modules else []
