@@ -111,3 +111,40 @@ def test_snella_deltas_read_each_adapter():
     np.testing.assert_allclose(deltas["unet.0"].numpy(), layer.delta_weight().detach().numpy())
     assert torch.equal(bases["unet.0"], model[0].base_layer.weight)
     assert constant_share(deltas["unet.0"]) > 0.5      # β|β| = 0.25 on every entry dominates
+
+
+class DrawingPipeline:
+    """A stand-in pipeline that draws world scenes: the sks concept for ``leaky`` prompts, the
+    scene each other prompt names otherwise (at 16 px, as the lab base)."""
+
+    def __init__(self, leaky: dict[str, str]):
+        self.leaky = leaky
+
+    def __call__(self, prompts, num_inference_steps, guidance_scale, generator, output_type):
+        from snella_diffusion.lab import world
+
+        images = []
+        for prompt, gen in zip(prompts, generator):
+            rng = np.random.default_rng(gen.initial_seed())
+            drawn = self.leaky.get(prompt, prompt)
+            images.append(world.downsample(world.render(world.scene_for_prompt(drawn, rng))))
+        return SimpleNamespace(images=np.stack(images))
+
+
+def test_specificity_counts_the_concept_on_other_prompts():
+    from snella_diffusion.lab.personalization import evaluate_pipeline, specificity_prompts
+
+    assert specificity_prompts("sks") == ["a circle", "a triangle", "a cross", "a zxc circle"]
+    assert specificity_prompts("zxc") == ["a square", "a triangle", "a cross", "a sks square"]
+    leaky = DrawingPipeline({"a circle": "a sks square", "a zxc circle": "a sks square"})
+    metrics, _ = evaluate_pipeline(leaky, scale=0.25, steps=1, groups=["fidelity", "leak", "specificity"])
+    assert metrics["fidelity_strict"] == 1.0 and metrics["leak_loose"] == 0.0
+    assert metrics["cross_loose[a circle]"] == 1.0 and metrics["cross_loose[a triangle]"] == 0.0
+    assert metrics["specificity_loose"] == pytest.approx(2 / 4)
+    # the zxc concept read by its own decoder: drawn right, nowhere else
+    metrics, _ = evaluate_pipeline(leaky, scale=0.25, steps=1, concept="zxc", groups=["fidelity", "specificity"])
+    assert metrics["fidelity_loose"] == 0.0          # "a zxc circle" draws sks here
+    assert metrics["specificity_loose"] == 0.0
+    honest = DrawingPipeline({})
+    metrics, _ = evaluate_pipeline(honest, scale=0.25, steps=1, concept="zxc", groups=["fidelity", "edit"])
+    assert metrics["fidelity_loose"] == 1.0 and metrics["edit_size_accuracy"] == 1.0

@@ -113,8 +113,8 @@ def snella_deltas(pipe: Any, adapter_name: Optional[str] = None) -> tuple[dict[s
         for path, layer in snella_layers(model).items():
             if adapter_name is not None and adapter_name not in layer.adapters:
                 continue
-            deltas[f"{component}.{path}"] = layer.delta_weight(adapter_name).float().cpu()
-            bases[f"{component}.{path}"] = layer.base_layer.weight.float().cpu()
+            deltas[f"{component}.{path}"] = layer.delta_weight(adapter_name).detach().float().cpu()
+            bases[f"{component}.{path}"] = layer.base_layer.weight.detach().float().cpu()
     return deltas, bases
 
 
@@ -131,6 +131,6 @@ def lora_deltas(pipe: Any, adapter_name: Optional[str] = None) -> tuple[dict[str
             name = adapter_name if adapter_name is not None else next(iter(lora_a.keys()))
             if name not in lora_a:
                 continue
-            deltas[f"{component}.{path}"] = module.get_delta_weight(name).float().cpu()
-            bases[f"{component}.{path}"] = module.get_base_layer().weight.float().cpu()
+            deltas[f"{component}.{path}"] = module.get_delta_weight(name).detach().float().cpu()
+            bases[f"{component}.{path}"] = module.get_base_layer().weight.detach().float().cpu()
     return deltas, bases
