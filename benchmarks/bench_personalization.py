@@ -22,6 +22,21 @@ all finished runs after each run.
 Best setting of a method: the highest mean fidelity (strict + loose) among its settings whose
 all-attribute accuracy on ordinary prompts drops by at most ``--drift_cap`` (default 0.10) from
 the base's; ties go to fewer steps.
+
+Issue 26 options:
+- ``--concept zxc`` trains the second concept (a teal-over-white circle, "a zxc circle", class
+  "a circle") instead of ``sks``; run names then start with ``zxc-``.
+- ``--sized_prompts`` trains on each instance image twice, captioned with the instance prompt
+  and with its sized prompt ("a small sks square" / "a large sks square"); run names get
+  ``+sized``.
+- Every run records its specificity (the concept's rate on the other classes' prompts and the
+  other concept's prompt), ΔW diagnostics (``lab/diagnostics.py``: constant-component share,
+  ‖ΔW‖/‖W0‖, kept-fraction histogram) and the torch thread count.
+- ``--stack A B`` (two finished run names, same method, e.g. an sks and a zxc run) loads both
+  at each of ``--stack_weights`` (default 1 and 0.75) with each ``--combine`` mode (sum, ties,
+  no_offset; LoRA's ΔW is combined by the same functions and written into W0) and records each
+  concept's fidelity, leak, specificity, retention against the run alone, the drift, and the
+  two adapters' mask overlap and cosine, under ``results.json["stacks"]`` and in the report.
 """
 
 from __future__ import annotations
@@ -40,16 +55,27 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from snella_diffusion.combine import COMBINE_MODES  # noqa: E402
 from snella_diffusion.lab import world  # noqa: E402
 from snella_diffusion.lab.base import BASE_GUIDANCE_SCALE, BASE_INFERENCE_STEPS  # noqa: E402
-from snella_diffusion.lab.personalization import drift_from, evaluate_pipeline  # noqa: E402
+from snella_diffusion.lab.diagnostics import (  # noqa: E402
+    adapter_diagnostics,
+    lora_deltas,
+    pair_diagnostics,
+    snella_deltas,
+)
+from snella_diffusion.lab.personalization import GROUPS, drift_from, evaluate_pipeline, retention  # noqa: E402
+from snella_diffusion.lab.stacking import add_to_base_weights, combine_layer_deltas  # noqa: E402
 from snella_diffusion.lab.plots import save_lab_grid, save_scatter  # noqa: E402
 
 METHODS = ("snella", "snell", "lora", "full")
 METRIC_COLUMNS = (
     "fidelity_strict", "fidelity_loose", "edit_size_accuracy", "leak_loose", "leak_strict",
-    "drift_color", "drift_all", "drift_concept_loose", "train_seconds", "peak_rss_mb", "adapter_bytes",
+    "drift_color", "drift_all", "drift_concept_loose", "specificity_loose", "constant_share", "relative_norm",
+    "train_seconds", "peak_rss_mb", "adapter_bytes",
 )
+STACK_COLUMNS = ("fidelity_strict", "fidelity_loose", "retention_strict", "retention_loose", "leak_loose",
+                 "specificity_loose")
 
 
 def method_flags(method: str, snell_sparsity: float) -> list[str]:
@@ -89,24 +115,44 @@ class PeakRss:
         self._thread.join()
 
 
-def write_instance_images(folder: Path, count: int, seed: int) -> None:
-    """``count`` concept images at 16 px (world downsampled by 2, area), as PNG."""
+def write_instance_images(folder: Path, count: int, seed: int, concept: str = world.CONCEPT_TOKEN,
+                          sized_prompts: bool = False) -> None:
+    """``count`` images of ``concept`` at 16 px (world downsampled by 2, area), as PNG; with
+    ``sized_prompts`` each image twice, with ``.txt`` captions: the instance prompt and the
+    sized prompt of the image's size."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
-    images, _ = world.instance_images(count, seed)
-    for index, image in enumerate(world.downsample(images)):
-        Image.fromarray(np.round(image * 255).astype(np.uint8)).save(folder / f"sks_{index}.png")
+    chosen = world.CONCEPTS[concept]
+    images, scenes = world.instance_images(count, seed, token=concept)
+    sized = dict(zip(world.SIZE_SIDES, chosen.sized_prompts))
+    for index, (image, scene) in enumerate(zip(world.downsample(images), scenes)):
+        picture = Image.fromarray(np.round(image * 255).astype(np.uint8))
+        picture.save(folder / f"{concept}_{index}.png")
+        if sized_prompts:
+            picture.save(folder / f"{concept}_{index}_sized.png")
+            (folder / f"{concept}_{index}.txt").write_text(chosen.instance_prompt)
+            (folder / f"{concept}_{index}_sized.txt").write_text(sized[scene.size])
+
+
+def instance_folder(args: argparse.Namespace) -> Path:
+    """Where the run's instance images are (one folder per concept and captioning)."""
+    if args.concept == world.CONCEPT_TOKEN and not args.sized_prompts:
+        return args.output_dir / "instance"
+    return args.output_dir / f"instance-{args.concept}{'-sized' if args.sized_prompts else ''}"
 
 
 def train_run(args: argparse.Namespace, method: str, learning_rate: float, steps: int, seed: int,
               run_dir: Path) -> dict[str, Any]:
     from train_scripts.train_dreambooth_snella import main, parse_args
 
+    concept = world.CONCEPTS[args.concept]
+    class_dir = args.class_dir or args.output_dir / ("class" if args.concept == world.CONCEPT_TOKEN else f"class-{args.concept}")
+    captions = ["--caption_extension", ".txt"] if args.sized_prompts else []
     argv = [
-        "--pretrained_model_name_or_path", str(args.base), "--instance_data_dir", str(args.output_dir / "instance"),
-        "--instance_prompt", world.INSTANCE_PROMPT, "--with_prior_preservation",
-        "--class_data_dir", str(args.class_dir or args.output_dir / "class"), "--class_prompt", world.CLASS_PROMPT,
+        "--pretrained_model_name_or_path", str(args.base), "--instance_data_dir", str(instance_folder(args)),
+        "--instance_prompt", concept.instance_prompt, *captions, "--with_prior_preservation",
+        "--class_data_dir", str(class_dir), "--class_prompt", concept.class_prompt,
         "--num_class_images", str(args.num_class_images), "--sample_batch_size", "25",
         "--resolution", "16", "--train_batch_size", str(args.train_batch_size),
         "--max_train_steps", str(steps), "--learning_rate", str(learning_rate), "--seed", str(seed),
@@ -137,22 +183,77 @@ def load_pipeline(base: Path, method: Optional[str] = None, adapter_file: Option
     return pipeline
 
 
+def adapter_deltas(pipeline: Any, method: str) -> Optional[tuple[dict, dict]]:
+    """(``{layer: ΔW}``, ``{layer: W0}``) of the pipeline's adapter, None for full fine-tuning."""
+    if method in ("snella", "snell"):
+        return snella_deltas(pipeline)
+    if method == "lora":
+        return lora_deltas(pipeline)
+    return None
+
+
+def stacked_pipeline(base: Path, runs: Sequence[dict[str, Any]], weights: Sequence[float], combine: str) -> Any:
+    """The base with the runs' adapters combined by ``combine`` at ``weights``: SNELLA inside
+    the pipeline (``set_snella_adapters``), LoRA by reading each ΔW and writing the
+    combination into W0."""
+    from snella_diffusion.loaders import load_snella_weights, set_snella_adapters
+
+    methods = {run["method"] for run in runs}
+    if len(methods) != 1 or methods & {"full"}:
+        raise SystemExit(f"--stack: runs of one adapter method are stacked, got {sorted(methods)}")
+    method = methods.pop()
+    pipeline = load_pipeline(base)
+    if method in ("snella", "snell"):
+        names = [load_snella_weights(pipeline, run["adapter_file"], adapter_name=f"stack_{i}")
+                 for i, run in enumerate(runs)]
+        set_snella_adapters(pipeline, names, list(weights), combine=combine)
+        return pipeline
+    deltas = [lora_deltas(load_pipeline(base, method, run["adapter_file"]))[0] for run in runs]
+    add_to_base_weights(pipeline, combine_layer_deltas(deltas, list(weights), combine))
+    return pipeline
+
+
+def evaluate_stack(args: argparse.Namespace, results: dict[str, Any], names: Sequence[str], weight: float,
+                   combine: str) -> dict[str, Any]:
+    """Each stacked concept's metrics and retention, the drift, and the pair diagnostics."""
+    runs = [results["runs"][name] for name in names]
+    pipeline = stacked_pipeline(args.base, runs, [weight] * len(runs), combine)
+    record: dict[str, Any] = {"runs": list(names), "weight": weight, "combine": combine,
+                              "threads": args.threads}
+    for run in runs:
+        concept = run.get("concept", world.CONCEPT_TOKEN)
+        metrics, _ = evaluate_pipeline(pipeline, scale=args.eval_scale, steps=args.inference_steps, concept=concept,
+                                       groups=[g for g in GROUPS if g != "drift"])
+        record[run["name"]] = {**metrics, **retention(metrics, run)}
+    drift, _ = evaluate_pipeline(pipeline, scale=args.eval_scale, steps=args.inference_steps, groups=["drift"])
+    record.update(drift_from(drift, results["base"]))
+    deltas = [adapter_deltas(load_pipeline(args.base, run["method"], run["adapter_file"]), run["method"])
+              for run in runs]
+    record["pair"] = pair_diagnostics(deltas[0][0], deltas[1][0])
+    return record
+
+
 def summarise(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3f}"
     return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
 
 
-def run_label(method: str, variant: str = "") -> str:
-    """The method as reported and in run names: ``snella``, or ``snella[te]`` for variant ``te``."""
-    return f"{method}[{variant}]" if variant else method
+def run_label(method: str, variant: str = "", concept: str = world.CONCEPT_TOKEN, sized: bool = False) -> str:
+    """The method as reported and in run names: ``snella``, ``snella[te]`` for variant ``te``,
+    ``zxc-snella`` for the concept zxc, ``snella+sized`` with sized prompts."""
+    label = f"{method}[{variant}]" if variant else method
+    if concept != world.CONCEPT_TOKEN:
+        label = f"{concept}-{label}"
+    return label + ("+sized" if sized else "")
 
 
 def settings_table(runs: dict[str, dict[str, Any]]) -> dict[tuple[str, float, int], list[dict[str, Any]]]:
     grouped: dict[tuple[str, float, int], list[dict[str, Any]]] = {}
     for run in runs.values():
-        grouped.setdefault((run_label(run["method"], run.get("variant", "")), run["learning_rate"], run["steps"]),
-                           []).append(run)
+        label = run_label(run["method"], run.get("variant", ""), run.get("concept", world.CONCEPT_TOKEN),
+                          run.get("sized_prompts", False))
+        grouped.setdefault((label, run["learning_rate"], run["steps"]), []).append(run)
     return dict(sorted(grouped.items()))
 
 
@@ -182,10 +283,11 @@ def write_report(args: argparse.Namespace, results: dict[str, Any]) -> None:
     ]
     for (method, lr, steps), runs in grouped.items():
         mark = " **best**" if best.get(method) == (method, lr, steps) else ""
-        cells = [summarise([r[c] for r in runs]) for c in METRIC_COLUMNS]
+        cells = [summarise([r[c] for r in runs]) if all(c in r for r in runs) else "–" for c in METRIC_COLUMNS]
         lines.append(f"| {method}{mark} | {lr:g} | {steps} | {len(runs)} | " + " | ".join(cells) + " |")
     lines += ["", f"Best setting rule: highest mean fidelity_strict + fidelity_loose among settings with mean "
               f"drift_all ≥ −{args.drift_cap}; ties → fewer steps.", ""]
+    lines += stack_lines(results.get("stacks", {}))
     (args.output_dir / "results.md").write_text("\n".join(lines) + "\n")
     points = {}
     for (method, lr, steps), runs in grouped.items():
@@ -206,15 +308,33 @@ def write_report(args: argparse.Namespace, results: dict[str, Any]) -> None:
                       args.output_dir / f"grid_{file_label}.png")
 
 
-def grid_rows(images: dict[str, np.ndarray], columns: int = 8) -> dict[str, np.ndarray]:
+def stack_lines(stacks: dict[str, Any]) -> list[str]:
+    """The report's stacking table: one row per stacked run and (combine, weight)."""
+    if not stacks:
+        return []
+    lines = ["## Stacking", "", "| runs | combine | weight | run | " + " | ".join(STACK_COLUMNS)
+             + " | drift_all | mask overlap (chance) | cosine |", "|" + "---|" * (7 + len(STACK_COLUMNS))]
+    for record in stacks.values():
+        pair = record["pair"]
+        for name in record["runs"]:
+            cells = [f"{record[name][c]:.3f}" for c in STACK_COLUMNS]
+            lines.append(f"| {' + '.join(record['runs'])} | {record['combine']} | {record['weight']:g} | {name} | "
+                         + " | ".join(cells) + f" | {record['drift_all']:.3f} | {pair['mask_overlap']:.3f} "
+                         f"({pair['mask_overlap_chance']:.3f}) | {pair['cosine']:.3f} |")
+    return lines + [""]
+
+
+def grid_rows(images: dict[str, np.ndarray], columns: int = 8,
+              concept: str = world.CONCEPT_TOKEN) -> dict[str, np.ndarray]:
     """Rows of the sample grid: the first ``columns`` images of each prompt group."""
     half = len(images["edit"]) // 2
     drift = images["drift"]
+    chosen = world.CONCEPTS[concept]
     return {
-        world.INSTANCE_PROMPT: images["fidelity"][:columns],
-        world.SIZED_INSTANCE_PROMPTS[0]: images["edit"][:columns],
-        world.SIZED_INSTANCE_PROMPTS[1]: images["edit"][half:half + columns],
-        world.CLASS_PROMPT: images["leak"][:columns],
+        chosen.instance_prompt: images["fidelity"][:columns],
+        chosen.sized_prompts[0]: images["edit"][:columns],
+        chosen.sized_prompts[1]: images["edit"][half:half + columns],
+        chosen.class_prompt: images["leak"][:columns],
         "base prompts": drift[::max(1, len(drift) // columns)][:columns],
     }
 
@@ -251,6 +371,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="Class-image folder shared between lab processes (default <output_dir>/class).")
     parser.add_argument("--merge_from", nargs="*", type=Path, default=[],
                         help="Other lab output folders (same base) whose finished runs join this report.")
+    parser.add_argument("--concept", default=world.CONCEPT_TOKEN, choices=list(world.CONCEPTS),
+                        help="The concept the --methods and --sweep runs learn (sks: the checkerboard square; "
+                             "zxc: the teal-over-white circle).")
+    parser.add_argument("--sized_prompts", action="store_true",
+                        help="Train on each instance image also captioned with its sized prompt "
+                             "(\"a small/large sks square\").")
+    parser.add_argument("--stack", nargs="*", default=[], metavar="RUN",
+                        help="Two finished run names to load together (after this command's runs).")
+    parser.add_argument("--combine", nargs="+", default=["sum"], choices=COMBINE_MODES,
+                        help="Stacking modes of --stack.")
+    parser.add_argument("--stack_weights", nargs="+", type=float, default=[1.0, 0.75],
+                        help="The weight of each stacked adapter (both the same).")
     return parser.parse_args(argv)
 
 
@@ -272,6 +404,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     if bool(args.variant) != bool(args.train_flags):
         raise SystemExit("--variant and --train_flags go together: name the variant of the extra flags")
+    if args.stack and len(args.stack) != 2:
+        raise SystemExit(f"--stack takes two finished run names, got {len(args.stack)}")
     torch.set_num_threads(args.threads)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "samples").mkdir(exist_ok=True)
@@ -293,25 +427,48 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 sample_file = other / "samples" / f"{name}.npz"
                 (args.output_dir / "samples" / sample_file.name).write_bytes(sample_file.read_bytes())
     results_file.write_text(json.dumps(results, indent=1))
-    write_instance_images(args.output_dir / "instance", args.instance_count, seed=12345)
+    write_instance_images(instance_folder(args), args.instance_count, seed=12345, concept=args.concept,
+                          sized_prompts=args.sized_prompts)
     for method, learning_rate, steps, seed in planned_runs(args):
-        name = f"{run_label(method, args.variant)}-lr{learning_rate:g}-s{steps}-seed{seed}"
+        name = (f"{run_label(method, args.variant, args.concept, args.sized_prompts)}-lr{learning_rate:g}"
+                f"-s{steps}-seed{seed}")
         if name in results["runs"]:
             continue
         print(f"run {name}", flush=True)
         run_dir = args.output_dir / "runs" / name
         record: dict[str, Any] = {"name": name, "method": method, "variant": args.variant,
-                                  "learning_rate": learning_rate, "steps": steps, "seed": seed}
+                                  "concept": args.concept, "sized_prompts": args.sized_prompts,
+                                  "learning_rate": learning_rate, "steps": steps, "seed": seed,
+                                  "threads": args.threads}
         record.update(train_run(args, method, learning_rate, steps, seed, run_dir))
-        metrics, images = evaluate_pipeline(load_pipeline(args.base, method, record["adapter_file"]),
-                                            scale=args.eval_scale, steps=args.inference_steps)
+        pipeline = load_pipeline(args.base, method, record["adapter_file"])
+        metrics, images = evaluate_pipeline(pipeline, scale=args.eval_scale, steps=args.inference_steps,
+                                            concept=args.concept)
         record.update(metrics)
         record.update(drift_from(metrics, results["base"]))
-        np.savez_compressed(args.output_dir / "samples" / f"{name}.npz", **grid_rows(images))
+        deltas = adapter_deltas(pipeline, method)
+        if deltas is not None:
+            record["diagnostics"] = adapter_diagnostics(*deltas)
+            record["constant_share"] = record["diagnostics"]["constant_share"]
+            record["relative_norm"] = record["diagnostics"]["relative_norm"]
+        np.savez_compressed(args.output_dir / "samples" / f"{name}.npz", **grid_rows(images, concept=args.concept))
         results["runs"][name] = record
         results_file.write_text(json.dumps(results, indent=1))
         print(f"done {name}: " + ", ".join(f"{c} {record[c]:.3f}" for c in METRIC_COLUMNS), flush=True)
         write_report(args, results)
+    if args.stack:
+        missing = [name for name in args.stack if name not in results["runs"]]
+        if len(args.stack) != 2 or missing:
+            raise SystemExit(f"--stack takes two finished run names; not in {results_file}: {missing}")
+        stacks = results.setdefault("stacks", {})
+        for combine in args.combine:
+            for weight in args.stack_weights:
+                key = f"{'+'.join(args.stack)}-{combine}-w{weight:g}"
+                if key in stacks:
+                    continue
+                print(f"stack {key}", flush=True)
+                stacks[key] = evaluate_stack(args, results, args.stack, weight, combine)
+                results_file.write_text(json.dumps(results, indent=1))
     if results["runs"]:
         write_report(args, results)
 

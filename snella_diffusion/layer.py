@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from .adapter import GAMMA_FLOOR, SnellaAdapter
 from .autograd import gemm_dtype, merges_exactly, snella_linear
 from .blocked import Factors, effective_blocked
+from .combine import DEFAULT_COMBINE, DEFAULT_TIES_DENSITY, check_combine, combine_deltas
 from .config import SnellaConfig
 from .errors import SnellaError, UnfuseError
 from .quantized import base_quantization
@@ -80,7 +81,7 @@ class SnellaLinear(nn.Module):
     The first active adapter's tensors are exposed as ``in_factors`` ``(P, n, r/P)``,
     ``out_factors`` ``(P, m, r/P)``, ``alpha``, ``gamma``, ``beta``, ``sparsity`` and
     ``threshold``. Several adapters may be resident; the active ones are combined as
-    Σ_k w_k·ΔW_k.
+    Σ_k w_k·ΔW_k, or by another ``combine`` mode of ``combine.py`` (``set_active``).
 
     State read by other modules and written only by this class's methods: ``fused_adapters``
     ``{name: factor}`` (fused into the base weight), ``fused_delta_energy`` (rounding energy,
@@ -102,6 +103,9 @@ class SnellaLinear(nn.Module):
         self.configs: dict[str, SnellaConfig] = {}
         self.active_adapters: list[str] = []
         self.adapter_weights: dict[str, float] = {}
+        # How the active adapters' ΔW combine (``combine.COMBINE_MODES``) and the TIES density.
+        self.combine = DEFAULT_COMBINE
+        self.ties_density = DEFAULT_TIES_DENSITY
         self.disabled = False
         self.fused_adapters: dict[str, float] = {}
         # (rounding energy, ΔW energy) of the fused adapters (``fuse.fused_energy_kept``).
@@ -149,13 +153,18 @@ class SnellaLinear(nn.Module):
             self.active_adapters.remove(name)
         self._delta_cache = None
 
-    def set_active(self, names: list[str], weights: Optional[list[float]] = None) -> None:
-        """Activate ``names`` with per-adapter ``weights`` (default 1.0 each)."""
+    def set_active(self, names: list[str], weights: Optional[list[float]] = None,
+                   combine: str = DEFAULT_COMBINE, ties_density: float = DEFAULT_TIES_DENSITY) -> None:
+        """Activate ``names`` with per-adapter ``weights`` (default 1.0 each), combined in
+        inference by ``combine`` (``"sum"``, ``"ties"``, ``"no_offset"``: see ``combine.py``)."""
         weights = [1.0] * len(names) if weights is None else list(weights)
+        check_combine(combine, ties_density)
         for name in names:
             if name not in self.adapters:
                 raise SnellaError(f"no adapter named {name!r} on this layer")
         self.active_adapters = list(names)
+        self.combine = combine
+        self.ties_density = float(ties_density)
         for name, weight in zip(names, weights):
             self.adapter_weights[name] = float(weight)
         self._delta_cache = None
@@ -195,11 +204,14 @@ class SnellaLinear(nn.Module):
         return base_quantization(self.base_layer)
 
     def delta_weight(self, adapter_name: Optional[str] = None) -> Tensor:
-        """ΔW_eff ``(m, n)`` in float32: of ``adapter_name``, or Σ_k w_k·ΔW_k of the active ones."""
+        """ΔW_eff ``(m, n)`` in float32: of ``adapter_name``, or the active ones combined
+        (Σ_k w_k·ΔW_k, or the ``combine`` mode set by ``set_active``)."""
         if adapter_name is not None:
             if adapter_name not in self.adapters:
                 raise SnellaError(f"no adapter named {adapter_name!r} on this layer")
             return self.adapters[adapter_name].delta_weight()
+        if self.combine != "sum" and self.active_adapters:
+            return self._combined_delta(self.active_adapters)
         total = torch.zeros(
             self.out_features, self.in_features, device=self.base_layer.weight.device
         )
@@ -214,9 +226,13 @@ class SnellaLinear(nn.Module):
             return []
         return [name for name in self.active_adapters if name not in self.fused_adapters]
 
-    def _summed_delta(self, names: list[str]) -> Tensor:
-        """Σ w_k·ΔW_k ``(m, n)`` in float32, without autograd."""
+    def _combined_delta(self, names: list[str]) -> Tensor:
+        """The ``names``' ΔW combined by ``self.combine`` ``(m, n)`` in float32, without autograd
+        (the plain sum is Σ w_k·ΔW_k accumulated in place)."""
         with torch.no_grad():
+            if self.combine != "sum":
+                return combine_deltas([self.adapters[n].delta_weight() for n in names],
+                                      [self.adapter_weights[n] for n in names], self.combine, self.ties_density)
             total = self.adapters[names[0]].delta_weight().mul_(self.adapter_weights[names[0]])
             for name in names[1:]:
                 total.add_(self.adapters[name].delta_weight(), alpha=self.adapter_weights[name])
@@ -256,18 +272,18 @@ class SnellaLinear(nn.Module):
     # --- the inference ΔW cache ------------------------------------------------------------------
 
     def _cached_delta(self, names: list[str], dtype: torch.dtype) -> Tensor:
-        """Σ w_k·ΔW_k in ``dtype`` (the base weight's dtype, or the compute dtype over a quantized
-        base), rebuilt only when an adapter, the weight or ``dtype`` changes (built afresh and
-        not kept when ``cache_inference_delta`` is False)."""
+        """The combined ΔW in ``dtype`` (the base weight's dtype, or the compute dtype over a
+        quantized base), rebuilt only when an adapter, the weight, the combine mode or ``dtype``
+        changes (built afresh and not kept when ``cache_inference_delta`` is False)."""
         weight = self.base_layer.weight
         if not self._cache_inference_delta:
             self._delta_cache = None
-            return self._summed_delta(names).to(dtype)
+            return self._combined_delta(names).to(dtype)
         key = tuple((n, self.adapter_weights[n], self.adapters[n].version_key()) for n in names)
-        key += (weight.dtype, weight.device, dtype)
+        key += (self.combine, self.ties_density, weight.dtype, weight.device, dtype)
         if self._delta_cache is None or self._delta_cache[0] != key:
             self._delta_cache = None
-            self._delta_cache = (key, self._summed_delta(names).to(dtype))
+            self._delta_cache = (key, self._combined_delta(names).to(dtype))
         return self._delta_cache[1]
 
     @property
@@ -411,6 +427,11 @@ class SnellaLinear(nn.Module):
         for name in names:
             if name not in self.adapters:
                 raise SnellaError(f"no adapter named {name!r} to fuse")
+        if self.combine != "sum":
+            raise SnellaError(
+                f"the active adapters combine by {self.combine!r}, but fusing adds Σ w_k·ΔW_k: activate "
+                "them with combine='sum' to fuse, or write the combined ΔW with snella-export --combine"
+            )
         new = {n: scale * self.adapter_weights.get(n, 1.0) for n in names if n not in self.fused_adapters}
         if new:
             self.write_fused_weight({**self.fused_adapters, **new}, keep_original)

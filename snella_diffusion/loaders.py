@@ -3,8 +3,8 @@
 The functions take any pipeline whose components are attributes named like the file's
 components (``unet`` or ``transformer``, ``text_encoder``, ``text_encoder_2``, ...);
 ``SnellaLoaderMixin`` offers them as pipeline methods. Several adapters may be resident at
-once: each layer combines the active ones as Σ_k w_k·ΔW_k and, in no-grad inference, keeps
-that sum cached until an adapter or a weight changes, so switching weights reads no file and
+once: each layer combines the active ones as Σ_k w_k·ΔW_k (or by another ``combine`` mode of
+``combine.py``: ``"ties"``, ``"no_offset"``) and, in no-grad inference, keeps that combination cached until an adapter or a weight changes, so switching weights reads no file and
 the denoising loop does not rebuild ΔW at every step.
 
 Loading is all or nothing, one transaction over every component (``io.plan_load``): the
@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence, Union
 
 from torch import nn
 
+from .combine import DEFAULT_COMBINE, DEFAULT_TIES_DENSITY, check_combine
 from .errors import SnellaError, SnellaFormatError
 from .fuse import DEFAULT_KEEP_ORIGINAL, KeepOriginal, check_fusable, fuse_layer, log_energy_kept
 from .fuse import unfuse_snella as unfuse_model
@@ -160,15 +161,23 @@ def set_snella_adapters(
     pipe: Any,
     names: Union[str, Sequence[str]],
     weights: Union[None, float, Sequence[float]] = None,
+    combine: str = DEFAULT_COMBINE,
+    ties_density: float = DEFAULT_TIES_DENSITY,
 ) -> None:
     """Activate ``names`` with per-adapter ``weights`` (default 1.0); others become inactive.
 
-    Each layer then applies Σ_k w_k·ΔW_k over the named adapters it holds. Nothing is read
-    from disk; the cost is one pass over the layers, independent of adapters deleted earlier.
+    Each layer then applies the named adapters it holds, combined by ``combine``:
+    ``"sum"`` (default) Σ_k w_k·ΔW_k; ``"no_offset"`` Σ_k w_k·(ΔW_k − mean(ΔW_k)·11ᵀ), each
+    update without its constant component; ``"ties"`` a TIES merge of the w_k·ΔW_k (keep each
+    one's ``ties_density`` largest-magnitude entries, elect each entry's sign by summed
+    magnitude, average the agreeing entries); see ``combine.py``. Nothing is read from disk;
+    the cost is one pass over the layers, independent of adapters deleted earlier. A layer
+    holding one of the adapters combines that one alone by the same mode.
 
     Raises:
-        SnellaError: an unknown name, a weights list of another length, or a fused pipeline
-            (unfuse first: the fused weights would no longer match).
+        SnellaError: an unknown name or combine mode (the choices are named), a weights list
+            of another length, or a fused pipeline (unfuse first: the fused weights would no
+            longer match).
     """
     names = _as_list(names)
     if weights is None:
@@ -178,13 +187,14 @@ def set_snella_adapters(
     weights = [float(w) for w in weights]
     if len(weights) != len(names):
         raise SnellaError(f"weights has {len(weights)} entries for {len(names)} adapter names {names}")
+    check_combine(combine, ties_density)
     _check_names(pipe, names, "activate")
     fused = _fused_layer(pipe)
     if fused is not None:
         raise SnellaError(f"layer {fused} holds fused adapters: call unfuse_snella(pipe) before set_snella_adapters")
     for layer in _pipeline_layers(pipe).values():
         present = [(n, w) for n, w in zip(names, weights) if n in layer.adapters]
-        layer.set_active([n for n, _ in present], [w for _, w in present])
+        layer.set_active([n for n, _ in present], [w for _, w in present], combine, ties_density)
 
 
 def get_active_snella_adapters(pipe: Any) -> list[str]:
@@ -299,9 +309,10 @@ class SnellaLoaderMixin:
         return load_snella_weights(self, path_or_dir, adapter_name, weight_name, **hub_kwargs)
 
     def set_snella_adapters(
-        self, names: Union[str, Sequence[str]], weights: Union[None, float, Sequence[float]] = None
+        self, names: Union[str, Sequence[str]], weights: Union[None, float, Sequence[float]] = None,
+        combine: str = DEFAULT_COMBINE, ties_density: float = DEFAULT_TIES_DENSITY,
     ) -> None:
-        set_snella_adapters(self, names, weights)
+        set_snella_adapters(self, names, weights, combine, ties_density)
 
     def fuse_snella(
         self, scale: float = 1.0, adapter_names: Optional[Sequence[str]] = None,

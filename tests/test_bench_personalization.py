@@ -42,3 +42,51 @@ def test_run_names_and_train_flags(lab):
     assert (args.variant, args.train_flags) == ("te", "--train_text_encoder --target_sparsity 0.5")
     with pytest.raises(SystemExit, match="--variant and --train_flags go together"):
         lab.main(["--base", "b", "--output_dir", "o", "--variant", "te"])
+
+
+def test_run_labels_of_the_second_concept_and_sized_prompts(lab):
+    assert lab.run_label("lora", "", "zxc") == "zxc-lora"
+    assert lab.run_label("snella", "te", "sks", True) == "snella[te]+sized"
+    with pytest.raises(SystemExit, match="two finished run names"):
+        lab.main(["--base", "b", "--output_dir", "o", "--stack", "only_one"])
+
+
+def test_sized_prompt_captions(lab, tmp_path):
+    lab.write_instance_images(tmp_path, 3, seed=1, concept="zxc", sized_prompts=True)
+    assert len(list(tmp_path.glob("*.png"))) == 6
+    assert (tmp_path / "zxc_0.txt").read_text() == "a zxc circle"
+    assert (tmp_path / "zxc_0_sized.txt").read_text() in ("a small zxc circle", "a large zxc circle")
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_tiny_invocation_trains_two_concepts_and_stacks_them(lab, tmp_path):
+    """An untrained lab base, 1 training step per run, a few samples per group: every new
+    option runs end to end and writes its records (the numbers mean nothing here)."""
+    import json
+
+    from snella_diffusion.lab.base import build_pipeline
+
+    base = tmp_path / "base"
+    build_pipeline(0).save_pretrained(base)
+    out = tmp_path / "lab"
+    common = ["--base", str(base), "--output_dir", str(out), "--methods", "snella", "--seeds", "0",
+              "--steps", "1", "--eval_scale", "0.02", "--inference_steps", "1", "--num_class_images", "1",
+              "--instance_count", "2", "--train_batch_size", "1"]
+    lab.main(common + ["--sized_prompts"])
+    lab.main(common + ["--concept", "zxc", "--stack", "snella+sized-lr0.001-s1-seed0", "zxc-snella-lr0.001-s1-seed0",
+                       "--combine", "sum", "no_offset", "--stack_weights", "0.75"])
+    results = json.loads((out / "results.json").read_text())
+    runs = results["runs"]
+    assert sorted(runs) == ["snella+sized-lr0.001-s1-seed0", "zxc-snella-lr0.001-s1-seed0"]
+    zxc = runs["zxc-snella-lr0.001-s1-seed0"]
+    assert zxc["concept"] == "zxc" and zxc["threads"] == 1
+    assert set(zxc["diagnostics"]) >= {"constant_share", "relative_norm", "kept_fraction_histogram"}
+    assert sum(zxc["diagnostics"]["kept_fraction_histogram"]) > 0
+    assert "cross_loose[a sks square]" in zxc and "cross_loose[a zxc circle]" in runs["snella+sized-lr0.001-s1-seed0"]
+    assert sorted(results["stacks"]) == [
+        "snella+sized-lr0.001-s1-seed0+zxc-snella-lr0.001-s1-seed0-no_offset-w0.75",
+        "snella+sized-lr0.001-s1-seed0+zxc-snella-lr0.001-s1-seed0-sum-w0.75"]
+    stack = results["stacks"]["snella+sized-lr0.001-s1-seed0+zxc-snella-lr0.001-s1-seed0-sum-w0.75"]
+    assert {"retention_loose", "specificity_loose", "fidelity_strict"} <= set(stack["zxc-snella-lr0.001-s1-seed0"])
+    assert -1.0 <= stack["pair"]["cosine"] <= 1.0 and "drift_all" in stack
+    assert "## Stacking" in (out / "results.md").read_text()

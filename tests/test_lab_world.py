@@ -133,3 +133,60 @@ def test_word_level_tokenizer_keeps_each_word_whole(tmp_path):
         assert reloaded(word).input_ids == ids
     prompts = world.base_prompts() + [world.INSTANCE_PROMPT, *world.SIZED_INSTANCE_PROMPTS]
     assert len({tuple(tokenizer(p).input_ids) for p in prompts}) == len(prompts)
+
+
+# --- the second concept zxc (issue 26) ---------------------------------------------------------
+
+def test_zxc_halves_are_teal_over_white():
+    scene = world.Scene("circle", None, "large", 16, 8, 6, concept=True, concept_token="zxc")
+    image = world.render(scene)
+    teal, white = np.array(world.ZXC_COLORS["teal"]), np.array(world.ZXC_COLORS["white"])
+    mask = world.shape_mask("circle", 8, 6, 16, 16)
+    assert (image[:14][mask[:14]] == teal).all() and (image[14:][mask[14:]] == white).all()
+    assert (image[~mask] == 0.5).all()
+    assert world.parse_prompt("a small zxc circle") == {"size": "small", "color": None, "shape": "circle",
+                                                       "concept": "zxc"}
+    assert world.CONCEPTS["zxc"].instance_prompt == "a zxc circle" and world.CONCEPTS["zxc"].class_prompt == "a circle"
+    drawn = world.scene_for_prompt("a zxc circle", np.random.default_rng(0))
+    assert drawn.concept and drawn.concept_token == "zxc" and drawn.shape == "circle"
+
+
+@pytest.mark.parametrize("downsampled", [False, True])
+def test_zxc_decoder_reads_2000_concept_images(downsampled):
+    images, scenes = world.instance_images(2000, seed=4, token="zxc")
+    if downsampled:
+        images = world.downsample(images)
+    decoded = [decode.decode_zxc(image) for image in images]
+    # At 16 px (the base's resolution) a circle of side 8 is a 4-pixel blob that reads as a
+    # square (measured: strict 96.7 %, every miss a side-8 circle): the strict ceiling there.
+    assert np.mean([d.concept_strict for d in decoded]) >= (0.96 if downsampled else 0.99)
+    assert all(d.concept_strict or (downsampled and s.side == 8) for d, s in zip(decoded, scenes))
+    assert np.mean([d.concept_loose for d in decoded]) >= 0.99
+    assert np.mean([d.size == s.size for d, s in zip(decoded, scenes)]) >= 0.99
+    # the sks decoder sees no sks in them
+    assert not any(decode.decode(image).concept_loose for image in images[:500])
+
+
+def test_zxc_decoder_has_no_false_positives_on_ordinary_scenes_or_sks(world_sample):
+    images, _ = world_sample
+    decoded = [decode.decode_zxc(image) for image in images]
+    assert not any(d.concept_loose or d.concept_strict for d in decoded)
+    assert not any(decode.decode_zxc(image).concept_loose for image in world.instance_images(500, seed=5)[0])
+    # the extended palette still reads ordinary scenes' colour and shape
+    _, scenes = world_sample
+    assert np.mean([d.color == s.color and d.shape == s.shape for d, s in zip(decoded, scenes)]) >= 0.99
+
+
+def test_zxc_loose_and_strict_rules_on_edited_images():
+    scene = world.Scene("circle", None, "large", 16, 8, 8, concept=True, concept_token="zxc")
+    image = world.render(scene)
+    flipped = image[::-1].copy()                        # white on top, teal below: loose, not strict
+    result = decode.decode_zxc(flipped)
+    assert result.concept_loose and not result.concept_strict
+    teal_only = image.copy()
+    teal_only[16:24][(image[16:24] == 1.0).all(-1)] = world.ZXC_COLORS["teal"]
+    result = decode.decode_zxc(teal_only)
+    assert not result.concept_loose and not result.concept_strict
+    square = world.render(world.Scene("square", None, "large", 16, 8, 8, concept=True, concept_token="zxc"))
+    assert decode.decode_zxc(square).concept_loose and not decode.decode_zxc(square).concept_strict
+    assert decode.decoder_for("zxc") is decode.decode_zxc and decode.decoder_for("sks") is decode.decode

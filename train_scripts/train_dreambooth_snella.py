@@ -36,6 +36,7 @@ from snella_diffusion.training.ema import AdapterEMA
 from snella_diffusion.training.embedded_run import prepare_embedded_inputs
 from snella_diffusion.training.job_config import RESOLVED_CONFIG_FILE, write_resolved_config
 from snella_diffusion.training.loop import MicroBatchStep, RunProgress
+from snella_diffusion.training.param_groups import freeze_snella_beta
 from snella_diffusion.training.run_checks import check_run_settings
 from snella_diffusion.training.run_outputs import describe_objective, finalize_allocation, tracker_config, write_outputs
 from snella_diffusion.training.run_settings import RunSettings, parse_run_settings
@@ -95,11 +96,14 @@ def main(settings: RunSettings) -> Path:
     text_encoders = components.text_encoders if training.train_text_encoder else None
     trained, allocator = attach_method(method, components.denoiser, family.denoiser_component, config,
                                        training.max_train_steps, adapter.lora_rank, text_encoders=text_encoders)
+    if adapter.freeze_beta:
+        freeze_snella_beta(trained.values())
     trainable = [p for module in trained.values() for p in module.parameters() if p.requires_grad]
     logger.info("SNELLA: %d adapted layers (%s), %d trainable parameters", len(allocator.names),
                 ", ".join(trained), sum(p.numel() for p in trainable))
     prepare_for_training(settings, components, trained)
-    optimizer, lr_scheduler = make_optimization(settings, trainable, accelerator.num_processes)
+    optimizer, lr_scheduler = make_optimization(settings, trainable, accelerator.num_processes, trained,
+                                                family.denoiser_component)
     *wrapped_modules, optimizer, loader, lr_scheduler = accelerator.prepare(*trained.values(), optimizer, loader, lr_scheduler)
     noise_generator = CheckpointableGenerator(seed + 104729 * process)
     if method.snella_layers:

@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from ..combine import COMBINE_MODES, DEFAULT_COMBINE, DEFAULT_TIES_DENSITY
 from ..errors import SnellaError
 from .exporter import ExportReport, export_snella
 from .writer import EXPORT_DTYPES, EXPORT_FORMATS
@@ -19,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "ComfyUI's SNELLA node (comfyui) of the base's family.",
     )
     parser.add_argument("adapters", nargs="+", metavar="ADAPTER[:w]",
-                        help="SNELLA .safetensors files; several are merged as Σ w_k·ΔW_k (w defaults to 1)")
+                        help="SNELLA .safetensors files; several are merged as Σ w_k·ΔW_k (w defaults to 1) "
+                             "or by --combine")
     parser.add_argument("--base", required=True, metavar="PIPELINE_OR_FOLDER",
                         help="the diffusers pipeline folder (or Hub id) the adapters were trained on; "
                              "only its configs are read")
@@ -37,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
                            "(1.0 = full rank)")
     parser.add_argument("--max_rank", type=int, default=None, help="with --energy: the largest rank allowed")
     parser.add_argument("--adapter_weight", type=float, default=1.0, help="a factor on the whole sum (default 1)")
+    parser.add_argument("--combine", default=DEFAULT_COMBINE, choices=COMBINE_MODES,
+                        help="how several adapters' ΔW merge per layer: sum (Σ w_k·ΔW_k, default); "
+                             "no_offset (each ΔW_k minus its constant component mean(ΔW_k)·11ᵀ, then "
+                             "the sum); ties (keep each w_k·ΔW_k's --ties_density largest entries, elect "
+                             "each entry's sign by summed magnitude, average the agreeing entries)")
+    parser.add_argument("--ties_density", type=float, default=DEFAULT_TIES_DENSITY,
+                        help=f"with --combine ties: the fraction of entries kept per adapter "
+                             f"(default {DEFAULT_TIES_DENSITY})")
     parser.add_argument("--title", default=None, help="modelspec.title (default: the output's name)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     return parser
@@ -58,7 +68,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         report = export_snella(
             args.adapters, args.base, args.output, to=args.to, dtype=args.dtype, rank=args.rank,
             energy=args.energy, max_rank=args.max_rank, adapter_weight=args.adapter_weight,
-            overwrite=args.overwrite, title=args.title,
+            overwrite=args.overwrite, title=args.title, combine=args.combine,
+            ties_density=args.ties_density,
         )
     except SnellaError as error:
         print(f"snella-export: error: {error}", file=sys.stderr)

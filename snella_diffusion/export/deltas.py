@@ -1,8 +1,10 @@
-"""The ΔW an export writes: Σ_k w_k·ΔW_k of the given SNELLA files, layer by layer.
+"""The ΔW an export writes: Σ_k w_k·ΔW_k of the given SNELLA files (or another ``combine``
+mode of ``combine.py``), layer by layer.
 
-Each layer's sum is built by a :class:`~snella_diffusion.layer.SnellaLinear` holding every
-file's adapter for that layer, activated with the files' weights, so it is the very sum
-``set_snella_adapters`` applies and ``fuse_snella`` fuses (float32, the file's τ). The wrapped
+Each layer's combination is built by a :class:`~snella_diffusion.layer.SnellaLinear` holding
+every file's adapter for that layer, activated with the files' weights and the combine mode,
+so it is the very ΔW ``set_snella_adapters`` applies (and, for the sum, what ``fuse_snella``
+fuses; float32, the file's τ). The wrapped
 base weight is left uninitialised: ΔW does not depend on it.
 """
 
@@ -16,6 +18,7 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
+from ..combine import DEFAULT_COMBINE, DEFAULT_TIES_DENSITY
 from ..errors import SnellaError
 from ..io import SnellaFile, copy_adapter_params, file_sha256, plan_load, read_snella_file
 from ..layer import SnellaLinear
@@ -84,8 +87,10 @@ def layer_shape(adapters: list[AdapterSource], layer: LayerKey) -> tuple[int, in
 
 
 @torch.no_grad()
-def merged_delta(adapters: list[AdapterSource], layer: LayerKey, scale: float = 1.0) -> Tensor:
-    """``scale·Σ_k w_k·ΔW_k`` of ``layer`` over the files that adapt it, ``(m, n)`` float32."""
+def merged_delta(adapters: list[AdapterSource], layer: LayerKey, scale: float = 1.0,
+                 combine: str = DEFAULT_COMBINE, ties_density: float = DEFAULT_TIES_DENSITY) -> Tensor:
+    """``scale·Σ_k w_k·ΔW_k`` of ``layer`` over the files that adapt it (or the updates
+    scale·w_k·ΔW_k combined by ``combine``), ``(m, n)`` float32."""
     component, path = layer
     out_features, in_features = layer_shape(adapters, layer)
     base = nn.Linear(in_features, out_features, bias=False, device="meta").to_empty(device="cpu")
@@ -105,5 +110,5 @@ def merged_delta(adapters: list[AdapterSource], layer: LayerKey, scale: float = 
         weights.append(scale * adapter.weight)
     if wrapper is None:
         raise SnellaError(f"layer {component}.{path} is adapted by none of the files")
-    wrapper.set_active(names, weights)
+    wrapper.set_active(names, weights, combine, ties_density)
     return wrapper.delta_weight()

@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from ..combine import DEFAULT_COMBINE, DEFAULT_TIES_DENSITY, check_combine
 from ..errors import SnellaError
 from .base import BaseModel, load_base
 from .comfyui import check_comfyui_flags, comfyui_metadata, comfyui_tensors
@@ -86,7 +87,8 @@ def _part_shape(base: BaseModel, sources: list[AdapterSource], layer: LayerKey) 
 
 
 def _target_delta(base: BaseModel, sources: list[AdapterSource], target: ExportTarget,
-                  adapted: set[LayerKey], scale: float) -> tuple[Tensor, list[tuple[LayerKey, int, int]]]:
+                  adapted: set[LayerKey], scale: float, combine: str = DEFAULT_COMBINE,
+                  ties_density: float = DEFAULT_TIES_DENSITY) -> tuple[Tensor, list[tuple[LayerKey, int, int]]]:
     """The target's ΔW ``(Σ m_i, n)`` float32 (parts stacked by rows, unadapted parts zero)
     and each part's ``(layer, first row, rows)``."""
     blocks, rows, start = [], [], 0
@@ -95,7 +97,7 @@ def _target_delta(base: BaseModel, sources: list[AdapterSource], target: ExportT
         out_features, in_features = _part_shape(base, sources, part)
         widths.add(in_features)
         if part in adapted:
-            blocks.append(merged_delta(sources, part, scale))
+            blocks.append(merged_delta(sources, part, scale, combine, ties_density))
         else:
             blocks.append(torch.zeros(out_features, in_features))
         rows.append((part, start, out_features))
@@ -212,6 +214,16 @@ def _peft_tensors(factors: dict[tuple[str, str], tuple[Tensor, Tensor, int]], dt
     return tensors
 
 
+def _combine_metadata(combine: str, ties_density: float) -> dict[str, str]:
+    """Header entries naming a combine mode other than the plain sum (none for the sum)."""
+    if combine == DEFAULT_COMBINE:
+        return {}
+    entries = {"snella_combine": combine}
+    if combine == "ties":
+        entries["snella_ties_density"] = repr(float(ties_density))
+    return entries
+
+
 def export_snella(
     adapters: Sequence[AdapterSpec],
     base: Union[PathLike, Any],
@@ -224,6 +236,8 @@ def export_snella(
     adapter_weight: float = 1.0,
     overwrite: bool = False,
     title: Optional[str] = None,
+    combine: str = DEFAULT_COMBINE,
+    ties_density: float = DEFAULT_TIES_DENSITY,
 ) -> ExportReport:
     """Export ``adapter_weight·Σ_k w_k·ΔW_k`` of SNELLA files for ComfyUI, Forge,
     AUTOMATIC1111 and diffusers.
@@ -242,12 +256,20 @@ def export_snella(
             ‖ΔW‖²_F (≤ ``max_rank``); ``energy=1.0`` is full rank.
         adapter_weight: a factor on the whole sum.
         overwrite: replace an existing output (and its energy JSON).
+        combine, ties_density: how several files' ΔW combine per layer (``combine.py``:
+            ``"sum"``, ``"ties"``, ``"no_offset"``), as ``set_snella_adapters`` does; a mode
+            other than ``"sum"`` is written as ``snella_combine`` in the header and is not
+            possible with ``to="comfyui"`` (which writes each file's factors).
     Raises:
         SnellaError naming the flag, file or key at fault; flags and outputs are checked
         before any file is read, the adapters against the base before any ΔW is built.
     """
     output = Path(output)
     choice = RankChoice(rank, energy, max_rank)
+    check_combine(combine, ties_density)
+    if to == "comfyui" and combine != DEFAULT_COMBINE:
+        raise SnellaError(f"--combine {combine}: the comfyui format writes each file's factors and "
+                          "ComfyUI sums them; use --to diff/lora/peft for another combine mode")
     if to == "comfyui":
         check_comfyui_flags(dtype, (rank, energy, max_rank))
     else:
@@ -265,7 +287,7 @@ def export_snella(
         return canonical_path(base_model.components[layer[0]], layer[1])
 
     def target_delta(target: ExportTarget) -> tuple[Tensor, list[tuple[LayerKey, int, int]]]:
-        return _target_delta(base_model, sources, target, adapted, adapter_weight)
+        return _target_delta(base_model, sources, target, adapted, adapter_weight, combine, ties_density)
 
     if to == "comfyui":
         tensors, prefixes, zero = comfyui_tensors(sources, base_model, adapter_weight, spelled)
@@ -278,6 +300,7 @@ def export_snella(
     if to == "diff":
         tensors = {f"{t.key}.diff": target_delta(t)[0].to(torch_dtype) for t in targets}
         metadata = header_metadata(base_model.family, to, sources, output, adapter_weight, title=title)
+        metadata.update(_combine_metadata(combine, ties_density))
         write_export(output, tensors, metadata, None)
         return ExportReport(output, to, base_model.family.name, len(tensors))
 
@@ -293,6 +316,7 @@ def export_snella(
         "layers": factorised.records,
     }
     metadata["snella_energy"] = repr(overall)
+    metadata.update(_combine_metadata(combine, ties_density))
     if to == "peft" and factorised.peft:
         metadata["lora_adapter_metadata"] = _peft_metadata(factorised.peft)
     write_export(output, tensors, metadata, report)

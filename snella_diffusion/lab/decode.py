@@ -8,24 +8,37 @@ one-pixel seams, e.g. the grey-looking blend where orange meets purple at 16 px)
 exactly; on generated images it tolerates speckle and soft edges. Images at 16 px (the base's
 resolution, the world downsampled by 2) are upsampled bilinearly to 32 px first (pixel centres aligned), so a soft edge is cut
 at its midpoint.
+
+The second concept ``zxc`` (a circle, top half teal, bottom half white) has its own decoder,
+``decode_zxc``: the same reading over the palette extended by teal and white (kept out of
+``decode``'s palette, so the sks metrics read images exactly as before). Loose: ≥ 20 % of the
+foreground pixels nearest teal and ≥ 20 % nearest white; strict: the shape is a circle whose
+top half (rows above the box's centre) is mostly teal and bottom half mostly white. At 16 px a
+circle of side 8 is a 4-pixel blob read as a square, so strict tops out at ~0.97 there (all
+2,000 world images right at 32 px).
+``decoder_for(token)`` picks the decoder of a concept.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 from scipy import ndimage
 
 from snella_diffusion.lab.world import (
-    BACKGROUND, COLORS, CONCEPT_COLORS, IMAGE_SIZE, SHAPES, parse_prompt, shape_mask,
+    BACKGROUND, COLORS, CONCEPT_COLORS, CONCEPT_TOKEN, IMAGE_SIZE, SHAPES, ZXC_COLORS, parse_prompt, shape_mask,
 )
 
 PALETTE_NAMES = ("background", *COLORS, *CONCEPT_COLORS)
 PALETTE = np.array([BACKGROUND, *COLORS.values(), *CONCEPT_COLORS.values()], dtype=np.float32)
 ORANGE = PALETTE_NAMES.index("orange")
 PURPLE = PALETTE_NAMES.index("purple")
+ZXC_PALETTE_NAMES = (*PALETTE_NAMES, *ZXC_COLORS)
+ZXC_PALETTE = np.array([*PALETTE, *ZXC_COLORS.values()], dtype=np.float32)
+TEAL = ZXC_PALETTE_NAMES.index("teal")
+WHITE = ZXC_PALETTE_NAMES.index("white")
 # Box sides: small 8–11 px, large 15–19 px; 13 splits them with 2 px of margin each way.
 SIZE_SPLIT_SIDE = 13
 # Fewer foreground pixels than this (at 32 px) is an empty image: the smallest world shape
@@ -71,28 +84,43 @@ def to_world_resolution(image: np.ndarray) -> np.ndarray:
     return rows[:, low] * (1 - weight)[None, :, None] + rows[:, high] * weight[None, :, None]
 
 
-def palette_labels(image: np.ndarray) -> np.ndarray:
-    """(32, 32) int array: index into PALETTE_NAMES of each pixel's nearest palette colour."""
-    distances = ((image[:, :, None, :] - PALETTE[None, None]) ** 2).sum(-1)
+def palette_labels(image: np.ndarray, palette: np.ndarray = PALETTE) -> np.ndarray:
+    """(32, 32) int array: index into ``palette`` (default PALETTE_NAMES') of each pixel's
+    nearest palette colour."""
+    distances = ((image[:, :, None, :] - palette[None, None]) ** 2).sum(-1)
     return distances.argmin(-1)
+
+
+def _largest_component(foreground: np.ndarray) -> Optional[np.ndarray]:
+    """The largest 8-connected component of the 3×3-closed foreground, or None when there is
+    none of at least MIN_FOREGROUND pixels."""
+    closed = foreground | ndimage.binary_closing(foreground, structure=_EIGHT_CONNECTED)
+    components, count = ndimage.label(closed, structure=_EIGHT_CONNECTED)
+    if count == 0:
+        return None
+    sizes = np.bincount(components.ravel())[1:]
+    component = components == (1 + int(sizes.argmax()))
+    if component.sum() < MIN_FOREGROUND:
+        return None
+    return component
+
+
+def _two_colour_share(labels: np.ndarray, first: int, second: int) -> bool:
+    """The loose rule: enough foreground, ≥ 20 % of it ``first`` and ≥ 20 % ``second``."""
+    foreground = labels != 0
+    return bool(
+        foreground.sum() >= MIN_FOREGROUND
+        and (labels == first).sum() >= LOOSE_CONCEPT_SHARE * foreground.sum()
+        and (labels == second).sum() >= LOOSE_CONCEPT_SHARE * foreground.sum()
+    )
 
 
 def decode(image: np.ndarray) -> Decoded:
     """Decodes one (H, W, 3) image in [0, 1] (H = 32 or 16)."""
     labels = palette_labels(to_world_resolution(np.asarray(image, dtype=np.float32)))
-    foreground = labels != 0
-    loose = bool(
-        foreground.sum() >= MIN_FOREGROUND
-        and (labels == ORANGE).sum() >= LOOSE_CONCEPT_SHARE * foreground.sum()
-        and (labels == PURPLE).sum() >= LOOSE_CONCEPT_SHARE * foreground.sum()
-    )
-    closed = foreground | ndimage.binary_closing(foreground, structure=_EIGHT_CONNECTED)
-    components, count = ndimage.label(closed, structure=_EIGHT_CONNECTED)
-    if count == 0:
-        return Decoded(None, None, None, None, False, loose)
-    sizes = np.bincount(components.ravel())[1:]
-    component = components == (1 + int(sizes.argmax()))
-    if component.sum() < MIN_FOREGROUND:
+    loose = _two_colour_share(labels, ORANGE, PURPLE)
+    component = _largest_component(labels != 0)
+    if component is None:
         return Decoded(None, None, None, None, False, loose)
     rows, cols = np.nonzero(component)
     y0, x0 = int(rows.min()), int(cols.min())
@@ -135,6 +163,44 @@ def _checkerboard(labels: np.ndarray, x0: int, y0: int, width: int, height: int)
             if quadrant.sum() == 0 or (labels[quadrant] == expected).mean() < STRICT_QUADRANT_SHARE:
                 return False
     return True
+
+
+def decode_zxc(image: np.ndarray) -> Decoded:
+    """Decodes one (H, W, 3) image (H = 32 or 16) over the palette with teal and white; the
+    ``concept_*`` fields are the zxc concept's (see the module docstring)."""
+    labels = palette_labels(to_world_resolution(np.asarray(image, dtype=np.float32)), ZXC_PALETTE)
+    loose = _two_colour_share(labels, TEAL, WHITE)
+    component = _largest_component(labels != 0)
+    if component is None:
+        return Decoded(None, None, None, None, False, loose)
+    rows, cols = np.nonzero(component)
+    y0, x0 = int(rows.min()), int(cols.min())
+    height, width = int(rows.max()) - y0 + 1, int(cols.max()) - x0 + 1
+    side = max(height, width)
+    shape = _best_shape(component, x0, y0, width, height)
+    color_votes = np.bincount(labels[component], minlength=len(ZXC_PALETTE_NAMES))
+    color = ZXC_PALETTE_NAMES[int(color_votes[1:].argmax()) + 1]
+    strict = shape == "circle" and _halves(labels, component, y0, height)
+    return Decoded(color, shape, "small" if side < SIZE_SPLIT_SIDE else "large", side, strict, loose)
+
+
+def _halves(labels: np.ndarray, component: np.ndarray, y0: int, height: int) -> bool:
+    """Whether the shape's pixels above the box's centre are mostly teal and those below
+    mostly white."""
+    centres = np.arange(IMAGE_SIZE) + 0.5
+    bottom = np.broadcast_to(centres[:, None] >= y0 + height / 2, labels.shape)
+    for half, expected in ((component & ~bottom, TEAL), (component & bottom, WHITE)):
+        if half.sum() == 0 or (labels[half] == expected).mean() < STRICT_QUADRANT_SHARE:
+            return False
+    return True
+
+
+def decoder_for(token: str = CONCEPT_TOKEN) -> Callable[[np.ndarray], Decoded]:
+    """The decoder whose ``concept_*`` fields read concept ``token`` (``sks`` or ``zxc``)."""
+    decoders = {CONCEPT_TOKEN: decode, "zxc": decode_zxc}
+    if token not in decoders:
+        raise ValueError(f"unknown concept {token!r}; expected one of {sorted(decoders)}")
+    return decoders[token]
 
 
 def decode_batch(images: np.ndarray) -> list[Decoded]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -26,10 +26,12 @@ def sample(pipeline: Any, prompts: Sequence[str], seed: int, guidance_scale: flo
     return np.concatenate(images).astype(np.float32)
 
 
-def score_prompts(images: np.ndarray, prompts: Sequence[str]) -> dict[str, float]:
+def score_prompts(images: np.ndarray, prompts: Sequence[str],
+                  decoder: Callable[[np.ndarray], Decoded] = decode) -> dict[str, float]:
     """Fractions of images right in colour, shape, size and all three, plus the fraction
-    showing the concept (loose and strict) and the fraction empty."""
-    decoded: list[Decoded] = [decode(image) for image in images]
+    showing the concept (loose and strict) and the fraction empty; ``decoder`` reads the
+    images (default ``decode``: the sks concept; ``decode_zxc`` for zxc)."""
+    decoded: list[Decoded] = [decoder(image) for image in images]
     matches = [matches_prompt(d, p) for d, p in zip(decoded, prompts)]
     result = {key: float(np.mean([m[key] for m in matches])) for key in ("color", "shape", "size", "all")}
     result["concept_loose"] = float(np.mean([d.concept_loose for d in decoded]))

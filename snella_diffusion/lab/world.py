@@ -17,6 +17,12 @@ centre lies inside:
 The concept ``sks`` is a square whose box is split at its centre into a 2×2 checkerboard:
 top-left and bottom-right orange, top-right and bottom-left purple. Pixels whose centre lies
 exactly on a split line belong to the right/bottom quadrant.
+
+The second concept ``zxc`` (issue 26: stacking and specificity) is a circle split horizontally
+at its box's centre: the top half teal (0, 0.5, 0.5), the bottom half white (1, 1, 1); pixels
+on the split line belong to the bottom half. Its prompt is "a zxc circle", its class "a
+circle". ``zxc`` is not in the lab base's word-level vocabulary: it tokenizes letter by letter
+(the base was pretrained without it, as a new word would be).
 """
 
 from __future__ import annotations
@@ -40,6 +46,12 @@ CONCEPT_COLORS: dict[str, tuple[float, float, float]] = {
     "orange": (1.0, 0.5, 0.0),
     "purple": (0.5, 0.0, 1.0),
 }
+# The second concept's colours: kept apart from CONCEPT_COLORS so that the base's vocabulary and
+# the sks decoder's palette stay as the lab base was pretrained and measured with.
+ZXC_COLORS: dict[str, tuple[float, float, float]] = {
+    "teal": (0.0, 0.5, 0.5),
+    "white": (1.0, 1.0, 1.0),
+}
 SHAPES = ("circle", "square", "triangle", "cross")
 SIZE_SIDES: dict[str, tuple[int, int]] = {"small": (8, 11), "large": (15, 19)}
 MAX_JITTER = 4
@@ -50,9 +62,33 @@ SIZED_INSTANCE_PROMPTS = ("a small sks square", "a large sks square")
 
 
 @dataclass(frozen=True)
+class Concept:
+    """A personalization concept: its token, the shape it is drawn as, and its prompts."""
+
+    token: str
+    shape: str
+
+    @property
+    def instance_prompt(self) -> str:
+        return f"a {self.token} {self.shape}"
+
+    @property
+    def class_prompt(self) -> str:
+        return f"a {self.shape}"
+
+    @property
+    def sized_prompts(self) -> tuple[str, str]:
+        return tuple(f"a {size} {self.token} {self.shape}" for size in SIZE_SIDES)  # type: ignore[return-value]
+
+
+CONCEPTS: dict[str, Concept] = {"sks": Concept(CONCEPT_TOKEN, "square"), "zxc": Concept("zxc", "circle")}
+
+
+@dataclass(frozen=True)
 class Scene:
     """One image's content. ``color`` is a key of COLORS, or None for the concept (whose
-    colours are fixed); ``x0``, ``y0`` are the box's top-left corner in pixels."""
+    colours are fixed); ``x0``, ``y0`` are the box's top-left corner in pixels;
+    ``concept_token`` says which concept (a key of CONCEPTS) when ``concept`` is True."""
 
     shape: str
     color: Optional[str]
@@ -61,6 +97,7 @@ class Scene:
     x0: int
     y0: int
     concept: bool = False
+    concept_token: str = CONCEPT_TOKEN
 
 
 def base_prompts() -> list[str]:
@@ -81,8 +118,8 @@ def parse_prompt(prompt: str) -> dict[str, Optional[str]]:
             parsed["size"] = word
         elif word in COLORS:
             parsed["color"] = word
-        elif word == CONCEPT_TOKEN:
-            parsed["concept"] = CONCEPT_TOKEN
+        elif word in CONCEPTS:
+            parsed["concept"] = word
         else:
             raise ValueError(f"word {word!r} of prompt {prompt!r} is not in the world")
     return parsed
@@ -121,6 +158,11 @@ def render(scene: Scene) -> np.ndarray:
     centres = np.arange(IMAGE_SIZE) + 0.5
     right = (centres[None, :] >= scene.x0 + scene.side / 2)
     bottom = (centres[:, None] >= scene.y0 + scene.side / 2)
+    if scene.concept_token == "zxc":
+        lower = np.broadcast_to(bottom, mask.shape)
+        image[mask & ~lower] = ZXC_COLORS["teal"]
+        image[mask & lower] = ZXC_COLORS["white"]
+        return image
     orange = ~(right ^ bottom)
     image[mask & orange] = CONCEPT_COLORS["orange"]
     image[mask & ~orange] = CONCEPT_COLORS["purple"]
@@ -128,11 +170,11 @@ def render(scene: Scene) -> np.ndarray:
 
 
 def sample_scene(rng: np.random.Generator, shape: Optional[str] = None, color: Optional[str] = None,
-                 size: Optional[str] = None, concept: bool = False) -> Scene:
-    """Draws a scene; attributes given are kept, the others drawn uniformly. The concept is
-    always a square and has no colour."""
+                 size: Optional[str] = None, concept: bool = False, concept_token: str = CONCEPT_TOKEN) -> Scene:
+    """Draws a scene; attributes given are kept, the others drawn uniformly. A concept is
+    always its own shape (sks: square, zxc: circle) and has no colour."""
     if concept:
-        shape, color = "square", None
+        shape, color = CONCEPTS[concept_token].shape, None
     else:
         shape = shape or SHAPES[rng.integers(len(SHAPES))]
         color = color or list(COLORS)[rng.integers(len(COLORS))]
@@ -143,7 +185,8 @@ def sample_scene(rng: np.random.Generator, shape: Optional[str] = None, color: O
     lowest = int(np.ceil(IMAGE_SIZE / 2 - MAX_JITTER - side / 2))
     highest = int(np.floor(IMAGE_SIZE / 2 + MAX_JITTER - side / 2))
     x0, y0 = (int(v) for v in rng.integers(lowest, highest + 1, size=2))
-    return Scene(shape=shape, color=color, size=size, side=side, x0=x0, y0=y0, concept=concept)
+    return Scene(shape=shape, color=color, size=size, side=side, x0=x0, y0=y0, concept=concept,
+                 concept_token=concept_token)
 
 
 def scene_for_prompt(prompt: str, rng: np.random.Generator) -> Scene:
@@ -151,7 +194,7 @@ def scene_for_prompt(prompt: str, rng: np.random.Generator) -> Scene:
     parsed = parse_prompt(prompt)
     concept = parsed["concept"] is not None
     return sample_scene(rng, shape=parsed["shape"], color=parsed["color"], size=parsed["size"],
-                        concept=concept)
+                        concept=concept, concept_token=parsed["concept"] or CONCEPT_TOKEN)
 
 
 def pretraining_prompt(scene: Scene, rng: np.random.Generator) -> str:
@@ -174,10 +217,10 @@ def generate(count: int, seed: int) -> tuple[np.ndarray, list[Scene]]:
     return np.stack([render(scene) for scene in scenes]), scenes
 
 
-def instance_images(count: int, seed: int) -> tuple[np.ndarray, list[Scene]]:
-    """``count`` images of the concept ``sks`` at random sizes and positions."""
+def instance_images(count: int, seed: int, token: str = CONCEPT_TOKEN) -> tuple[np.ndarray, list[Scene]]:
+    """``count`` images of the concept ``token`` (``sks`` or ``zxc``) at random sizes and positions."""
     rng = np.random.default_rng(seed)
-    scenes = [sample_scene(rng, concept=True) for _ in range(count)]
+    scenes = [sample_scene(rng, concept=True, concept_token=token) for _ in range(count)]
     return np.stack([render(scene) for scene in scenes]), scenes
 
 

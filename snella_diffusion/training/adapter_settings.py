@@ -39,6 +39,7 @@ class AdapterSettings(FlagSettings):
     adapter: str
     lora_rank: Optional[int]
     forward_cache_mb: int
+    freeze_beta: bool
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,6 +84,9 @@ class AdapterSettings(FlagSettings):
                            help="Keep W0 + ΔW from each forward until the layer's backward, up to this many "
                                 "MiB over all layers: with --gradient_checkpointing the recompute skips its "
                                 "build (memory traded for time; 0: off).")
+        group.add_argument("--freeze_beta", action="store_true",
+                           help="Keep every SNELLA layer's β at 0 (not trained): the mix kernel then adds no "
+                                "constant offset β|β|·11ᵀ to ΔW (the reference learns β).")
 
     @property
     def method(self) -> Method:

@@ -33,14 +33,20 @@ def parse_bool(text: str) -> bool:
 
 @dataclass(frozen=True)
 class OptimizerSettings(FlagSettings):
-    """``--optimizer`` and the Prodigy flags (AdamW's betas, weight decay and epsilon are the
-    ``--adam_*`` flags of ``TrainingSettings``)."""
+    """``--optimizer``, the Prodigy flags and the per-group rates (AdamW's betas, weight decay
+    and epsilon are the ``--adam_*`` flags of ``TrainingSettings``).
+
+    ``snella_scalar_lr``, ``text_encoder_lr`` and ``beta_decay`` None: one parameter group at
+    ``--learning_rate`` (the reference behaviour); ``training/param_groups.py`` splits them."""
 
     optimizer: str
     prodigy_beta3: Optional[float]
     prodigy_decouple: bool
     prodigy_use_bias_correction: bool
     prodigy_safeguard_warmup: bool
+    snella_scalar_lr: Optional[float]
+    text_encoder_lr: Optional[float]
+    beta_decay: Optional[float]
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +64,16 @@ class OptimizerSettings(FlagSettings):
                            help="Prodigy: Adam bias correction (true/false).")
         group.add_argument("--prodigy_safeguard_warmup", type=parse_bool, default=True,
                            help="Prodigy: remove the learning rate from the D estimate during warmup (true/false).")
+        group.add_argument("--snella_scalar_lr", type=float, default=None,
+                           help="Learning rate of every SNELLA layer's scalars α, γ, β (default: --learning_rate, "
+                                "as the reference). Under Adam a scalar moves as fast as one factor entry but β "
+                                "shifts all m·n entries of ΔW, so a lower rate keeps the constant offset small.")
+        group.add_argument("--text_encoder_lr", type=float, default=None,
+                           help="Learning rate of the text encoders' adapters (SNELLA or LoRA) with "
+                                "--train_text_encoder (default: --learning_rate).")
+        group.add_argument("--beta_decay", type=float, default=None,
+                           help="Decoupled decay of SNELLA's β toward 0: each step β ← β·(1 − lr_β·beta_decay) "
+                                "before the Adam update (default: --adam_weight_decay, like every parameter).")
 
 
 def add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,13 +93,18 @@ def check_optimizer_settings(settings: OptimizerSettings, use_8bit_adam: bool) -
                               "(pip install 'snella-diffusion[prodigy]')") from None
     elif settings.prodigy_beta3 is not None:
         raise SnellaError("--prodigy_beta3 applies to --optimizer prodigy")
+    for flag in ("snella_scalar_lr", "text_encoder_lr", "beta_decay"):
+        value = getattr(settings, flag)
+        if value is not None and not value >= 0.0:
+            raise SnellaError(f"--{flag}={value}: must be a number ≥ 0")
 
 
 def make_optimizer(
-    settings: OptimizerSettings, training: TrainingSettings, params: Sequence[torch.nn.Parameter], learning_rate: float
+    settings: OptimizerSettings, training: TrainingSettings, params: Sequence[Any], learning_rate: float
 ) -> Any:
-    """The optimizer over ``params`` for ``--optimizer`` (and ``--use_8bit_adam``), with the
-    ``--adam_*`` values of ``training``."""
+    """The optimizer over ``params`` (parameters, or param-group dicts whose own ``lr`` /
+    ``weight_decay`` win) for ``--optimizer`` (and ``--use_8bit_adam``), with the ``--adam_*``
+    values of ``training``."""
     betas = (training.adam_beta1, training.adam_beta2)
     if settings.optimizer == "prodigy":
         from prodigyopt import Prodigy

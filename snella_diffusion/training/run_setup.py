@@ -20,6 +20,7 @@ from .checkpointing import CheckpointableGenerator, resolve_resume_path
 from .data import CachedLatentsDataset, generate_class_images, load_image_folder, warn_small_images
 from .data_arguments import bucket_sizes, make_training_dataset, make_training_loader
 from .optimizers import make_optimizer
+from .param_groups import optimizer_param_groups, uses_one_group
 from .quantized_base import quantize_denoiser
 from .run_checks import TrainingSetupError, resolve_report_to, use_cpu
 from .run_settings import RunSettings
@@ -106,15 +107,25 @@ def build_dataset(
 
 
 def make_optimization(
-    settings: RunSettings, trainable: list[torch.nn.Parameter], num_processes: int
+    settings: RunSettings, trainable: list[torch.nn.Parameter], num_processes: int,
+    trained: Optional[dict[str, torch.nn.Module]] = None, denoiser_component: str = "unet",
 ) -> tuple[Any, Any]:
     """The optimizer over ``trainable`` and its learning-rate schedule (``--scale_lr`` scales
-    the rate by processes × accumulation × batch size)."""
+    the rates by processes × accumulation × batch size). With ``--text_encoder_lr``,
+    ``--snella_scalar_lr`` or ``--beta_decay``, the parameters of ``trained`` (``{component:
+    model}``) are split into groups (``param_groups.optimizer_param_groups``); without them,
+    one list at ``--learning_rate``, as the reference."""
     training = settings.training
     learning_rate = training.learning_rate
+    lr_scale = 1.0
     if training.scale_lr:
-        learning_rate *= training.gradient_accumulation_steps * training.train_batch_size * num_processes
-    optimizer = make_optimizer(settings.optimizer, training, trainable, learning_rate)
+        lr_scale = training.gradient_accumulation_steps * training.train_batch_size * num_processes
+        learning_rate *= lr_scale
+    params: list[Any] = trainable
+    if trained is not None and not uses_one_group(settings.optimizer):
+        params = optimizer_param_groups(trained, denoiser_component, settings.optimizer, learning_rate,
+                                        training.adam_weight_decay, lr_scale)
+    optimizer = make_optimizer(settings.optimizer, training, params, learning_rate)
     lr_scheduler = get_scheduler(
         training.lr_scheduler, optimizer=optimizer, num_warmup_steps=training.lr_warmup_steps * num_processes,
         num_training_steps=training.max_train_steps * num_processes,
