@@ -8,6 +8,8 @@ dataset and its loader, the settings for the model card).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -17,9 +19,12 @@ from ..errors import SnellaError
 from .buckets import BucketBatchSampler, Size, check_bucket_multiple, kohya_buckets, parse_bucket_list
 from .captions import MISSING_CAPTION_POLICIES, CaptionOptions
 from .data import EpochShuffleSampler, collate_dreambooth
+from .dataset_configs import read_dataset_config
 from .image_dataset import TrainingImageDataset
 from .job_config import add_config_argument
 from .optimizers import add_optimizer_arguments, check_optimizer_args
+from .subset_dataset import SubsetDataset, SubsetImages, subset_sizes
+from .subsets import DatasetSubset, is_kohya_layout, kohya_folder_subsets
 from .training_images import TrainingImage
 
 INSTANCE_PROMPT_PREFIX = "@instance_prompt"
@@ -61,6 +66,11 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     dataset.add_argument("--cache_dir", type=str, default=None, help="Where `datasets` caches downloads.")
     dataset.add_argument("--repeats", type=int, default=1,
                          help="Use every instance image this many times per epoch (any data source).")
+    dataset.add_argument("--dataset_config", type=str, default=None,
+                         help="A dataset definition of another trainer: kohya's dataset .toml, an ai-toolkit job "
+                              ".yaml (datasets:), SimpleTuner's multidatabackend.json or OneTrainer's concepts.json "
+                              "(docs/training-data-formats.md). Replaces --instance_data_dir and --class_data_dir; "
+                              "its regularisation subsets feed the prior-preservation loss.")
 
     buckets = parser.add_argument_group("aspect-ratio buckets")
     buckets.add_argument("--aspect_ratio_buckets", type=str, default=None,
@@ -101,7 +111,7 @@ def uses_buckets(args: argparse.Namespace) -> bool:
 
 
 def has_caption_source(args: argparse.Namespace) -> bool:
-    return bool(args.caption_extension) or bool(args.caption_column)
+    return bool(args.caption_extension) or bool(args.caption_column) or bool(args.dataset_config)
 
 
 def check_data_args(args: argparse.Namespace) -> None:
@@ -110,6 +120,11 @@ def check_data_args(args: argparse.Namespace) -> None:
     def fail(message: str) -> None:
         raise DataArgumentError(message)
 
+    if args.dataset_config:
+        for flag in ("instance_data_dir", "dataset_name", "class_data_dir", "class_prompt", "with_prior_preservation"):
+            if getattr(args, flag):
+                fail(f"--dataset_config replaces --{flag}: drop it (the file's regularisation subsets, is_reg, feed "
+                     "the prior-preservation loss)")
     if args.dataset_name:
         if args.instance_data_dir is not None:
             fail("--dataset_name and --instance_data_dir are two sources of instance images: give one")
@@ -226,9 +241,9 @@ def make_training_dataset(
 def make_training_loader(
     args: argparse.Namespace, dataset: torch.utils.data.Dataset, images: TrainingImageDataset
 ) -> torch.utils.data.DataLoader:
-    """The loader over ``dataset`` (``images`` itself, or its cached latents): with buckets,
-    every batch from one bucket; else a (seed, epoch) shuffle."""
-    if uses_buckets(args):
+    """The loader over ``dataset`` (``images`` itself, or its cached latents): with buckets
+    (or subsets of several sizes), every batch from one bucket; else a (seed, epoch) shuffle."""
+    if uses_buckets(args) or getattr(images, "needs_bucket_batches", False):
         sampler = BucketBatchSampler(images.buckets_of_items, args.train_batch_size, args.seed)
         return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_dreambooth,
                                            num_workers=args.dataloader_num_workers)
@@ -245,3 +260,69 @@ def data_settings(args: argparse.Namespace) -> dict[str, Any]:
     reference = vars(defaults.parse_args([]))
     return {key: getattr(args, key) for key in reference
             if key != "config" and getattr(args, key, reference[key]) != reference[key]}
+
+
+def run_subsets(args: argparse.Namespace) -> Optional[list[DatasetSubset]]:
+    """The run's dataset subsets: ``--dataset_config``, or kohya's ``<repeats>_<prompt>``
+    sub-folders in ``--instance_data_dir`` / ``--class_data_dir`` (a plain folder beside such a
+    layout becomes one subset). None for plain folders (and ``--dataset_name``): the run keeps
+    the single-folder dataset. Settings a subset leaves out come from the caption, bucket and
+    ``--random_flip`` flags."""
+    def fail(message: str) -> None:
+        raise DataArgumentError(message)
+
+    defaults = DatasetSubset(
+        folder=Path("."), source="", name="", prompt=args.instance_prompt, caption_extension=args.caption_extension,
+        caption_prefix=args.caption_prefix, shuffle_caption=args.shuffle_caption, keep_tokens=args.keep_tokens,
+        caption_dropout_rate=args.caption_dropout, enable_bucket=args.enable_bucket,
+        min_bucket_reso=args.min_bucket_reso, max_bucket_reso=args.max_bucket_reso,
+        bucket_reso_steps=args.bucket_reso_steps, flip_aug=args.random_flip,
+    )
+    if args.dataset_config:
+        subsets = read_dataset_config(Path(args.dataset_config), defaults)
+        flag = "--dataset_config"
+    else:
+        instance_dir = Path(args.instance_data_dir) if args.instance_data_dir else None
+        class_dir = Path(args.class_data_dir) if args.with_prior_preservation and args.class_data_dir else None
+        instance_source = dataclasses.replace(defaults, source=f"--instance_data_dir={instance_dir}")
+        class_source = dataclasses.replace(defaults, source=f"--class_data_dir={class_dir}", is_reg=True,
+                                           prompt=args.class_prompt)
+        instance = kohya_folder_subsets(instance_dir, instance_source) if instance_dir else None
+        regularisation = kohya_folder_subsets(class_dir, class_source) if class_dir else None
+        if instance is None and regularisation is None:
+            return None
+        if instance is None and instance_dir is not None:
+            instance = [dataclasses.replace(instance_source, folder=instance_dir, name=instance_dir.name,
+                                            repeats=args.repeats)]
+        if regularisation is None and class_dir is not None:
+            regularisation = [dataclasses.replace(
+                class_source, folder=class_dir, name=class_dir.name, caption_extension=None, caption_prefix=None,
+                shuffle_caption=False, keep_tokens=0, caption_dropout_rate=0.0, max_images=args.num_class_images,
+            )]
+        subsets = (instance or []) + (regularisation or [])
+        flag = "--instance_data_dir / --class_data_dir <repeats>_<prompt> sub-folders"
+    if args.masked_loss:
+        fail(f"--masked_loss: loss masks are not read for {flag} yet; train a plain folder with --masked_loss")
+    if args.repeats != 1 and (args.dataset_config or is_kohya_layout(args.instance_data_dir)):
+        fail(f"--repeats={args.repeats}: {flag} gives every subset its own repeats; drop --repeats")
+    return subsets
+
+
+def make_subset_dataset(
+    args: argparse.Namespace, parts: Sequence[SubsetImages], family: Any, components: Any, resolution: int
+) -> SubsetDataset:
+    """The dataset of a run with subsets (``parts`` loaded, their sizes filled in here from
+    each subset's resolution and bucket settings, checked against the model)."""
+    multiple = model_pixel_multiple(family, components)
+    default_step = args.bucket_reso_steps or (16 if family.name == "flux" else 64)
+    run_buckets = parse_bucket_list(args.aspect_ratio_buckets) if args.aspect_ratio_buckets else None
+    for part in parts:
+        part.sizes = subset_sizes(part.subset, resolution, multiple, default_step, run_buckets)
+    return SubsetDataset(parts, args.center_crop, args.seed)
+
+
+def subset_records(dataset: torch.utils.data.Dataset) -> list[dict[str, Any]]:
+    """Every subset's resolved settings and counts (``SubsetDataset.subset_records``) of the
+    run's dataset (or of the dataset its cached latents wrap); [] for a single-folder run."""
+    images = getattr(dataset, "dataset", dataset)
+    return images.subset_records() if isinstance(images, SubsetDataset) else []
