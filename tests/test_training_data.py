@@ -560,7 +560,7 @@ def test_every_new_flag_is_in_help_readme_and_model_card(capsys):
     add_data_arguments(parser)
     flags = [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
     flags.remove("--help")
-    assert len(flags) == 29
+    assert len(flags) == 30
     with pytest.raises(SystemExit):
         script.parse_args(["--help"])
     help_text = capsys.readouterr().out
