@@ -58,6 +58,7 @@ def epoch_draws(*flags):
     args = script.parse_args(["--pretrained_model_name_or_path", "unused", "--train_batch_size", "1",
                               "--resolution", "32", *flags])
     script.check_data_args(args)
+    script.check_args(args)  # no --instance_prompt / --class_prompt needed with subsets
     subsets = run_subsets(args)
     parts = [SubsetImages(s, load_subset(s), subset_sizes(s, 32, 8, 64)) for s in subsets]
     dataset = SubsetDataset(parts, seed=0)
@@ -163,6 +164,17 @@ def test_ai_toolkit_resolution_list_gives_one_subset_per_side(folders, tmp_path)
                       "    resolution: [32, 48]\n")
     args = script.parse_args(["--dataset_config", str(config)])
     assert [s.resolution for s in run_subsets(args)] == [(32, 32), (48, 48)]
+
+
+def test_ai_toolkit_trigger_word_reaches_every_prompt(tmp_path):
+    folder = write_images(tmp_path / "images", ["red", "green", "blue"], ".txt")
+    (folder / "green.txt").write_text("[trigger] green toy")
+    config = tmp_path / "job.yaml"
+    config.write_text(f"config:\n  process:\n    - trigger_word: sks\n      datasets:\n"
+                      f"        - folder_path: '{folder}'\n          resolution: 32\n")
+    instance, regularisation, _ = epoch_draws("--dataset_config", str(config))
+    assert instance == Counter({("red", "sks, red toy"): 1, ("green", "sks green toy"): 1, ("blue", "sks"): 1})
+    assert not regularisation
 
 
 def simpletuner_backends(folders, first_type="local"):

@@ -316,9 +316,9 @@ def make_subset_dataset(
     multiple = model_pixel_multiple(family, components)
     default_step = args.bucket_reso_steps or (16 if family.name == "flux" else 64)
     run_buckets = parse_bucket_list(args.aspect_ratio_buckets) if args.aspect_ratio_buckets else None
-    for part in parts:
-        part.sizes = subset_sizes(part.subset, resolution, multiple, default_step, run_buckets)
-    return SubsetDataset(parts, args.center_crop, args.seed)
+    sized = [dataclasses.replace(part, sizes=subset_sizes(part.subset, resolution, multiple, default_step, run_buckets))
+             for part in parts]
+    return SubsetDataset(sized, args.center_crop, args.seed)
 
 
 def subset_records(dataset: torch.utils.data.Dataset) -> list[dict[str, Any]]:

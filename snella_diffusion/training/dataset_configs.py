@@ -11,7 +11,9 @@
 - ai-toolkit, ``.yaml`` job: the ``datasets:`` entries of each process (or a top-level
   ``datasets:`` list): ``folder_path``, ``caption_ext`` (default ``txt``), ``default_caption``,
   ``caption_dropout_rate``, ``shuffle_tokens``, ``keep_tokens``, ``num_repeats``, ``is_reg``,
-  ``flip_x``, ``buckets``, ``resolution`` (a side or a list of sides: one subset per side).
+  ``flip_x``, ``buckets``, ``resolution`` (a side or a list of sides: one subset per side);
+  the process's ``trigger_word`` (``[trigger]`` in captions replaced by it, put in front of
+  captions without it, and the prompt of images without a caption or ``default_caption``).
 - SimpleTuner ``multidatabackend.json`` (a list of backends with ``id``): ``type: local`` image
   backends; ``instance_data_dir``, ``caption_strategy`` (``filename`` (default), ``textfile``,
   ``instanceprompt``), ``instance_prompt``, ``prepend_instance_prompt``,
@@ -44,7 +46,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .subsets import DatasetSubset, SubsetError, check_subset
+from .subsets import DatasetSubset, SubsetError, check_subset, with_trigger_word
 
 logger = logging.getLogger(__name__)
 
@@ -252,17 +254,18 @@ def _kohya_subset(reader: _Reader, name: str, values: dict[str, Any], defaults: 
 
 
 def _ai_toolkit(reader: _Reader, data: dict[str, Any], defaults: DatasetSubset) -> list[DatasetSubset]:
-    entries: list[tuple[str, Any]] = []
+    entries: list[tuple[str, Any, Any]] = []
     if isinstance(data.get("datasets"), list):
-        entries = [(f"datasets[{i}]", entry) for i, entry in enumerate(data["datasets"])]
+        entries = [(f"datasets[{i}]", entry, data.get("trigger_word")) for i, entry in enumerate(data["datasets"])]
     processes = (data.get("config") or {}).get("process") if isinstance(data.get("config"), dict) else None
     for p, process in enumerate(processes or []):
         if isinstance(process, dict) and isinstance(process.get("datasets"), list):
-            entries += [(f"config.process[{p}].datasets[{i}]", entry) for i, entry in enumerate(process["datasets"])]
+            entries += [(f"config.process[{p}].datasets[{i}]", entry, process.get("trigger_word"))
+                        for i, entry in enumerate(process["datasets"])]
     if not entries:
         raise DatasetConfigError(f"{reader.source}: no datasets: list (at the top level or in config.process[*])")
     subsets = []
-    for name, entry in entries:
+    for name, entry, trigger in entries:
         if not isinstance(entry, dict):
             raise reader.fail(name, None, "must be a mapping")
         if "folder_path" not in entry:
@@ -276,8 +279,12 @@ def _ai_toolkit(reader: _Reader, data: dict[str, Any], defaults: DatasetSubset) 
             "repeats": reader.integer(name, "num_repeats", entry.get("num_repeats", 1), 1),
             "is_reg": reader.switch(name, "is_reg", entry.get("is_reg", False)),
         }
+        if trigger is not None:
+            fields["trigger_word"] = reader.text(name, "trigger_word", trigger)
+            fields["prompt"] = fields["trigger_word"]
         if "default_caption" in entry:
-            fields["prompt"] = reader.text(name, "default_caption", entry["default_caption"])
+            caption = reader.text(name, "default_caption", entry["default_caption"])
+            fields["prompt"] = caption if trigger is None else with_trigger_word(caption, fields["trigger_word"])
         if "caption_dropout_rate" in entry:
             fields["caption_dropout_rate"] = reader.number(name, "caption_dropout_rate",
                                                            entry["caption_dropout_rate"], 0.0, 1.0)

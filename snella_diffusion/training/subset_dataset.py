@@ -96,7 +96,9 @@ class SubsetDataset(Dataset):
         self.captions: list[CaptionOptions] = [part.subset.caption_options() for part in self.parts]
         self.size_of: list[list[Size]] = []
         for part in self.parts:
-            sizes = part.sizes or [(64, 64)]
+            sizes = part.sizes
+            if not sizes:
+                raise SubsetError(f"{part.subset.where()}: no training sizes (SubsetImages.sizes is not set)")
             self.size_of.append([
                 sizes[nearest_bucket((image.image.size[1], image.image.size[0]), sizes)] for image in part.images
             ])

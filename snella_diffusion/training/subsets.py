@@ -48,6 +48,8 @@ class DatasetSubset:
             extension (".txt"); None: no caption files.
         caption_from_filename: the caption is the file name's stem, "_" read as a space.
         caption_prefix: put in front of every caption as ``"<prefix>, <caption>"``.
+        trigger_word: ai-toolkit's trigger: ``[trigger]`` in a caption is replaced by it, and a
+            caption without it gets ``"<trigger>, "`` in front.
         shuffle_caption: shuffle the comma-separated tags at each draw.
         keep_tokens: leading tags that ``shuffle_caption`` leaves in place.
         caption_dropout_rate: probability of the empty prompt, in [0, 1).
@@ -69,6 +71,7 @@ class DatasetSubset:
     caption_extension: Optional[str] = None
     caption_from_filename: bool = False
     caption_prefix: Optional[str] = None
+    trigger_word: Optional[str] = None
     shuffle_caption: bool = False
     keep_tokens: int = 0
     caption_dropout_rate: float = 0.0
@@ -162,6 +165,8 @@ def load_subset(subset: DatasetSubset) -> list[TrainingImage]:
             caption = read_caption_file(sidecar) if sidecar.is_file() else None
         elif subset.caption_from_filename:
             caption = file.stem.replace("_", " ").strip()
+        if caption is not None and subset.trigger_word:
+            caption = with_trigger_word(caption, subset.trigger_word)
         if caption is None and subset.prompt is None:
             uncaptioned.append(file.name)
         try:
@@ -181,6 +186,13 @@ def load_subset(subset: DatasetSubset) -> list[TrainingImage]:
             f"subset has no prompt (class_tokens / instance_prompt): {names}"
         )
     return records
+
+
+def with_trigger_word(caption: str, trigger: str) -> str:
+    """ai-toolkit's rule: ``[trigger]`` in ``caption`` becomes ``trigger``; a caption that
+    still lacks it gets ``"<trigger>, "`` in front."""
+    caption = caption.replace("[trigger]", trigger)
+    return caption if trigger in caption else f"{trigger}, {caption}" if caption else trigger
 
 
 def kohya_folder_subsets(folder: Path, template: DatasetSubset) -> Optional[list[DatasetSubset]]:
