@@ -240,9 +240,24 @@ def test_kohya_folder_layout_through_the_data_dir_flags(tmp_path):
         ("2_blue car", 2, "blue car"), ("3_sks dog", 3, "sks dog"), ("1_dog", 1, "dog")]
 
 
-def test_a_plain_folder_keeps_the_single_folder_dataset(folders):
+def test_kohya_layout_with_a_plain_class_folder(folders, tmp_path):
+    train = tmp_path / "train"
+    write_images(train / "2_sks dog", ["red"])
+    instance, regularisation, subsets = epoch_draws(
+        "--instance_data_dir", str(train), "--with_prior_preservation", "--class_data_dir", str(folders["reg"]),
+        "--class_prompt", "dog", "--num_class_images", "1")
+    assert instance == Counter({("red", "sks dog"): 2})
+    assert regularisation == Counter({("cyan", "dog"): 2})  # --num_class_images keeps the first image by name
+    assert subsets[-1].is_reg and subsets[-1].max_images == 1
+
+
+def test_a_plain_folder_keeps_the_single_folder_dataset(folders, caplog):
     args = script.parse_args(["--instance_data_dir", str(folders["prompted"]), "--instance_prompt", "x"])
     assert run_subsets(args) is None
+    write_images(folders["prompted"] / "5_other", ["red"])  # images at the top level: still a plain folder
+    with caplog.at_level(logging.WARNING):
+        assert run_subsets(args) is None
+    assert "5_other" in caplog.text and "read as a plain folder" in caplog.text
 
 
 def test_regularisation_draws_rotate_over_epochs(folders, tmp_path):

@@ -14,6 +14,7 @@ file name with ``caption_from_filename``) where there is one, else ``prompt`` (k
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ from ..errors import SnellaError
 from .captions import CaptionOptions, caption_path, read_caption_file
 from .data import IMAGE_SUFFIXES, list_images
 from .training_images import TrainingImage
+
+logger = logging.getLogger(__name__)
 
 KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")
 
@@ -198,12 +201,12 @@ def with_trigger_word(caption: str, trigger: str) -> str:
 def kohya_folder_subsets(folder: Path, template: DatasetSubset) -> Optional[list[DatasetSubset]]:
     """kohya's DreamBooth folder layout: the sub-folders of ``folder`` named
     ``<repeats>_<prompt>`` (``10_sks dog``), one subset each (``template`` with that folder,
-    repeats and prompt), sorted by name. None when ``folder`` is not such a layout (it holds
-    images at its top level, or no sub-folder of that name).
+    repeats and prompt), sorted by name. None when ``folder`` is not such a layout: no
+    sub-folder of that name, or images at its top level (a plain folder, read as before; its
+    ``<repeats>_<prompt>`` sub-folders are then named in a warning and not read).
 
     Raises:
-        SubsetError: the layout mixes images at the top level with ``<repeats>_<prompt>``
-            sub-folders, or names 0 repeats.
+        SubsetError: a sub-folder name gives 0 repeats.
     """
     if not folder.is_dir():
         return None
@@ -211,11 +214,10 @@ def kohya_folder_subsets(folder: Path, template: DatasetSubset) -> Optional[list
     if not named:
         return None
     if list_images(folder):
-        raise SubsetError(
-            f"{template.source}: {folder} holds images at its top level and <repeats>_<prompt> sub-folders "
-            f"({named[0].name}); kohya's layout keeps every image in a sub-folder: move them, or pass one "
-            "sub-folder as the data folder"
-        )
+        logger.warning("%s: %s holds images at its top level, so it is read as a plain folder; its "
+                       "<repeats>_<prompt> sub-folders (%s) are not read", template.source, folder,
+                       ", ".join(p.name for p in named))
+        return None
     subsets = []
     for path in named:
         match = KOHYA_FOLDER.match(path.name)
