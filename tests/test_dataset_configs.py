@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 try:
     import tomllib
@@ -273,6 +274,52 @@ def test_regularisation_draws_rotate_over_epochs(folders, tmp_path):
     assert len(dataset) == 4 and len(seen) == 2  # both regularisation images paired over the epochs
 
 
+def test_subset_buckets_and_sizes_batch_by_size(tmp_path):
+    """A kohya dataset with buckets puts a 2:1 image in the bucket of nearest aspect ratio; a
+    second dataset at another resolution trains at its own size, and every batch holds one size."""
+    wide, square = tmp_path / "wide", tmp_path / "square"
+    wide.mkdir()
+    Image.new("RGB", (64, 32), COLOURS["red"]).save(wide / "red.png")
+    write_images(square, ["blue", "green"])
+    config = tmp_path / "dataset.toml"
+    config.write_text(f"""
+[[datasets]]
+resolution = 32
+enable_bucket = true
+bucket_reso_steps = 8
+  [[datasets.subsets]]
+  image_dir = '{wide}'
+  class_tokens = 'wide'
+  num_repeats = 4
+
+[[datasets]]
+resolution = 48
+  [[datasets.subsets]]
+  image_dir = '{square}'
+  class_tokens = 'square'
+  num_repeats = 2
+""")
+    args = script.parse_args(["--dataset_config", str(config), "--train_batch_size", "2"])
+    parts = [SubsetImages(s, load_subset(s), subset_sizes(s, 32, 8, 64)) for s in run_subsets(args)]
+    dataset = SubsetDataset(parts, seed=0)
+    assert dataset.sizes == [(24, 40), (48, 48)] and dataset.needs_bucket_batches  # 24/40 is nearest to 32/64
+    shapes = Counter()
+    for batch in make_training_loader(args, dataset, dataset):
+        shapes[tuple(batch["pixel_values"].shape)] += 1
+        colours = {colour_of(p) for p in batch["pixel_values"]}
+        assert colours == {"red"} or colours <= {"blue", "green"}
+    assert shapes == Counter({(2, 3, 24, 40): 2, (2, 3, 48, 48): 2})
+
+
+def test_simpletuner_filename_captions(tmp_path):
+    folder = write_images(tmp_path / "data", ["red"])
+    (folder / "red.png").rename(folder / "a_photo_of_sks_dog.png")
+    config = tmp_path / "multidatabackend.json"
+    config.write_text(json.dumps([{"id": "x", "type": "local", "instance_data_dir": str(folder)}]))
+    (subset,) = run_subsets(script.parse_args(["--dataset_config", str(config)]))
+    assert [image.caption for image in load_subset(subset)] == ["a photo of sks dog"]
+
+
 @pytest.mark.parametrize("case, message", [
     ("missing folder", ["dataset.toml", "subset datasets[0].subsets[0]", "'image_dir'", "no such folder"]),
     ("empty subset", ["dataset.toml", "subset datasets[0].subsets[0]", "'folder'", "holds no images"]),
@@ -378,5 +425,11 @@ def test_kohya_toml_run_trains_each_subset_and_records_it(sd_folder, folders, tm
     card = (output / "README.md").read_text()
     assert "## Training data" in card
     assert f"| datasets[0].subsets[0] | `{folders['captioned']}` | 2 | 3 | 6 |" in card
-    reloaded = script.parse_args(["--config", str(output / "config.toml")])
+    # the saved config repeats the run exactly
+    AcceleratorState._reset_state(True)
+    again = tmp_path / "again"
+    reloaded = script.parse_args(["--config", str(output / "config.toml"), "--output_dir", str(again)])
     assert reloaded.dataset_config == str(config) and reloaded.max_train_steps == 2
+    script.main(reloaded)
+    first, second = (load_file(folder / "snella_weights.safetensors") for folder in (output, again))
+    assert first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
