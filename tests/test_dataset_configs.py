@@ -433,3 +433,27 @@ def test_kohya_toml_run_trains_each_subset_and_records_it(sd_folder, folders, tm
     script.main(reloaded)
     first, second = (load_file(folder / "snella_weights.safetensors") for folder in (output, again))
     assert first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
+
+
+def test_every_example_of_the_formats_page_reads(tmp_path, monkeypatch):
+    """Each TOML / YAML / JSON example of docs/training-data-formats.md, run from a folder that
+    holds the data it names, reads into a training subset of 10 draws per image and a
+    regularisation subset."""
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "training-data-formats.md").read_text()
+    examples = re.findall(r"```(toml|yaml|json)\n(.*?)```", page, flags=re.S)
+    assert [kind for kind, _ in examples] == ["toml", "yaml", "json", "json"]
+    write_images(tmp_path / "data" / "sks_dog", ["red", "green"], ".txt")
+    write_images(tmp_path / "data" / "dog_reg", ["yellow"])
+    (tmp_path / "data" / "dog_prompt.txt").write_text("dog")
+    monkeypatch.chdir(tmp_path)
+    for index, (kind, text) in enumerate(examples):
+        config = tmp_path / f"example{index}.{kind}"
+        config.write_text(text)
+        subsets = run_subsets(script.parse_args(["--dataset_config", str(config)]))
+        training = [s for s in subsets if not s.is_reg]
+        assert training and all(s.repeats == 10 for s in training), kind
+        assert [s.folder.name for s in subsets if s.is_reg] == ["dog_reg"], kind
+        assert all(len(load_subset(s)) == (1 if s.is_reg else 2) for s in subsets)
