@@ -197,7 +197,7 @@ def _kohya(reader: _Reader, data: dict[str, Any], defaults: DatasetSubset) -> li
     general = data.get("general", {})
     if not isinstance(general, dict):
         raise reader.fail("[general]", None, "must be a table")
-    reader.note_unused("general", general, KOHYA_DATASET_KEYS | KOHYA_SUBSET_KEYS - {"image_dir", "is_reg", "class_tokens"})
+    reader.note_unused("general", general, KOHYA_DATASET_KEYS | (KOHYA_SUBSET_KEYS - {"image_dir", "is_reg", "class_tokens"}))
     reader.note_unused("file", data, {"general", "datasets"})
     subsets = []
     for d, dataset in enumerate(data["datasets"]):
@@ -215,8 +215,7 @@ def _kohya(reader: _Reader, data: dict[str, Any], defaults: DatasetSubset) -> li
                 raise reader.fail(name, "metadata_file", "kohya's fine-tuning subsets (metadata JSON) cannot be read "
                                                          "here; give image_dir with caption files")
             reader.note_unused(name, entry, KOHYA_DATASET_KEYS | KOHYA_SUBSET_KEYS)
-            merged = {**{k: v for k, v in general.items()},
-                      **{k: v for k, v in dataset.items() if k != "subsets"}, **entry}
+            merged = {**general, **{k: v for k, v in dataset.items() if k != "subsets"}, **entry}
             subsets.append(_kohya_subset(reader, name, merged, defaults))
     return subsets
 
