@@ -48,7 +48,7 @@ def worker(method: str, batch_size: int, steps: int, image_size: int) -> dict:
     from snella_diffusion import SnellaConfig, apply_snella
     from snella_diffusion.allocator import BiLevelAllocator
     from snella_diffusion.baselines import GradientMaskedSparse, apply_lora
-    from snella_diffusion.reference_configs import build_reference_model
+    from snella_diffusion.testing.reference_configs import build_reference_model
 
     after_imports = _rss_mb()
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from snella_diffusion import SnellaConfig
 from snella_diffusion.inject import find_target_linears
-from snella_diffusion.reference_configs import build_reference_model
+from snella_diffusion.testing.reference_configs import build_reference_model
 
 MODELS = {"sd15": "unet", "sdxl": "unet", "flux": "dit"}
 LABELS = {"sd15": "SD 1.5 UNet", "sdxl": "SDXL UNet", "flux": "Flux.1-dev transformer"}

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from snella_diffusion import SnellaConfig, SnellaLinear, fuse_snella, unfuse_snella
-from snella_diffusion.benchmarking import target_module_names
-from snella_diffusion.reference_configs import build_reference_model
+from snella_diffusion.testing.benchmarking import target_module_names
+from snella_diffusion.testing.reference_configs import build_reference_model
 
 DELTA_SIZES = (1e-4, 3e-4, 1e-3)
 DTYPES = (torch.float16, torch.bfloat16)

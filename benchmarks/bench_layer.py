@@ -27,7 +27,7 @@ def _peak_rss_mb() -> float:
 
 
 def run_one(method: str, in_features: int, out_features: int, tokens: int, rank: int,
-            repeats: int, warmup: int, device: str, sample_size: int, compile_kernels: bool) -> dict:
+            repeats: int, warmup: int, device: str, sample_size: int) -> dict:
     """Time forward+backward of one layer with ``method``; returns times (s) and peak memory (MB)."""
     import torch
     from torch import nn
@@ -44,8 +44,7 @@ def run_one(method: str, in_features: int, out_features: int, tokens: int, rank:
     else:
         mode = method.split("-")[1]
         config = SnellaConfig(rank=rank, target_modules=["0"], init_sparsity=0.5,
-                              forward_mode=mode, threshold_sample_size=sample_size,
-                              compile_kernels=compile_kernels)
+                              forward_mode=mode, threshold_sample_size=sample_size)
         apply_snella(model, config)
     x = torch.randn(tokens, in_features, device=device, requires_grad=True)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -94,8 +93,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     parser.add_argument("--threshold_sample_size", type=int, default=0,
                         help="SnellaConfig.threshold_sample_size (0 = exact kthvalue)")
-    parser.add_argument("--compile_kernels", action="store_true",
-                        help="SnellaConfig.compile_kernels (Inductor-fused elementwise work)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -103,8 +100,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         shape = args.shapes[0]
         in_features, out_features = (int(v) for v in shape.split("x"))
         result = run_one(args.child, in_features, out_features, args.tokens, args.rank,
-                         args.repeats, args.warmup, args.device, args.threshold_sample_size,
-                         args.compile_kernels)
+                         args.repeats, args.warmup, args.device, args.threshold_sample_size)
         print("RESULT " + json.dumps(result))
         return [result]
 
@@ -116,13 +112,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                        "--tokens", str(args.tokens), "--rank", str(args.rank),
                        "--repeats", str(args.repeats), "--warmup", str(args.warmup),
                        "--device", args.device, "--threshold_sample_size", str(args.threshold_sample_size)]
-            command += ["--compile_kernels"] if args.compile_kernels else []
             output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             line = next(l for l in output.splitlines() if l.startswith("RESULT "))
             results[method] = json.loads(line[len("RESULT "):])
         lora = results.get("lora")
         print(f"\nlayer {shape} (in x out), {args.tokens} tokens, rank {args.rank}, device {args.device}, "
-              f"threshold_sample_size {args.threshold_sample_size}, compile_kernels {args.compile_kernels}")
+              f"threshold_sample_size {args.threshold_sample_size}")
         print(f"{'method':<17}{'median s':>10}{'peak MB':>10}{'time/LoRA':>11}{'mem/LoRA':>10}")
         for method, result in results.items():
             time_ratio = result["median_s"] / lora["median_s"] if lora else float("nan")

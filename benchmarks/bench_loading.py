@@ -28,11 +28,11 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from snella_diffusion import SnellaConfig, apply_snella, remove_snella, save_snella
-from snella_diffusion.benchmarking import TINY_UNET_OVERRIDES
+from snella_diffusion.testing.benchmarking import TINY_UNET_OVERRIDES
 from snella_diffusion.inject import find_target_linears
 from snella_diffusion.loaders import fuse_snella, load_snella_weights, unfuse_snella, unload_snella_weights
-from snella_diffusion.reference_configs import build_reference_model
-from snella_diffusion.tiny_models import byte_level_clip_tokenizer, tiny_clip_text_encoder, tiny_ddpm_scheduler, tiny_vae
+from snella_diffusion.testing.reference_configs import build_reference_model
+from snella_diffusion.testing.tiny_models import byte_level_clip_tokenizer, tiny_clip_text_encoder, tiny_ddpm_scheduler, tiny_vae
 
 # SD1.5's UNet config with two levels of 32/64 channels: the same layer kinds, CPU-seconds.
 TINY_OVERRIDES = {**TINY_UNET_OVERRIDES, "sample_size": 16}

@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 import torch
 
-from snella_diffusion.benchmarking import (
+from snella_diffusion.testing.benchmarking import (
     DTYPES,
     METHODS,
     MODEL_SPECS,
@@ -38,6 +38,7 @@ from snella_diffusion.benchmarking import (
     run_train_step_benchmark,
 )
 from snella_diffusion.errors import SnellaError
+from snella_diffusion.files import write_text_atomically
 from snella_diffusion.viz import save_bar_chart
 
 logger = logging.getLogger("bench_train_step")
@@ -72,7 +73,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--config_override", action="append", default=[], metavar="KEY=JSON",
                         help="change a model config key, e.g. num_single_layers=4 (repeatable)")
     parser.add_argument("--snella_option", action="append", default=[], metavar="KEY=JSON",
-                        help="a further SnellaConfig field for the snella method, e.g. compile_kernels=true (repeatable)")
+                        help="a further SnellaConfig field for the snella method, e.g. forward_cache_mb=640 (repeatable)")
     parser.add_argument("--output_dir", default="benchmarks/results", help="where the JSON, table and PNG go")
     parser.add_argument("--report", metavar="JSON",
                         help="measure nothing: rewrite the table and chart of a saved result JSON beside it")
@@ -138,18 +139,12 @@ def machine_description(device: str) -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 def write_report(results: list[dict[str, Any]], summary: str, title: str, json_path: Path) -> str:
     """Write ``<stem>.json``, the Markdown table ``<stem>.md`` and the chart ``<stem>.png``."""
     table = format_results_table(results)
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(json_path, json.dumps({"summary": summary, "title": title, "results": results}, indent=1))
-    write_atomic(json_path.with_suffix(".md"), f"{summary}\n\n{table}\n")
+    write_text_atomically(json_path, json.dumps({"summary": summary, "title": title, "results": results}, indent=1))
+    write_text_atomically(json_path.with_suffix(".md"), f"{summary}\n\n{table}\n")
     save_bar_chart(chart_values(results), json_path.with_suffix(".png"), title)
     logger.info("wrote %s and its .md and .png", json_path)
     return table

@@ -28,8 +28,8 @@ from safetensors.torch import load_file
 
 from snella_diffusion import SnellaConfig, apply_snella, save_snella
 from snella_diffusion.export import export_snella
-from snella_diffusion.reference_configs import build_reference_model
-from snella_diffusion.tiny_models import (
+from snella_diffusion.testing.reference_configs import build_reference_model
+from snella_diffusion.testing.tiny_models import (
     byte_level_clip_tokenizer, tiny_clip_text_encoder, tiny_ddpm_scheduler, tiny_vae,
 )
 

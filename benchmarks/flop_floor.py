@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from snella_diffusion.benchmarking import (  # noqa: E402
+from snella_diffusion.testing.benchmarking import (  # noqa: E402
     MODEL_SPECS,
     build_benchmark_model,
     make_training_batch,

@@ -4,8 +4,8 @@
 
 Rows:
 1. kernels: one trained-size SD1.5-shaped layer (1280 × 5120, rank 32, sparsity 0.5) on CUDA
-   in float32, eager blocked path, blocked with small blocks (many blocks per matrix) and
-   ``compile_kernels``, against a float64 whole-matrix reference on the same device with the
+   in float32, the blocked path with its default blocks and with small blocks (many blocks
+   per matrix), against a float64 whole-matrix reference on the same device with the
    same surviving entries: relative error of ΔW, of the adapter's output contribution and of
    the factor and scalar gradients.
 2. precision: a tiny SD-style UNet trained 20 steps with frozen weights in float32, bf16
@@ -13,7 +13,7 @@ Rows:
    final loss of each half-precision run against float32's, measured against how far training
    moved float32's loss.
 3. step: the SD1.5 UNet (real config, random weights) at 512 px, batch 1, bf16: median step
-   time and ``torch.cuda.max_memory_allocated`` of SNELLA-32 (eager, ``compile_kernels``),
+   time and ``torch.cuda.max_memory_allocated`` of SNELLA-32,
    PEFT LoRA-32 on the same layers, the frozen model (forward and backward to the input, no
    trainable weights), and SNELLA with xformers attention when xformers is installed.
 
@@ -82,8 +82,8 @@ KERNEL_TOLERANCE = {"delta": 1e-4, "output": 1e-4, "gradients": 1e-3}
 SMALL_BLOCK_ENTRIES = 1 << 16
 
 
-def trained_size_layer(out_features: int, in_features: int, device: str, compile_kernels: bool = False,
-                       seed: int = 0, factor_scale: float = 3.0):
+def trained_size_layer(out_features: int, in_features: int, device: str, seed: int = 0,
+                       factor_scale: float = 3.0):
     """A float32 SnellaLinear with W0 ~ N(0, 0.02²) and factors scaled to a trained-size ΔW."""
     snella = _snella()
     generator = torch.Generator().manual_seed(seed)
@@ -92,8 +92,7 @@ def trained_size_layer(out_features: int, in_features: int, device: str, compile
         base.weight.copy_(torch.randn(out_features, in_features, generator=generator) * 0.02)
         base.bias.copy_(torch.randn(out_features, generator=generator) * 0.02)
     torch.manual_seed(seed)
-    config = snella.SnellaConfig(rank=32, target_modules=["x"], init_sparsity=0.5,
-                                 compile_kernels=compile_kernels)
+    config = snella.SnellaConfig(rank=32, target_modules=["x"], init_sparsity=0.5)
     layer = snella.SnellaLinear(base, config).to(device)
     with torch.no_grad():
         layer.primary.in_factors.mul_(factor_scale)
@@ -108,7 +107,7 @@ def float64_reference(layer, x: torch.Tensor, grad_output: torch.Tensor, survivo
     """ΔW, x·ΔWᵀ and the parameter gradients of ⟨y, g⟩ in float64 through the whole-matrix
     kernel with autograd, keeping the entries in ``survivors`` (ΔW = M·|M| there, 0 elsewhere)."""
     from snella_diffusion.kernels import kernel_matrix
-    from snella_diffusion.layer import GAMMA_FLOOR
+    from snella_diffusion.adapter import GAMMA_FLOOR
 
     adapter = layer.primary
     if adapter.sparsify_mode != "official":
@@ -132,33 +131,29 @@ def _gradient_error(ours: dict, reference: dict) -> tuple[float, str]:
     return errors[worst], worst
 
 
-def kernel_rows(device: str, shape: tuple[int, int] = KERNEL_SHAPE, batch: int = 64,
-                include_compiled: bool = True) -> list[Row]:
-    """Blocked (default and small blocks) and compiled kernels on ``device`` vs float64."""
-    from snella_diffusion.blocked import backward_blocked, effective_blocked
-    from snella_diffusion.layer import _in_compute_dtype
+def kernel_rows(device: str, shape: tuple[int, int] = KERNEL_SHAPE, batch: int = 64) -> list[Row]:
+    """The blocked kernels (default and small blocks) on ``device`` vs float64."""
+    from snella_diffusion.blocked import Factors, backward_blocked, effective_blocked
 
     rows = []
     generator = torch.Generator().manual_seed(1)
     out_features, in_features = shape
     x = torch.randn(batch, in_features, generator=generator).to(device)
     grad_output = torch.randn(batch, out_features, generator=generator).to(device)
-    variants = ["eager blocked", "blocked, 64 Ki-entry blocks"] + (["compile_kernels"] if include_compiled else [])
-    for variant in variants:
-        layer = trained_size_layer(out_features, in_features, device, compile_kernels=variant == "compile_kernels")
+    for variant in ("eager blocked", "blocked, 64 Ki-entry blocks"):
+        layer = trained_size_layer(out_features, in_features, device)
         adapter = layer.primary
         delta = layer.delta_weight().detach()
         survivors = (delta != 0).double()
         reference_delta, reference_contribution, reference_grads = float64_reference(layer, x, grad_output, survivors)
         if variant == "blocked, 64 Ki-entry blocks":
-            factors = _in_compute_dtype(adapter.in_factors.detach(), adapter.out_factors.detach(), adapter.alpha.detach(),
-                                        adapter.effective_gamma().detach(), adapter.beta.detach())
+            factors = Factors(*(t.detach() for t in adapter.factors().tensors())).in_compute_dtype()
             threshold = adapter.refresh_threshold()
-            delta = effective_blocked(adapter.kernel, *factors, adapter.kernel_scale, threshold, adapter.sparsify_mode,
-                                      1.0, None, torch.float32, block_entries=SMALL_BLOCK_ENTRIES)
+            delta = effective_blocked(adapter.spec, factors, threshold, 1.0, None, torch.float32,
+                                      block_entries=SMALL_BLOCK_ENTRIES)
             contribution = x @ delta.T
-            grads, _ = backward_blocked(adapter.kernel, *factors, adapter.kernel_scale, threshold, adapter.sparsify_mode,
-                                        1.0, grad_output.T @ x, None, None, block_entries=SMALL_BLOCK_ENTRIES)
+            grads, _ = backward_blocked(adapter.spec, factors, threshold, 1.0, grad_output.T @ x, None, None,
+                                        block_entries=SMALL_BLOCK_ENTRIES)
             ours = {name: getattr(grads, name) for name in PARAM_NAMES}
         else:
             output = layer(x)
@@ -193,7 +188,7 @@ def train_tiny(device: str, dtype: torch.dtype, steps: int = 20, learning_rate: 
     weights in ``dtype`` and autocast to ``dtype`` (float32 factors); the loss is on a fixed
     set of 4 batches, evaluated the same way as it trains."""
     snella = _snella()
-    from snella_diffusion.benchmarking import build_benchmark_model, diffusion_loss, make_training_batch
+    from snella_diffusion.testing.benchmarking import build_benchmark_model, diffusion_loss, make_training_batch
 
     model = build_benchmark_model("tiny", "cpu", torch.float32, seed).to(device=device, dtype=dtype)
     torch.manual_seed(seed)
@@ -275,7 +270,7 @@ def time_steps(step: Callable[[], None], device: str, warmup: int, repeats: int)
 
 def _method_setup(model: str, method: str, resolution: int, device: str, snella_options: dict,
                   xformers: bool):
-    from snella_diffusion.benchmarking import BenchmarkSettings, build_training_setup
+    from snella_diffusion.testing.benchmarking import BenchmarkSettings, build_training_setup
 
     settings = BenchmarkSettings(model=model, method=method, resolution=resolution, dtype="bfloat16",
                                  device=device, snella_options=snella_options)
@@ -287,7 +282,7 @@ def _method_setup(model: str, method: str, resolution: int, device: str, snella_
 
 def _frozen_step(model: str, resolution: int, device: str) -> Callable[[], None]:
     """Forward and backward of the frozen bf16 model to its input latents (no weights train)."""
-    from snella_diffusion.benchmarking import build_benchmark_model, diffusion_loss, make_training_batch
+    from snella_diffusion.testing.benchmarking import build_benchmark_model, diffusion_loss, make_training_batch
 
     network = build_benchmark_model(model, device, torch.bfloat16)
     network.requires_grad_(False)
@@ -307,17 +302,15 @@ def xformers_installed() -> bool:
 
 
 def step_rows(device: str, model: str = "sd15", resolution: int = 512, warmup: int = 2,
-              repeats: int = 5, include_compiled: bool = True) -> list[Row]:
+              repeats: int = 5) -> list[Row]:
     """Step time and peak memory per method, each measured from a freshly built model."""
-    from snella_diffusion.benchmarking import training_step
+    from snella_diffusion.testing.benchmarking import training_step
 
     variants: list[tuple[str, Optional[str], dict, bool]] = [
         ("frozen model", None, {}, False),
         ("PEFT LoRA-32", "lora", {}, False),
         ("SNELLA-32 eager", "snella", {}, False),
     ]
-    if include_compiled:
-        variants.append(("SNELLA-32 compile_kernels", "snella", {"compile_kernels": True}, False))
     if xformers_installed():
         variants.append(("SNELLA-32 eager, xformers", "snella", {}, True))
     measured = []

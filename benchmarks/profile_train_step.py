@@ -23,8 +23,8 @@ from collections import defaultdict
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
 
-from snella_diffusion import layer
-from snella_diffusion.benchmarking import MODEL_SPECS, BenchmarkSettings, build_training_setup, training_step
+from snella_diffusion import adapter, autograd
+from snella_diffusion.testing.benchmarking import MODEL_SPECS, BenchmarkSettings, build_training_setup, training_step
 
 PHASES = ("build M (τ unknown)", "select τ", "W0+ΔW from M", "W0+ΔW from factors", "backward pass",
           "layer forward", "layer backward")
@@ -52,12 +52,12 @@ class PhaseClock:
 
 
 def instrument(clock: PhaseClock) -> Callable[[], None]:
-    """Wrap the layer module's phase functions with ``clock``; returns the function that puts
+    """Wrap the autograd module's phase functions with ``clock``; returns the function that puts
     the originals back."""
-    function = layer._SnellaLinearFunction
-    originals = [(layer, name, getattr(layer, name))
+    function = autograd._SnellaLinearFunction
+    originals = [(autograd, name, getattr(autograd, name))
                  for name in ("merged_blocked", "effective_blocked", "backward_blocked")]
-    originals += [(layer.SnellaAdapter, "select_threshold_on", layer.SnellaAdapter.select_threshold_on)]
+    originals += [(adapter.SnellaAdapter, "select_threshold_on", adapter.SnellaAdapter.select_threshold_on)]
     originals += [(function, name, function.__dict__[name]) for name in ("forward", "backward")]
 
     def restore() -> None:
@@ -70,12 +70,12 @@ def instrument(clock: PhaseClock) -> Callable[[], None]:
                 return function(*args, **kwargs)
         return timed
 
-    layer.merged_blocked = wrapped(layer.merged_blocked, lambda kw: "build M (τ unknown)")
-    layer.effective_blocked = wrapped(
-        layer.effective_blocked, lambda kw: "W0+ΔW from M" if kw.get("merged") is not None else "W0+ΔW from factors")
-    layer.backward_blocked = wrapped(layer.backward_blocked, lambda kw: "backward pass")
-    select = layer.SnellaAdapter.select_threshold_on
-    layer.SnellaAdapter.select_threshold_on = (
+    autograd.merged_blocked = wrapped(autograd.merged_blocked, lambda kw: "build M (τ unknown)")
+    autograd.effective_blocked = wrapped(
+        autograd.effective_blocked, lambda kw: "W0+ΔW from M" if kw.get("merged") is not None else "W0+ΔW from factors")
+    autograd.backward_blocked = wrapped(autograd.backward_blocked, lambda kw: "backward pass")
+    select = adapter.SnellaAdapter.select_threshold_on
+    adapter.SnellaAdapter.select_threshold_on = (
         lambda self, *a, **kw: _timed_call(clock, "select τ", select, self, *a, **kw))
     forward, backward = function.forward, function.backward
     function.forward = staticmethod(lambda ctx, *a: _timed_call(clock, "layer forward", forward, ctx, *a))

@@ -1,4 +1,4 @@
-"""Competition across layers (METHOD.md §3): the bi-level budget allocator.
+"""Competition across layers (docs/METHOD.md §3): the bi-level budget allocator.
 
 The budget is a number of non-zero ΔW_eff entries. Each optimizer step the allocator updates
 smoothed sensitivity Ī and uncertainty Ū of every factor entry; on reallocation steps it

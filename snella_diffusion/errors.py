@@ -11,3 +11,7 @@ class SnellaConfigError(SnellaError, ValueError):
 
 class SnellaFormatError(SnellaError):
     """A file is not a valid SNELLA adapter for the model it is loaded into."""
+
+
+class UnfuseError(SnellaError):
+    """The base weights cannot be restored: they were fused with ``keep_original=False``."""

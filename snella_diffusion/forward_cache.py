@@ -12,6 +12,10 @@ frees soonest (which keeps them out of the memory peak deeper in the backward); 
 backward (the recompute) nothing is evicted. An entry is keyed on the adapter's
 parameter versions, its sparsity, the scale, the dtype and the base weight's version, so an
 optimizer step or any other change makes it a miss; the backward drops the entry it used.
+
+Lifetime: one cache per process, ``kept_weights``, shared by every SNELLA layer, because the
+budget is one figure over all layers being trained. An entry lives from a layer's forward to
+its backward; ``remove_snella`` empties the cache (``clear``).
 """
 
 from __future__ import annotations
@@ -21,51 +25,53 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-_entries: dict[int, tuple[tuple, Tensor]] = {}
-_held_bytes = 0
-
 
 def _size(tensor: Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def lookup(adapter: nn.Module, key: tuple) -> Optional[Tensor]:
-    """The matrix stored for ``adapter`` under ``key``, or None."""
-    entry = _entries.get(id(adapter))
-    return entry[1] if entry is not None and entry[0] == key else None
+class ForwardCache:
+    """Matrices by adapter (at most one each, in insertion order) and the bytes they hold."""
 
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[tuple, Tensor]] = {}
+        self._held_bytes = 0
 
-def store(adapter: nn.Module, key: tuple, matrix: Tensor, budget_bytes: int, evict_older: bool) -> bool:
-    """Keep ``matrix`` for ``adapter`` within ``budget_bytes``, evicting the oldest entries to
-    make room when ``evict_older``; an older entry of the same adapter is replaced. Returns
-    whether it was kept."""
-    global _held_bytes
-    drop(adapter)
-    size = _size(matrix)
-    while evict_older and _entries and _held_bytes + size > budget_bytes:
-        oldest_key, (_, oldest) = next(iter(_entries.items()))
-        del _entries[oldest_key]
-        _held_bytes -= _size(oldest)
-    if _held_bytes + size > budget_bytes:
-        return False
-    _entries[id(adapter)] = (key, matrix)
-    _held_bytes += size
-    return True
+    def lookup(self, adapter: nn.Module, key: tuple) -> Optional[Tensor]:
+        """The matrix stored for ``adapter`` under ``key``, or None."""
+        entry = self._entries.get(id(adapter))
+        return entry[1] if entry is not None and entry[0] == key else None
 
+    def store(self, adapter: nn.Module, key: tuple, matrix: Tensor, budget_bytes: int, evict_older: bool) -> bool:
+        """Keep ``matrix`` for ``adapter`` within ``budget_bytes``, evicting the oldest entries to
+        make room when ``evict_older``; an older entry of the same adapter is replaced. Returns
+        whether it was kept."""
+        self.drop(adapter)
+        size = _size(matrix)
+        while evict_older and self._entries and self._held_bytes + size > budget_bytes:
+            oldest_key, (_, oldest) = next(iter(self._entries.items()))
+            del self._entries[oldest_key]
+            self._held_bytes -= _size(oldest)
+        if self._held_bytes + size > budget_bytes:
+            return False
+        self._entries[id(adapter)] = (key, matrix)
+        self._held_bytes += size
+        return True
 
-def drop(adapter: nn.Module) -> None:
-    """Forget ``adapter``'s entry, if any."""
-    global _held_bytes
-    entry = _entries.pop(id(adapter), None)
-    if entry is not None:
-        _held_bytes -= _size(entry[1])
+    def drop(self, adapter: nn.Module) -> None:
+        """Forget ``adapter``'s entry, if any."""
+        entry = self._entries.pop(id(adapter), None)
+        if entry is not None:
+            self._held_bytes -= _size(entry[1])
 
+    def clear(self) -> None:
+        """Forget every entry."""
+        self._entries.clear()
+        self._held_bytes = 0
 
-def clear() -> None:
-    """Forget every entry."""
-    global _held_bytes
-    _entries.clear()
-    _held_bytes = 0
+    def held_bytes(self) -> int:
+        """Memory held by cached matrices, in bytes."""
+        return self._held_bytes
 
 
 def in_backward() -> bool:
@@ -73,6 +79,4 @@ def in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def held_bytes() -> int:
-    """Memory held by cached matrices, in bytes."""
-    return _held_bytes
+kept_weights = ForwardCache()

@@ -1,4 +1,7 @@
-"""Fuse adapters into the base weights and restore them bit for bit.
+"""Fuse adapters into the base weights of a model and restore them bit for bit.
+
+The work on one layer is ``SnellaLinear``'s (``fuse_adapters``, ``restore_base_weight``); this
+module loops it over a model's layers and sums what they measured.
 
 The fused weight is cast(W0 + Σ_k s_k·ΔW_k) with the sum in float32. Where the pristine base
 weight W0 is kept is the caller's choice (``keep_original``):
@@ -25,147 +28,26 @@ fraction of ΔW energy kept, 1 − ||cast(W0 + ΔW) − (W0 + ΔW)||² / ||ΔW||
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from .errors import SnellaError
-from .blocked import effective_blocked
-from .layer import SnellaLinear, snella_layers
+from .errors import UnfuseError
+from .layer import (
+    DEFAULT_KEEP_ORIGINAL,
+    KEEP_ORIGINAL_CHOICES,
+    KeepOriginal,
+    SnellaLinear,
+    check_keep_original,
+    snella_layers,
+)
 
-KeepOriginal = Union[str, bool]
-KEEP_ORIGINAL_CHOICES: tuple[KeepOriginal, ...] = ("cpu", "device", False)
-DEFAULT_KEEP_ORIGINAL: KeepOriginal = "cpu"
+__all__ = [
+    "DEFAULT_KEEP_ORIGINAL", "KEEP_ORIGINAL_CHOICES", "KeepOriginal", "UnfuseError", "energy_kept_in",
+    "fuse_layer", "fuse_snella", "fused_energy_kept", "log_energy_kept", "unfuse_snella",
+]
 
 logger = logging.getLogger(__name__)
-
-
-class UnfuseError(SnellaError):
-    """The base weights cannot be restored: they were fused with ``keep_original=False``."""
-
-
-def _check_keep_original(keep_original: KeepOriginal) -> None:
-    if keep_original not in KEEP_ORIGINAL_CHOICES or keep_original is True:
-        raise SnellaError(f"keep_original={keep_original!r}: expected one of 'cpu', 'device', False")
-
-
-def pristine_weight(layer: SnellaLinear) -> Optional[Tensor]:
-    """The kept base weight W0 of a fused layer (on its device or the CPU), or None."""
-    return layer.unfused_weight if layer.unfused_weight is not None else layer.unfused_weight_cpu
-
-
-def _discarded_error(layer_name: str) -> UnfuseError:
-    return UnfuseError(
-        f"layer {layer_name or '<model>'}: adapters were fused with keep_original=False, so the base "
-        "weights were not kept and cannot be restored; reload the base model (or fuse with "
-        "keep_original='cpu' to be able to unfuse)"
-    )
-
-
-def restore_base_weight(layer: SnellaLinear, layer_name: str = "") -> None:
-    """Put the pristine base weight back (a bit-exact copy) and mark nothing as fused.
-
-    Raises:
-        UnfuseError: adapters are fused and W0 was not kept (``keep_original=False``).
-    """
-    if layer.fused_adapters and layer.original_discarded:
-        raise _discarded_error(layer_name)
-    pristine = pristine_weight(layer)
-    if pristine is not None:
-        with torch.no_grad():
-            layer.base_layer.weight.copy_(pristine)
-    layer.unfused_weight = None
-    layer.unfused_weight_cpu = None
-    layer.fused_adapters = {}
-    layer.fused_delta_energy = (0.0, 0.0)
-
-
-def _keep_pristine(layer: SnellaLinear, keep_original: KeepOriginal) -> None:
-    weight = layer.base_layer.weight.detach()
-    if keep_original == "device":
-        layer.unfused_weight = weight.clone()
-    elif keep_original == "cpu":
-        layer.unfused_weight_cpu = weight.to("cpu", copy=True)
-    else:
-        layer.original_discarded = True
-
-
-def write_fused_weight(
-    layer: SnellaLinear, fused: dict[str, float], keep_original: KeepOriginal = DEFAULT_KEEP_ORIGINAL,
-    layer_name: str = "",
-) -> None:
-    """Set the base weight to cast(W0 + Σ_k factor_k·ΔW_k) for ``fused = {name: factor}``,
-    computed in float32 from the pristine copy (kept as ``keep_original`` says at the first
-    fuse); an empty dict restores W0 exactly. Without a kept W0 (``keep_original=False``)
-    only adding adapters is possible: their ΔW goes onto the fused weight."""
-    if not fused:
-        restore_base_weight(layer, layer_name)
-        return
-    _check_keep_original(keep_original)
-    weight = layer.base_layer.weight
-    if pristine_weight(layer) is None and not layer.original_discarded:
-        _keep_pristine(layer, keep_original)
-    pristine = pristine_weight(layer)
-    if _fuses_in_one_pass(layer, fused, pristine):
-        with torch.no_grad():
-            name, factor = next(iter(fused.items()))
-            layer.fused_delta_energy = _fuse_one_float32(layer, name, factor, pristine)
-        layer.fused_adapters = dict(fused)
-        layer._delta_cache = None
-        return
-    with torch.no_grad():
-        reference = pristine if pristine is not None else weight
-        if pristine is not None:
-            total = pristine.to(weight.device, torch.float32, copy=True)
-            adding = fused
-        else:
-            if any(name not in fused for name in layer.fused_adapters):
-                raise _discarded_error(layer_name)
-            total = weight.to(torch.float32, copy=True)
-            adding = {n: f for n, f in fused.items() if n not in layer.fused_adapters}
-        for name, factor in adding.items():
-            total = total.add_(layer.adapters[name].delta_weight(), alpha=factor)
-        fused_weight = total.to(weight.dtype)
-        layer.fused_delta_energy = _rounding_and_delta_energy(reference, total, fused_weight)
-        weight.copy_(fused_weight)
-    layer.fused_adapters = dict(fused)
-    layer._delta_cache = None
-
-
-def _fuses_in_one_pass(layer: SnellaLinear, fused: dict[str, float], pristine: Optional[Tensor]) -> bool:
-    """Whether the fused weight is W0 + s·ΔW of one adapter into a float32 weight with W0 kept
-    on the same device: then one blocked pass writes it."""
-    weight = layer.base_layer.weight
-    return (len(fused) == 1 and not layer.fused_adapters and weight.dtype == torch.float32
-            and pristine is not None and pristine.device == weight.device and pristine.dtype == torch.float32)
-
-
-def _fuse_one_float32(layer: SnellaLinear, name: str, factor: float, pristine: Tensor) -> tuple[float, float]:
-    """W0 + factor·ΔW written over the float32 weight by one blocked pass that builds ΔW block
-    by block (``blocked.effective_blocked``: the same expressions and the same float32 sum as
-    adding ``delta_weight()``, without the whole-matrix M, ΔW and sum); returns the energies
-    (0, ||W − W0||²) with W0 the kept ``pristine`` weight."""
-    adapter = layer.adapters[name]
-    weight = layer.base_layer.weight
-    threshold = adapter.refresh_threshold()
-    factors = (adapter.in_factors, adapter.out_factors, adapter.alpha, adapter.effective_gamma(), adapter.beta)
-    factors = tuple(t.to(torch.float32) for t in factors)
-    fused = effective_blocked(adapter.kernel, *factors, adapter.kernel_scale, threshold.to(torch.float32),
-                              adapter.sparsify_mode, factor, pristine, torch.float32, out=weight.data)
-    return _rounding_and_delta_energy(pristine, fused, fused)
-
-
-def _rounding_and_delta_energy(pristine: Tensor, exact: Tensor, fused: Tensor) -> tuple[float, float]:
-    """(||fused − exact||², ||exact − W0||²) in float32 sums, for the energy-kept figure;
-    ``exact`` is W0 + Σ_k s_k·ΔW_k in float32, ``fused`` its cast to the weight's dtype; W0 is
-    ``pristine`` (on any device), or the weight before this fuse when W0 was not kept."""
-    if fused.dtype == exact.dtype:
-        rounding = 0.0
-    else:
-        rounding = float(torch.sub(fused.to(exact.dtype), exact).square_().sum())
-    delta_energy = float(torch.sub(exact, pristine.to(exact.device, exact.dtype)).square_().sum())
-    return rounding, delta_energy
 
 
 def fused_energy_kept(model: nn.Module) -> Optional[float]:
@@ -190,18 +72,9 @@ def fuse_layer(
     layer: SnellaLinear, scale: float = 1.0, adapter_names: Optional[Sequence[str]] = None,
     keep_original: KeepOriginal = DEFAULT_KEEP_ORIGINAL,
 ) -> None:
-    """Add scale·w_k·ΔW_k of the given (default: active) adapters into the base weight.
-
-    Adapters already fused in this layer are left as they are (fusing is idempotent);
-    ``keep_original`` as in ``fuse_snella``.
-    """
-    names = list(layer.active_adapters if adapter_names is None else adapter_names)
-    for name in names:
-        if name not in layer.adapters:
-            raise SnellaError(f"no adapter named {name!r} to fuse")
-    new = {n: scale * layer.adapter_weights.get(n, 1.0) for n in names if n not in layer.fused_adapters}
-    if new:
-        write_fused_weight(layer, {**layer.fused_adapters, **new}, keep_original)
+    """``layer.fuse_adapters(scale, adapter_names, keep_original)``: add scale·w_k·ΔW_k of the
+    given (default: active) adapters into the base weight; already fused ones stay as they are."""
+    layer.fuse_adapters(scale, adapter_names, keep_original)
 
 
 def fuse_snella(
@@ -218,14 +91,14 @@ def fuse_snella(
     spacing: the fraction of ΔW energy kept is logged (INFO) and ``fused_energy_kept(model)``
     returns it.
     """
-    _check_keep_original(keep_original)
+    check_keep_original(keep_original)
     layers = snella_layers(model)
     for layer in layers.values():
         names = layer.active_adapters if adapter_names is None else [
             n for n in adapter_names if n in layer.adapters
         ]
         if names:
-            fuse_layer(layer, scale, names, keep_original)
+            layer.fuse_adapters(scale, names, keep_original)
     log_energy_kept(layers.values())
     return len(layers)
 
@@ -246,11 +119,10 @@ def unfuse_snella(model: nn.Module) -> int:
     """
     layers = snella_layers(model)
     for name, layer in layers.items():
-        if layer.fused_adapters and layer.original_discarded:
-            raise _discarded_error(name)
+        layer.check_restorable(name)
     restored = 0
     for layer in layers.values():
-        if pristine_weight(layer) is not None:
+        if layer.pristine_weight is not None:
             restored += 1
-        restore_base_weight(layer)
+        layer.restore_base_weight()
     return restored

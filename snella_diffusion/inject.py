@@ -8,11 +8,11 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from . import forward_cache, scratch
 from .config import SnellaConfig, TargetModules
 from .errors import SnellaError
-from .fuse import DEFAULT_KEEP_ORIGINAL, UnfuseError, restore_base_weight, write_fused_weight
+from .forward_cache import kept_weights
 from .layer import SnellaLinear, snella_layers
+from .scratch import idle_buffers
 
 
 # bitsandbytes (and similar) layers that subclass nn.Linear but hold packed or integer weights.
@@ -220,8 +220,8 @@ def remove_snella(model: nn.Module, adapter_name: Optional[str] = None) -> nn.Mo
     With ``adapter_name``, only that adapter is deleted (other adapters fused in the layer stay
     fused); a layer left without adapters is unwrapped. Layers fused with
     ``keep_original=False`` keep their fused weights when unwrapped (merge and unload). The
-    layers' idle scratch buffers (``scratch``) and cached forward weights (``forward_cache``)
-    are freed.
+    layers' shared idle buffers (``scratch.idle_buffers``) and cached forward weights
+    (``forward_cache.kept_weights``) are freed.
 
     Raises:
         UnfuseError: ``adapter_name`` is fused into a layer whose base weight was not kept
@@ -230,30 +230,15 @@ def remove_snella(model: nn.Module, adapter_name: Optional[str] = None) -> nn.Mo
     layers = snella_layers(model)
     if adapter_name is not None:
         for name, layer in layers.items():
-            if layer.original_discarded and adapter_name in layer.fused_adapters:
-                raise UnfuseError(
-                    f"layer {name}: adapter {adapter_name!r} was fused with keep_original=False, so "
-                    "its ΔW cannot be taken out of the base weight; remove all adapters (the fused "
-                    "weights stay) or reload the base model"
-                )
-    scratch.release()
-    forward_cache.clear()
+            layer.check_removable(adapter_name, name)
+    idle_buffers.release()
+    kept_weights.clear()
     for name, layer in layers.items():
         if adapter_name is not None:
             if adapter_name not in layer.adapters:
                 continue
-            if layer.original_discarded:
-                layer.delete_adapter(adapter_name)
-            else:
-                still_fused = {k: v for k, v in layer.fused_adapters.items() if k != adapter_name}
-                keep = "device" if layer.unfused_weight is not None else DEFAULT_KEEP_ORIGINAL
-                restore_base_weight(layer, name)
-                layer.delete_adapter(adapter_name)
-                if len(layer.adapters):
-                    write_fused_weight(layer, still_fused, keep, name)
+            layer.remove_adapter(adapter_name, name)
             if len(layer.adapters):
                 continue
-        if not layer.original_discarded:
-            restore_base_weight(layer, name)
-        set_submodule(model, name, layer.base_layer)
+        set_submodule(model, name, layer.unwrap(name))
     return model

@@ -1,412 +1,70 @@
-"""SnellaLinear: a frozen linear layer plus one or more SNELLA adapters.
+"""SnellaLinear: a frozen linear layer with SNELLA adapters, and the state it owns.
 
-Training goes through ``_SnellaLinearFunction``, a custom autograd function that builds
-W0 + ΔW_eff, ΔW_eff = sparsify(κ(A, B)), in its forward, uses it for one GEMM, drops it, and
-rebuilds it in its backward, where one pass also gives the factor gradients. Both run in
-cache-sized column blocks (``blocked``); the weight-sized results borrow reused buffers
-(``scratch``). Nothing of size m×n lives from forward to backward (unless a
-``forward_cache_mb`` budget asks to keep W0 + ΔW_eff): the saved tensors are the input, the
-(frozen) base weight, the factors, three scalars and τ.
+The layer holds its adapters (``adapter.SnellaAdapter``) and runs training forwards through
+``autograd.snella_linear``. Everything else a layer's base weight goes through is a method
+here, so no other module writes its fields:
 
-τ is cached per adapter and keyed on the parameters' version counters, so it is selected once
-per optimizer step: gradient-accumulation micro-batches and gradient-checkpointing recomputes
-reuse it.
+- fusing (``fuse_adapters``, ``write_fused_weight``, ``restore_base_weight``,
+  ``remove_adapter``, ``unwrap``): the fused weight is cast(W0 + Σ_k s_k·ΔW_k) with the sum
+  in float32, computed from a kept pristine W0 so that any number of fuse/unfuse cycles ends
+  exactly where it started (``fuse.py`` loops these over a model and explains where W0 is
+  kept);
+- the inference ΔW cache (``release_delta_cache``, ``delta_cache_bytes``,
+  ``set_inference_delta_caching``): an unfused inference forward keeps Σ_k w_k·ΔW_k in the base
+  dtype until an adapter, weight or dtype changes (``delta_cache.py`` loops these).
 
-Precision: the merged GEMM runs only where it loses nothing, in float32 (or float64). With
-fp16/bf16 products (half-precision activations or autocast) W0 + ΔW_eff would round most of
-ΔW_eff away, so ``snella_linear`` applies ``x·W0ᵀ + x·ΔW_effᵀ`` as two products instead, in
-the forward, the backward and the forward cache alike; the factors and ΔW_eff stay float32.
+``from snella_diffusion.layer import SnellaAdapter, snella_linear, gemm_dtype, merges_exactly``
+keeps working: those live in ``adapter.py`` and ``autograd.py`` and are re-exported here.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import forward_cache, scratch
-from .blocked import backward_blocked, effective_blocked, merged_blocked
+from .adapter import GAMMA_FLOOR, SnellaAdapter
+from .autograd import gemm_dtype, merges_exactly, snella_linear
+from .blocked import Factors, effective_blocked
 from .config import SnellaConfig
-from .errors import SnellaError
-from .fused import pipeline
-from .kernels import kernel_matrix
-from .sparsify import drop_count_for, select_threshold, survivor_gate
+from .errors import SnellaError, UnfuseError
 
-GAMMA_FLOOR = 1e-4
+__all__ = [
+    "DEFAULT_KEEP_ORIGINAL", "GAMMA_FLOOR", "KEEP_ORIGINAL_CHOICES", "KeepOriginal", "SnellaAdapter",
+    "SnellaLinear", "gemm_dtype", "merges_exactly", "snella_layers", "snella_linear",
+]
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32, or float64 when the factors are float64 (gradient checks)."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _in_compute_dtype(*tensors: Tensor) -> tuple[Tensor, ...]:
-    """The factors and scalars in the ΔW compute dtype (no copy when already there)."""
-    dtype = _compute_dtype(tensors[0].dtype)
-    return tuple(t.to(dtype) for t in tensors)
+KeepOriginal = Union[str, bool]
+KEEP_ORIGINAL_CHOICES: tuple[KeepOriginal, ...] = ("cpu", "device", False)
+DEFAULT_KEEP_ORIGINAL: KeepOriginal = "cpu"
 
 
-def gemm_dtype(x: Tensor) -> torch.dtype:
-    """The dtype a layer's products with ``x`` run in: the autocast dtype where autocast is on
-    for ``x``'s device type, else ``x``'s own."""
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
+def check_keep_original(keep_original: KeepOriginal) -> None:
+    """Raise SnellaError unless ``keep_original`` is "cpu", "device" or False."""
+    if keep_original not in KEEP_ORIGINAL_CHOICES or keep_original is True:
+        raise SnellaError(f"keep_original={keep_original!r}: expected one of 'cpu', 'device', False")
 
 
-def merges_exactly(dtype: torch.dtype) -> bool:
-    """Whether W0 + ΔW_eff held in ``dtype`` keeps ΔW_eff: true for float32 and float64.
-
-    A bf16 (fp16) weight of magnitude 0.02 has a spacing of about 1.2e-4 (1.5e-5), so in a
-    half-precision W0 + ΔW_eff every ΔW entry below half that spacing rounds away and the
-    larger ones lose their low bits, while ΔW_eff alone cast to the same dtype keeps its
-    relative precision (~2^-8 for bf16, ~2^-11 for fp16).
-    """
-    return torch.finfo(dtype).bits >= 32
-
-
-class SnellaAdapter(nn.Module):
-    """Trainable factors and sparsity state of one adapter on an ``(m, n)`` linear map.
-
-    Parameters (float32 whatever the base dtype):
-        in_factors ``(P, n, r/P)``, out_factors ``(P, m, r/P)``, alpha, gamma, beta (0-d).
-    Buffers:
-        sparsity (float32, fraction of ΔW entries set to zero), drop_count (int64, the exact
-        number removed, k = round(s·m·n)), threshold (float32, the τ last used).
-    """
-
-    def __init__(
-        self,
-        out_features: int,
-        in_features: int,
-        config: SnellaConfig,
-        device: Optional[torch.device] = None,
-    ) -> None:
-        super().__init__()
-        self.out_features = out_features
-        self.in_features = in_features
-        self.kernel = config.kernel
-        self.kernel_scale = config.kernel_scale
-        self.sparsify_mode = config.sparsify
-        self.threshold_sample_size = config.threshold_sample_size
-        self.compile_kernels = config.compile_kernels
-        self.forward_cache_bytes = config.forward_cache_mb << 20
-        heads, width = config.num_heads, config.head_width
-        factory = {"device": device, "dtype": torch.float32}
-        self.in_factors = nn.Parameter(torch.empty(heads, in_features, width, **factory))
-        self.out_factors = nn.Parameter(torch.empty(heads, out_features, width, **factory))
-        self.alpha = nn.Parameter(torch.ones((), **factory))
-        self.gamma = nn.Parameter(torch.ones((), **factory))
-        self.beta = nn.Parameter(torch.zeros((), **factory))
-        self.register_buffer("sparsity", torch.zeros((), **factory))
-        self.register_buffer("threshold", torch.zeros((), **factory))
-        self.register_buffer("drop_count", torch.zeros((), dtype=torch.int64, device=device))
-        self.drop_count_host = 0
-        self._threshold_key: Optional[tuple] = None
-        self.reset_parameters()
-        self.set_sparsity(config.init_sparsity)
-
-    @property
-    def numel(self) -> int:
-        """m·n, the number of entries of ΔW."""
-        return self.out_features * self.in_features
-
-    def reset_parameters(self) -> None:
-        """Kaiming-uniform factors (bound 1/sqrt(rows·r/P)), alpha = gamma = 1, beta = 0."""
-        nn.init.kaiming_uniform_(self.in_factors, a=math.sqrt(5))
-        nn.init.kaiming_uniform_(self.out_factors, a=math.sqrt(5))
-        with torch.no_grad():
-            self.alpha.fill_(1.0)
-            self.gamma.fill_(1.0)
-            self.beta.zero_()
-        self._threshold_key = None
-
-    def set_sparsity(self, sparsity: float, drop_count: Optional[int] = None) -> None:
-        """Set s (and k = round(s·m·n), or the given exact ``drop_count``).
-
-        s = 1 (a layer the allocator gave no budget) removes every entry.
-        """
-        if not 0.0 <= sparsity <= 1.0:
-            raise SnellaError(f"sparsity={sparsity}: must lie in [0, 1]")
-        count = drop_count_for(sparsity, self.numel) if drop_count is None else int(drop_count)
-        if not 0 <= count <= self.numel:
-            raise SnellaError(f"drop_count={count}: must lie in [0, {self.numel}]")
-        self.drop_count_host = count
-        with torch.no_grad():
-            self.sparsity.fill_(sparsity)
-            self.drop_count.fill_(count)
-        self._threshold_key = None
-
-    def effective_gamma(self) -> Tensor:
-        """gamma clamped to stay positive (the softmax temperature)."""
-        return self.gamma.clamp_min(GAMMA_FLOOR)
-
-    def version_key(self) -> tuple:
-        """Changes whenever a parameter or the sparsity changes (in-place updates included)."""
-        params = (self.in_factors, self.out_factors, self.alpha, self.gamma, self.beta)
-        return tuple((id(p), p._version) for p in params) + (self.drop_count_host,)
-
-    def cached_threshold(self) -> Optional[Tensor]:
-        """τ if it was selected for the current parameters, else None."""
-        return self.threshold if self._threshold_key == self.version_key() else None
-
-    def record_threshold(self, threshold: Tensor) -> None:
-        with torch.no_grad():
-            self.threshold.copy_(threshold)
-        self._threshold_key = self.version_key()
-
-    def merged_matrix(self, keep_terms: bool = False):
-        """M = κ(A, B) in float32 (float64 for float64 factors), ``(m, n)``, with autograd."""
-        factors = _in_compute_dtype(
-            self.in_factors, self.out_factors, self.alpha, self.effective_gamma(), self.beta
-        )
-        return kernel_matrix(
-            self.kernel,
-            *factors,
-            self.kernel_scale,
-            keep_terms=keep_terms,
-        )
-
-    def _training_merged(self) -> Tensor:
-        """M ``(m, n)`` as a training forward builds it (blocked, no autograd)."""
-        with torch.no_grad():
-            factors = _in_compute_dtype(
-                self.in_factors, self.out_factors, self.alpha, self.effective_gamma(), self.beta
-            )
-            return merged_blocked(self.kernel, *factors, self.kernel_scale)
-
-    def select_threshold_on(self, merged: Tensor) -> Tensor:
-        """Select τ on M ``(m, n)`` for the current sparsity and record it for these parameters."""
-        threshold = select_threshold(merged, self.drop_count_host, self.threshold_sample_size, absolute=True)
-        self.record_threshold(threshold)
-        return threshold
-
-    def refresh_threshold(self) -> Tensor:
-        """τ for the current parameters, selected on the M a training forward builds (so a saved
-        or fused adapter uses bit for bit the τ training used); cached like in training."""
-        threshold = self.cached_threshold()
-        return threshold if threshold is not None else self.select_threshold_on(self._training_merged())
-
-    def delta_weight(self) -> Tensor:
-        """ΔW_eff ``(m, n)`` in float32 (float64 for float64 factors), bit-identical to the ΔW a
-        training forward uses. With autograd on and trainable factors it is differentiable
-        through M (the gate, taken from the training M, is detached)."""
-        merged = self._training_merged()
-        threshold = self.cached_threshold()
-        if threshold is None:
-            threshold = self.select_threshold_on(merged)
-        threshold = threshold.to(merged.dtype)
-        with torch.no_grad():
-            # M is given, so the factors only lend their shapes and device here.
-            delta = effective_blocked(self.kernel, self.in_factors, self.out_factors, self.alpha, self.gamma,
-                                      self.beta, self.kernel_scale, threshold, self.sparsify_mode, 1.0, None,
-                                      merged.dtype, merged=merged)
-        if not (torch.is_grad_enabled() and self.in_factors.requires_grad):
-            return delta
-        # Values stay exactly the training ΔW (x - x is 0); the gradient flows through M ⊙ G.
-        differentiable = self.merged_matrix()[0] * survivor_gate(merged.abs(), threshold, self.sparsify_mode)
-        return delta + (differentiable - differentiable.detach())
-
-    def keep_count(self) -> int:
-        """Entries kept by the current sparsity, m·n - k."""
-        return self.numel - self.drop_count_host
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self.drop_count.is_meta:
-            return
-        self.drop_count_host = int(self.drop_count)
-        # A state dict may hold a τ saved before any forward: select it again (deterministic).
-        # Adapter files store a τ refreshed at save time; load_snella reuses that one.
-        self._threshold_key = None
-
-
-class _SnellaLinearFunction(torch.autograd.Function):
-    """y = x·(W0 + scale·ΔW_eff)ᵀ + b (or x·(scale·ΔW_eff)ᵀ with no base weight).
-
-    ΔW_eff is rebuilt in backward instead of being saved (or taken from ``forward_cache``).
-    ``snella_linear`` passes a base weight only when the products run in float32/float64
-    (``merges_exactly``).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, in_factors, out_factors, alpha, gamma, beta, adapter, scale):
-        dtype = _compute_dtype(in_factors.dtype)
-        factors = _in_compute_dtype(in_factors, out_factors, alpha, gamma, beta)
-        out_dtype = gemm_dtype(x)
-        cache_key = _forward_cache_key(adapter, scale, out_dtype, weight) if adapter.forward_cache_bytes else None
-        effective = forward_cache.lookup(adapter, cache_key) if cache_key is not None else None
-        threshold = adapter.cached_threshold()
-        if effective is not None and threshold is not None:
-            threshold = threshold.to(dtype)
-            kept = True
-        else:
-            effective, threshold = _build_effective(adapter, factors, threshold, scale, weight, out_dtype)
-            kept = cache_key is not None and forward_cache.store(
-                adapter, cache_key, effective, adapter.forward_cache_bytes, not forward_cache.in_backward()
-            )
-        output = F.linear(x, effective, bias)
-        if not kept:
-            scratch.give_back(effective)
-        del effective
-        ctx.save_for_backward(x, weight, in_factors, out_factors, alpha, gamma, beta, threshold)
-        ctx.adapter_spec = (adapter.kernel, adapter.kernel_scale, adapter.sparsify_mode, adapter.compile_kernels)
-        ctx.adapter = adapter
-        ctx.cache_key = cache_key
-        ctx.scale = scale
-        ctx.has_bias = bias is not None
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        x, weight, in_factors, out_factors, alpha, gamma, beta, threshold = ctx.saved_tensors
-        kernel, kernel_scale, sparsify_mode, compiled = ctx.adapter_spec
-        dtype = _compute_dtype(in_factors.dtype)
-        factors = _in_compute_dtype(in_factors, out_factors, alpha, gamma, beta)
-        out_features = factors[1].shape[1]
-        in_features = factors[0].shape[1]
-        grad_x = grad_bias = None
-        flat_grad = grad_output.reshape(-1, out_features)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = flat_grad.sum(0)
-        # Under autocast the output (hence grad_output) may be bf16/fp16 while x is float32.
-        common = torch.promote_types(flat_grad.dtype, x.dtype)
-        shape = (out_features, in_features)
-        grad_delta = torch.matmul(flat_grad.T.to(common), x.reshape(-1, in_features).to(common),
-                                  out=scratch.borrow(shape, common, x.device)).to(dtype)
-        cached = None
-        if ctx.cache_key is not None:
-            cached = forward_cache.lookup(ctx.adapter, ctx.cache_key)
-            forward_cache.drop(ctx.adapter)
-        effective_dtype = grad_output.dtype if ctx.needs_input_grad[0] and cached is None else None
-        if compiled:
-            grads, effective = _compiled_backward(kernel, factors, kernel_scale, threshold, sparsify_mode, ctx.scale,
-                                                  weight, effective_dtype, grad_delta)
-        else:
-            # One blocked pass rebuilds M and gives both the factor gradients and, for the
-            # input gradient, the forward weight (unless the forward cache still holds it).
-            effective_out = None if effective_dtype is None else scratch.borrow(shape, effective_dtype, x.device)
-            grads, effective = backward_blocked(
-                kernel, *factors, kernel_scale, threshold, sparsify_mode, ctx.scale, grad_delta, weight,
-                effective_dtype, effective_out=effective_out,
-            )
-        scratch.give_back(grad_delta)
-        if ctx.needs_input_grad[0]:
-            weight_used = effective if cached is None else cached
-            grad_x = grad_output @ weight_used.to(grad_output.dtype)
-            if effective is not None:
-                scratch.give_back(effective)
-            del effective, weight_used
-        del cached
-        return (
-            grad_x, None, grad_bias,
-            grads.in_factors.to(in_factors.dtype), grads.out_factors.to(out_factors.dtype),
-            grads.alpha.to(alpha.dtype), grads.gamma.to(gamma.dtype), grads.beta.to(beta.dtype),
-            None, None,
-        )
-
-
-def _forward_cache_key(adapter: SnellaAdapter, scale: float, dtype: torch.dtype, weight: Optional[Tensor]) -> tuple:
-    """What W0 + scale·ΔW_eff depends on: the adapter's parameter versions and sparsity, the
-    scale, the output dtype and the base weight's identity and version."""
-    base = None if weight is None else (id(weight), weight._version)
-    return adapter.version_key() + (float(scale), dtype, base)
-
-
-def _build_effective(adapter: SnellaAdapter, factors: tuple[Tensor, ...], threshold: Optional[Tensor],
-                     scale: float, weight: Optional[Tensor], out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """W0 + scale·ΔW_eff ``(m, n)`` in ``out_dtype`` and τ in the compute dtype, selecting τ first
-    when ``threshold`` is None (the first forward after a parameter change)."""
-    if adapter.compile_kernels:
-        return _compiled_forward(adapter, factors, threshold, scale, weight, out_dtype)
-    dtype, device = factors[0].dtype, factors[0].device
-    shape = (factors[1].shape[1], factors[0].shape[1])
-    merged = None
-    if threshold is None:
-        merged = merged_blocked(adapter.kernel, *factors, adapter.kernel_scale,
-                                out=scratch.borrow(shape, dtype, device))
-        threshold = adapter.select_threshold_on(merged)
-    threshold = threshold.to(dtype)
-    effective = effective_blocked(
-        adapter.kernel, *factors, adapter.kernel_scale, threshold, adapter.sparsify_mode, scale, weight, out_dtype,
-        merged=merged, out=scratch.borrow(shape, out_dtype, device),
+def _discarded_error(layer_name: str) -> UnfuseError:
+    return UnfuseError(
+        f"layer {layer_name or '<model>'}: adapters were fused with keep_original=False, so the base "
+        "weights were not kept and cannot be restored; reload the base model (or fuse with "
+        "keep_original='cpu' to be able to unfuse)"
     )
-    if merged is not None:
-        scratch.give_back(merged)
-    return effective, threshold
 
 
-def _compiled_forward(adapter: SnellaAdapter, factors: tuple[Tensor, ...], threshold: Optional[Tensor],
-                      scale: float, weight: Optional[Tensor], out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """W0 + scale·ΔW_eff and τ through the Inductor-compiled whole-matrix pipeline
-    (``compile_kernels``)."""
-    dtype = factors[0].dtype
-    if threshold is None:
-        merged = pipeline("merged_matrix", True)(adapter.kernel, *factors, adapter.kernel_scale)
-        threshold = adapter.select_threshold_on(merged)
-        threshold = threshold.to(dtype)
-        effective = pipeline("effective_weight", True)(merged, threshold, adapter.sparsify_mode, scale, weight,
-                                                       out_dtype)
-        return effective, threshold
-    threshold = threshold.to(dtype)
-    effective = pipeline("effective_weight_from_factors", True)(
-        adapter.kernel, *factors, adapter.kernel_scale, threshold, adapter.sparsify_mode, scale, weight, out_dtype,
-    )
-    return effective, threshold
-
-
-def _compiled_backward(kernel: str, factors: tuple[Tensor, ...], kernel_scale: float, threshold: Tensor,
-                       sparsify_mode: str, scale: float, weight: Optional[Tensor],
-                       effective_dtype: Optional[torch.dtype], grad_delta: Tensor):
-    """The backward through the compiled whole-matrix pipeline (``compile_kernels``);
-    ``grad_delta`` is overwritten."""
-    merged, distances, kernel_values, softmax = pipeline("merged_with_terms", True)(kernel, *factors, kernel_scale)
-    effective = None
-    if effective_dtype is not None:
-        effective = pipeline("effective_weight", True)(merged, threshold, sparsify_mode, scale, weight,
-                                                       effective_dtype)
-    grads = pipeline("gradients_from_terms", True)(
-        kernel, merged, distances, kernel_values, softmax, *factors[:4], kernel_scale, threshold,
-        sparsify_mode, scale, grad_delta,
-    )
-    return grads, effective
-
-
-def snella_linear(
-    x: Tensor,
-    adapter: SnellaAdapter,
-    weight: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None,
-    scale: float = 1.0,
-) -> Tensor:
-    """Apply ``x·(W0 + scale·ΔW_eff)ᵀ + b`` with the memory-lean autograd function.
-
-    When the products run in float32 (or float64), W0 + scale·ΔW_eff is built in that dtype
-    and used for one GEMM. When they run in fp16/bf16 (a half-precision ``x``, or autocast),
-    the sum would round ΔW_eff away (``merges_exactly``), so the layer computes
-    ``x·W0ᵀ + b + x·(scale·ΔW_eff)ᵀ`` instead, with ΔW_eff cast to that dtype on its own; the
-    backward follows the same rule.
-
-    Args:
-        x: ``(..., n)`` input.
-        adapter: the adapter holding A, B, the scalars and the sparsity.
-        weight: ``(m, n)`` frozen base weight, or None for the adapter branch alone.
-        bias: ``(m,)`` or None.
-    Returns:
-        ``(..., m)`` in the product dtype (``gemm_dtype(x)``).
-    """
-    dtype = gemm_dtype(x)
-    if weight is not None and not merges_exactly(dtype):
-        base = F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
-        return base + snella_linear(x, adapter, scale=scale)
-    return _SnellaLinearFunction.apply(
-        x, weight, bias, adapter.in_factors, adapter.out_factors, adapter.alpha,
-        adapter.effective_gamma(), adapter.beta, adapter, float(scale),
-    )
+def _rounding_and_delta_energy(pristine: Tensor, exact: Tensor, fused: Tensor) -> tuple[float, float]:
+    """(||fused − exact||², ||exact − W0||²) in float32 sums, for the energy-kept figure;
+    ``exact`` is W0 + Σ_k s_k·ΔW_k in float32, ``fused`` its cast to the weight's dtype; W0 is
+    ``pristine`` (on any device), or the weight before this fuse when W0 was not kept."""
+    if fused.dtype == exact.dtype:
+        rounding = 0.0
+    else:
+        rounding = float(torch.sub(fused.to(exact.dtype), exact).square_().sum())
+    delta_energy = float(torch.sub(exact, pristine.to(exact.device, exact.dtype)).square_().sum())
+    return rounding, delta_energy
 
 
 class SnellaLinear(nn.Module):
@@ -416,6 +74,11 @@ class SnellaLinear(nn.Module):
     ``out_factors`` ``(P, m, r/P)``, ``alpha``, ``gamma``, ``beta``, ``sparsity`` and
     ``threshold``. Several adapters may be resident; the active ones are combined as
     Σ_k w_k·ΔW_k.
+
+    State read by other modules and written only by this class's methods: ``fused_adapters``
+    ``{name: factor}`` (fused into the base weight), ``fused_delta_energy`` (rounding energy,
+    ΔW energy) of that fuse, ``unfused_weight`` / ``unfused_weight_cpu`` (the kept W0),
+    ``original_discarded``, ``disabled`` and ``cache_inference_delta``.
     """
 
     def __init__(self, base_layer: nn.Linear, config: SnellaConfig, adapter_name: str = "default"):
@@ -434,23 +97,25 @@ class SnellaLinear(nn.Module):
         self.adapter_weights: dict[str, float] = {}
         self.disabled = False
         self.fused_adapters: dict[str, float] = {}
-        # (rounding energy, ΔW energy) of the fused adapters, set by ``fuse`` (fused_energy_kept).
+        # (rounding energy, ΔW energy) of the fused adapters (``fuse.fused_energy_kept``).
         self.fused_delta_energy: tuple[float, float] = (0.0, 0.0)
         # The pristine base weight while adapters are fused; a buffer so that it follows
         # .to(device/dtype) like the weight it restores, non-persistent so it is never saved.
         self.register_buffer("unfused_weight", None, persistent=False)
-        # The pristine base weight on the CPU (``fuse_snella(keep_original="cpu")``): a plain
-        # attribute, so moving the model to a GPU leaves it in host memory.
+        # The pristine base weight on the CPU (``keep_original="cpu"``): a plain attribute, so
+        # moving the model to a GPU leaves it in host memory.
         self.unfused_weight_cpu: Optional[Tensor] = None
         # True once adapters were fused with ``keep_original=False``: W0 is gone for good.
         self.original_discarded = False
         self._delta_cache: Optional[tuple[tuple, Tensor]] = None
         # False: an inference forward builds Σ w_k·ΔW_k, uses it and drops it (one layer's
-        # worth of memory at a time, e.g. validation during training; see ``delta_cache``).
-        self.cache_inference_delta = True
+        # worth of memory at a time, e.g. validation during training).
+        self._cache_inference_delta = True
         for param in base_layer.parameters():
             param.requires_grad_(False)
         self.add_adapter(adapter_name, config)
+
+    # --- adapters ------------------------------------------------------------------------------
 
     def add_adapter(self, name: str, config: SnellaConfig) -> SnellaAdapter:
         """Create an adapter ``name`` on the base weight's device and make it active."""
@@ -467,6 +132,7 @@ class SnellaLinear(nn.Module):
         return adapter
 
     def delete_adapter(self, name: str) -> None:
+        """Forget adapter ``name`` (its ΔW stays in a fused weight; see ``remove_adapter``)."""
         if name not in self.adapters:
             raise SnellaError(f"no adapter named {name!r} on this layer")
         del self.adapters[name]
@@ -486,6 +152,10 @@ class SnellaLinear(nn.Module):
         for name, weight in zip(names, weights):
             self.adapter_weights[name] = float(weight)
         self._delta_cache = None
+
+    def set_disabled(self, disabled: bool) -> None:
+        """Run the base layer alone (True) or with the active adapters again (False)."""
+        self.disabled = bool(disabled)
 
     @property
     def primary(self) -> SnellaAdapter:
@@ -523,6 +193,8 @@ class SnellaLinear(nn.Module):
             total = total + self.adapter_weights[name] * self.adapters[name].delta_weight()
         return total
 
+    # --- forward -------------------------------------------------------------------------------
+
     def _applied_adapters(self) -> list[str]:
         if self.disabled:
             return []
@@ -535,20 +207,6 @@ class SnellaLinear(nn.Module):
             for name in names[1:]:
                 total.add_(self.adapters[name].delta_weight(), alpha=self.adapter_weights[name])
         return total
-
-    def _cached_delta(self, names: list[str]) -> Tensor:
-        """Σ w_k·ΔW_k in the base dtype, rebuilt only when an adapter, weight or dtype changes
-        (built afresh and not kept when ``cache_inference_delta`` is False)."""
-        weight = self.base_layer.weight
-        if not self.cache_inference_delta:
-            self._delta_cache = None
-            return self._summed_delta(names).to(weight.dtype)
-        key = tuple((n, self.adapter_weights[n], self.adapters[n].version_key()) for n in names)
-        key += (weight.dtype, weight.device)
-        if self._delta_cache is None or self._delta_cache[0] != key:
-            self._delta_cache = None
-            self._delta_cache = (key, self._summed_delta(names).to(weight.dtype))
-        return self._delta_cache[1]
 
     def _drop_path(self, output: Tensor) -> Tensor:
         if not self.training or self.drop_path == 0.0:
@@ -579,6 +237,184 @@ class SnellaLinear(nn.Module):
         adapter_input = F.dropout(x, self.adapter_dropout, self.training)
         branch = snella_linear(adapter_input, adapter, scale=scale)
         return self.base_layer(x) + self._drop_path(branch)
+
+    # --- the inference ΔW cache ------------------------------------------------------------------
+
+    def _cached_delta(self, names: list[str]) -> Tensor:
+        """Σ w_k·ΔW_k in the base dtype, rebuilt only when an adapter, weight or dtype changes
+        (built afresh and not kept when ``cache_inference_delta`` is False)."""
+        weight = self.base_layer.weight
+        if not self._cache_inference_delta:
+            self._delta_cache = None
+            return self._summed_delta(names).to(weight.dtype)
+        key = tuple((n, self.adapter_weights[n], self.adapters[n].version_key()) for n in names)
+        key += (weight.dtype, weight.device)
+        if self._delta_cache is None or self._delta_cache[0] != key:
+            self._delta_cache = None
+            self._delta_cache = (key, self._summed_delta(names).to(weight.dtype))
+        return self._delta_cache[1]
+
+    @property
+    def cache_inference_delta(self) -> bool:
+        """Whether an inference forward keeps Σ w_k·ΔW_k for the next one."""
+        return self._cache_inference_delta
+
+    def set_inference_delta_caching(self, enabled: bool) -> None:
+        """Keep (True) or build afresh and drop (False) the inference ΔW; False frees it now."""
+        self._cache_inference_delta = bool(enabled)
+        if not enabled:
+            self.release_delta_cache()
+
+    def release_delta_cache(self) -> None:
+        """Free the inference ΔW cache (rebuilt by the next inference forward)."""
+        self._delta_cache = None
+
+    def delta_cache_bytes(self) -> int:
+        """Bytes held by the inference ΔW cache."""
+        if self._delta_cache is None:
+            return 0
+        cached = self._delta_cache[1]
+        return cached.numel() * cached.element_size()
+
+    # --- fusing --------------------------------------------------------------------------------
+
+    @property
+    def pristine_weight(self) -> Optional[Tensor]:
+        """The kept base weight W0 of a fused layer (on its device or the CPU), or None."""
+        return self.unfused_weight if self.unfused_weight is not None else self.unfused_weight_cpu
+
+    def check_restorable(self, layer_name: str = "") -> None:
+        """Raise UnfuseError when adapters are fused and W0 was not kept (``keep_original=False``)."""
+        if self.fused_adapters and self.original_discarded:
+            raise _discarded_error(layer_name)
+
+    def restore_base_weight(self, layer_name: str = "") -> None:
+        """Put the pristine base weight back (a bit-exact copy) and mark nothing as fused.
+
+        Raises:
+            UnfuseError: adapters are fused and W0 was not kept (``keep_original=False``).
+        """
+        self.check_restorable(layer_name)
+        pristine = self.pristine_weight
+        if pristine is not None:
+            with torch.no_grad():
+                self.base_layer.weight.copy_(pristine)
+        self.unfused_weight = None
+        self.unfused_weight_cpu = None
+        self.fused_adapters = {}
+        self.fused_delta_energy = (0.0, 0.0)
+
+    def _keep_pristine(self, keep_original: KeepOriginal) -> None:
+        weight = self.base_layer.weight.detach()
+        if keep_original == "device":
+            self.unfused_weight = weight.clone()
+        elif keep_original == "cpu":
+            self.unfused_weight_cpu = weight.to("cpu", copy=True)
+        else:
+            self.original_discarded = True
+
+    def write_fused_weight(self, fused: dict[str, float], keep_original: KeepOriginal = DEFAULT_KEEP_ORIGINAL,
+                           layer_name: str = "") -> None:
+        """Set the base weight to cast(W0 + Σ_k factor_k·ΔW_k) for ``fused = {name: factor}``,
+        computed in float32 from the pristine copy (kept as ``keep_original`` says at the first
+        fuse); an empty dict restores W0 exactly. Without a kept W0 (``keep_original=False``)
+        only adding adapters is possible: their ΔW goes onto the fused weight."""
+        if not fused:
+            self.restore_base_weight(layer_name)
+            return
+        check_keep_original(keep_original)
+        weight = self.base_layer.weight
+        if self.pristine_weight is None and not self.original_discarded:
+            self._keep_pristine(keep_original)
+        pristine = self.pristine_weight
+        if self._fuses_in_one_pass(fused, pristine):
+            with torch.no_grad():
+                name, factor = next(iter(fused.items()))
+                self.fused_delta_energy = self._fuse_one_float32(name, factor, pristine)
+            self.fused_adapters = dict(fused)
+            self._delta_cache = None
+            return
+        with torch.no_grad():
+            reference = pristine if pristine is not None else weight
+            if pristine is not None:
+                total = pristine.to(weight.device, torch.float32, copy=True)
+                adding = fused
+            else:
+                if any(name not in fused for name in self.fused_adapters):
+                    raise _discarded_error(layer_name)
+                total = weight.to(torch.float32, copy=True)
+                adding = {n: f for n, f in fused.items() if n not in self.fused_adapters}
+            for name, factor in adding.items():
+                total = total.add_(self.adapters[name].delta_weight(), alpha=factor)
+            fused_weight = total.to(weight.dtype)
+            self.fused_delta_energy = _rounding_and_delta_energy(reference, total, fused_weight)
+            weight.copy_(fused_weight)
+        self.fused_adapters = dict(fused)
+        self._delta_cache = None
+
+    def _fuses_in_one_pass(self, fused: dict[str, float], pristine: Optional[Tensor]) -> bool:
+        """Whether the fused weight is W0 + s·ΔW of one adapter into a float32 weight with W0
+        kept on the same device: then one blocked pass writes it."""
+        weight = self.base_layer.weight
+        return (len(fused) == 1 and not self.fused_adapters and weight.dtype == torch.float32
+                and pristine is not None and pristine.device == weight.device and pristine.dtype == torch.float32)
+
+    def _fuse_one_float32(self, name: str, factor: float, pristine: Tensor) -> tuple[float, float]:
+        """W0 + factor·ΔW written over the float32 weight by one blocked pass that builds ΔW block
+        by block (``blocked.effective_blocked``: the same expressions and the same float32 sum as
+        adding ``delta_weight()``, without the whole-matrix M, ΔW and sum); returns the energies
+        (0, ||W − W0||²) with W0 the kept ``pristine`` weight."""
+        adapter = self.adapters[name]
+        threshold = adapter.refresh_threshold()
+        factors = Factors(*(t.to(torch.float32) for t in adapter.factors().tensors()))
+        fused = effective_blocked(adapter.spec, factors, threshold.to(torch.float32), factor, pristine,
+                                  torch.float32, out=self.base_layer.weight.data)
+        return _rounding_and_delta_energy(pristine, fused, fused)
+
+    def fuse_adapters(self, scale: float = 1.0, adapter_names: Optional[Sequence[str]] = None,
+                      keep_original: KeepOriginal = DEFAULT_KEEP_ORIGINAL) -> None:
+        """Add scale·w_k·ΔW_k of the given (default: active) adapters into the base weight.
+
+        Adapters already fused in this layer are left as they are (fusing is idempotent);
+        ``keep_original`` as in ``fuse.fuse_snella``.
+        """
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        for name in names:
+            if name not in self.adapters:
+                raise SnellaError(f"no adapter named {name!r} to fuse")
+        new = {n: scale * self.adapter_weights.get(n, 1.0) for n in names if n not in self.fused_adapters}
+        if new:
+            self.write_fused_weight({**self.fused_adapters, **new}, keep_original)
+
+    def check_removable(self, adapter_name: str, layer_name: str = "") -> None:
+        """Raise UnfuseError when ``adapter_name`` is fused here and W0 was not kept, so its ΔW
+        cannot be taken out of the base weight."""
+        if self.original_discarded and adapter_name in self.fused_adapters:
+            raise UnfuseError(
+                f"layer {layer_name}: adapter {adapter_name!r} was fused with keep_original=False, so "
+                "its ΔW cannot be taken out of the base weight; remove all adapters (the fused "
+                "weights stay) or reload the base model"
+            )
+
+    def remove_adapter(self, adapter_name: str, layer_name: str = "") -> None:
+        """Delete ``adapter_name`` and take its ΔW out of the base weight if it was fused; the
+        other fused adapters stay fused (with W0 kept where it was kept)."""
+        if self.original_discarded:
+            self.delete_adapter(adapter_name)
+            return
+        still_fused = {k: v for k, v in self.fused_adapters.items() if k != adapter_name}
+        keep = "device" if self.unfused_weight is not None else DEFAULT_KEEP_ORIGINAL
+        self.restore_base_weight(layer_name)
+        self.delete_adapter(adapter_name)
+        if len(self.adapters):
+            self.write_fused_weight(still_fused, keep, layer_name)
+
+    def unwrap(self, layer_name: str = "") -> nn.Linear:
+        """The base layer, its pristine weight restored where it was kept (fused with
+        ``keep_original=False``, it keeps the fused weight: merge and unload)."""
+        if not self.original_discarded:
+            self.restore_base_weight(layer_name)
+        return self.base_layer
 
     def extra_repr(self) -> str:
         adapters = ", ".join(self.adapters.keys())

@@ -7,9 +7,9 @@ once: each layer combines the active ones as Σ_k w_k·ΔW_k and, in no-grad inf
 that sum cached until an adapter or a weight changes, so switching weights reads no file and
 the denoising loop does not rebuild ΔW at every step.
 
-Loading is all or nothing: the file is validated completely and checked against every
-component it names before any module is touched, and a component that fails to load rolls
-back the ones loaded before it.
+Loading is all or nothing, one transaction over every component (``io.plan_load``): the
+file is validated completely and checked against every component it names before any module
+is touched, and a failure while applying undoes everything applied before it.
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ from torch import nn
 from .errors import SnellaError, SnellaFormatError
 from .fuse import DEFAULT_KEEP_ORIGINAL, KeepOriginal, fuse_layer, log_energy_kept
 from .fuse import unfuse_snella as unfuse_model
-from .inject import remove_snella, set_submodule
-from .io import _check_against_model, load_snella, read_snella_file
+from .hub import HubDownloadError, download_hub_file
+from .inject import remove_snella
+from .io import plan_load, read_snella_file
 from .layer import SnellaLinear, snella_layers
 
 DEFAULT_WEIGHT_NAME = "snella_weights.safetensors"
 DEFAULT_ADAPTER_PREFIX = "default"
 # A Hugging Face Hub repository id: "name" or "owner/name".
-_HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_HUB_KWARGS = ("revision", "subfolder", "cache_dir", "token", "local_files_only", "force_download", "proxies")
+HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 PathOrRepo = Union[str, os.PathLike]
 
@@ -59,8 +59,8 @@ def resolve_adapter_file(path_or_repo: PathOrRepo, weight_name: Optional[str] = 
 
     A folder is searched for ``weight_name`` (default ``snella_weights.safetensors``). A string
     that is neither an existing path nor a ``.safetensors`` name but looks like ``owner/name``
-    is downloaded with ``huggingface_hub.hf_hub_download`` (``revision``, ``subfolder``,
-    ``cache_dir``, ``token``, ``local_files_only``, ``force_download`` pass through).
+    is downloaded with ``hub.download_hub_file`` (``revision``, ``subfolder``, ``cache_dir``,
+    ``token``, ``local_files_only``, ``force_download``, ``proxies`` pass through).
 
     Raises:
         SnellaFormatError: the Hub download failed (offline, unknown repo or file); the
@@ -71,20 +71,14 @@ def resolve_adapter_file(path_or_repo: PathOrRepo, weight_name: Optional[str] = 
     if candidate.is_dir():
         return candidate / name
     text = str(path_or_repo)
-    if candidate.exists() or text.endswith(".safetensors") or not _HUB_REPO_ID.match(text):
+    if candidate.exists() or text.endswith(".safetensors") or not HUB_REPO_ID.match(text):
         return candidate
-    unknown = sorted(set(hub_kwargs) - set(_HUB_KWARGS))
-    if unknown:
-        raise SnellaError(f"unknown keyword argument(s) for a Hub download: {', '.join(unknown)}")
     try:
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(text, filename=name, **hub_kwargs))
-    except Exception as error:  # huggingface_hub raises many types (offline, 404, auth, ...)
+        return download_hub_file(text, name, **hub_kwargs)
+    except HubDownloadError as error:
         raise SnellaFormatError(
-            f"{text}: not a local file or folder, and downloading {name!r} from the Hugging Face "
-            f"Hub failed ({type(error).__name__}: {error}); pass the path of a .safetensors file "
-            f"or of a folder holding {name}"
+            f"{text}: not a local file or folder, and {error}; pass the path of a .safetensors "
+            f"file or of a folder holding {name}"
         ) from error
 
 
@@ -94,16 +88,6 @@ def _new_adapter_name(pipe: Any) -> str:
     while f"{DEFAULT_ADAPTER_PREFIX}_{index}" in taken:
         index += 1
     return f"{DEFAULT_ADAPTER_PREFIX}_{index}"
-
-
-def _undo_load(model: nn.Module, originals: dict[str, nn.Module], adapter_name: str) -> None:
-    """Take a fully loaded adapter out again: new wrappers go, old wrappers lose the adapter."""
-    for path, original in originals.items():
-        if isinstance(original, SnellaLinear):
-            if adapter_name in original.adapters:
-                original.delete_adapter(adapter_name)
-        else:
-            set_submodule(model, path, original)
 
 
 def load_snella_weights(
@@ -129,8 +113,10 @@ def load_snella_weights(
         The adapter name.
     Raises:
         SnellaFormatError: the file is missing, not safetensors, a LoRA/LyCORIS file, of an
-            unknown version, holds non-finite values, names a component the pipeline lacks or
-            was trained on another base (the first mismatching layer is named).
+            unknown version, has a header entry or config field of the wrong type or range,
+            holds tensors of the wrong dtype or shape, non-finite values or factors whose ΔW
+            could overflow, names a component the pipeline lacks or was trained on another
+            base (the entry, key or first mismatching layer is named).
         SnellaError: ``adapter_name`` is already loaded. In every case the pipeline is left
             exactly as it was.
     """
@@ -151,31 +137,7 @@ def load_snella_weights(
                 f"{file}: key {first_key}: the pipeline ({type(pipe).__name__}) has no component "
                 f"{component!r} (it has {sorted(components)})"
             )
-    for component in snella_file.layers:
-        _check_against_model(snella_file, component, components[component], name)
-
-    grad_flags = {
-        param: param.requires_grad
-        for component in snella_file.layers
-        for param in components[component].parameters()
-    }
-    loaded: list[tuple[nn.Module, dict[str, nn.Module]]] = []
-    try:
-        for component, layers in snella_file.layers.items():
-            model = components[component]
-            originals = {path: model.get_submodule(path) for path in layers}
-            load_snella(model, file, name, component, snella_file=snella_file)
-            loaded.append((model, originals))
-    except BaseException:
-        for model, originals in reversed(loaded):
-            _undo_load(model, originals, name)
-        raise
-    finally:
-        for param, flag in grad_flags.items():
-            param.requires_grad_(flag)
-    for layer in _pipeline_layers(pipe).values():
-        if name in layer.adapters:
-            layer.adapters[name].requires_grad_(False)
+    plan_load(snella_file, {c: components[c] for c in snella_file.layers}, name).apply(trainable=False)
     return name
 
 
@@ -313,13 +275,13 @@ def disable_snella(pipe: Any) -> None:
     if fused is not None:
         raise SnellaError(f"layer {fused} holds fused adapters: call unfuse_snella(pipe) before disable_snella")
     for layer in _pipeline_layers(pipe).values():
-        layer.disabled = True
+        layer.set_disabled(True)
 
 
 def enable_snella(pipe: Any) -> None:
     """Undo ``disable_snella``."""
     for layer in _pipeline_layers(pipe).values():
-        layer.disabled = False
+        layer.set_disabled(False)
 
 
 class SnellaLoaderMixin:

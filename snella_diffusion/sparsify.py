@@ -1,4 +1,4 @@
-"""In-layer competition (METHOD.md §2): the magnitude threshold τ and the masked product.
+"""In-layer competition (docs/METHOD.md §2): the magnitude threshold τ and the masked product.
 
 τ is the k-th smallest |M| with k = round(s·m·n), selected with ``torch.kthvalue`` (a
 selection, not a sort), which works for any number of entries (``torch.quantile`` refuses more

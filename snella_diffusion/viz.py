@@ -15,18 +15,15 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .files import write_atomically
+
 PathLike = Union[str, os.PathLike]
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 
 
 def _save(image: Image.Image, path: PathLike) -> Path:
     """Save atomically (temporary file, then rename) so a killed run leaves no broken PNG."""
-    destination = Path(path)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    temporary = destination.with_name(f".{destination.name}.tmp")
-    image.save(temporary, format="PNG")
-    os.replace(temporary, destination)
-    return destination
+    return write_atomically(path, lambda temporary: image.save(temporary, format="PNG"))
 
 
 def draw_label(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, fill: object = "black",

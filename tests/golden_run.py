@@ -36,14 +36,14 @@ def _denoiser_and_inputs(family: str, dtype: torch.dtype):
     """The tiny denoiser in ``dtype`` and a function calling it on fixed inputs."""
     generator = torch.Generator().manual_seed(7)
     if family == "sd":
-        from snella_diffusion.tiny_models import tiny_sd_pipeline
+        from snella_diffusion.testing.tiny_models import tiny_sd_pipeline
 
         model = tiny_sd_pipeline(seed=0).unet.to(dtype)
         sample = torch.randn(2, 4, 16, 16, generator=generator).to(dtype)
         context = torch.randn(2, 77, 32, generator=generator).to(dtype)
         timesteps = torch.tensor([10, 700])
         return model, "unet", lambda: model(sample, timesteps, encoder_hidden_states=context).sample
-    from snella_diffusion.tiny_dit_models import tiny_flux_pipeline
+    from snella_diffusion.testing.tiny_dit_models import tiny_flux_pipeline
 
     model = tiny_flux_pipeline(seed=0).transformer.to(dtype)
     tokens, text_tokens = 16, 8
@@ -100,9 +100,9 @@ def _pipeline_folder(family: str, root: Path) -> Path:
     folder = root / f"tiny-{family}"
     if not folder.exists():
         if family == "sd":
-            from snella_diffusion.tiny_models import tiny_sd_pipeline as build
+            from snella_diffusion.testing.tiny_models import tiny_sd_pipeline as build
         else:
-            from snella_diffusion.tiny_dit_models import tiny_flux_pipeline as build
+            from snella_diffusion.testing.tiny_dit_models import tiny_flux_pipeline as build
         build(seed=0).save_pretrained(folder)
     return folder
 

@@ -1,4 +1,4 @@
-"""Independent, naive re-computation of METHOD.md §1-2 for the tests.
+"""Independent, naive re-computation of docs/METHOD.md §1-2 for the tests.
 
 Written with broadcasting over an explicit (P, m, n, d) difference tensor and a full sort, the
 opposite of the library's GEMM identity and kthvalue selection.
@@ -28,7 +28,7 @@ def naive_threshold(merged, sparsity):
 
 
 def naive_delta(merged, sparsity, mode):
-    """ΔW_eff with the gate detached, as in METHOD.md §2."""
+    """ΔW_eff with the gate detached, as in docs/METHOD.md §2."""
     magnitude = merged.detach().abs()
     threshold = naive_threshold(merged.detach(), sparsity)
     if mode == "official":

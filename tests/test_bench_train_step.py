@@ -1,4 +1,4 @@
-"""benchmarks/bench_train_step.py and snella_diffusion.benchmarking on tiny configs."""
+"""benchmarks/bench_train_step.py and snella_diffusion.testing.benchmarking on tiny configs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from benchmark_scripts import load_benchmark
 from PIL import Image
 
-from snella_diffusion.benchmarking import (
+from snella_diffusion.testing.benchmarking import (
     METHODS,
     BenchmarkSettings,
     _unet_alphas_cumprod,
@@ -250,13 +250,13 @@ def test_config_override_needs_key_and_value():
 
 def test_profile_train_step_times_the_layer_phases_and_restores_the_layer(capsys):
     profile = load_benchmark("profile_train_step")
-    from snella_diffusion import layer
+    from snella_diffusion import adapter, autograd
 
-    before = (layer.merged_blocked, layer.effective_blocked, layer.SnellaAdapter.select_threshold_on,
-              layer._SnellaLinearFunction.__dict__["forward"])
+    before = (autograd.merged_blocked, autograd.effective_blocked, adapter.SnellaAdapter.select_threshold_on,
+              autograd._SnellaLinearFunction.__dict__["forward"])
     medians = profile.main(["--model", "tiny", "--resolution", "64", "--steps", "2", "--gradient_checkpointing"])
-    after = (layer.merged_blocked, layer.effective_blocked, layer.SnellaAdapter.select_threshold_on,
-             layer._SnellaLinearFunction.__dict__["forward"])
+    after = (autograd.merged_blocked, autograd.effective_blocked, adapter.SnellaAdapter.select_threshold_on,
+             autograd._SnellaLinearFunction.__dict__["forward"])
     assert before == after
     # Every layer call was timed: the builds happened.
     assert medians["layer forward"] > 0 and medians["backward pass"] > 0

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from snella_diffusion import SnellaConfig, SnellaLinear, blocked
-from snella_diffusion.blocked import backward_blocked, column_blocks, effective_blocked, merged_blocked
+from snella_diffusion.blocked import (Factors, KernelSpec, backward_blocked, column_blocks, effective_blocked,
+                                      merged_blocked)
+from snella_diffusion.errors import SnellaError
 
 from layer_runs import fresh_step
 from reference_math import naive_merged
@@ -26,7 +28,7 @@ def _midpoint_threshold(merged, sparsity=SPARSITY):
 
 
 def _delta(merged, threshold, mode):
-    """ΔW_eff for a given τ, gate detached (METHOD.md §2)."""
+    """ΔW_eff for a given τ, gate detached (docs/METHOD.md §2)."""
     magnitude = merged.detach().abs()
     if mode == "official":
         return torch.where(magnitude > threshold, merged * magnitude, torch.zeros_like(merged))
@@ -44,6 +46,16 @@ def _factors(kernel, dtype=torch.float64, seed=0):
             torch.tensor(1.3, dtype=dtype), torch.tensor(0.1, dtype=dtype))
 
 
+def test_kernel_spec_refuses_an_unknown_kernel_and_factors_give_the_shape_of_m():
+    with pytest.raises(SnellaError, match="kernel='gaussian'"):
+        KernelSpec("gaussian", 0.1, "official")
+    assert KernelSpec("mix", 0.1, "official") == KernelSpec("mix", 0.1, "official")
+    factors = Factors(*_factors("mix", dtype=torch.float32))
+    assert factors.shape == (OUT, IN)
+    assert factors.in_compute_dtype().in_factors is factors.in_factors  # float32 already: no copy
+    assert Factors(*_factors("mix", dtype=torch.float64)).in_compute_dtype().alpha.dtype == torch.float64
+
+
 def test_column_blocks_cover_every_column_once_in_aligned_widths():
     blocks = list(column_blocks(53, 37, BLOCK))
     assert [(b.start, b.stop) for b in blocks] == [(0, 16), (16, 32), (32, 48), (48, 53)]
@@ -56,7 +68,8 @@ def test_column_blocks_cover_every_column_once_in_aligned_widths():
 def test_merged_matches_naive(kernel, scale):
     factors = _factors(kernel)
     expected = naive_merged(*factors, kernel, scale=scale)
-    assert torch.allclose(merged_blocked(kernel, *factors, scale, block_entries=BLOCK), expected, atol=1e-12)
+    merged = merged_blocked(KernelSpec(kernel, scale, "official"), Factors(*factors), block_entries=BLOCK)
+    assert torch.allclose(merged, expected, atol=1e-12)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -67,7 +80,7 @@ def test_effective_weight_matches_naive(kernel, mode):
     merged = naive_merged(*factors, kernel)
     threshold = _midpoint_threshold(merged)
     expected = weight + 0.5 * _delta(merged, threshold, mode)
-    args = (kernel, *factors, 0.1, threshold, mode, 0.5)
+    args = (KernelSpec(kernel, 0.1, mode), Factors(*factors), threshold, 0.5)
     built = effective_blocked(*args, weight, torch.float64, block_entries=BLOCK)
     from_merged = effective_blocked(*args, weight, torch.float64, merged=merged, block_entries=BLOCK)
     alone = effective_blocked(*args, None, torch.float64, block_entries=BLOCK)
@@ -82,8 +95,8 @@ def test_effective_weight_in_half_precision_rounds_the_float32_sum():
     weight = torch.randn(OUT, IN).to(torch.bfloat16)
     merged = naive_merged(*factors, "mix")
     threshold = _midpoint_threshold(merged)
-    built = effective_blocked("mix", *factors, 0.1, threshold, "official", 1.0, weight, torch.bfloat16,
-                              block_entries=BLOCK)
+    built = effective_blocked(KernelSpec("mix", 0.1, "official"), Factors(*factors), threshold, 1.0, weight,
+                              torch.bfloat16, block_entries=BLOCK)
     expected = (weight.float() + _delta(merged, threshold, "official")).to(torch.bfloat16)
     assert built.dtype == torch.bfloat16
     assert torch.equal(built, expected)
@@ -102,20 +115,18 @@ def test_backward_matches_autograd_through_the_naive_formula(kernel, mode, scale
     total = weight + 0.5 * _delta(merged, threshold, mode)
     wanted = torch.autograd.grad((grad_delta * total).sum(), leaves, allow_unused=True)
 
-    factors = [t.detach() for t in leaves]
-    grads, effective = backward_blocked(kernel, *factors, scale, threshold, mode, 0.5, grad_delta, weight,
-                                        torch.float64, block_entries=BLOCK)
+    spec, factors = KernelSpec(kernel, scale, mode), Factors(*(t.detach() for t in leaves))
+    grads, effective = backward_blocked(spec, factors, threshold, 0.5, grad_delta, weight, torch.float64,
+                                        block_entries=BLOCK)
     got = (grads.in_factors, grads.out_factors, grads.alpha, grads.gamma, grads.beta)
     for name, mine, reference in zip(("in", "out", "alpha", "gamma", "beta"), got, wanted):
         reference = torch.zeros_like(mine) if reference is None else reference
         assert torch.allclose(mine, reference, atol=1e-10), name
     assert torch.allclose(effective, total.detach(), atol=1e-12)
     # The backward rebuilds exactly the forward's weight (the input gradient uses what the forward used).
-    forward_weight = effective_blocked(kernel, *factors, scale, threshold, mode, 0.5, weight, torch.float64,
-                                       block_entries=BLOCK)
+    forward_weight = effective_blocked(spec, factors, threshold, 0.5, weight, torch.float64, block_entries=BLOCK)
     assert torch.equal(effective, forward_weight)
-    _, no_weight = backward_blocked(kernel, *factors, scale, threshold, mode, 0.5, grad_delta, None, None,
-                                    block_entries=BLOCK)
+    _, no_weight = backward_blocked(spec, factors, threshold, 0.5, grad_delta, None, None, block_entries=BLOCK)
     assert no_weight is None
 
 

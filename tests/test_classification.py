@@ -18,7 +18,7 @@ from snella_diffusion.classification.data import (
 )
 from snella_diffusion.classification.methods import METHODS, MethodSettings, prepare_method
 from snella_diffusion.classification.paper import paper_numbers, preset_for
-from snella_diffusion.reference_configs import build_reference_model
+from snella_diffusion.testing.reference_configs import build_reference_model
 from train_scripts.train_classification_snella import main, parse_args
 
 COLORS = [(220, 30, 30), (30, 200, 40), (40, 50, 230)]

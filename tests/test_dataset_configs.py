@@ -23,10 +23,16 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
-from snella_diffusion.tiny_models import tiny_sd_pipeline
-from snella_diffusion.training import families
-from snella_diffusion.training.data_arguments import DataArgumentError, make_training_loader, run_subsets
+from snella_diffusion.families import base, tokens
+from snella_diffusion.testing.tiny_models import tiny_sd_pipeline
+from snella_diffusion.training.data_arguments import (
+    DataArgumentError,
+    check_data_settings,
+    make_training_loader,
+    run_subsets,
+)
 from snella_diffusion.training.dataset_configs import DatasetConfigError
+from snella_diffusion.training.run_checks import check_run_settings
 from snella_diffusion.training.subset_dataset import SubsetDataset, SubsetImages, subset_sizes
 from snella_diffusion.training.subsets import SubsetError, load_subset
 
@@ -56,15 +62,15 @@ def colour_of(pixels):
 def epoch_draws(*flags):
     """(instance colour, prompt) and (class colour, prompt) of every draw of one epoch of the
     loader the script builds from ``flags`` (batch size 1, 32 px)."""
-    args = script.parse_args(["--pretrained_model_name_or_path", "unused", "--train_batch_size", "1",
-                              "--resolution", "32", *flags])
-    script.check_data_args(args)
-    script.check_args(args)  # no --instance_prompt / --class_prompt needed with subsets
-    subsets = run_subsets(args)
+    settings = script.parse_args(["--pretrained_model_name_or_path", "unused", "--train_batch_size", "1",
+                                  "--resolution", "32", *flags])
+    check_data_settings(settings)
+    check_run_settings(settings)  # no --instance_prompt / --class_prompt needed with subsets
+    subsets = run_subsets(settings)
     parts = [SubsetImages(s, load_subset(s), subset_sizes(s, 32, 8, 64)) for s in subsets]
     dataset = SubsetDataset(parts, seed=0)
     instance, regularisation = Counter(), Counter()
-    for batch in make_training_loader(args, dataset, dataset):
+    for batch in make_training_loader(settings, dataset, dataset):
         count = batch["num_instance"]
         assert batch["pixel_values"].shape[-2:] == (32, 32)
         for row, prompt in enumerate(batch["prompts"]):
@@ -163,8 +169,8 @@ def test_ai_toolkit_resolution_list_gives_one_subset_per_side(folders, tmp_path)
     config = tmp_path / "job.yaml"
     config.write_text(f"datasets:\n  - folder_path: '{folders['prompted']}'\n    default_caption: x\n"
                       "    resolution: [32, 48]\n")
-    args = script.parse_args(["--dataset_config", str(config)])
-    assert [s.resolution for s in run_subsets(args)] == [(32, 32), (48, 48)]
+    settings = script.parse_args(["--dataset_config", str(config)])
+    assert [s.resolution for s in run_subsets(settings)] == [(32, 32), (48, 48)]
 
 
 def test_ai_toolkit_trigger_word_reaches_every_prompt(tmp_path):
@@ -253,19 +259,19 @@ def test_kohya_layout_with_a_plain_class_folder(folders, tmp_path):
 
 
 def test_a_plain_folder_keeps_the_single_folder_dataset(folders, caplog):
-    args = script.parse_args(["--instance_data_dir", str(folders["prompted"]), "--instance_prompt", "x"])
-    assert run_subsets(args) is None
+    settings = script.parse_args(["--instance_data_dir", str(folders["prompted"]), "--instance_prompt", "x"])
+    assert run_subsets(settings) is None
     write_images(folders["prompted"] / "5_other", ["red"])  # images at the top level: still a plain folder
     with caplog.at_level(logging.WARNING):
-        assert run_subsets(args) is None
+        assert run_subsets(settings) is None
     assert "5_other" in caplog.text and "read as a plain folder" in caplog.text
 
 
 def test_regularisation_draws_rotate_over_epochs(folders, tmp_path):
     config = tmp_path / "dataset.toml"
     config.write_text(kohya_toml(folders, first=f"image_dir = '{folders['captioned']}'\n  num_repeats = 1"))
-    args = script.parse_args(["--dataset_config", str(config)])
-    parts = [SubsetImages(s, load_subset(s), subset_sizes(s, 32, 8, 64)) for s in run_subsets(args)]
+    settings = script.parse_args(["--dataset_config", str(config)])
+    parts = [SubsetImages(s, load_subset(s), subset_sizes(s, 32, 8, 64)) for s in run_subsets(settings)]
     dataset = SubsetDataset(parts, seed=0)
     seen = set()
     for epoch in range(2):
@@ -299,12 +305,12 @@ resolution = 48
   class_tokens = 'square'
   num_repeats = 2
 """)
-    args = script.parse_args(["--dataset_config", str(config), "--train_batch_size", "2"])
-    parts = [SubsetImages(s, load_subset(s), subset_sizes(s, 32, 8, 64)) for s in run_subsets(args)]
+    settings = script.parse_args(["--dataset_config", str(config), "--train_batch_size", "2"])
+    parts = [SubsetImages(s, load_subset(s), subset_sizes(s, 32, 8, 64)) for s in run_subsets(settings)]
     dataset = SubsetDataset(parts, seed=0)
     assert dataset.sizes == [(24, 40), (48, 48)] and dataset.needs_bucket_batches  # 24/40 is nearest to 32/64
     shapes = Counter()
-    for batch in make_training_loader(args, dataset, dataset):
+    for batch in make_training_loader(settings, dataset, dataset):
         shapes[tuple(batch["pixel_values"].shape)] += 1
         colours = {colour_of(p) for p in batch["pixel_values"]}
         assert colours == {"red"} or colours <= {"blue", "green"}
@@ -338,9 +344,9 @@ def test_kohya_errors_name_the_file_subset_and_key(folders, tmp_path, case, mess
     }[case]
     config = tmp_path / "dataset.toml"
     config.write_text(kohya_toml(folders, first=first))
-    args = script.parse_args(["--dataset_config", str(config)])
+    settings = script.parse_args(["--dataset_config", str(config)])
     with pytest.raises(SubsetError) as error:
-        for subset in run_subsets(args):
+        for subset in run_subsets(settings):
             load_subset(subset)
     for part in message:
         assert part in str(error.value)
@@ -368,9 +374,9 @@ def test_unsupported_backends_and_sources_are_named(folders, tmp_path):
 
 
 def test_dataset_config_replaces_the_folder_flags(folders, tmp_path):
-    args = script.parse_args(["--dataset_config", "x.toml", "--instance_data_dir", str(folders["prompted"])])
+    settings = script.parse_args(["--dataset_config", "x.toml", "--instance_data_dir", str(folders["prompted"])])
     with pytest.raises(DataArgumentError, match="--dataset_config replaces --instance_data_dir"):
-        script.check_data_args(args)
+        check_data_settings(settings)
 
 
 @pytest.fixture(scope="module")
@@ -387,7 +393,7 @@ def test_kohya_toml_run_trains_each_subset_and_records_it(sd_folder, folders, tm
     from accelerate.state import AcceleratorState
 
     events = []
-    original_encode, original_tokenize = families.ModelFamily.encode_latents, families.tokenize
+    original_encode, original_tokenize = base.ModelFamily.encode_latents, tokens.tokenize
 
     def encode_latents(self, components, pixels, generator=None):
         events.append(("pixels", [colour_of(p) for p in pixels]))
@@ -397,18 +403,18 @@ def test_kohya_toml_run_trains_each_subset_and_records_it(sd_folder, folders, tm
         events.append(("prompts", list(prompts)))
         return original_tokenize(tokenizer, prompts)
 
-    monkeypatch.setattr(families.ModelFamily, "encode_latents", encode_latents)
-    monkeypatch.setattr(families, "tokenize", tokenize)
+    monkeypatch.setattr(base.ModelFamily, "encode_latents", encode_latents)
+    monkeypatch.setattr(tokens, "tokenize", tokenize)
     config = tmp_path / "dataset.toml"
     config.write_text(kohya_toml(folders))
     output = tmp_path / "out"
     AcceleratorState._reset_state(True)
-    args = script.parse_args([
+    settings = script.parse_args([
         "--pretrained_model_name_or_path", str(sd_folder), "--dataset_config", str(config),
         "--output_dir", str(output), "--rank", "4", "--train_batch_size", "2", "--max_train_steps", "2",
         "--train_text_encoder", "--report_to", "none", "--checkpointing_steps", "100", "--seed", "1",
     ])
-    script.main(args)
+    script.main(settings)
     pixels = [e[1] for e in events if e[0] == "pixels"]
     prompts = [e[1] for e in events if e[0] == "prompts"]
     assert len(pixels) == 2 and len(prompts) == 2
@@ -429,7 +435,7 @@ def test_kohya_toml_run_trains_each_subset_and_records_it(sd_folder, folders, tm
     AcceleratorState._reset_state(True)
     again = tmp_path / "again"
     reloaded = script.parse_args(["--config", str(output / "config.toml"), "--output_dir", str(again)])
-    assert reloaded.dataset_config == str(config) and reloaded.max_train_steps == 2
+    assert reloaded.datasets.dataset_config == str(config) and reloaded.training.max_train_steps == 2
     script.main(reloaded)
     first, second = (load_file(folder / "snella_weights.safetensors") for folder in (output, again))
     assert first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from snella_diffusion import SnellaConfig, apply_snella, snella_layers
-from snella_diffusion.reference_configs import build_reference_model
+from snella_diffusion.testing.reference_configs import build_reference_model
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_block_filters_restrict_the_preset():
     ],
 )
 def test_script_block_filters_select_preset_layers_inside_blocks(targets, count, first):
-    from snella_diffusion.training.dit_families import expand_block_filters
+    from snella_diffusion.families.dit import expand_block_filters
 
     layers = apply_snella(
         build_reference_model("flux", device="meta"), SnellaConfig(rank=4, target_modules=expand_block_filters(targets))
@@ -63,7 +63,7 @@ def test_script_block_filters_select_preset_layers_inside_blocks(targets, count,
 
 def test_block_filter_errors_name_the_item():
     from snella_diffusion import SnellaError
-    from snella_diffusion.training.dit_families import expand_block_filters
+    from snella_diffusion.families.dit import expand_block_filters
 
     with pytest.raises(SnellaError, match="'dat@double'.*not a preset"):
         expand_block_filters(["dat@double"])

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from snella_diffusion import SnellaConfig, apply_snella, load_snella, read_snella_file
-from snella_diffusion.tiny_dit_models import TINY_DIT_BUILDERS, tiny_t5_tokenizer
-from snella_diffusion.training.dit_families import add_dit_arguments
-from snella_diffusion.training.families import detect_family
+from snella_diffusion.testing.tiny_dit_models import TINY_DIT_BUILDERS, tiny_t5_tokenizer
+from snella_diffusion.families import FamilySettings, detect_family
+from snella_diffusion.families.dit import DiTFlags
 from snella_diffusion.training.objectives import weighted_mse
 
 PROMPT = "a photo of sks dog"
@@ -35,12 +35,14 @@ def dit_folders(tmp_path_factory):
     return folders
 
 
-def _dit_args(*flags: str) -> argparse.Namespace:
+def _dit_args(*flags: str) -> FamilySettings:
     parser = argparse.ArgumentParser()
-    add_dit_arguments(parser)
+    DiTFlags.add_arguments(parser)
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--train_text_encoder", action="store_true")
-    return parser.parse_args(list(flags))
+    parsed = vars(parser.parse_args(list(flags)))
+    return FamilySettings(dit=DiTFlags.from_flags(parsed), train_text_encoder=parsed["train_text_encoder"],
+                          resolution=parsed["resolution"])
 
 
 def _call_kwargs(name: str) -> dict:

@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from snella_diffusion import load_snella, read_snella_file
 from snella_diffusion.errors import SnellaError
-from snella_diffusion.tiny_models import tiny_ddpm_scheduler, tiny_sd_pipeline, tiny_sdxl_pipeline
+from snella_diffusion.testing.tiny_models import tiny_ddpm_scheduler, tiny_sd_pipeline, tiny_sdxl_pipeline
 from snella_diffusion.training.checkpointing import ADAPTER_FILE
 from snella_diffusion.training.data import (
     DataError,
@@ -30,7 +30,11 @@ from snella_diffusion.training.data import (
     warn_small_images,
     write_images,
 )
-from snella_diffusion.training.families import UnknownModelFamilyError, detect_family, family_for_class
+from snella_diffusion.families import UnknownModelFamilyError, detect_family, family_for_class
+from snella_diffusion.training.batch_loss import training_loss
+from snella_diffusion.training.checkpointing import resolve_resume_path
+from snella_diffusion.training.loop import NonFiniteLossError
+from snella_diffusion.training.run_checks import resolve_report_to
 from snella_diffusion.training.objectives import (
     NoiseObjective,
     dreambooth_loss,
@@ -192,8 +196,8 @@ def test_training_lowers_the_loss_on_a_fixed_batch_and_noise(sd_folder):
     optimizer = torch.optim.AdamW([p for p in components.denoiser.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for step in range(31):
-        loss = script.training_loss(family, components, objective, batch, latents, conditioning,
-                                    components.denoiser, torch.Generator().manual_seed(5), 1.0)
+        loss = training_loss(family, components, objective, batch, latents, conditioning,
+                             components.denoiser, torch.Generator().manual_seed(5), 1.0)
         losses.append(loss.item())
         if step < 30:
             loss.backward()
@@ -433,7 +437,7 @@ def test_xformers_without_cuda_is_a_clear_message(tmp_path, capsys):
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, sd_folder, instance_dir):
-    with pytest.raises(script.NonFiniteLossError, match=r"loss is (nan|inf) at step \d+.*checkpoint-\d+\) is intact"):
+    with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf) at step \d+.*checkpoint-\d+\) is intact"):
         run_main(
             "--pretrained_model_name_or_path", str(sd_folder), "--instance_data_dir", str(instance_dir),
             "--instance_prompt", PROMPT, "--output_dir", str(tmp_path), "--max_train_steps", "6",
@@ -469,7 +473,7 @@ def test_help_documents_every_flag(capsys):
 def test_speed_flags_reach_the_adapter_config():
     args = script.parse_args([*FAST_FLAGS, "--instance_prompt", PROMPT, "--output_dir", "unused",
                               "--forward_cache_mb", "256", "--threshold_sample_size", "4096"])
-    config = script.snella_config(args, family_for_class("StableDiffusionPipeline"), total_steps=10)
+    config = args.adapter.snella_config(family_for_class("StableDiffusionPipeline").denoiser_preset, total_steps=10)
     assert config.forward_cache_mb == 256 and config.threshold_sample_size == 4096
     assert not config.compile_kernels
 
@@ -485,7 +489,7 @@ def test_resume_from_an_unfitting_or_missing_checkpoint_is_named(sd_run, sd_fold
             "--rank", "8", "--resume_from_checkpoint", "latest", "--report_to", "none",
         )
     with pytest.raises(CheckpointError, match="--resume_from_checkpoint=checkpoint-7: no such checkpoint folder"):
-        script.resolve_resume_path(tmp_path, "checkpoint-7")
+        resolve_resume_path(tmp_path, "checkpoint-7")
 
 
 def test_bad_flag_combinations_are_named(tmp_path):
@@ -536,10 +540,10 @@ def test_report_to_falls_back_when_tensorboard_is_missing(monkeypatch, caplog):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "tensorboard" else real_find_spec(name, *a))
-    assert script.resolve_report_to(None) is None
+    assert resolve_report_to(None) is None
     with caplog.at_level("WARNING"):
-        assert script.resolve_report_to("tensorboard") is None
+        assert resolve_report_to("tensorboard") is None
     assert "tensorboard is not installed" in caplog.text
     monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
-    assert script.resolve_report_to(None) == "tensorboard"
-    assert script.resolve_report_to("none") is None
+    assert resolve_report_to(None) == "tensorboard"
+    assert resolve_report_to("none") is None

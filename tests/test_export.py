@@ -20,8 +20,8 @@ from snella_diffusion.export import export_snella, flux_fused_targets, parse_ada
 from snella_diffusion.export.cli import main as export_main
 from snella_diffusion.layer import snella_layers
 from snella_diffusion.loaders import fuse_snella, load_snella_weights, set_snella_adapters
-from snella_diffusion.tiny_dit_models import tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sd3_pipeline
-from snella_diffusion.tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline
+from snella_diffusion.testing.tiny_dit_models import tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sd3_pipeline
+from snella_diffusion.testing.tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 BUILDERS = {"sd": tiny_sd_pipeline, "sdxl": tiny_sdxl_pipeline, "flux": tiny_flux_pipeline,
             "sd3": tiny_sd3_pipeline, "pixart": tiny_pixart_pipeline}

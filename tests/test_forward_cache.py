@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from snella_diffusion import SnellaConfig, SnellaConfigError, apply_snella, forward_cache, remove_snella
-from snella_diffusion import layer as layer_module
+from snella_diffusion import SnellaConfig, SnellaConfigError, apply_snella, remove_snella
+from snella_diffusion import autograd as autograd_module
+from snella_diffusion.forward_cache import kept_weights
 
 
 def _model(cache_mb, seed=0):
@@ -26,26 +27,26 @@ def _checkpointed_step(model, x):
 
 @pytest.fixture(autouse=True)
 def empty_cache():
-    forward_cache.clear()
+    kept_weights.clear()
     yield
-    forward_cache.clear()
+    kept_weights.clear()
 
 
 def _count_builds(monkeypatch):
     """Count weight builds in forward and in backward."""
     counts = {"forward": 0, "backward_with_weight": 0}
-    build, backward = layer_module._build_effective, layer_module.backward_blocked
+    build, backward = autograd_module._build_effective, autograd_module.backward_blocked
 
     def counted_build(*args, **kwargs):
         counts["forward"] += 1
         return build(*args, **kwargs)
 
     def counted_backward(*args, **kwargs):
-        counts["backward_with_weight"] += args[12] is not None  # effective_dtype
+        counts["backward_with_weight"] += args[6] is not None  # effective_dtype
         return backward(*args, **kwargs)
 
-    monkeypatch.setattr(layer_module, "_build_effective", counted_build)
-    monkeypatch.setattr(layer_module, "backward_blocked", counted_backward)
+    monkeypatch.setattr(autograd_module, "_build_effective", counted_build)
+    monkeypatch.setattr(autograd_module, "backward_blocked", counted_backward)
     return counts
 
 
@@ -62,7 +63,7 @@ def test_cached_checkpointed_step_equals_the_uncached_one_with_one_build_per_lay
         assert torch.equal(got, want)
     # Two layers: built once each in the first forward; the recompute and the backward reuse it.
     assert counts == {"forward": 2, "backward_with_weight": 0}
-    assert forward_cache.held_bytes() == 0  # each backward dropped its entry
+    assert kept_weights.held_bytes() == 0  # each backward dropped its entry
 
 
 def test_without_cache_each_layer_builds_in_forward_recompute_and_backward(monkeypatch):
@@ -72,7 +73,7 @@ def test_without_cache_each_layer_builds_in_forward_recompute_and_backward(monke
 
 
 def _key(snella_layer, x):
-    return layer_module._forward_cache_key(snella_layer.primary, 1.0, x.dtype, snella_layer.base_layer.weight)
+    return autograd_module._forward_cache_key(snella_layer.primary, 1.0, x.dtype, snella_layer.base_layer.weight)
 
 
 def test_full_budget_keeps_the_latest_forward_layers_and_parameter_changes_miss(monkeypatch):
@@ -83,12 +84,12 @@ def test_full_budget_keeps_the_latest_forward_layers_and_parameter_changes_miss(
     x = torch.randn(5, 64)
     model(x)
     # The second layer evicted the first: the backward reaches it first and frees it soonest.
-    assert forward_cache.held_bytes() == one_matrix
-    assert forward_cache.lookup(model[0].primary, _key(model[0], x)) is None
-    assert forward_cache.lookup(model[2].primary, _key(model[2], x)) is not None
+    assert kept_weights.held_bytes() == one_matrix
+    assert kept_weights.lookup(model[0].primary, _key(model[0], x)) is None
+    assert kept_weights.lookup(model[2].primary, _key(model[2], x)) is not None
     with torch.no_grad():
         model[2].primary.alpha.add_(0.1)  # like an optimizer step
-    assert forward_cache.lookup(model[2].primary, _key(model[2], x)) is None
+    assert kept_weights.lookup(model[2].primary, _key(model[2], x)) is None
     counts = _count_builds(monkeypatch)
     model(x)
     assert counts["forward"] == 2  # the stale entry was not used
@@ -103,7 +104,7 @@ def test_recompute_inside_backward_evicts_nothing(monkeypatch):
     # Forward: both layers built, the second kept. Recompute (in backward): the second is a hit,
     # the first is rebuilt without evicting it; the backward then rebuilds the first's weight.
     assert counts == {"forward": 3, "backward_with_weight": 1}
-    assert forward_cache.held_bytes() == 0
+    assert kept_weights.held_bytes() == 0
 
 
 def test_negative_budget_is_refused_and_remove_snella_clears():
@@ -111,6 +112,22 @@ def test_negative_budget_is_refused_and_remove_snella_clears():
         SnellaConfig(forward_cache_mb=-1)
     model = _model(1)
     model(torch.randn(5, 64))
-    assert forward_cache.held_bytes() > 0
+    assert kept_weights.held_bytes() > 0
     remove_snella(model)
-    assert forward_cache.held_bytes() == 0
+    assert kept_weights.held_bytes() == 0
+
+
+def test_a_forward_cache_object_keeps_its_own_entries_within_the_budget():
+    from snella_diffusion.forward_cache import ForwardCache
+
+    cache = ForwardCache()
+    first, second = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    matrix = torch.zeros(8, 8)  # 256 bytes
+    assert cache.store(first, ("v", 1), matrix, budget_bytes=512, evict_older=True)
+    assert cache.store(second, ("v", 1), matrix.clone(), budget_bytes=512, evict_older=True)
+    assert cache.held_bytes() == 512 and kept_weights.held_bytes() == 0
+    assert cache.lookup(first, ("v", 2)) is None and cache.lookup(first, ("v", 1)) is matrix
+    assert not cache.store(first, ("v", 2), torch.zeros(16, 16), budget_bytes=512, evict_older=False)
+    assert cache.held_bytes() == 256  # the old entry of ``first`` was replaced, the new one did not fit
+    cache.drop(second)
+    assert cache.held_bytes() == 0

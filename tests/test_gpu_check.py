@@ -43,7 +43,7 @@ def test_fails_fast_and_clearly_without_cuda():
 def test_kernel_rows_agree_with_float64_on_cpu(gpu_check):
     from snella_diffusion.blocked import block_entries_for, column_blocks
 
-    rows = gpu_check.kernel_rows("cpu", shape=(128, 1024), batch=8, include_compiled=False)
+    rows = gpu_check.kernel_rows("cpu", shape=(128, 1024), batch=8)
     assert [row.passed for row in rows] == [True, True], gpu_check.format_table(rows, "kernels on CPU")
     assert "64 Ki-entry blocks" in rows[1].setting
     # One block with the CPU default, two with the small blocks: both paths of the blocking ran.
@@ -76,7 +76,7 @@ def test_precision_rows_on_cpu(gpu_check):
 
 def test_step_rows_time_each_method_on_a_tiny_model(gpu_check, monkeypatch):
     monkeypatch.setattr(gpu_check, "xformers_installed", lambda: False)
-    rows = gpu_check.step_rows("cpu", model="tiny", resolution=64, warmup=1, repeats=1, include_compiled=False)
+    rows = gpu_check.step_rows("cpu", model="tiny", resolution=64, warmup=1, repeats=1)
     labels = [row.setting for row in rows]
     assert [label.split(": ")[1] for label in labels] == [
         "frozen model", "PEFT LoRA-32", "SNELLA-32 eager", "xformers attention",

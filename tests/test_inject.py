@@ -3,8 +3,8 @@ import torch
 from torch import nn
 
 from snella_diffusion import SnellaConfig, SnellaError, SnellaLinear, apply_snella, remove_snella, snella_layers
-from snella_diffusion.reference_configs import build_reference_model
-from snella_diffusion.tiny_models import tiny_sd_pipeline
+from snella_diffusion.testing.reference_configs import build_reference_model
+from snella_diffusion.testing.tiny_models import tiny_sd_pipeline
 
 
 @pytest.mark.parametrize(

@@ -36,7 +36,7 @@ import snella_diffusion
 from diffusers import DiffusionPipeline
 from snella_diffusion import SnellaConfig, apply_snella, save_snella
 from snella_diffusion.pipelines import CUSTOM_PIPELINE, SnellaStableDiffusionPipeline
-from snella_diffusion.tiny_models import tiny_sd_pipeline
+from snella_diffusion.testing.tiny_models import tiny_sd_pipeline
 
 work = Path(sys.argv[1])
 base = tiny_sd_pipeline(seed=0)

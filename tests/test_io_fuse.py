@@ -1,10 +1,12 @@
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from snella_diffusion import (
-    SnellaConfig, SnellaError, apply_snella, fuse_snella, load_snella, save_snella, snella_layers,
+    SnellaConfig, SnellaError, SnellaLinear, apply_snella, fuse_snella, load_snella, save_snella, snella_layers,
     unfuse_snella,
 )
 from snella_diffusion.io import read_snella_file
@@ -60,6 +62,28 @@ def test_save_load_round_trip_gives_identical_outputs(saved):
         original = snella_layers(model)[name]
         assert torch.equal(layer.delta_weight(), original.delta_weight())
         assert torch.equal(layer.sparsity, original.sparsity)
+
+
+def test_a_file_whose_config_asks_for_compile_kernels_loads_and_gives_the_same_outputs(saved, tmp_path):
+    """``compile_kernels`` chose the retired whole-matrix compiled path: a file that carries it
+    set to true still loads, and runs the blocked path with identical outputs."""
+    model, path = saved
+
+    def ask_for_compiled_kernels(metadata):
+        config = json.loads(metadata["config"])
+        assert config["compile_kernels"] is False
+        config["compile_kernels"] = True
+        metadata["config"] = json.dumps(config)
+
+    older = _rewrite(path, tmp_path, change_metadata=ask_for_compiled_kernels)
+    assert read_snella_file(older).config.compile_kernels is True
+    fresh = _model()
+    load_snella(fresh, older)
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    fresh(x).square().sum().backward()  # training on it works too
+    assert all(torch.isfinite(layer.in_factors.grad).all() for layer in snella_layers(fresh).values())
 
 
 def test_file_layout_and_header(saved):
@@ -163,8 +187,8 @@ def test_failure_half_way_rolls_back(saved, monkeypatch):
             raise RuntimeError("disk went away")
         return original(adapter, params)
 
-    original = io_module._copy_into
-    monkeypatch.setattr(io_module, "_copy_into", fail_second)
+    original = io_module.copy_adapter_params
+    monkeypatch.setattr(io_module, "copy_adapter_params", fail_second)
     with pytest.raises(RuntimeError):
         load_snella(fresh, path)
     _assert_unchanged(fresh, snapshot)
@@ -239,10 +263,9 @@ def test_pristine_copy_follows_dtype_casts():
 
 @pytest.mark.parametrize("scale", [1.0, 0.7])
 def test_one_pass_fuse_equals_the_whole_matrix_fuse_bit_for_bit(scale, monkeypatch):
-    """A float32 weight of one adapter is fused by one blocked pass (fuse._fuse_one_float32);
+    """A float32 weight of one adapter is fused by one blocked pass (SnellaLinear._fuse_one_float32);
     it writes exactly W0 + s·ΔW as the whole-matrix path (W0 copy + delta_weight()) does,
     here over two column blocks, with the same energy accounting."""
-    from snella_diffusion import fuse as fuse_module
 
     def model_with_adapter() -> nn.Module:
         torch.manual_seed(3)
@@ -254,10 +277,10 @@ def test_one_pass_fuse_equals_the_whole_matrix_fuse_bit_for_bit(scale, monkeypat
 
     one_pass, whole = model_with_adapter(), model_with_adapter()
     calls = []
-    single = fuse_module._fuse_one_float32
-    monkeypatch.setattr(fuse_module, "_fuse_one_float32", lambda *a: calls.append(1) or single(*a))
+    single = SnellaLinear._fuse_one_float32
+    monkeypatch.setattr(SnellaLinear, "_fuse_one_float32", lambda *a: calls.append(1) or single(*a))
     fuse_snella(one_pass, scale=scale)
-    monkeypatch.setattr(fuse_module, "_fuses_in_one_pass", lambda *a: False)
+    monkeypatch.setattr(SnellaLinear, "_fuses_in_one_pass", lambda *a: False)
     fuse_snella(whole, scale=scale)
     assert calls == [1]
     assert torch.equal(one_pass[0].base_layer.weight, whole[0].base_layer.weight)

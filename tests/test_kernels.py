@@ -2,30 +2,13 @@ import pytest
 import torch
 
 from snella_diffusion import SnellaConfig, SnellaLinear
-from snella_diffusion.kernels import head_distances, kernel_matrix, kernel_matrix_backward
-from snella_diffusion.layer import _SnellaLinearFunction
+from snella_diffusion.autograd import _SnellaLinearFunction
+from snella_diffusion.kernels import head_distances
 
 from reference_math import naive_delta, naive_merged
 
 KERNELS = ["mix", "piecewise_linear", "linear"]
 MODES = ["official", "soft_threshold"]
-
-
-class KernelOnly(torch.autograd.Function):
-    """The hand-written kernel backward exposed to gradcheck (no detached gate involved)."""
-
-    @staticmethod
-    def forward(ctx, in_factors, out_factors, alpha, gamma, beta, kernel):
-        ctx.save_for_backward(in_factors, out_factors, alpha, gamma, beta)
-        ctx.kernel = kernel
-        return kernel_matrix(kernel, in_factors, out_factors, alpha, gamma, beta, 0.1)[0]
-
-    @staticmethod
-    def backward(ctx, grad):
-        in_factors, out_factors, alpha, gamma, beta = ctx.saved_tensors
-        _, terms = kernel_matrix(ctx.kernel, in_factors, out_factors, alpha, gamma, beta, 0.1, keep_terms=True)
-        grads = kernel_matrix_backward(ctx.kernel, grad.clone(), in_factors, out_factors, alpha, gamma, terms, 0.1)
-        return grads.in_factors, grads.out_factors, grads.alpha, grads.gamma, grads.beta, None
 
 
 def _randomised_layer(kernel, mode, out_features=7, in_features=13, sparsity=0.3, rank=8):
@@ -71,19 +54,6 @@ def test_softmax_runs_over_outputs():
     column_sums = terms.softmax.sum(dim=0)
     assert torch.allclose(column_sums, torch.ones(13), atol=1e-6)
     assert not torch.allclose(terms.softmax.sum(dim=1), torch.ones(7), atol=1e-2)
-
-
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_kernel_backward_gradcheck(kernel):
-    torch.manual_seed(2)
-    inputs = (
-        torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True),
-        torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True),
-        torch.tensor(0.7, dtype=torch.float64, requires_grad=True),
-        torch.tensor(1.3, dtype=torch.float64, requires_grad=True),
-        torch.tensor(0.1, dtype=torch.float64, requires_grad=True),
-    )
-    assert torch.autograd.gradcheck(lambda *a: KernelOnly.apply(*a, kernel), inputs)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

@@ -132,6 +132,6 @@ def test_dreambooth_raises_fidelity_with_snella_and_lora(base_folder, base_pipel
     assert lora.get_active_adapters(), "diffusers loaded no LoRA adapter"
     after_snella, after_lora = fidelity(snella), fidelity(lora)
     # The base shows the concept in 0 of the 32 probes; after 200 steps at least 3 of them must
-    # (both pass on the 2,906-step base at guidance 3; the lab's 64-sample numbers: README).
+    # (both pass on the 2,906-step base at guidance 3; the lab's 64-sample numbers: docs/lab.md).
     assert after_snella >= before + 0.09, (before, after_snella)
     assert after_lora >= before + 0.09, (before, after_lora)

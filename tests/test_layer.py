@@ -85,11 +85,11 @@ def test_no_dense_tensor_is_saved_between_forward_and_backward():
 
 
 def test_threshold_selected_once_per_parameter_version(monkeypatch):
-    import snella_diffusion.layer as layer_module
+    import snella_diffusion.adapter as adapter_module
 
     calls = []
-    original = layer_module.select_threshold
-    monkeypatch.setattr(layer_module, "select_threshold", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = adapter_module.select_threshold
+    monkeypatch.setattr(adapter_module, "select_threshold", lambda *a, **k: calls.append(1) or original(*a, **k))
     layer = SnellaLinear(nn.Linear(8, 8), _config(init_sparsity=0.5))
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
     for _ in range(3):  # three micro-batches: one selection
@@ -136,24 +136,6 @@ def test_wrapping_a_non_linear_is_refused():
         SnellaLinear(nn.Conv2d(3, 3, 1), _config())
 
 
-@pytest.mark.slow
-def test_compiled_kernels_match_eager():
-    """compile_kernels=True (Inductor-fused elementwise work) gives the eager results."""
-    torch.manual_seed(0)
-    results = []
-    for compiled in (False, True):
-        torch.manual_seed(0)
-        layer = SnellaLinear(nn.Linear(48, 40), _config(rank=8, init_sparsity=0.4, compile_kernels=compiled))
-        with torch.no_grad():
-            layer.primary.out_factors.normal_(std=0.3)
-        x = torch.randn(6, 48, requires_grad=True)
-        output = layer(x)
-        output.square().sum().backward()
-        results.append((output.detach(), x.grad, layer.in_factors.grad, layer.out_factors.grad, layer.gamma.grad))
-    for eager, compiled in zip(*results):
-        assert torch.allclose(eager, compiled, rtol=1e-4, atol=1e-6)
-
-
 def test_wraps_linear_subclasses_and_keeps_their_weights():
     class ScaledLinear(nn.Linear):
         """Stands for diffusers/transformers subclasses of nn.Linear."""
@@ -164,3 +146,85 @@ def test_wraps_linear_subclasses_and_keeps_their_weights():
     assert layers["0"].base_layer is base
     assert layers["0"].weight is base.weight
     assert not base.weight.requires_grad
+
+
+def _trained_layer(in_features=20, out_features=12, seed=0):
+    torch.manual_seed(seed)
+    layer = SnellaLinear(nn.Linear(in_features, out_features), _config(init_sparsity=0.3))
+    with torch.no_grad():
+        layer.primary.out_factors.normal_(std=0.5)
+    return layer
+
+
+def test_inference_delta_cache_methods_measure_free_and_switch_off_the_cache():
+    layer = _trained_layer()
+    x = torch.randn(3, 20)
+    with torch.no_grad():
+        want = layer.base_layer(x) + x @ layer.delta_weight().T
+        assert layer.delta_cache_bytes() == 0
+        assert torch.allclose(layer(x), want, atol=1e-6)
+        assert layer.delta_cache_bytes() == 12 * 20 * 4  # one float32 (m, n) matrix
+        layer.release_delta_cache()
+        assert layer.delta_cache_bytes() == 0
+        layer(x)
+        layer.set_inference_delta_caching(False)  # frees the cache now
+        assert layer.delta_cache_bytes() == 0 and not layer.cache_inference_delta
+        assert torch.equal(layer(x), layer(x)) and layer.delta_cache_bytes() == 0
+        layer.set_inference_delta_caching(True)
+        layer(x)
+        assert layer.delta_cache_bytes() == 12 * 20 * 4
+
+
+def test_fuse_remove_and_unwrap_are_layer_methods_that_restore_w0_bit_for_bit():
+    layer = _trained_layer()
+    layer.add_adapter("second", _config(init_sparsity=0.5))
+    with torch.no_grad():
+        layer.adapters["second"].out_factors.normal_(std=0.5)
+    w0 = layer.base_layer.weight.detach().clone()
+    first, second = layer.delta_weight("default"), layer.delta_weight("second")
+    layer.fuse_adapters(scale=0.5)
+    assert layer.fused_adapters == {"default": 0.5, "second": 0.5}
+    assert torch.equal(layer.pristine_weight, w0)
+    assert torch.allclose(layer.base_layer.weight, w0 + 0.5 * first + 0.5 * second, atol=1e-6)
+    layer.remove_adapter("second")  # its ΔW leaves the weight, the other stays fused
+    assert layer.fused_adapters == {"default": 0.5} and list(layer.adapters) == ["default"]
+    assert torch.equal(layer.base_layer.weight, (w0 + 0.5 * first))
+    base = layer.unwrap()
+    assert base is layer.base_layer and torch.equal(base.weight, w0)
+    assert layer.fused_adapters == {} and layer.pristine_weight is None
+
+
+def test_weights_fused_without_a_kept_w0_refuse_restoring_and_unwrap_keeps_them():
+    from snella_diffusion import UnfuseError
+
+    layer = _trained_layer()
+    layer.fuse_adapters(keep_original=False)
+    fused = layer.base_layer.weight.detach().clone()
+    with pytest.raises(UnfuseError, match="layer enc.0: adapters were fused with keep_original=False"):
+        layer.restore_base_weight("enc.0")
+    with pytest.raises(UnfuseError, match="adapter 'default' was fused"):
+        layer.check_removable("default", "enc.0")
+    assert torch.equal(layer.unwrap("enc.0").weight, fused)
+
+
+def test_no_module_outside_the_layer_writes_its_state():
+    """Fuse state, the inference ΔW cache and the disabled switch are written by SnellaLinear's
+    methods only: no other module of the package assigns to those attributes."""
+    import ast
+    from pathlib import Path
+
+    import snella_diffusion
+
+    owned = {"fused_adapters", "fused_delta_energy", "unfused_weight", "unfused_weight_cpu",
+             "original_discarded", "_delta_cache", "_cache_inference_delta", "cache_inference_delta", "disabled"}
+    package = Path(snella_diffusion.__file__).parent
+    writes = []
+    for path in package.rglob("*.py"):
+        if path.name == "layer.py" and path.parent == package:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+            for target in targets:
+                if isinstance(target, ast.Attribute) and target.attr in owned:
+                    writes.append(f"{path.relative_to(package)}:{node.lineno} .{target.attr}")
+    assert writes == []

@@ -24,7 +24,7 @@ from snella_diffusion.loaders import (
     unfuse_snella,
     unload_snella_weights,
 )
-from snella_diffusion.tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline
+from snella_diffusion.testing.tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 CUSTOM_PIPELINE = str(Path(__file__).resolve().parents[1] / "pipelines" / "snella_pipeline")
 
@@ -432,20 +432,22 @@ def test_duplicate_adapter_name(loaded_pipe, adapter_files):
 
 
 def test_failure_in_second_component_rolls_back_first(loaded_pipe, adapter_files, monkeypatch):
+    import snella_diffusion.io as io_module
+
     state = snapshot(loaded_pipe)
-    real_load = loaders.load_snella
+    real_load_layer = io_module.AppliedLoad.load_layer
     seen = []
 
-    def fail_second(model, path, name, component, snella_file):
-        seen.append(component)
-        if len(seen) == 2:
-            raise SnellaFormatError(f"{path}: simulated failure in component {component}")
-        return real_load(model, path, name, component, snella_file=snella_file)
+    def fail_in_unet(self, layer):
+        seen.append(layer.component)
+        if layer.component == "unet":
+            raise SnellaFormatError(f"simulated failure in component {layer.component}")
+        return real_load_layer(self, layer)
 
-    monkeypatch.setattr(loaders, "load_snella", fail_second)
+    monkeypatch.setattr(io_module.AppliedLoad, "load_layer", fail_in_unet)
     with pytest.raises(SnellaFormatError, match="simulated failure"):
         load_snella_weights(loaded_pipe, adapter_files["a"], adapter_name="new")
-    assert seen == ["text_encoder", "unet"]
+    assert seen == ["text_encoder"] * 12 + ["unet"]
     assert_same_state(loaded_pipe, state)
     for component in (loaded_pipe.unet, loaded_pipe.text_encoder):
         assert all(list(layer.adapters) == ["old"] for layer in snella_layers(component).values())

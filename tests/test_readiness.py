@@ -28,11 +28,13 @@ from snella_diffusion import (
     unfuse_snella,
 )
 from snella_diffusion.delta_cache import delta_cache_bytes, without_delta_cache
-from snella_diffusion.tiny_models import tiny_sd_pipeline, tiny_vae
+from snella_diffusion.testing.tiny_models import tiny_sd_pipeline, tiny_vae
 from snella_diffusion.training.data import generate_class_images, synthetic_instance_images, write_images
 from snella_diffusion.training.families import detect_family
 from snella_diffusion.training.vae_inputs import decode_in_vae_dtype
 
+from snella_diffusion.training import embedded_run, run_setup
+from snella_diffusion.training.run_checks import check_run_settings
 from train_scripts import train_dreambooth_snella as script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,7 +81,7 @@ def trained_unet(seed: int = 0, rank: int = 4):
 def test_one_target_module_name_adapts_exactly_those_layers(sd_folder):
     args = script.parse_args(["--target_modules", "to_q"])
     family, _ = detect_family(str(sd_folder))
-    config = script.snella_config(args, family, 10)
+    config = args.adapter.snella_config(family.denoiser_preset, 10)
     unet = tiny_sd_pipeline(seed=0).unet
     expected = sorted(name for name, module in unet.named_modules() if name.endswith(".to_q"))
     layers = apply_snella(unet, config)
@@ -88,9 +90,9 @@ def test_one_target_module_name_adapts_exactly_those_layers(sd_folder):
 
 def test_bad_target_regex_is_named_before_loading(tmp_path):
     with pytest.raises(SnellaError, match=r"SNELLA flags: target_modules entry 'to_\(q' is not a valid regex"):
-        script.check_args(real_base_flags(tmp_path, "--target_modules", "to_(q"))
+        check_run_settings(real_base_flags(tmp_path, "--target_modules", "to_(q"))
     with pytest.raises(SnellaError, match="SNELLA flags: .*'dat' is not a preset"):
-        script.check_args(real_base_flags(tmp_path, "--target_modules", "dat@double"))
+        check_run_settings(real_base_flags(tmp_path, "--target_modules", "dat@double"))
 
 
 # --- item 4: entries that match no linear ---------------------------------------------------
@@ -173,7 +175,7 @@ def built_accelerator_kwargs(monkeypatch, args) -> dict:
         seen.update(kwargs)
         raise AcceleratorBuilt
 
-    monkeypatch.setattr(script, "Accelerator", recorder)
+    monkeypatch.setattr(run_setup, "Accelerator", recorder)
     monkeypatch.setattr(script, "prepare_embedded_inputs", lambda *a: None)
     with pytest.raises(AcceleratorBuilt):
         script.main(args)
@@ -404,31 +406,31 @@ def test_fuse_memory_accounting_on_meta_configs():
 
 
 @pytest.mark.parametrize("flags, rank, text_encoder", [
-    ([], script.EMBEDDED_RANK, True),  # the embedded model: the lab's best setting
+    ([], embedded_run.EMBEDDED_RANK, True),  # the embedded model: the lab's best setting
     (["--no-train_text_encoder", "--rank", "16"], 16, False),
-    (["--adapter", "lora"], script.EMBEDDED_RANK, True),  # the same A/B settings as SNELLA
-    (["--adapter", "full"], script.EMBEDDED_RANK, False),  # full trains the denoiser only
-    (["--pretrained_model_name_or_path", "some/model"], script.DEFAULT_RANK, False),
-    (["--pretrained_model_name_or_path", "some/model", "--train_text_encoder"], script.DEFAULT_RANK, True),
+    (["--adapter", "lora"], embedded_run.EMBEDDED_RANK, True),  # the same A/B settings as SNELLA
+    (["--adapter", "full"], embedded_run.EMBEDDED_RANK, False),  # full trains the denoiser only
+    (["--pretrained_model_name_or_path", "some/model"], embedded_run.DEFAULT_RANK, False),
+    (["--pretrained_model_name_or_path", "some/model", "--train_text_encoder"], embedded_run.DEFAULT_RANK, True),
 ])
 def test_rank_and_text_encoder_defaults_depend_on_the_model(flags, rank, text_encoder):
     args = script.parse_args(flags)
-    assert (args.rank, args.train_text_encoder) == (rank, text_encoder)
-    assert (script.EMBEDDED_RANK, script.DEFAULT_RANK) == (8, 32)
+    assert (args.adapter.rank, args.training.train_text_encoder) == (rank, text_encoder)
+    assert (embedded_run.EMBEDDED_RANK, embedded_run.DEFAULT_RANK) == (8, 32)
 
 
 @pytest.mark.parametrize("flags, sparsity", [
     ([], 0.5), (["--target_sparsity", "0.9"], 0.9), (["--pretrained_model_name_or_path", "some/model"], 0.8),
 ])
 def test_target_sparsity_default_depends_on_the_model(flags, sparsity):
-    assert script.parse_args(flags).target_sparsity == sparsity
+    assert script.parse_args(flags).adapter.target_sparsity == sparsity
 
 
 def test_resolved_text_encoder_switch_round_trips_through_the_job_file(tmp_path):
     from snella_diffusion.training.job_config import write_resolved_config
 
-    write_resolved_config(script.parse_args([]), tmp_path / "config.toml")
+    write_resolved_config(script.parse_args([]).flags(), tmp_path / "config.toml")
     repeated = script.parse_args(["--config", str(tmp_path / "config.toml")])
-    assert (repeated.rank, repeated.train_text_encoder) == (script.EMBEDDED_RANK, True)
-    write_resolved_config(script.parse_args(["--no-train_text_encoder"]), tmp_path / "off.toml")
-    assert script.parse_args(["--config", str(tmp_path / "off.toml")]).train_text_encoder is False
+    assert (repeated.adapter.rank, repeated.training.train_text_encoder) == (embedded_run.EMBEDDED_RANK, True)
+    write_resolved_config(script.parse_args(["--no-train_text_encoder"]).flags(), tmp_path / "off.toml")
+    assert script.parse_args(["--config", str(tmp_path / "off.toml")]).training.train_text_encoder is False

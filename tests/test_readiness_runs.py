@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from snella_diffusion import read_snella_file
-from snella_diffusion.tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline
+from snella_diffusion.testing.tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline
 from snella_diffusion.training.data import synthetic_instance_images, write_images
 
 from live_tensor_bytes import LiveTensorBytes
@@ -69,7 +69,7 @@ def test_validation_adds_at_most_one_layer_to_the_training_peak(folders, tmp_pat
     account = LiveTensorBytes()
     layer_bytes: list[int] = []
     training_peak: list[int] = []
-    attach, validate = script.attach_adapters, script.run_validation
+    attach, validate = script.attach_method, script.run_validation
 
     def attach_and_start_counting(*args, **kwargs):
         trained, allocator = attach(*args, **kwargs)
@@ -81,7 +81,7 @@ def test_validation_adds_at_most_one_layer_to_the_training_peak(folders, tmp_pat
         training_peak.append(account.peak)
         return validate(*args, **kwargs)
 
-    monkeypatch.setattr(script, "attach_adapters", attach_and_start_counting)
+    monkeypatch.setattr(script, "attach_method", attach_and_start_counting)
     monkeypatch.setattr(script, "run_validation", validate_after_noting_the_peak)
     with contextlib.ExitStack() as stack:
         stack.callback(lambda: account.__exit__(None, None, None))

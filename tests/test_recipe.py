@@ -150,7 +150,7 @@ def test_model_ema_follows_the_recurrence_and_swaps_back():
             param.fill_(float(step))
         ema.update()
         expected = 0.9 * expected + 0.1 * step
-    assert torch.allclose(ema.shadows[0], expected)
+    assert torch.allclose(ema.averages[0], expected)
     with ema.applied():
         assert torch.allclose(param, expected)
     assert torch.equal(param.detach(), torch.full((3,), 3.0))

@@ -4,38 +4,39 @@ import pytest
 import torch
 
 from layer_runs import fresh_step
-from snella_diffusion import SnellaConfig, SnellaLinear, apply_snella, remove_snella, scratch
+from snella_diffusion import SnellaConfig, SnellaLinear, apply_snella, remove_snella
+from snella_diffusion.scratch import KEEP_PER_SHAPE, idle_buffers
 
 
 @pytest.fixture
 def small_buffers(monkeypatch):
     """Pool buffers from 1 KiB up so that tiny layers exercise it."""
-    scratch.release()
-    monkeypatch.setattr(scratch, "MIN_BYTES", 1024)
+    idle_buffers.release()
+    monkeypatch.setattr(idle_buffers, "min_bytes", 1024)
     yield
-    scratch.release()
+    idle_buffers.release()
 
 
 def test_large_buffers_are_reused_small_ones_are_not(small_buffers, monkeypatch):
-    first = scratch.borrow((64, 32), torch.float32, torch.device("cpu"))
-    scratch.give_back(first)
-    scratch.give_back(first)  # the same tensor is kept once
-    assert scratch.idle_bytes() == 64 * 32 * 4
-    again = scratch.borrow((64, 32), torch.float32, torch.device("cpu"))
+    first = idle_buffers.borrow((64, 32), torch.float32, torch.device("cpu"))
+    idle_buffers.give_back(first)
+    idle_buffers.give_back(first)  # the same tensor is kept once
+    assert idle_buffers.idle_bytes() == 64 * 32 * 4
+    again = idle_buffers.borrow((64, 32), torch.float32, torch.device("cpu"))
     assert again.data_ptr() == first.data_ptr()
-    other = scratch.borrow((64, 32), torch.float32, torch.device("cpu"))
+    other = idle_buffers.borrow((64, 32), torch.float32, torch.device("cpu"))
     assert other.data_ptr() != again.data_ptr()  # a buffer in use is never handed out twice
     small = torch.empty(8, 8)  # 256 bytes, under MIN_BYTES
-    scratch.give_back(small)
-    assert scratch.idle_bytes() == 0
+    idle_buffers.give_back(small)
+    assert idle_buffers.idle_bytes() == 0
     for tensor in (again, other, torch.empty(64, 32)):
-        scratch.give_back(tensor)
-    assert scratch.idle_bytes() == scratch.KEEP_PER_SHAPE * 64 * 32 * 4
-    monkeypatch.setattr(scratch, "MAX_IDLE_BYTES", 64 * 32 * 4 * 3)
-    scratch.give_back(torch.empty(128, 32))  # would exceed the cap: dropped
-    assert scratch.idle_bytes() == 2 * 64 * 32 * 4
-    scratch.release()
-    assert scratch.idle_bytes() == 0
+        idle_buffers.give_back(tensor)
+    assert idle_buffers.idle_bytes() == KEEP_PER_SHAPE * 64 * 32 * 4
+    monkeypatch.setattr(idle_buffers, "max_idle_bytes", 64 * 32 * 4 * 3)
+    idle_buffers.give_back(torch.empty(128, 32))  # would exceed the cap: dropped
+    assert idle_buffers.idle_bytes() == 2 * 64 * 32 * 4
+    idle_buffers.release()
+    assert idle_buffers.idle_bytes() == 0
 
 
 def test_layer_results_do_not_depend_on_reused_buffers(small_buffers, monkeypatch):
@@ -44,9 +45,9 @@ def test_layer_results_do_not_depend_on_reused_buffers(small_buffers, monkeypatc
     layer = SnellaLinear(torch.nn.Linear(40, 48), config)
     x = torch.randn(5, 40)
     pooled = [fresh_step(layer, x) for _ in range(3)]  # later calls run on buffers earlier ones gave back
-    assert scratch.idle_bytes() > 0
-    monkeypatch.setattr(scratch, "MIN_BYTES", 1 << 62)
-    scratch.release()
+    assert idle_buffers.idle_bytes() > 0
+    monkeypatch.setattr(idle_buffers, "min_bytes", 1 << 62)
+    idle_buffers.release()
     fresh = fresh_step(layer, x)
     for results in pooled:
         for got, want in zip(results, fresh):
@@ -57,6 +58,22 @@ def test_remove_snella_frees_the_idle_buffers(small_buffers):
     model = torch.nn.Sequential(torch.nn.Linear(40, 48))
     apply_snella(model, SnellaConfig(rank=8, target_modules=["0"]))
     model(torch.randn(3, 40)).sum().backward()
-    assert scratch.idle_bytes() > 0
+    assert idle_buffers.idle_bytes() > 0
     remove_snella(model)
-    assert scratch.idle_bytes() == 0
+    assert idle_buffers.idle_bytes() == 0
+
+
+def test_pools_are_objects_with_their_own_limits_and_buffers():
+    from snella_diffusion.scratch import BufferPool
+
+    pool = BufferPool(min_bytes=1024, keep_per_shape=1, max_idle_bytes=1 << 20)
+    idle_before = idle_buffers.idle_bytes()
+    first, second = torch.empty(64, 32), torch.empty(64, 32)
+    pool.give_back(first)
+    pool.give_back(second)  # keep_per_shape=1: dropped
+    assert pool.idle_bytes() == 64 * 32 * 4
+    assert idle_buffers.idle_bytes() == idle_before  # the process-wide pool is untouched
+    assert pool.borrow((64, 32), torch.float32, torch.device("cpu")) is first
+    pool.give_back(first)
+    pool.release()
+    assert pool.idle_bytes() == 0

@@ -19,7 +19,7 @@ except ImportError:  # Python 3.10
     import tomli as tomllib
 
 from snella_diffusion.errors import SnellaError
-from snella_diffusion.tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline
+from snella_diffusion.testing.tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline
 from snella_diffusion.training.buckets import (
     BucketBatchSampler,
     kohya_buckets,
@@ -30,7 +30,9 @@ from snella_diffusion.training.buckets import (
 from snella_diffusion.training.captions import CaptionOptions, read_sidecar_captions, shuffle_tags
 from snella_diffusion.training.data import CachedLatentsDataset, collate_dreambooth, transform_image
 from snella_diffusion.training.ema import AdapterEMA, ema_decay_at
-from snella_diffusion.training.families import detect_family
+from snella_diffusion.families import detect_family
+from snella_diffusion.training.batch_loss import training_loss
+from snella_diffusion.training.data_arguments import check_data_settings
 from snella_diffusion.training.hf_datasets import dataset_images
 from snella_diffusion.training.image_dataset import TrainingImageDataset
 from snella_diffusion.training.job_config import parse_args_with_config, render_toml
@@ -304,8 +306,8 @@ def test_cached_latents_with_buckets_give_the_same_loss(sd_components, three_rat
         with torch.no_grad():
             conditioning = family.encode_prompt(components, from_pixels["prompts"], torch.device("cpu"))
             losses = [
-                script.training_loss(family, components, objective, b, lat, conditioning, components.denoiser,
-                                     torch.Generator().manual_seed(5), 1.0, 0.1, 0.1).item()
+                training_loss(family, components, objective, b, lat, conditioning, components.denoiser,
+                              torch.Generator().manual_seed(5), 1.0, 0.1, 0.1).item()
                 for b, lat in ((from_cache, from_cache["latents"]), (from_pixels, latents))
             ]
         assert losses[0] == losses[1]
@@ -389,7 +391,7 @@ def test_prodigy_gets_the_diffusers_flags():
     args = script.parse_args(["--optimizer", "Prodigy", "--prodigy_beta3", "0.9", "--prodigy_decouple", "false",
                               "--adam_weight_decay", "0.02", "--learning_rate", "1.0"])
     parameter = torch.nn.Parameter(torch.ones(4))
-    optimizer = make_optimizer(args, [parameter], 1.0)
+    optimizer = make_optimizer(args.optimizer, args.training, [parameter], 1.0)
     assert isinstance(optimizer, Prodigy)
     group = optimizer.param_groups[0]
     assert group["beta3"] == 0.9 and group["decouple"] is False and group["weight_decay"] == 0.02
@@ -411,13 +413,13 @@ def test_config_values_apply_and_flags_win(tmp_path):
     job.write_text('[training]\nrank = 8\nlearning_rate = 2e-4\nrandom_flip = true\n'
                    '[data]\ncaption-extension = ".txt"\ntarget_modules = ["to_q", "to_k"]\n')
     args = script.parse_args(["--config", str(job), "--rank", "16"])
-    assert args.rank == 16 and args.learning_rate == 2e-4 and args.random_flip is True
-    assert args.caption_extension == ".txt" and args.target_modules == ["to_q", "to_k"]
+    assert args.adapter.rank == 16 and args.training.learning_rate == 2e-4 and args.data.random_flip is True
+    assert args.captions.caption_extension == ".txt" and args.adapter.target_modules == ("to_q", "to_k")
     for suffix, text in ((".yaml", "rank: 8\nshuffle_caption: true\n"), (".json", '{"rank": 8, "shuffle_caption": true}')):
         path = tmp_path / f"job{suffix}"
         path.write_text(text)
         parsed = script.parse_args(["--config", str(path)])
-        assert parsed.rank == 8 and parsed.shuffle_caption is True
+        assert parsed.adapter.rank == 8 and parsed.captions.shuffle_caption is True
 
 
 def test_rendered_toml_reloads_to_the_same_values():
@@ -516,13 +518,13 @@ def test_bad_flag_combinations_stop_before_any_model_is_loaded(monkeypatch, tmp_
 def test_prodigy_with_8bit_adam_is_rejected():
     # check_args reports a missing bitsandbytes first here; the combination itself is checked too
     with pytest.raises(SnellaError, match=r"--use_8bit_adam applies to --optimizer adamw, not prodigy"):
-        script.check_data_args(script.parse_args(["--optimizer", "prodigy", "--use_8bit_adam"]))
+        check_data_settings(script.parse_args(["--optimizer", "prodigy", "--use_8bit_adam"]))
 
 
 def test_missing_prodigyopt_is_named(monkeypatch):
     monkeypatch.setitem(sys.modules, "prodigyopt", None)
     with pytest.raises(SnellaError, match=r"prodigyopt is not installed \(pip install 'snella-diffusion\[prodigy\]'\)"):
-        script.check_data_args(script.parse_args(["--optimizer", "prodigy"]))
+        check_data_settings(script.parse_args(["--optimizer", "prodigy"]))
 
 
 def test_bad_data_files_are_named_before_any_model_is_loaded(monkeypatch, tmp_path):
@@ -564,15 +566,15 @@ def test_every_new_flag_is_in_help_readme_and_model_card(capsys):
     with pytest.raises(SystemExit):
         script.parse_args(["--help"])
     help_text = capsys.readouterr().out
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("## Training data: captions, datasets, buckets", 1)[1].split("\n## ", 1)[0]
+    section = (Path(__file__).resolve().parents[1] / "docs" / "training-data.md").read_text()
     for flag in flags:
         assert f"  {flag} " in help_text or f"  {flag}\n" in help_text, flag
         assert flag in section, flag
-    args = script.parse_args([])
+    flags = script.parse_args([]).flags()
+    assert data_settings(flags) == {}
     for key in vars(parser.parse_args([])):
-        setattr(args, key, "changed")
-    assert set(data_settings(args)) == set(vars(parser.parse_args([]))) - {"config"}
+        flags[key] = "changed"
+    assert set(data_settings(flags)) == set(vars(parser.parse_args([]))) - {"config"}
 
 
 def test_bucket_batches_are_full_and_cover_every_item():

@@ -18,9 +18,9 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
-from snella_diffusion.tiny_dit_models import tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sd3_pipeline
-from snella_diffusion.tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline
-from snella_diffusion.training import dit_families, families
+from snella_diffusion.testing.tiny_dit_models import tiny_flux_pipeline, tiny_pixart_pipeline, tiny_sd3_pipeline
+from snella_diffusion.testing.tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline
+from snella_diffusion.families import base, tokens
 from snella_diffusion.training.buckets import kohya_buckets
 from snella_diffusion.training.ema import ema_decay_at
 
@@ -84,25 +84,25 @@ def recorder(monkeypatch):
     """Records, in call order, the pixel batches encoded by the VAE and the prompts handed to
     the tokenizers (CLIP and T5)."""
     events = []
-    original_encode = families.ModelFamily.encode_latents
+    original_encode = base.ModelFamily.encode_latents
 
     def encode_latents(self, components, pixels, generator=None):
         events.append(("pixels", [nearest_colour(p) for p in pixels], tuple(pixels.shape[-2:])))
         return original_encode(self, components, pixels, generator)
 
-    original_tokenize, original_tokens = families.tokenize, dit_families._tokens
+    original_tokenize, original_tokens = tokens.tokenize, tokens.padded_tokens
 
-    def tokenize(tokenizer, prompts):
+    def record_tokenize(tokenizer, prompts):
         events.append(("prompts", list(prompts)))
         return original_tokenize(tokenizer, prompts)
 
-    def tokens(tokenizer, prompts, max_length, device):
+    def record_padded_tokens(tokenizer, prompts, max_length, device):
         events.append(("prompts", list(prompts)))
         return original_tokens(tokenizer, prompts, max_length, device)
 
-    monkeypatch.setattr(families.ModelFamily, "encode_latents", encode_latents)
-    monkeypatch.setattr(families, "tokenize", tokenize)
-    monkeypatch.setattr(dit_families, "_tokens", tokens)
+    monkeypatch.setattr(base.ModelFamily, "encode_latents", encode_latents)
+    monkeypatch.setattr(tokens, "tokenize", record_tokenize)
+    monkeypatch.setattr(tokens, "padded_tokens", record_padded_tokens)
     return events
 
 
@@ -217,8 +217,8 @@ def test_config_file_applies_flags_win_and_the_saved_config_repeats_the_run(pipe
     )
     first_dir, second_dir = tmp_path / "first", tmp_path / "second"
     adapter, args = run(pipelines["sd"], first_dir, "--config", str(job), "--max_train_steps", "2")
-    assert args.max_train_steps == 2 and args.noise_offset == 0.1 and args.random_flip
-    assert args.aspect_ratio_buckets == "24,40;40,24;32,32"
+    assert args.training.max_train_steps == 2 and args.loss.noise_offset == 0.1 and args.data.random_flip
+    assert args.buckets.aspect_ratio_buckets == "24,40;40,24;32,32"
     saved = tomllib.loads((first_dir / "config.toml").read_text())
     assert saved["max_train_steps"] == 2 and saved["caption_prefix"] == "sks" and saved["rank"] == 4
 
@@ -226,9 +226,11 @@ def test_config_file_applies_flags_win_and_the_saved_config_repeats_the_run(pipe
 
     AcceleratorState._reset_state(True)
     reloaded = script.parse_args(["--config", str(first_dir / "config.toml"), "--output_dir", str(second_dir)])
-    expected = {k: v for k, v in vars(args).items() if k not in ("config", "output_dir")}
-    assert {k: v for k, v in vars(reloaded).items() if k not in ("config", "output_dir")} == expected
+    expected = {k: v for k, v in saved.items() if k != "output_dir"}
+    assert {k: v for k, v in reloaded.flags().items() if v is not None and k != "output_dir"} == expected
     second = script.main(reloaded)
+    resaved = tomllib.loads((second_dir / "config.toml").read_text())
+    assert {k: v for k, v in resaved.items() if k != "output_dir"} == expected
     tensors = [load_file(adapter), load_file(second)]
     assert tensors[0].keys() == tensors[1].keys()
     for key in tensors[0]:

@@ -312,7 +312,7 @@ def train_one(
         train_cls_token=args.train_cls_token, zero_sparsity_update=args.zero_sparsity_update,
     )
     model.train()
-    prepared = prepare_method(model, method, settings, calibration_loss if method == "masked_sparse" else None)
+    prepared = prepare_method(model, method, settings, calibration_loss)
     lr = learning_rate if learning_rate is not None else args.method_lr.get(method, args.learning_rate)
     groups = weight_decay_groups(model, prepared.param_groups, args.weight_decay, args.weight_decay_1d)
     optimizer = torch.optim.AdamW(groups, lr=lr)

@@ -9,9 +9,6 @@ digits 5-9 from ``shots`` images per class (the VTAB-1k regime), testing on all 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +21,7 @@ from tqdm.auto import tqdm
 from transformers import ViTConfig, ViTForImageClassification
 
 from ..errors import SnellaError
+from ..files import replace_folder_atomically
 
 DIGITS_MEAN = (0.5, 0.5, 0.5)
 DIGITS_STD = (0.5, 0.5, 0.5)
@@ -183,11 +181,9 @@ def pretrain_digits_vit(
         "held_out_accuracy": float((predictions == labels[held_out]).float().mean()),
         "seconds": round(time.perf_counter() - start, 2),
     }
-    cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".pretraining-", dir=cache_dir.parent))
-    model.save_pretrained(staging)
-    (staging / "pretraining.json").write_text(json.dumps(summary, indent=2))
-    if cache_dir.exists():
-        shutil.rmtree(cache_dir)
-    os.replace(staging, cache_dir)
-    return cache_dir, summary
+
+    def write(staging: Path) -> None:
+        model.save_pretrained(staging)
+        (staging / "pretraining.json").write_text(json.dumps(summary, indent=2))
+
+    return replace_folder_atomically(cache_dir, write), summary

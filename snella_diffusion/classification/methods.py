@@ -1,4 +1,5 @@
-"""Fine-tuning methods compared by the classification entry, set up on one ViT classifier.
+"""The methods the classification entry compares (``snella_diffusion.methods``), set up on one
+ViT classifier.
 
 Every method trains the classification head the same way; they differ in what else trains:
 
@@ -18,12 +19,13 @@ from typing import Callable, Optional
 from torch import Tensor, nn
 
 from ..allocator import BiLevelAllocator
-from ..baselines import GradientMaskedSparse, apply_lora
+from ..baselines import GradientMaskedSparse
 from ..config import SnellaConfig
 from ..errors import SnellaConfigError
-from ..inject import apply_snella
+from ..methods import METHODS as REGISTRY
+from ..methods import AttachSettings, Method, method_for
 
-METHODS = ("snella", "snell", "lora", "full", "linear", "masked_sparse")
+METHODS = tuple(REGISTRY)
 
 
 @dataclass
@@ -89,7 +91,7 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
 ZERO_SPARSITY_UPDATES = ("dense", "square")
 
 
-def _snella_config(settings: MethodSettings, kernel: str, allocate: bool) -> SnellaConfig:
+def _snella_config(settings: MethodSettings, method: Method) -> SnellaConfig:
     """SNELLA (allocating, s_init → s_target) or SNELL (one fixed sparsity) settings. When no
     entry is ever dropped and ``zero_sparsity_update`` is "dense", ΔW = M (= K for SNELL), as
     in the reference scripts; "square" keeps M·|M|."""
@@ -97,15 +99,15 @@ def _snella_config(settings: MethodSettings, kernel: str, allocate: bool) -> Sne
         raise SnellaConfigError(
             f"--zero_sparsity_update {settings.zero_sparsity_update!r}: expected one of {ZERO_SPARSITY_UPDATES}"
         )
-    init_sparsity = settings.init_sparsity if allocate else settings.target_sparsity
+    init_sparsity = settings.init_sparsity if method.allocates else settings.target_sparsity
     dense = settings.zero_sparsity_update == "dense" and init_sparsity == 0.0 and settings.target_sparsity == 0.0
     common = dict(
-        rank=settings.rank, kernel=kernel, target_modules=settings.target_modules,
+        rank=settings.rank, kernel=method.kernel or "mix", target_modules=settings.target_modules,
         init_sparsity=init_sparsity, target_sparsity=settings.target_sparsity,
         sparsify="dense" if dense else "official", forward_mode=settings.forward_mode,
         adapter_dropout=settings.adapter_dropout, drop_path=settings.drop_path,
     )
-    if allocate:
+    if method.allocates:
         return SnellaConfig(
             **common,
             allocator_warmup_steps=settings.allocator_warmup_steps,
@@ -143,6 +145,17 @@ def weight_decay_groups(model: nn.Module, param_groups: list[dict], weight_decay
     return groups
 
 
+def _state_bytes(allocator: Optional[BiLevelAllocator], masked: Optional[GradientMaskedSparse]) -> int:
+    """Bytes of the allocator's importance EMAs (float32) and of masked_sparse's bool masks."""
+    total = 0
+    if allocator is not None:
+        total += sum(t.numel() * t.element_size() for tensors in (allocator.sensitivity, allocator.uncertainty)
+                     for pair in tensors.values() for t in pair)
+    if masked is not None:
+        total += sum(m.numel() for m in masked.masks.values())
+    return total
+
+
 def prepare_method(
     model: nn.Module,
     method: str,
@@ -153,43 +166,25 @@ def prepare_method(
 
     ``calibration_loss`` (a loss on the next training batch) is required by masked_sparse.
     The head always trains, in its own group (with the cls token when
-    ``settings.train_cls_token``, for every method but full and linear).
+    ``settings.train_cls_token``, for the methods that adapt chosen layers).
     """
-    if method not in METHODS:
-        raise SnellaConfigError(f"--method {method!r}: expected one of {METHODS}")
+    chosen = method_for(method, METHODS)
     head_params = list(_head(model).parameters())
     head_count = sum(p.numel() for p in head_params)
-    prepared = PreparedMethod(method, [])
-    if method in ("snella", "snell"):
-        config = _snella_config(settings, "mix" if method == "snella" else "piecewise_linear", method == "snella")
-        layers = apply_snella(model, config)
-        if method == "snella":
-            prepared.allocator = BiLevelAllocator(layers, config, total_steps=settings.total_steps)
-            prepared.state_bytes = sum(
-                t.numel() * t.element_size()
-                for tensors in (prepared.allocator.sensitivity, prepared.allocator.uncertainty)
-                for pair in tensors.values() for t in pair
-            )
-        prepared.details = {"layers": len(layers), "config": config.to_dict()}
-    elif method == "lora":
-        adapted = apply_lora(model, settings.target_modules, settings.lora_rank, settings.lora_alpha)
-        prepared.details = {"layers": len(adapted), "lora_rank": settings.lora_rank}
-    elif method == "full":
-        model.requires_grad_(True)
-    elif method == "linear":
-        model.requires_grad_(False)
-    else:
-        if calibration_loss is None:
-            raise SnellaConfigError("masked_sparse needs a calibration loss on training batches")
-        masked = GradientMaskedSparse(model, settings.target_modules, settings.density())
-        for p in head_params:
-            p.requires_grad_(True)
-        masked.calibrate(calibration_loss, settings.calibration_batches)
-        prepared.masked = masked
-        prepared.state_bytes = sum(m.numel() for m in masked.masks.values())
-        prepared.details = {"layers": len(masked.weights), "density": settings.density()}
+    attach_settings = AttachSettings(
+        target_modules=settings.target_modules,
+        snella=_snella_config(settings, chosen) if chosen.snella_layers else None,
+        lora_rank=settings.lora_rank, lora_alpha=settings.lora_alpha, density=settings.density(),
+        calibration_loss=calibration_loss, calibration_batches=settings.calibration_batches,
+        total_steps=settings.total_steps,
+    )
+    attached = chosen.attach(model, attach_settings)
+    allocator = chosen.allocator(attached.layers, attach_settings)
+    prepared = PreparedMethod(method, [], allocator, attached.masked,
+                              state_bytes=_state_bytes(allocator, attached.masked),
+                              details=chosen.describe(attached, attach_settings))
     token = cls_token(model)
-    if settings.train_cls_token and method not in ("full", "linear") and token is not None:
+    if settings.train_cls_token and chosen.adapts_layers and token is not None:
         token.requires_grad_(True)
         head_params.append(token)
         head_count += token.numel()

@@ -1,4 +1,4 @@
-"""The paper's per-dataset SNELLA settings and its published ViT-B/16 accuracies (METHOD.md §5).
+"""The paper's per-dataset SNELLA settings and its published ViT-B/16 accuracies (docs/METHOD.md §5).
 
 Accuracies are test top-1 (%) of ViT-B/16 pretrained supervised on ImageNet-21k. The papers'
 reference training loop (NOAH/SNELL lineage) evaluates the test split after every epoch and

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+from ..files import write_json_atomically, write_text_atomically
 from .paper import FGVC_MEAN_RESULTS, PAPER_ACCURACY_KIND
 
 
@@ -92,28 +90,12 @@ def markdown_table(rows: list[dict[str, Any]], dataset: str, paper_known: bool) 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Write JSON to a temporary file beside ``path`` and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(payload, stream, indent=2)
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
+    write_json_atomically(path, payload)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
+    """Write ``text`` to ``path`` atomically."""
+    write_text_atomically(path, text)
 
 
 def results_payload(

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import SnellaError
+from ..hub import HubDownloadError, download_hub_file
 from .families import ExportFamily, export_family
 
 CONFIG_COMPONENTS = ("unet", "transformer", "scheduler")
@@ -40,14 +41,9 @@ def _config_file(source: str, relative: str) -> Path:
             raise SnellaError(f"--base {source}: {relative} is missing (expected a diffusers pipeline folder)")
         return local
     try:
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(source, relative))
-    except Exception as error:  # huggingface_hub raises many types (offline, 404, auth, ...)
-        raise SnellaError(
-            f"--base {source}: not a local folder, and {relative} could not be fetched from the "
-            f"Hugging Face Hub ({type(error).__name__}: {error})"
-        ) from error
+        return download_hub_file(source, relative)
+    except HubDownloadError as error:
+        raise SnellaError(f"--base {source}: not a local folder, and {error}") from error
 
 
 def _read_json(source: str, relative: str) -> dict[str, Any]:

@@ -14,8 +14,9 @@ from .writer import EXPORT_DTYPES, EXPORT_FORMATS
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="snella-export",
-        description="Export SNELLA adapters as a dense difference (diff) or a LoRA (lora: kohya names "
-                    "for ComfyUI / Forge / AUTOMATIC1111; peft: diffusers names) of the base's family.",
+        description="Export SNELLA adapters as a dense difference (diff), a LoRA (lora: kohya names "
+                    "for ComfyUI / Forge / AUTOMATIC1111; peft: diffusers names) or SNELLA factors for "
+                    "ComfyUI's SNELLA node (comfyui) of the base's family.",
     )
     parser.add_argument("adapters", nargs="+", metavar="ADAPTER[:w]",
                         help="SNELLA .safetensors files; several are merged as Σ w_k·ΔW_k (w defaults to 1)")
@@ -24,10 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "only its configs are read")
     parser.add_argument("--to", required=True, choices=EXPORT_FORMATS,
                         help="diff: exact ΔW per layer (large); lora: kohya LoRA by truncated SVD; "
-                             "peft: the same factors under diffusers/PEFT names")
+                             "peft: the same factors under diffusers/PEFT names; comfyui: the SNELLA "
+                             "factors for ComfyUI's Load LoRA node with the snella-comfyui node (exact, compact)")
     parser.add_argument("-o", "--output", required=True, metavar="OUT.safetensors")
-    parser.add_argument("--dtype", default="fp16", choices=list(EXPORT_DTYPES),
-                        help="dtype of the written tensors (default fp16)")
+    parser.add_argument("--dtype", default=None, choices=list(EXPORT_DTYPES),
+                        help="dtype of the written tensors (default fp16; comfyui: always fp32)")
     rank = parser.add_mutually_exclusive_group()
     rank.add_argument("--rank", type=int, default=None, help="lora/peft: the same rank for every layer")
     rank.add_argument("--energy", type=float, default=None,

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import SnellaError
-from ..io import SnellaFile, _check_against_model, _copy_into, file_sha256, read_snella_file
+from ..io import SnellaFile, copy_adapter_params, file_sha256, plan_load, read_snella_file
 from ..layer import SnellaLinear
 from .base import BaseModel
 from .families import LayerKey
@@ -65,7 +65,7 @@ def check_against_base(adapters: list[AdapterSource], base: BaseModel) -> None:
                     f"({base.pipeline_class}) has no component {component!r} "
                     f"(it has {sorted(base.components)})"
                 )
-            _check_against_model(adapter.file, component, base.components[component], CHECK_ADAPTER_NAME)
+        plan_load(adapter.file, {c: base.components[c] for c in adapter.file.layers}, CHECK_ADAPTER_NAME)
 
 
 def adapted_layers(adapters: list[AdapterSource]) -> list[LayerKey]:
@@ -100,7 +100,7 @@ def merged_delta(adapters: list[AdapterSource], layer: LayerKey, scale: float = 
             wrapper = SnellaLinear(base, adapter.file.config, name)
         else:
             wrapper.add_adapter(name, adapter.file.config)
-        _copy_into(wrapper.adapters[name], params)
+        copy_adapter_params(wrapper.adapters[name], params)
         names.append(name)
         weights.append(scale * adapter.weight)
     if wrapper is None:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..errors import SnellaError
 from .base import BaseModel, load_base
+from .comfyui import check_comfyui_flags, comfyui_metadata, comfyui_tensors
 from .deltas import AdapterSource, adapted_layers, check_against_base, merged_delta, needed_components, read_adapters
 from .families import ExportTarget, LayerKey, canonical_path
 from .svd import LowRank, RankChoice, truncate
@@ -30,7 +31,7 @@ class ExportReport:
 
     Attributes:
         output: the safetensors file.
-        to: ``diff``, ``lora`` or ``peft``.
+        to: ``diff``, ``lora``, ``peft`` or ``comfyui``.
         family: the base's family (``sd1``, ``sdxl``, ``flux``, ...).
         tensors: number of tensors in the file.
         layers: for lora/peft, ``{name: {"rank", "energy", "norm", "residual_norm", "parts"}}``
@@ -216,7 +217,7 @@ def export_snella(
     base: Union[PathLike, Any],
     output: PathLike,
     to: str = "diff",
-    dtype: str = "fp16",
+    dtype: Optional[str] = None,
     rank: Optional[int] = None,
     energy: Optional[float] = None,
     max_rank: Optional[int] = None,
@@ -233,8 +234,10 @@ def export_snella(
         output: the ``.safetensors`` file to write.
         to: ``diff`` (ΔW per layer as ``<key>.diff``, exact up to ``dtype``), ``lora``
             (kohya ``lora_down``/``lora_up``/``alpha``) or ``peft`` (``<component>.<path>.lora_A``
-            / ``lora_B`` with ``lora_adapter_metadata``).
-        dtype: ``fp16``, ``bf16`` or ``fp32`` for the written tensors (ΔW and SVD in float32).
+            / ``lora_B`` with ``lora_adapter_metadata``) or ``comfyui`` (one file's SNELLA
+            factors per layer under ComfyUI's names, for ``snella_diffusion.comfyui``).
+        dtype: ``fp16`` (default), ``bf16`` or ``fp32`` for the written tensors (ΔW and SVD in
+            float32); ``comfyui`` is always float32.
         rank, energy, max_rank: lora/peft rank: fixed, or the smallest keeping ``energy`` of
             ‖ΔW‖²_F (≤ ``max_rank``); ``energy=1.0`` is full rank.
         adapter_weight: a factor on the whole sum.
@@ -245,7 +248,11 @@ def export_snella(
     """
     output = Path(output)
     choice = RankChoice(rank, energy, max_rank)
-    _check_flags(to, dtype, choice)
+    if to == "comfyui":
+        check_comfyui_flags(dtype, (rank, energy, max_rank))
+    else:
+        dtype = dtype or "fp16"
+        _check_flags(to, dtype, choice)
     check_outputs(output, to, overwrite)
 
     sources = read_adapters(_as_specs(adapters))
@@ -260,6 +267,12 @@ def export_snella(
     def target_delta(target: ExportTarget) -> tuple[Tensor, list[tuple[LayerKey, int, int]]]:
         return _target_delta(base_model, sources, target, adapted, adapter_weight)
 
+    if to == "comfyui":
+        tensors, prefixes, zero = comfyui_tensors(sources, base_model, adapter_weight, spelled)
+        metadata = header_metadata(base_model.family, to, sources, output, adapter_weight, title=title)
+        metadata.update(comfyui_metadata(prefixes, zero))
+        write_export(output, tensors, metadata, None)
+        return ExportReport(output, to, base_model.family.name, len(tensors))
     targets = base_model.family.targets(layers, spelled)
     torch_dtype = EXPORT_DTYPES[dtype]
     if to == "diff":

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -14,12 +12,14 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..errors import SnellaError
+from ..files import write_atomically, write_text_atomically
 from .deltas import AdapterSource
 from .families import ExportFamily
 
-EXPORT_FORMATS = ("diff", "lora", "peft")
+EXPORT_FORMATS = ("diff", "lora", "peft", "comfyui")
 EXPORT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-NETWORK_MODULES = {"diff": "lycoris.kohya", "lora": "networks.lora", "peft": "networks.lora"}
+NETWORK_MODULES = {"diff": "lycoris.kohya", "lora": "networks.lora", "peft": "networks.lora",
+                   "comfyui": "snella_diffusion.comfyui"}
 
 
 def energy_report_path(output: Path) -> Path:
@@ -29,7 +29,7 @@ def energy_report_path(output: Path) -> Path:
 
 def check_outputs(output: Path, to: str, overwrite: bool) -> None:
     """Raises SnellaError if a file the export would write exists and ``overwrite`` is off."""
-    paths = [output] + ([energy_report_path(output)] if to != "diff" else [])
+    paths = [output] + ([energy_report_path(output)] if to in ("lora", "peft") else [])
     for path in paths:
         if path.exists() and not overwrite:
             raise SnellaError(f"-o {output}: {path} exists; pass --overwrite to replace it")
@@ -79,18 +79,6 @@ def header_metadata(
     return metadata
 
 
-def _replace_atomically(write, destination: Path) -> None:
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{destination.name}.", dir=destination.parent)
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, destination)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def write_export(
     output: Path, tensors: dict[str, Tensor], metadata: dict[str, str], report: Optional[dict[str, Any]]
 ) -> None:
@@ -99,7 +87,7 @@ def write_export(
     if not tensors:
         raise SnellaError(f"-o {output}: nothing to write (every exported ΔW is zero)")
     contiguous = {key: value.contiguous() for key, value in tensors.items()}
-    _replace_atomically(lambda path: save_file(contiguous, path, metadata=metadata), output)
+    write_atomically(output, lambda path: save_file(contiguous, str(path), metadata=metadata))
     if report is not None:
         text = json.dumps(report, indent=2, sort_keys=True)
-        _replace_atomically(lambda path: Path(path).write_text(text + "\n"), energy_report_path(output))
+        write_text_atomically(energy_report_path(output), text + "\n")

@@ -19,9 +19,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from snella_diffusion.files import replace_folder_atomically
 from snella_diffusion.lab import base, world
 from snella_diffusion.lab.evaluate import sample, score_prompts
 
@@ -82,19 +83,31 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 def save_pipeline_atomically(pipeline: Any, folder: Path) -> None:
     """``save_pretrained`` into a temporary sibling folder, then swap it in."""
-    staging = folder.with_name(folder.name + ".tmp")
-    if staging.exists():
-        shutil.rmtree(staging)
-    pipeline.save_pretrained(staging)
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        folder.rename(old)
-    staging.rename(folder)
-    if old.exists():
-        shutil.rmtree(old)
+    replace_folder_atomically(folder, pipeline.save_pretrained)
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+@dataclass(frozen=True)
+class PretrainSettings:
+    """The settings of one pretraining run, one field per flag of :func:`parse_args`."""
+
+    output_dir: Path
+    seed: int
+    max_steps: int
+    max_minutes: Optional[float]
+    batch_size: int
+    learning_rate: float
+    warmup_steps: int
+    ema_decay: float
+    prompt_dropout: float
+    vae_steps: int
+    checkpoint_every: int
+    log_every: int
+    eval_inference_steps: int
+    threads: int
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> PretrainSettings:
+    """The run's settings from command-line flags (``argv`` defaults to ``sys.argv[1:]``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
@@ -112,10 +125,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--eval_inference_steps", type=int, default=25,
                         help="Sampling steps of the checkpoint scores (0: no scores).")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (results depend on it).")
-    return parser.parse_args(argv)
+    return PretrainSettings(**vars(parser.parse_args(argv)))
 
 
-def main(args: argparse.Namespace) -> Path:
+def main(args: PretrainSettings) -> Path:
     """Runs both stages; returns the folder of the final EMA pipeline."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 
 from snella_diffusion.errors import SnellaError
+from snella_diffusion.files import replace_folder_atomically
 from snella_diffusion.io import file_sha256
 from snella_diffusion.lab import base
 
@@ -95,18 +94,12 @@ def materialize_base(folder: Path) -> Path:
     if marker.is_file() and marker.read_text().strip() == expected and (folder / "model_index.json").is_file():
         return folder
     pipeline = load_shipped_pipeline()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+
+    def write(staging: Path) -> None:
         pipeline.save_pretrained(staging)
         (staging / "lab_base.sha256").write_text(expected + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return folder
+
+    return replace_folder_atomically(folder, write)
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> None:

@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from ..errors import SnellaError
+from ..files import write_text_atomically
 
 CONFIG_SUFFIXES = (".toml", ".yaml", ".yml", ".json")
 RESOLVED_CONFIG_FILE = "config.toml"
@@ -178,18 +177,15 @@ def render_toml(values: dict[str, Any], subsets: Sequence[dict[str, Any]] = ()) 
     return "\n".join(lines) + "\n"
 
 
-def resolved_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The flags of a run as a flat dict, sorted by name (``config`` itself left out)."""
-    return {key: value for key, value in sorted(vars(args).items()) if key != "config"}
+def resolved_settings(flags: Mapping[str, Any]) -> dict[str, Any]:
+    """The flags of a run (``{flag name: value}``) as a flat dict, sorted by name (``config``
+    itself left out)."""
+    return {key: value for key, value in sorted(flags.items()) if key != "config"}
 
 
-def write_resolved_config(args: argparse.Namespace, path: Path, subsets: Sequence[dict[str, Any]] = ()) -> str:
-    """Write ``resolved_settings(args)`` (and the ``subsets`` record) as TOML to ``path``
+def write_resolved_config(flags: Mapping[str, Any], path: Path, subsets: Sequence[dict[str, Any]] = ()) -> str:
+    """Write ``resolved_settings(flags)`` (and the ``subsets`` record) as TOML to ``path``
     atomically; returns the text."""
-    text = render_toml(resolved_settings(args), subsets)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w", encoding="utf-8") as stream:
-        stream.write(text)
-    os.replace(temporary, path)
+    text = render_toml(resolved_settings(flags), subsets)
+    write_text_atomically(path, text)
     return text

@@ -12,11 +12,38 @@ noise generator (in this order):
 
 from __future__ import annotations
 
+import argparse
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .flag_settings import FlagSettings
+
+
+@dataclass(frozen=True)
+class LossSettings(FlagSettings):
+    """The loss options of a run (see the module docstring)."""
+
+    noise_offset: float
+    input_perturbation: float
+    masked_loss: bool
+    mask_dir: Optional[str]
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """The flags of this group, one per field."""
+        group = parser.add_argument_group("loss")
+        group.add_argument("--noise_offset", type=float, default=0.0,
+                           help="Add this times N(0,1) per sample and channel to the training noise (0: off).")
+        group.add_argument("--input_perturbation", type=float, default=0.0,
+                           help="Perturb the noise of the denoiser input (not of the target) by this times N(0,1) (0: off).")
+        group.add_argument("--masked_loss", action="store_true",
+                           help="Weight the loss by a mask in latent space: each image's alpha channel, or --mask_dir.")
+        group.add_argument("--mask_dir", type=str, default=None,
+                           help="With --masked_loss: a folder of grayscale masks named like the images (white trains).")
 
 
 def perturb_noise(

@@ -3,13 +3,12 @@ fine-tuning result of an ``--adapter`` A/B run)."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from statistics import mean
 from typing import Any, Optional, Sequence
 
 from ..config import SnellaConfig
+from ..files import write_text_atomically
 
 
 def sparsity_summary(budgets: dict[str, float]) -> dict[str, dict[str, float]]:
@@ -155,9 +154,4 @@ def sparsity_lines(budgets: dict[str, float]) -> list[str]:
 
 def write_model_card(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (temporary file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w", encoding="utf-8") as stream:
-        stream.write(text)
-    os.replace(temporary, path)
-    return path
+    return write_text_atomically(path, text)

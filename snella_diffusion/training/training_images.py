@@ -8,16 +8,20 @@ counts fully, black (0) not at all.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from PIL import Image, UnidentifiedImageError
 
 from .captions import read_sidecar_captions
 from .data import IMAGE_SUFFIXES, DataError, list_images
 from .hf_datasets import dataset_images
+
+if TYPE_CHECKING:
+    from .data_arguments import CaptionSettings, DatasetSettings
+    from .loss_options import LossSettings
+    from .run_settings import RunSettings
 
 
 @dataclass
@@ -71,17 +75,20 @@ def _rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def load_folder_images(args: argparse.Namespace) -> list[TrainingImage]:
+def load_folder_images(
+    instance_data_dir: str, instance_prompt: Optional[str], caption_settings: CaptionSettings, loss: LossSettings
+) -> list[TrainingImage]:
     """``--instance_data_dir`` with optional sidecar captions and masks."""
-    folder = Path(args.instance_data_dir)
+    folder = Path(instance_data_dir)
     if not folder.is_dir():
         raise DataError(f"--instance_data_dir={folder}: no such folder")
     files = list_images(folder)
     if not files:
         raise DataError(f"--instance_data_dir={folder}: the folder holds no images (looked for {', '.join(IMAGE_SUFFIXES)})")
     captions: list[Optional[str]] = [None] * len(files)
-    if args.caption_extension:
-        captions = read_sidecar_captions(files, args.caption_extension, args.missing_caption, args.instance_prompt)
+    if caption_settings.caption_extension:
+        captions = read_sidecar_captions(files, caption_settings.caption_extension, caption_settings.missing_caption,
+                                         instance_prompt)
     records, unreadable = [], []
     for file, caption in zip(files, captions):
         try:
@@ -89,28 +96,30 @@ def load_folder_images(args: argparse.Namespace) -> list[TrainingImage]:
         except (UnidentifiedImageError, OSError, ValueError) as error:
             unreadable.append(f"{file.name} ({type(error).__name__}: {error})")
             continue
-        mask = _load_mask(image, file.name, args.mask_dir, str(file)) if args.masked_loss else None
+        mask = _load_mask(image, file.name, loss.mask_dir, str(file)) if loss.masked_loss else None
         records.append(TrainingImage(file.name, _rgb(image), caption, mask))
     if unreadable:
         raise DataError(f"--instance_data_dir={folder}: cannot read image file(s): {'; '.join(unreadable)}")
     return records
 
 
-def load_dataset_images(args: argparse.Namespace) -> list[TrainingImage]:
+def load_dataset_images(datasets: DatasetSettings, loss: LossSettings) -> list[TrainingImage]:
     """``--dataset_name`` rows with the ``--caption_column`` captions and optional masks."""
     names, images, captions = dataset_images(
-        args.dataset_name, args.dataset_config_name, args.image_column, args.caption_column, args.cache_dir,
+        datasets.dataset_name, datasets.dataset_config_name, datasets.image_column, datasets.caption_column,
+        datasets.cache_dir,
     )
     records = []
     for index, (name, image, caption) in enumerate(zip(names, images, captions)):
-        where = f"row {index} ({name}) of --dataset_name={args.dataset_name}"
-        mask = _load_mask(image, name, args.mask_dir, where) if args.masked_loss else None
+        where = f"row {index} ({name}) of --dataset_name={datasets.dataset_name}"
+        mask = _load_mask(image, name, loss.mask_dir, where) if loss.masked_loss else None
         records.append(TrainingImage(name, _rgb(image), caption, mask))
     return records
 
 
-def load_training_images(args: argparse.Namespace) -> list[TrainingImage]:
+def load_training_images(settings: RunSettings) -> list[TrainingImage]:
     """The run's instance images: from ``--dataset_name`` if given, else ``--instance_data_dir``."""
-    if getattr(args, "dataset_name", None):
-        return load_dataset_images(args)
-    return load_folder_images(args)
+    if settings.datasets.dataset_name:
+        return load_dataset_images(settings.datasets, settings.loss)
+    return load_folder_images(settings.data.instance_data_dir, settings.data.instance_prompt, settings.captions,
+                              settings.loss)

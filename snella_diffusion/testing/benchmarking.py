@@ -24,11 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .allocator import BiLevelAllocator
-from .baselines import GradientMaskedSparse, apply_lora
-from .config import SnellaConfig
-from .errors import SnellaError
-from .inject import apply_snella, find_target_linears
+from ..allocator import BiLevelAllocator
+from ..baselines import GradientMaskedSparse
+from ..config import SnellaConfig
+from ..errors import SnellaError
+from ..inject import find_target_linears
+from ..methods import AttachSettings, method_for
 from .reference_configs import build_reference_model
 
 METHODS = ("snella", "lora", "masked_sparse", "full")
@@ -125,8 +126,7 @@ class BenchmarkSettings:
         """Raise SnellaError naming the flag that holds an invalid value."""
         if self.model not in MODEL_SPECS:
             raise SnellaError(f"--model {self.model!r}: expected one of {sorted(MODEL_SPECS)}")
-        if self.method not in METHODS:
-            raise SnellaError(f"--method {self.method!r}: expected one of {list(METHODS)}")
+        method_for(self.method, METHODS)
         if self.dtype not in DTYPES:
             raise SnellaError(f"--dtype {self.dtype!r}: expected one of {sorted(DTYPES)}")
         if self.resolution < 8 or self.resolution % 8:
@@ -361,30 +361,26 @@ def build_training_setup(settings: BenchmarkSettings) -> TrainingSetup:
     def next_batch() -> TrainingBatch:
         return draw_batch(generator)
 
-    allocator = masked = None
-    param_groups: list[dict[str, Any]]
-    if settings.method == "snella":
+    def calibration_loss() -> Tensor:
+        # Calibration draws from its own generator: every method trains on the same batches.
+        return diffusion_loss(model, draw_batch(calibration_generator))
+
+    method = method_for(settings.method, METHODS)
+    config = None
+    if method.snella_layers:
         config = SnellaConfig(
             rank=settings.rank, target_modules=targets, init_sparsity=settings.sparsity,
             target_sparsity=settings.sparsity, allocator_interval=settings.allocator_interval,
             **settings.snella_options,
         )
-        apply_snella(model, config)
-        allocator = BiLevelAllocator(model, config, total_steps=settings.warmup + settings.repeats)
-        param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    elif settings.method == "lora":
-        apply_lora(model, targets, settings.rank)
-        param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    elif settings.method == "masked_sparse":
-        masked = GradientMaskedSparse(model, targets, density=1.0 - settings.sparsity)
-        # Calibration draws from its own generator: every method trains on the same batches.
-        masked.calibrate(lambda: diffusion_loss(model, draw_batch(calibration_generator)), num_batches=1)
-        param_groups = masked.optimizer_param_groups()
-    else:
-        model.requires_grad_(True)
-        param_groups = [{"params": list(model.parameters())}]
-    optimizer = torch.optim.AdamW(param_groups, lr=settings.learning_rate)
-    return TrainingSetup(settings, model, optimizer, targets, next_batch, allocator, masked)
+    attach_settings = AttachSettings(
+        target_modules=targets, snella=config, lora_rank=settings.rank, density=1.0 - settings.sparsity,
+        calibration_loss=calibration_loss, calibration_batches=1, total_steps=settings.warmup + settings.repeats,
+    )
+    attached = method.attach(model, attach_settings)
+    allocator = method.allocator(attached.layers, attach_settings)
+    optimizer = torch.optim.AdamW(attached.param_groups(), lr=settings.learning_rate)
+    return TrainingSetup(settings, model, optimizer, targets, next_batch, allocator, attached.masked)
 
 
 def _synchronize(device: str | torch.device) -> None:
@@ -546,7 +542,7 @@ def _ratio(value: float, baseline: Optional[float]) -> str:
 def method_label(result: dict[str, Any]) -> str:
     """The method name, with its non-default SNELLA options (``snella[compile_kernels=True]``)."""
     settings = result["settings"]
-    options = settings.get("snella_options") if settings["method"] == "snella" else None
+    options = settings.get("snella_options") if method_for(settings["method"]).snella_layers else None
     if not options:
         return settings["method"]
     return settings["method"] + "[" + ",".join(f"{k}={v}" for k, v in sorted(options.items())) + "]"
@@ -569,7 +565,7 @@ def format_results_table(results: list[dict[str, Any]], baseline: str = "lora") 
     for result in results:
         allocator = (
             f"{result['allocator_seconds_median'] * 1000:.0f} ms ({100 * result['allocator_fraction']:.2f} %)"
-            if result["settings"]["method"] == "snella"
+            if method_for(result["settings"]["method"]).allocates
             else "–"
         )
         cpu = result.get("cpu_seconds_median")

@@ -1,0 +1,141 @@
+"""Checks of a DreamBooth run's settings before anything is loaded, and the device and tracker
+choices they imply."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from typing import Optional
+
+import torch
+
+from ..errors import SnellaError
+from ..inject import check_targets
+from .data_arguments import check_data_settings
+from .run_settings import RunSettings
+from .subsets import is_kohya_layout
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingSetupError(SnellaError):
+    """A flag, or the combination of flags, cannot work on this machine or with this data."""
+
+
+def check_run_settings(settings: RunSettings) -> None:
+    """Reject flag combinations that cannot work, before anything is loaded (the data, loss,
+    optimizer and EMA flags are checked by ``check_data_settings``)."""
+    data, training, validation, adapter = settings.data, settings.training, settings.validation, settings.adapter
+    model_source = settings.model.pretrained_model_name_or_path
+    if data.with_prior_preservation:
+        if data.class_data_dir is None:
+            raise TrainingSetupError("--with_prior_preservation needs --class_data_dir")
+        if data.class_prompt is None and not is_kohya_layout(data.class_data_dir):
+            raise TrainingSetupError("--with_prior_preservation needs --class_prompt")
+    else:
+        given = [f"--{flag}" for flag in ("class_data_dir", "class_prompt") if getattr(data, flag) is not None]
+        if given:
+            raise TrainingSetupError(
+                f"{' and '.join(given)} given without --with_prior_preservation: add the flag to train "
+                "with the prior-preservation loss, or drop them"
+            )
+    if (data.instance_data_dir is not None and data.instance_prompt is None and not settings.captions.caption_extension
+            and not is_kohya_layout(data.instance_data_dir)):
+        raise TrainingSetupError("--instance_prompt is required with --instance_data_dir")
+    datasets = settings.datasets
+    if (model_source is not None and data.instance_data_dir is None and not datasets.dataset_name
+            and not datasets.dataset_config):
+        raise TrainingSetupError(
+            f"--pretrained_model_name_or_path={model_source} needs --instance_data_dir, "
+            "--dataset_name or --dataset_config (the generated 4-image set is for the embedded tiny model only)"
+        )
+    if data.resolution is not None and data.resolution < 1:
+        raise TrainingSetupError(f"--resolution={data.resolution}: must be a positive number of pixels")
+    report_to = validation.report_to
+    if report_to in ("wandb", "comet_ml", "mlflow") and importlib.util.find_spec(report_to) is None:
+        raise TrainingSetupError(
+            f"--report_to={report_to}: {report_to} is not installed (pip install {report_to}), "
+            "or use --report_to tensorboard / none"
+        )
+    check_snella_settings(settings)
+    if training.enable_xformers_memory_efficient_attention:
+        if not torch.cuda.is_available():
+            raise TrainingSetupError(
+                "--enable_xformers_memory_efficient_attention: xformers has no CPU kernels and no "
+                "CUDA GPU is available; drop the flag (PyTorch scaled-dot-product attention is used)"
+            )
+        if importlib.util.find_spec("xformers") is None:
+            raise TrainingSetupError(
+                "--enable_xformers_memory_efficient_attention: xformers is not installed "
+                "(pip install 'snella-diffusion[xformers]') ; or drop the flag"
+            )
+    if training.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise TrainingSetupError("--use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes)")
+    at_least_one = (("train_batch_size", training), ("gradient_accumulation_steps", training),
+                    ("checkpointing_steps", validation), ("validation_steps", validation),
+                    ("num_validation_images", validation), ("sample_batch_size", data),
+                    ("allocator_interval", adapter), ("class_inference_steps", data))
+    for flag, group in at_least_one:
+        value = getattr(group, flag)
+        if value is not None and value < 1:
+            raise TrainingSetupError(f"--{flag}={value}: must be at least 1")
+    if training.max_train_steps is not None and training.max_train_steps < 1:
+        raise TrainingSetupError(f"--max_train_steps={training.max_train_steps}: must be at least 1")
+    method = adapter.method
+    if not method.adapts_layers and training.train_text_encoder:
+        raise TrainingSetupError(f"--adapter={adapter.adapter} trains the denoiser only: drop --train_text_encoder")
+    if not method.snella_layers and settings.ema.use_ema:
+        raise TrainingSetupError(f"--adapter={adapter.adapter}: --use_ema averages SNELLA parameters only; drop one of them")
+    if adapter.lora_rank is not None and (not method.uses_lora_rank or adapter.lora_rank < 1):
+        raise TrainingSetupError(f"--lora_rank={adapter.lora_rank}: needs --adapter=lora and a rank of at least 1")
+
+
+def check_snella_settings(settings: RunSettings) -> None:
+    """The SNELLA flags make a valid config and ``--target_modules`` valid presets, block
+    filters and regular expressions (the schedule is checked with a stand-in step count)."""
+    try:
+        config = settings.adapter.snella_config("unet", settings.training.max_train_steps or 1000)
+        check_targets(config.target_modules)
+    except SnellaError as error:
+        raise TrainingSetupError(f"SNELLA flags: {error}") from error
+
+
+def check_all_settings(settings: RunSettings) -> None:
+    """Every check before loading: the data flags first, then the rest."""
+    check_data_settings(settings)
+    check_run_settings(settings)
+
+
+def use_cpu(cpu_flag: bool) -> bool:
+    """Whether the Accelerator must be told ``cpu=True``: on ``--cpu`` or
+    ``ACCELERATE_USE_CPU`` (``accelerate launch --cpu``), or when torch sees no accelerator
+    (CUDA, MPS, XPU). Otherwise accelerate picks the device itself. On a machine without one,
+    ``cpu=True`` is what makes several launched processes join one gloo group."""
+    if cpu_flag or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return True
+    return not accelerator_available()
+
+
+def accelerator_available() -> bool:
+    """True when torch sees a CUDA, MPS or XPU device."""
+    if torch.cuda.is_available():
+        return True
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return True
+    xpu = getattr(torch, "xpu", None)
+    return bool(xpu is not None and xpu.is_available())
+
+
+def resolve_report_to(report_to: Optional[str]) -> Optional[str]:
+    """None (no tracker) or the tracker name; tensorboard only when it is installed."""
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
+    if report_to is None:
+        return "tensorboard" if tensorboard else None
+    if report_to == "none":
+        return None
+    if report_to == "tensorboard" and not tensorboard:
+        logger.warning("--report_to=tensorboard: tensorboard is not installed; logging to the console only")
+        return None
+    return report_to
