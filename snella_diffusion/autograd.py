@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .blocked import Factors, backward_blocked, effective_blocked, merged_blocked
+from .errors import SnellaError
 from .forward_cache import in_backward, kept_weights
+from .quantized import FLOAT8_DTYPES, is_packed
 from .scratch import idle_buffers
 
 if TYPE_CHECKING:
@@ -163,7 +165,8 @@ def snella_linear(
     and used for one GEMM. When they run in fp16/bf16 (a half-precision ``x``, or autocast),
     the sum would round ΔW_eff away (``merges_exactly``), so the layer computes
     ``x·W0ᵀ + b + x·(scale·ΔW_eff)ᵀ`` instead, with ΔW_eff cast to that dtype on its own; the
-    backward follows the same rule.
+    backward follows the same rule. A float8 ``weight`` is never merged either: it is cast to
+    the product dtype for ``x·W0ᵀ`` and ΔW_eff applied beside it.
 
     Args:
         x: ``(..., n)`` input.
@@ -172,9 +175,17 @@ def snella_linear(
         bias: ``(m,)`` or None.
     Returns:
         ``(..., m)`` in the product dtype (``gemm_dtype(x)``).
+    Raises:
+        SnellaError: ``weight`` is packed (a tensor subclass or integer data): its product must
+            go through its quantized module, as ``SnellaLinear`` does.
     """
     dtype = gemm_dtype(x)
-    if weight is not None and not merges_exactly(dtype):
+    if weight is not None and is_packed(weight) and weight.dtype not in FLOAT8_DTYPES:
+        raise SnellaError(
+            f"snella_linear: the base weight is packed ({type(weight).__name__}, {weight.dtype}); "
+            "compute its product through its module and pass weight=None (SnellaLinear does)"
+        )
+    if weight is not None and (not merges_exactly(dtype) or weight.dtype in FLOAT8_DTYPES):
         base = F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
         return base + snella_linear(x, adapter, scale=scale)
     return _SnellaLinearFunction.apply(

@@ -28,7 +28,7 @@ fraction of ΔW energy kept, 1 − ||cast(W0 + ΔW) − (W0 + ΔW)||² / ||ΔW||
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 from torch import nn
 
@@ -43,7 +43,7 @@ from .layer import (
 )
 
 __all__ = [
-    "DEFAULT_KEEP_ORIGINAL", "KEEP_ORIGINAL_CHOICES", "KeepOriginal", "UnfuseError", "energy_kept_in",
+    "DEFAULT_KEEP_ORIGINAL", "KEEP_ORIGINAL_CHOICES", "KeepOriginal", "UnfuseError", "check_fusable", "energy_kept_in",
     "fuse_layer", "fuse_snella", "fused_energy_kept", "log_energy_kept", "unfuse_snella",
 ]
 
@@ -77,6 +77,13 @@ def fuse_layer(
     layer.fuse_adapters(scale, adapter_names, keep_original)
 
 
+def check_fusable(layers: Mapping[str, SnellaLinear]) -> None:
+    """Raise SnellaError naming the first layer whose base weight is quantized (checked before
+    any layer is fused, so a refused fuse changes nothing)."""
+    for name, layer in layers.items():
+        layer.check_fusable(name)
+
+
 def fuse_snella(
     model: nn.Module, scale: float = 1.0, adapter_names: Optional[Sequence[str]] = None,
     keep_original: KeepOriginal = DEFAULT_KEEP_ORIGINAL,
@@ -93,6 +100,7 @@ def fuse_snella(
     """
     check_keep_original(keep_original)
     layers = snella_layers(model)
+    check_fusable(layers)
     for layer in layers.values():
         names = layer.active_adapters if adapter_names is None else [
             n for n in adapter_names if n in layer.adapters

@@ -5,19 +5,14 @@ from __future__ import annotations
 import re
 from typing import Iterable, Optional
 
-import torch
 from torch import nn
 
 from .config import SnellaConfig, TargetModules
 from .errors import SnellaError
 from .forward_cache import kept_weights
 from .layer import SnellaLinear, snella_layers
+from .quantized import unsupported_quantization
 from .scratch import idle_buffers
-
-
-# bitsandbytes (and similar) layers that subclass nn.Linear but hold packed or integer weights.
-QUANTIZED_LINEAR_CLASSES = frozenset({"Linear4bit", "Linear8bitLt", "LinearFP4", "LinearNF4", "Linear8bit"})
-QUANTIZED_WEIGHT_CLASSES = frozenset({"Params4bit", "Int8Params"})
 
 
 def _anywhere(pattern: str) -> str:
@@ -108,20 +103,12 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
 
 
 def quantization_of(module: nn.Module) -> Optional[str]:
-    """What marks ``module`` as a quantized or packed linear (bitsandbytes ``Linear4bit`` /
-    ``Linear8bitLt``, or any layer whose weight is not a floating-point matrix), else None.
-
-    Detected by class names and attributes, so bitsandbytes need not be installed."""
-    weight = getattr(module, "weight", None)
-    kind = type(module).__name__
-    weight_kind = type(weight).__name__
-    if kind in QUANTIZED_LINEAR_CLASSES or weight_kind in QUANTIZED_WEIGHT_CLASSES:
-        return f"{kind} (weight {weight_kind})"
-    if weight is not None and getattr(weight, "quant_state", None) is not None:
-        return f"{kind} (weight with a quant_state)"
-    if isinstance(weight, torch.Tensor) and not weight.is_floating_point():
-        return f"{kind} (weight dtype {weight.dtype})"
-    return None
+    """What marks ``module`` as a packed or integer linear SNELLA cannot adapt (e.g.
+    bitsandbytes ``Linear8bitLt``, an int8 weight, an unknown tensor subclass), else None.
+    Float8 storage, torchao, optimum-quanto and bitsandbytes ``Linear4bit`` bases are adapted
+    (``quantized.base_quantization``). Detected by class names, modules and dtypes, so no
+    quantization library need be installed."""
+    return unsupported_quantization(module)
 
 
 def find_target_linears(model: nn.Module, config: SnellaConfig) -> dict[str, nn.Linear]:
@@ -129,7 +116,8 @@ def find_target_linears(model: nn.Module, config: SnellaConfig) -> dict[str, nn.
 
     Raises:
         SnellaError: an entry of ``target_modules`` matches no linear layer (naming what it
-            matched instead, e.g. Conv2d modules), or a matched linear is quantized.
+            matched instead, e.g. Conv2d modules), or a matched linear is packed in a format
+            SNELLA does not adapt (``quantized.unsupported_quantization``).
     """
     entries = _entries(config.target_modules)
     excluded = _patterns(config.exclude_modules) if config.exclude_modules else []
@@ -149,9 +137,10 @@ def find_target_linears(model: nn.Module, config: SnellaConfig) -> dict[str, nn.
         quantized = None if isinstance(module, SnellaLinear) else quantization_of(module)
         if quantized is not None:
             raise SnellaError(
-                f"layer {name!r} is a quantized linear, {quantized}: SNELLA cannot add ΔW to packed "
-                "weights; load this model unquantized (torch_dtype=torch.bfloat16) or exclude the "
-                "layer (exclude_modules)"
+                f"layer {name!r} is a quantized linear, {quantized}: SNELLA adapts float, float8-storage, "
+                "torchao, optimum-quanto and bitsandbytes Linear4bit bases only; load this model "
+                "unquantized (torch_dtype=torch.bfloat16) or with one of those, or exclude the layer "
+                "(exclude_modules)"
             )
         for entry in hit:
             linear_hits[entry] += 1

@@ -11,7 +11,13 @@ here, so no other module writes its fields:
   kept);
 - the inference ΔW cache (``release_delta_cache``, ``delta_cache_bytes``,
   ``set_inference_delta_caching``): an unfused inference forward keeps Σ_k w_k·ΔW_k in the base
-  dtype until an adapter, weight or dtype changes (``delta_cache.py`` loops these).
+  dtype (in the compute dtype over a quantized base) until an adapter, weight or dtype changes
+  (``delta_cache.py`` loops these).
+
+Over a quantized base (float8 storage, torchao, optimum-quanto, bitsandbytes 4-bit:
+``quantized.base_quantization``) every forward is base(x) + x·ΔWᵀ, the base product through the
+quantized module and ΔW cast from float32 to the compute dtype; the packed weight is never
+written, and fusing into it is refused.
 
 ``from snella_diffusion.layer import SnellaAdapter, snella_linear, gemm_dtype, merges_exactly``
 keeps working: those live in ``adapter.py`` and ``autograd.py`` and are re-exported here.
@@ -30,6 +36,7 @@ from .autograd import gemm_dtype, merges_exactly, snella_linear
 from .blocked import Factors, effective_blocked
 from .config import SnellaConfig
 from .errors import SnellaError, UnfuseError
+from .quantized import base_quantization
 
 __all__ = [
     "DEFAULT_KEEP_ORIGINAL", "GAMMA_FLOOR", "KEEP_ORIGINAL_CHOICES", "KeepOriginal", "SnellaAdapter",
@@ -180,6 +187,13 @@ class SnellaLinear(nn.Module):
     def bias(self) -> Optional[Tensor]:
         return self.base_layer.bias
 
+    @property
+    def base_quantization(self) -> Optional[str]:
+        """The base layer's quantized storage ("float8 storage", "torchao Int8Tensor", ...), or
+        None for a plain float weight (``quantized.base_quantization``); read at each forward, so
+        a base quantized after ``apply_snella`` is seen too."""
+        return base_quantization(self.base_layer)
+
     def delta_weight(self, adapter_name: Optional[str] = None) -> Tensor:
         """ΔW_eff ``(m, n)`` in float32: of ``adapter_name``, or Σ_k w_k·ΔW_k of the active ones."""
         if adapter_name is not None:
@@ -221,8 +235,9 @@ class SnellaLinear(nn.Module):
         if not names:
             return self.base_layer(x)
         trainable = [n for n in names if self.adapters[n].in_factors.requires_grad]
+        quantized = self.base_quantization is not None
         if not (torch.is_grad_enabled() and trainable):
-            delta = self._cached_delta(names)
+            delta = self._cached_delta(names, gemm_dtype(x) if quantized else self.base_layer.weight.dtype)
             return self.base_layer(x) + F.linear(x, delta.to(x.dtype))
         self._delta_cache = None
         if len(names) > 1:
@@ -232,7 +247,7 @@ class SnellaLinear(nn.Module):
             )
         adapter = self.adapters[names[0]]
         scale = self.adapter_weights[names[0]]
-        if self.forward_mode == "merged":
+        if self.forward_mode == "merged" and not quantized:
             return snella_linear(x, adapter, self.base_layer.weight, self.base_layer.bias, scale)
         adapter_input = F.dropout(x, self.adapter_dropout, self.training)
         branch = snella_linear(adapter_input, adapter, scale=scale)
@@ -240,18 +255,19 @@ class SnellaLinear(nn.Module):
 
     # --- the inference ΔW cache ------------------------------------------------------------------
 
-    def _cached_delta(self, names: list[str]) -> Tensor:
-        """Σ w_k·ΔW_k in the base dtype, rebuilt only when an adapter, weight or dtype changes
-        (built afresh and not kept when ``cache_inference_delta`` is False)."""
+    def _cached_delta(self, names: list[str], dtype: torch.dtype) -> Tensor:
+        """Σ w_k·ΔW_k in ``dtype`` (the base weight's dtype, or the compute dtype over a quantized
+        base), rebuilt only when an adapter, the weight or ``dtype`` changes (built afresh and
+        not kept when ``cache_inference_delta`` is False)."""
         weight = self.base_layer.weight
         if not self._cache_inference_delta:
             self._delta_cache = None
-            return self._summed_delta(names).to(weight.dtype)
+            return self._summed_delta(names).to(dtype)
         key = tuple((n, self.adapter_weights[n], self.adapters[n].version_key()) for n in names)
-        key += (weight.dtype, weight.device)
+        key += (weight.dtype, weight.device, dtype)
         if self._delta_cache is None or self._delta_cache[0] != key:
             self._delta_cache = None
-            self._delta_cache = (key, self._summed_delta(names).to(weight.dtype))
+            self._delta_cache = (key, self._summed_delta(names).to(dtype))
         return self._delta_cache[1]
 
     @property
@@ -322,6 +338,7 @@ class SnellaLinear(nn.Module):
         if not fused:
             self.restore_base_weight(layer_name)
             return
+        self.check_fusable(layer_name)
         check_keep_original(keep_original)
         weight = self.base_layer.weight
         if self.pristine_weight is None and not self.original_discarded:
@@ -351,6 +368,18 @@ class SnellaLinear(nn.Module):
             weight.copy_(fused_weight)
         self.fused_adapters = dict(fused)
         self._delta_cache = None
+
+    def check_fusable(self, layer_name: str = "") -> None:
+        """Raise SnellaError when the base weight is quantized: ΔW is never written into packed,
+        8-bit or float8 weights (most of a small ΔW would round away); the unfused forward
+        computes base(x) + x·ΔWᵀ instead."""
+        quantization = self.base_quantization
+        if quantization is not None:
+            raise SnellaError(
+                f"layer {layer_name or '<unnamed>'}: cannot fuse SNELLA adapters into a quantized base "
+                f"weight ({quantization}); keep the adapters unfused (the forward adds x·ΔWᵀ beside "
+                "the quantized product) or load the base unquantized to fuse"
+            )
 
     def _fuses_in_one_pass(self, fused: dict[str, float], pristine: Optional[Tensor]) -> bool:
         """Whether the fused weight is W0 + s·ΔW of one adapter into a float32 weight with W0

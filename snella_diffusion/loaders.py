@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence, Union
 from torch import nn
 
 from .errors import SnellaError, SnellaFormatError
-from .fuse import DEFAULT_KEEP_ORIGINAL, KeepOriginal, fuse_layer, log_energy_kept
+from .fuse import DEFAULT_KEEP_ORIGINAL, KeepOriginal, check_fusable, fuse_layer, log_energy_kept
 from .fuse import unfuse_snella as unfuse_model
 from .hub import HubDownloadError, download_hub_file
 from .inject import remove_snella
@@ -223,7 +223,8 @@ def fuse_snella(
     Returns:
         The number of layers that fused at least one adapter.
     Raises:
-        SnellaError: an unknown adapter name, or adapters disabled with ``disable_snella``.
+        SnellaError: an unknown adapter name, adapters disabled with ``disable_snella``, or a
+            layer over a quantized base weight (ΔW is never fused into packed weights).
     """
     if adapter_names is not None:
         adapter_names = _as_list(adapter_names)
@@ -232,6 +233,7 @@ def fuse_snella(
     disabled = next((key for key, layer in layers.items() if layer.disabled), None)
     if disabled is not None:
         raise SnellaError(f"layer {disabled} is disabled: call enable_snella(pipe) before fuse_snella")
+    check_fusable(layers)
     fused = 0
     for layer in layers.values():
         wanted = layer.active_adapters if adapter_names is None else adapter_names

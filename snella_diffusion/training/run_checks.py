@@ -13,6 +13,7 @@ import torch
 from ..errors import SnellaError
 from ..inject import check_targets
 from .data_arguments import check_data_settings
+from .quantized_base import BACKEND_MODULES, BACKENDS, QuantizationSettings
 from .run_settings import RunSettings
 from .subsets import is_kohya_layout
 
@@ -70,6 +71,8 @@ def check_run_settings(settings: RunSettings) -> None:
                 "--enable_xformers_memory_efficient_attention: xformers is not installed "
                 "(pip install 'snella-diffusion[xformers]') ; or drop the flag"
             )
+    check_quantization_settings(settings.quantization, adapter.method.snella_layers,
+                                torch.cuda.is_available() and not use_cpu(training.cpu))
     if training.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise TrainingSetupError("--use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes)")
     at_least_one = (("train_batch_size", training), ("gradient_accumulation_steps", training),
@@ -89,6 +92,37 @@ def check_run_settings(settings: RunSettings) -> None:
         raise TrainingSetupError(f"--adapter={adapter.adapter}: --use_ema averages SNELLA parameters only; drop one of them")
     if adapter.lora_rank is not None and (not method.uses_lora_rank or adapter.lora_rank < 1):
         raise TrainingSetupError(f"--lora_rank={adapter.lora_rank}: needs --adapter=lora and a rank of at least 1")
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def check_quantization_settings(settings: QuantizationSettings, trains_snella_layers: bool, cuda_used: bool) -> None:
+    """Raise TrainingSetupError (one line naming the flag) when the quantization flags do not fit
+    together, the backend is not installed, cannot run on the device (nf4 needs CUDA), or the
+    adapter method trains the base weights themselves."""
+    base, backend = settings.quantize_base, settings.backend
+    if base is None:
+        if settings.quantize_backend is not None:
+            raise TrainingSetupError(f"--quantize_backend={settings.quantize_backend}: needs --quantize_base")
+        return
+    if backend not in BACKENDS[base]:
+        raise TrainingSetupError(
+            f"--quantize_backend={backend}: cannot do --quantize_base={base} (use {' or '.join(BACKENDS[base])})")
+    if not _installed(BACKEND_MODULES[backend]):
+        raise TrainingSetupError(
+            f"--quantize_base={base}: the {backend} backend is not installed "
+            "(pip install 'snella-diffusion[quantization]')")
+    if base == "nf4" and not cuda_used:
+        raise TrainingSetupError(
+            "--quantize_base=nf4: bitsandbytes 4-bit training needs a CUDA GPU and this run has none; use fp8 or int8")
+    if not trains_snella_layers:
+        raise TrainingSetupError(
+            f"--quantize_base={base}: only SNELLA adapters train beside a quantized base (--adapter snella)")
 
 
 def check_snella_settings(settings: RunSettings) -> None:

@@ -47,6 +47,7 @@ from .flag_settings import FlagSettings
 from .job_config import parse_args_with_config
 from .loss_options import LossSettings
 from .optimizers import OptimizerSettings
+from .quantized_base import QuantizationSettings
 
 LR_SCHEDULERS = tuple(kind.value for kind in SchedulerType)
 REPORT_TO_CHOICES = ("tensorboard", "wandb", "comet_ml", "mlflow", "all", "none")
@@ -267,6 +268,7 @@ class RunSettings:
     loss: LossSettings
     optimizer: OptimizerSettings
     ema: EMASettings
+    quantization: QuantizationSettings
     config: Optional[str] = None
 
     @classmethod
@@ -300,6 +302,7 @@ GROUPS: dict[str, type[FlagSettings]] = {
     "loss": LossSettings,
     "optimizer": OptimizerSettings,
     "ema": EMASettings,
+    "quantization": QuantizationSettings,
 }
 
 
@@ -310,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for group in (ModelSettings, InstanceDataSettings, TrainingSettings, ValidationSettings, AdapterSettings,
-                  DiTFlags):
+                  DiTFlags, QuantizationSettings):
         group.add_arguments(parser)
     add_data_arguments(parser)
     return parser

@@ -21,6 +21,7 @@ from .checkpointing import CheckpointableGenerator, resolve_resume_path
 from .data import CachedLatentsDataset, generate_class_images, load_image_folder, warn_small_images
 from .data_arguments import bucket_sizes, make_subset_dataset, make_training_dataset, make_training_loader, run_subsets
 from .optimizers import make_optimizer
+from .quantized_base import quantize_denoiser
 from .run_checks import TrainingSetupError, resolve_report_to, use_cpu
 from .run_settings import RunSettings
 from .subset_dataset import SubsetImages
@@ -36,7 +37,8 @@ def load_components(
     settings: RunSettings, family: ModelFamily, model_index: dict[str, Any], accelerator: Any
 ) -> tuple[TrainingComponents, int, torch.dtype]:
     """The family's components loaded in the training dtype (the VAE in float32, as diffusers'
-    scripts do), configured with the run's family settings and moved to the device; returns
+    scripts do), configured with the run's family settings and moved to the device, the
+    denoiser's linears quantized on ``--quantize_base``; returns
     ``(components, resolution in pixels, weight dtype)``."""
     source = settings.model.pretrained_model_name_or_path
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -51,6 +53,11 @@ def load_components(
     for module in components.modules.values():
         if isinstance(module, torch.nn.Module):
             module.to(accelerator.device)
+    quantization = settings.quantization
+    quantized = quantize_denoiser(components.denoiser, quantization, weight_dtype)
+    if quantized:
+        logger.info("the denoiser's %d linears stored as %s (%s), computed in %s", quantized,
+                    quantization.quantize_base, quantization.backend, weight_dtype)
     return components, resolution, weight_dtype
 
 
