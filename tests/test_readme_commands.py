@@ -18,6 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
 from benchmark_scripts import load_benchmark
 
 from snella_diffusion import SnellaConfig, apply_snella, save_snella
@@ -48,6 +53,12 @@ TINY_SIZES = {
     "--gradient_accumulation_steps": "2", "--min_bucket_reso": "16", "--max_bucket_reso": "64",
 }
 TINY_EXTRA = ["--num_validation_images", "1", "--validation_inference_steps", "1", "--report_to", "none"]
+# data folder named on a page -> the kohya <repeats>_<prompt> layout in the tiny world standing for it
+TINY_KOHYA_LAYOUTS = {"train": "kohya/train", "reg": "kohya/reg"}
+# pages whose data-file blocks (toml, yaml, json) another test reads, and which test
+DATA_FILE_BLOCKS = {
+    "docs/training-data-formats.md": "tests/test_dataset_configs.py::test_every_example_of_the_formats_page_reads",
+}
 
 # The programs whose commands the tests below run (a command runs one when one of its words ends
 # with the program's name).
@@ -131,9 +142,11 @@ def test_every_shell_command_is_run_or_excused():
 @pytest.mark.parametrize("page", PAGES, ids=page_name)
 def test_every_code_block_is_a_shell_or_python_block(page):
     """The blocks these tests run are the ``bash`` and ``python`` ones: a block in any other
-    language (or none) would go unrun."""
+    language (or none) would go unrun, except the data files of the pages in
+    ``DATA_FILE_BLOCKS`` (read by the test named there)."""
     languages = re.findall(r"^```(\w*)\n.*?^```", page.read_text(), flags=re.S | re.M)
-    assert set(languages) <= {"bash", "python"}, languages
+    data_files = {"toml", "yaml", "json"} if page_name(page) in DATA_FILE_BLOCKS else set()
+    assert set(languages) <= {"bash", "python"} | data_files, languages
 
 
 def test_ci_runs_the_readme_test_command():
@@ -182,6 +195,10 @@ def tiny_world(tmp_path_factory):
     images = write_images(synthetic_instance_images(count=2, size=48, seed=1), root / "dog", "dog")
     for index, image in enumerate(images):  # sidecar captions for the captioned-dataset recipe
         image.with_suffix(".txt").write_text(f"a toy, picture {index}")
+    kohya = write_images(synthetic_instance_images(count=2, size=48, seed=2), root / "kohya" / "train" / "10_sks dog",
+                         "dog")
+    kohya[1].with_suffix(".txt").write_text("sks dog on grass")  # the caption file wins over the folder's prompt
+    write_images(synthetic_instance_images(count=2, size=48, seed=3), root / "kohya" / "reg" / "1_dog", "dog")
     return root
 
 
@@ -216,8 +233,12 @@ def test_pages_name_every_recipe_base():
 def test_dreambooth_recipe_runs_on_a_tiny_model(tiny_world, tmp_path, command):
     _, arguments = command
     base = flag_value(arguments, "--pretrained_model_name_or_path")
-    replace = {"--output_dir": str(tmp_path / "out"), "--instance_data_dir": str(tiny_world / "dog"),
-               "--class_data_dir": str(tmp_path / "class")}
+    instance_dir, class_dir = (flag_value(arguments, flag) for flag in ("--instance_data_dir", "--class_data_dir"))
+    class_kohya = class_dir in TINY_KOHYA_LAYOUTS
+    replace = {"--output_dir": str(tmp_path / "out"),
+               "--instance_data_dir": str(tiny_world / TINY_KOHYA_LAYOUTS.get(instance_dir, "dog")),
+               "--class_data_dir": str(tiny_world / TINY_KOHYA_LAYOUTS[class_dir]) if class_kohya
+               else str(tmp_path / "class")}
     if base is not None:
         replace["--pretrained_model_name_or_path"] = str(tiny_world / TINY_BASES[base])
     tiny = tiny_arguments(arguments, replace)
@@ -229,8 +250,12 @@ def test_dreambooth_recipe_runs_on_a_tiny_model(tiny_world, tmp_path, command):
         tiny += ["--num_class_images", "2"]  # the default, 100, is a real run's size
     adapter = run_dreambooth([*tiny, *TINY_EXTRA])
     assert adapter.is_file() and (tmp_path / "out" / "README.md").is_file()
-    if "--with_prior_preservation" in tiny:
+    if "--with_prior_preservation" in tiny and not class_kohya:
         assert len(list((tmp_path / "class").glob("*.png"))) == 2
+    if instance_dir in TINY_KOHYA_LAYOUTS:  # every <repeats>_<prompt> folder trained as a subset
+        subsets = tomllib.loads((tmp_path / "out" / "config.toml").read_text())["dataset_subsets"]
+        assert [(s["name"], s["repeats"], s["draws_per_epoch"], s["is_reg"]) for s in subsets] == (
+            [("10_sks dog", 10, 20, False)] + ([("1_dog", 1, 2, True)] if class_kohya else []))
 
 
 @pytest.fixture(scope="module")

@@ -562,7 +562,7 @@ def test_every_new_flag_is_in_help_readme_and_model_card(capsys):
     add_data_arguments(parser)
     flags = [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
     flags.remove("--help")
-    assert len(flags) == 32  # the data flags, Prodigy/EMA, and the optimizer's scalar and text-encoder rates
+    assert len(flags) == 33  # the data flags with --dataset_config, Prodigy/EMA, and the optimizer's scalar and text-encoder rates
     with pytest.raises(SystemExit):
         script.parse_args(["--help"])
     help_text = capsys.readouterr().out

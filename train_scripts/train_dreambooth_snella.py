@@ -31,7 +31,7 @@ from snella_diffusion import SnellaError, save_snella
 from snella_diffusion.families import detect_family
 from snella_diffusion.training.adapters import attach_method
 from snella_diffusion.training.checkpointing import CheckpointableGenerator, list_checkpoints, register_adapter_hooks, save_checkpoint
-from snella_diffusion.training.data_arguments import check_data_settings
+from snella_diffusion.training.data_arguments import check_data_settings, subset_records
 from snella_diffusion.training.ema import AdapterEMA
 from snella_diffusion.training.embedded_run import prepare_embedded_inputs
 from snella_diffusion.training.job_config import RESOLVED_CONFIG_FILE, write_resolved_config
@@ -43,6 +43,7 @@ from snella_diffusion.training.run_settings import RunSettings, parse_run_settin
 from snella_diffusion.training.run_setup import (
     build_dataset,
     load_components,
+    load_run_images,
     make_optimization,
     prepare_for_training,
     prompt_conditioning,
@@ -50,7 +51,6 @@ from snella_diffusion.training.run_setup import (
     resume_step,
     start_run,
 )
-from snella_diffusion.training.training_images import load_training_images
 from snella_diffusion.training.validation import run_validation
 
 logger = get_logger(__name__)
@@ -80,16 +80,18 @@ def main(settings: RunSettings) -> Path:
     settings = prepare_embedded_inputs(settings, accelerator, output_dir)
     base_model, seed, process = settings.model.pretrained_model_name_or_path, settings.training.seed, accelerator.process_index
 
-    instance_images = load_training_images(settings)
+    instance_images, subsets, subset_parts = load_run_images(settings)
     family, model_index = detect_family(base_model, settings.model.revision)
     logger.info("model family: %s (%s)", family.name, model_index.get("_class_name"))
     components, resolution, weight_dtype = load_components(settings, family, model_index, accelerator)
     encode_generator = CheckpointableGenerator(seed + 7919 * process)
-    dataset, loader = build_dataset(settings, accelerator, family, components, instance_images, resolution, encode_generator)
+    dataset, loader = build_dataset(settings, accelerator, family, components, instance_images, resolution, encode_generator,
+                                    subsets, subset_parts)
+    data_subsets = subset_records(dataset)
     settings, steps_per_epoch = resolve_step_count(settings, loader, accelerator.num_processes)
     training, validation, adapter = settings.training, settings.validation, settings.adapter
     if accelerator.is_main_process:
-        write_resolved_config(settings.flags(), output_dir / RESOLVED_CONFIG_FILE)
+        write_resolved_config(settings.flags(), output_dir / RESOLVED_CONFIG_FILE, data_subsets)
 
     config = adapter.snella_config(family.denoiser_preset, training.max_train_steps)
     method = adapter.method
@@ -171,7 +173,8 @@ def main(settings: RunSettings) -> Path:
             validate()
         method.save(trained, output_dir, base_model)
         write_outputs(settings, family, config, allocator, rank_drops, progress.losses, validations, output_dir,
-                      time.monotonic() - started, accelerator.num_processes, describe_objective(objective))
+                      time.monotonic() - started, accelerator.num_processes, describe_objective(objective),
+                      data_subsets)
         logger.info("wrote %s", adapter_path)
     accelerator.wait_for_everyone()
     accelerator.end_training()

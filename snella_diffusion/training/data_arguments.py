@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import torch
@@ -18,11 +19,14 @@ from ..errors import SnellaError
 from .buckets import BucketBatchSampler, Size, check_bucket_multiple, kohya_buckets, parse_bucket_list
 from .captions import MISSING_CAPTION_POLICIES, CaptionOptions
 from .data import EpochShuffleSampler, collate_dreambooth
+from .dataset_configs import read_dataset_config
 from .flag_settings import FlagSettings
 from .image_dataset import TrainingImageDataset
 from .job_config import add_config_argument
 from .loss_options import LossSettings
 from .optimizers import OptimizerSettings, check_optimizer_settings
+from .subset_dataset import SubsetDataset, SubsetImages, subset_sizes
+from .subsets import DatasetSubset, is_kohya_layout, kohya_folder_subsets
 from .training_images import TrainingImage
 
 if TYPE_CHECKING:
@@ -79,7 +83,8 @@ class CaptionSettings(FlagSettings):
 
 @dataclass(frozen=True)
 class DatasetSettings(FlagSettings):
-    """A Hugging Face dataset as the source of instance images, and ``--repeats``."""
+    """A Hugging Face dataset as the source of instance images, ``--repeats``, and
+    ``--dataset_config``: another trainer's dataset definition (its subsets, ``subsets.py``)."""
 
     dataset_name: Optional[str]
     dataset_config_name: Optional[str]
@@ -87,6 +92,7 @@ class DatasetSettings(FlagSettings):
     caption_column: Optional[str]
     cache_dir: Optional[str]
     repeats: int
+    dataset_config: Optional[str]
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,6 +108,11 @@ class DatasetSettings(FlagSettings):
         group.add_argument("--cache_dir", type=str, default=None, help="Where `datasets` caches downloads.")
         group.add_argument("--repeats", type=int, default=1,
                            help="Use every instance image this many times per epoch (any data source).")
+        group.add_argument("--dataset_config", type=str, default=None,
+                           help="A dataset definition of another trainer: kohya's dataset .toml, an ai-toolkit job "
+                                ".yaml (datasets:), SimpleTuner's multidatabackend.json or OneTrainer's concepts.json "
+                                "(docs/training-data-formats.md). Replaces --instance_data_dir and --class_data_dir; "
+                                "its regularisation subsets feed the prior-preservation loss.")
 
 
 @dataclass(frozen=True)
@@ -188,7 +199,16 @@ def check_data_settings(settings: RunSettings) -> None:
         raise DataArgumentError(message)
 
     data, captions, datasets, buckets = settings.data, settings.captions, settings.datasets, settings.buckets
-    has_caption_source = bool(captions.caption_extension) or bool(datasets.caption_column)
+    has_caption_source = (bool(captions.caption_extension) or bool(datasets.caption_column)
+                          or bool(datasets.dataset_config))
+    if datasets.dataset_config:
+        replaced = (("instance_data_dir", data.instance_data_dir), ("dataset_name", datasets.dataset_name),
+                    ("class_data_dir", data.class_data_dir), ("class_prompt", data.class_prompt),
+                    ("with_prior_preservation", data.with_prior_preservation))
+        for flag, value in replaced:
+            if value:
+                fail(f"--dataset_config replaces --{flag}: drop it (the file's regularisation subsets, is_reg, feed "
+                     "the prior-preservation loss)")
     if datasets.dataset_name:
         if data.instance_data_dir is not None:
             fail("--dataset_name and --instance_data_dir are two sources of instance images: give one")
@@ -296,13 +316,13 @@ def make_training_dataset(
 
 
 def make_training_loader(
-    settings: RunSettings, dataset: torch.utils.data.Dataset, images: TrainingImageDataset
+    settings: RunSettings, dataset: torch.utils.data.Dataset, images: TrainingImageDataset | SubsetDataset
 ) -> torch.utils.data.DataLoader:
-    """The loader over ``dataset`` (``images`` itself, or its cached latents): with buckets,
-    every batch from one bucket; else a (seed, epoch) shuffle."""
+    """The loader over ``dataset`` (``images`` itself, or its cached latents): with buckets
+    (or subsets of several sizes), every batch from one bucket; else a (seed, epoch) shuffle."""
     batch_size, seed = settings.training.train_batch_size, settings.training.seed
     workers = settings.data.dataloader_num_workers
-    if settings.buckets.enabled:
+    if settings.buckets.enabled or getattr(images, "needs_bucket_batches", False):
         sampler = BucketBatchSampler(images.buckets_of_items, batch_size, seed)
         return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_dreambooth,
                                            num_workers=workers)
@@ -320,3 +340,70 @@ def data_settings(flags: Mapping[str, Any]) -> dict[str, Any]:
     reference = vars(defaults.parse_args([]))
     return {key: flags[key] for key in reference
             if key != "config" and flags.get(key, reference[key]) != reference[key]}
+
+
+def run_subsets(settings: RunSettings) -> Optional[list[DatasetSubset]]:
+    """The run's dataset subsets: ``--dataset_config``, or kohya's ``<repeats>_<prompt>``
+    sub-folders in ``--instance_data_dir`` / ``--class_data_dir`` (a plain folder beside such a
+    layout becomes one subset). None for plain folders (and ``--dataset_name``): the run keeps
+    the single-folder dataset. Settings a subset leaves out come from the caption, bucket and
+    ``--random_flip`` flags."""
+    def fail(message: str) -> None:
+        raise DataArgumentError(message)
+
+    data, captions, buckets, datasets = settings.data, settings.captions, settings.buckets, settings.datasets
+    defaults = DatasetSubset(
+        folder=Path("."), source="", name="", prompt=data.instance_prompt, caption_extension=captions.caption_extension,
+        caption_prefix=captions.caption_prefix, shuffle_caption=captions.shuffle_caption,
+        keep_tokens=captions.keep_tokens, caption_dropout_rate=captions.caption_dropout,
+        enable_bucket=buckets.enable_bucket, min_bucket_reso=buckets.min_bucket_reso,
+        max_bucket_reso=buckets.max_bucket_reso, bucket_reso_steps=buckets.bucket_reso_steps,
+        flip_aug=data.random_flip,
+    )
+    if datasets.dataset_config:
+        subsets = read_dataset_config(Path(datasets.dataset_config), defaults)
+        flag = "--dataset_config"
+    else:
+        instance_dir = Path(data.instance_data_dir) if data.instance_data_dir else None
+        class_dir = Path(data.class_data_dir) if data.with_prior_preservation and data.class_data_dir else None
+        instance_source = replace(defaults, source=f"--instance_data_dir={instance_dir}")
+        class_source = replace(defaults, source=f"--class_data_dir={class_dir}", is_reg=True, prompt=data.class_prompt)
+        instance = kohya_folder_subsets(instance_dir, instance_source) if instance_dir else None
+        regularisation = kohya_folder_subsets(class_dir, class_source) if class_dir else None
+        if instance is None and regularisation is None:
+            return None
+        if instance is None and instance_dir is not None:
+            instance = [replace(instance_source, folder=instance_dir, name=instance_dir.name, repeats=datasets.repeats)]
+        if regularisation is None and class_dir is not None:
+            regularisation = [replace(
+                class_source, folder=class_dir, name=class_dir.name, caption_extension=None, caption_prefix=None,
+                shuffle_caption=False, keep_tokens=0, caption_dropout_rate=0.0, max_images=data.num_class_images,
+            )]
+        subsets = (instance or []) + (regularisation or [])
+        flag = "--instance_data_dir / --class_data_dir <repeats>_<prompt> sub-folders"
+    if settings.loss.masked_loss:
+        fail(f"--masked_loss: loss masks are not read for {flag} yet; train a plain folder with --masked_loss")
+    if datasets.repeats != 1 and (datasets.dataset_config or is_kohya_layout(data.instance_data_dir)):
+        fail(f"--repeats={datasets.repeats}: {flag} gives every subset its own repeats; drop --repeats")
+    return subsets
+
+
+def make_subset_dataset(
+    settings: RunSettings, parts: Sequence[SubsetImages], family: Any, components: Any, resolution: int
+) -> SubsetDataset:
+    """The dataset of a run with subsets (``parts`` loaded, their sizes filled in here from
+    each subset's resolution and bucket settings, checked against the model)."""
+    buckets = settings.buckets
+    multiple = model_pixel_multiple(family, components)
+    default_step = buckets.bucket_reso_steps or (16 if family.name == "flux" else 64)
+    run_buckets = parse_bucket_list(buckets.aspect_ratio_buckets) if buckets.aspect_ratio_buckets else None
+    sized = [replace(part, sizes=subset_sizes(part.subset, resolution, multiple, default_step, run_buckets))
+             for part in parts]
+    return SubsetDataset(sized, settings.data.center_crop, settings.training.seed)
+
+
+def subset_records(dataset: torch.utils.data.Dataset) -> list[dict[str, Any]]:
+    """Every subset's resolved settings and counts (``SubsetDataset.subset_records``) of the
+    run's dataset (or of the dataset its cached latents wrap); [] for a single-folder run."""
+    images = getattr(dataset, "dataset", dataset)
+    return images.subset_records() if isinstance(images, SubsetDataset) else []

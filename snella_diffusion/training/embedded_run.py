@@ -48,6 +48,8 @@ def prepare_embedded_inputs(settings: RunSettings, accelerator: Any, output_dir:
     flags are missing (written to ``output_dir`` by the main process), and the step defaults
     of validation and checkpoints resolved."""
     model, data, training, validation = settings.model, settings.data, settings.training, settings.validation
+    no_images = (data.instance_data_dir is None and settings.datasets.dataset_name is None
+                 and settings.datasets.dataset_config is None)
     embedded_model = model.pretrained_model_name_or_path is None
     if embedded_model:
         folder = output_dir / EMBEDDED_MODEL_FOLDER
@@ -59,7 +61,7 @@ def prepare_embedded_inputs(settings: RunSettings, accelerator: Any, output_dir:
         model = dataclasses.replace(model, pretrained_model_name_or_path=str(folder))
         if training.max_train_steps is None:
             training = dataclasses.replace(training, max_train_steps=EMBEDDED_MAX_STEPS)
-    if data.instance_data_dir is None and settings.datasets.dataset_name is None and embedded_model:
+    if no_images and embedded_model:
         from ..lab.world import instance_pil_images
 
         folder = output_dir / EMBEDDED_INSTANCE_FOLDER
@@ -80,7 +82,7 @@ def prepare_embedded_inputs(settings: RunSettings, accelerator: Any, output_dir:
                                        else data.class_inference_steps),
             )
             validation = dataclasses.replace(validation, validation_with_class_prompt=True)
-    elif data.instance_data_dir is None and settings.datasets.dataset_name is None:
+    elif no_images:
         folder = output_dir / EMBEDDED_INSTANCE_FOLDER
         if accelerator.is_main_process:
             logger.info("no --instance_data_dir: writing 4 generated instance images to %s", folder)

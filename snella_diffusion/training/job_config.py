@@ -7,7 +7,10 @@ may group its keys (``[data]``, ``[training]``). Values go through the parser as
 line win over the file. Paths are relative to the working directory, as on the command line.
 
 The resolved settings of a run are written as ``config.toml`` (flat, one key per flag, unset
-flags left out); ``--config <output_dir>/config.toml`` repeats the run.
+flags left out); ``--config <output_dir>/config.toml`` repeats the run. A run with dataset
+subsets (``--dataset_config``, kohya folder layouts) also records every subset's resolved
+settings and counts as ``[[dataset_subsets]]`` tables: a record of the run, skipped when the
+file is read back (the flags that define the subsets repeat them).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from ..files import write_text_atomically
 
 CONFIG_SUFFIXES = (".toml", ".yaml", ".yml", ".json")
 RESOLVED_CONFIG_FILE = "config.toml"
+SUBSET_RECORD_KEY = "dataset_subsets"
 
 
 class JobConfigError(SnellaError):
@@ -75,6 +79,8 @@ def read_job_config(path: Path) -> dict[str, Any]:
     """The flat ``{flag name: value}`` of a job file (one level of tables flattened)."""
     flat: dict[str, Any] = {}
     for key, value in _read_mapping(path).items():
+        if key == SUBSET_RECORD_KEY:
+            continue
         entries = value.items() if isinstance(value, dict) else [(key, value)]
         for name, item in entries:
             if isinstance(item, dict):
@@ -160,10 +166,14 @@ def _toml_value(value: Any) -> str:
     return json.dumps(str(value), ensure_ascii=False)
 
 
-def render_toml(values: dict[str, Any]) -> str:
-    """Flat TOML of ``values`` in key order; None values are left out (TOML has no null)."""
+def render_toml(values: dict[str, Any], subsets: Sequence[dict[str, Any]] = ()) -> str:
+    """Flat TOML of ``values`` in key order, then one ``[[dataset_subsets]]`` table per entry
+    of ``subsets``; None values are left out (TOML has no null)."""
     lines = ["# Resolved settings of this run; repeat it with --config config.toml"]
     lines += [f"{key} = {_toml_value(value)}" for key, value in values.items() if value is not None]
+    for subset in subsets:
+        lines += ["", f"[[{SUBSET_RECORD_KEY}]]  # record of the run, not read back"]
+        lines += [f"{key} = {_toml_value(value)}" for key, value in subset.items() if value is not None]
     return "\n".join(lines) + "\n"
 
 
@@ -173,8 +183,9 @@ def resolved_settings(flags: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in sorted(flags.items()) if key != "config"}
 
 
-def write_resolved_config(flags: Mapping[str, Any], path: Path) -> str:
-    """Write ``resolved_settings(flags)`` as TOML to ``path`` atomically; returns the text."""
-    text = render_toml(resolved_settings(flags))
+def write_resolved_config(flags: Mapping[str, Any], path: Path, subsets: Sequence[dict[str, Any]] = ()) -> str:
+    """Write ``resolved_settings(flags)`` (and the ``subsets`` record) as TOML to ``path``
+    atomically; returns the text."""
+    text = render_toml(resolved_settings(flags), subsets)
     write_text_atomically(path, text)
     return text

@@ -37,13 +37,15 @@ def render_model_card(
     adapter: str = "snella",
     lora_rank: Optional[int] = None,
     component: str = "unet",
+    data_subsets: Sequence[dict[str, Any]] = (),
 ) -> str:
     """Markdown text of the card: base model, prompts, how to load the result, the adapter's
     settings, the run's training settings (data, loss and optimizer options included), for
     SNELLA the final per-layer sparsity (summary table + full list), and, when given, the
     resolved ``config.toml`` text. ``instance_prompt`` None: the images were trained on their
     own captions. ``adapter`` is ``"snella"``, ``"lora"`` (rank ``lora_rank`` or
-    ``config.rank`` on ``config.target_modules``) or ``"full"`` (``component`` fine-tuned)."""
+    ``config.rank`` on ``config.target_modules``) or ``"full"`` (``component`` fine-tuned).
+    ``data_subsets``: the run's dataset subsets (``SubsetDataset.subset_records``), tabled."""
     title, summary = {
         "snella": ("SNELLA DreamBooth adapter", "A SNELLA sparse adapter"),
         "lora": ("LoRA DreamBooth adapter", "A PEFT LoRA adapter (snella-diffusion `--adapter lora`)"),
@@ -101,6 +103,7 @@ def render_model_card(
     lines += ["## Training", "", "| setting | value |", "| --- | --- |"]
     lines += [f"| `{key}` | `{value}` |" for key, value in training.items()]
     lines.append("")
+    lines += subset_lines(data_subsets)
     if adapter == "snella":
         lines += sparsity_lines(budgets)
     if validation_images:
@@ -114,6 +117,21 @@ def render_model_card(
                   "<code>--config config.toml</code>)</summary>", "", "```toml", run_config.rstrip(), "```", "",
                   "</details>", ""]
     return "\n".join(lines)
+
+
+def subset_lines(subsets: Sequence[dict[str, Any]]) -> list[str]:
+    """The card's training-data section: one row per dataset subset (none without subsets)."""
+    if not subsets:
+        return []
+    lines = ["## Training data", "", "| subset | folder | images | repeats | draws per epoch | prompt | regularisation |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for subset in subsets:
+        prompt = subset.get("prompt")
+        source = "captions" if subset.get("caption_extension") or subset.get("caption_from_filename") else ""
+        shown = " or ".join(part for part in (source, f"`{prompt}`" if prompt else "") if part) or "-"
+        lines.append(f"| {subset['name']} | `{subset['folder']}` | {subset['images']} | {subset['repeats']} | "
+                     f"{subset['draws_per_epoch']} | {shown} | {'yes' if subset['is_reg'] else 'no'} |")
+    return lines + [""]
 
 
 def sparsity_lines(budgets: dict[str, float]) -> list[str]:

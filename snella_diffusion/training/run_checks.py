@@ -15,6 +15,7 @@ from ..inject import check_targets
 from .data_arguments import check_data_settings
 from .quantized_base import BACKEND_MODULES, BACKENDS, QuantizationSettings
 from .run_settings import RunSettings
+from .subsets import is_kohya_layout
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def check_run_settings(settings: RunSettings) -> None:
     if data.with_prior_preservation:
         if data.class_data_dir is None:
             raise TrainingSetupError("--with_prior_preservation needs --class_data_dir")
-        if data.class_prompt is None:
+        if data.class_prompt is None and not is_kohya_layout(data.class_data_dir):
             raise TrainingSetupError("--with_prior_preservation needs --class_prompt")
     else:
         given = [f"--{flag}" for flag in ("class_data_dir", "class_prompt") if getattr(data, flag) is not None]
@@ -40,12 +41,15 @@ def check_run_settings(settings: RunSettings) -> None:
                 f"{' and '.join(given)} given without --with_prior_preservation: add the flag to train "
                 "with the prior-preservation loss, or drop them"
             )
-    if data.instance_data_dir is not None and data.instance_prompt is None and not settings.captions.caption_extension:
+    if (data.instance_data_dir is not None and data.instance_prompt is None and not settings.captions.caption_extension
+            and not is_kohya_layout(data.instance_data_dir)):
         raise TrainingSetupError("--instance_prompt is required with --instance_data_dir")
-    if model_source is not None and data.instance_data_dir is None and not settings.datasets.dataset_name:
+    datasets = settings.datasets
+    if (model_source is not None and data.instance_data_dir is None and not datasets.dataset_name
+            and not datasets.dataset_config):
         raise TrainingSetupError(
-            f"--pretrained_model_name_or_path={model_source} needs "
-            "--instance_data_dir or --dataset_name (the generated 4-image set is for the embedded tiny model only)"
+            f"--pretrained_model_name_or_path={model_source} needs --instance_data_dir, "
+            "--dataset_name or --dataset_config (the generated 4-image set is for the embedded tiny model only)"
         )
     if data.resolution is not None and data.resolution < 1:
         raise TrainingSetupError(f"--resolution={data.resolution}: must be a positive number of pixels")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -63,8 +63,10 @@ def write_outputs(
     seconds: float,
     num_processes: int,
     objective_name: str,
+    data_subsets: Sequence[dict[str, Any]] = (),
 ) -> None:
-    """The allocation heatmap and JSON, the loss plot and the model card."""
+    """The allocation heatmap and JSON, the loss plot and the model card (with the table of
+    ``data_subsets``, the run's dataset subsets, when it has them)."""
     save_allocation_heatmap(allocator.history_steps, allocator.history_kept, allocator.names,
                             output_dir / "allocation.png")
     budgets = allocator.budgets()
@@ -103,5 +105,6 @@ def write_outputs(
         class_prompt=data.class_prompt if data.with_prior_preservation else None,
         run_config=config_path.read_text(encoding="utf-8") if config_path.is_file() else None,
         adapter=settings.adapter.adapter, lora_rank=settings.adapter.lora_rank, component=family.denoiser_component,
+        data_subsets=data_subsets,
     )
     write_model_card(output_dir / "README.md", card)
