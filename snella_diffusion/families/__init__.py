@@ -7,15 +7,16 @@ one table of them, filled by plain imports; :func:`detect_family` reads ``_class
 the pipeline's ``model_index.json`` and returns the family whose ``pipeline_class_names``
 holds it.
 
-======  ==========================  ================================================
-module  family                      pipelines
-======  ==========================  ================================================
-sd      StableDiffusionFamily       StableDiffusionPipeline
-sdxl    StableDiffusionXLFamily     StableDiffusionXLPipeline
-sd3     SD3Family                   StableDiffusion3Pipeline
-flux    FluxFamily                  FluxPipeline
-pixart  PixArtFamily                PixArtAlphaPipeline, PixArtSigmaPipeline
-======  ==========================  ================================================
+==========  ==========================  ================================================
+module      family                      pipelines
+==========  ==========================  ================================================
+sd          StableDiffusionFamily       StableDiffusionPipeline
+sdxl        StableDiffusionXLFamily     StableDiffusionXLPipeline
+sd3         SD3Family                   StableDiffusion3Pipeline
+flux        FluxFamily                  FluxPipeline
+pixart      PixArtFamily                PixArtAlphaPipeline, PixArtSigmaPipeline
+qwen_image  QwenImageFamily             QwenImagePipeline
+==========  ==========================  ================================================
 
 Shared pieces: ``base.py`` (ModelFamily, TrainingComponents, FamilySettings, the generic
 loader), ``dit.py`` (the transformer families' flags, options, block filters and the
@@ -49,6 +50,7 @@ from .base import (
 )
 from .flux import FluxFamily
 from .pixart import PixArtFamily
+from .qwen_image import QwenImageFamily
 from .sd import StableDiffusionFamily
 from .sd3 import SD3Family
 from .sdxl import StableDiffusionXLFamily
@@ -61,6 +63,7 @@ FAMILIES: dict[str, ModelFamily] = {
         SD3Family(),
         FluxFamily(),
         PixArtFamily(),
+        QwenImageFamily(),
     )
 }
 
@@ -101,6 +104,7 @@ __all__ = [
     "FluxFamily",
     "ModelFamily",
     "PixArtFamily",
+    "QwenImageFamily",
     "SD3Family",
     "StableDiffusionFamily",
     "StableDiffusionXLFamily",

@@ -73,6 +73,19 @@ FLUX_DEV_TRANSFORMER: dict[str, Any] = {
     "axes_dims_rope": [16, 56, 56],
 }
 
+# Qwen/Qwen-Image, transformer/config.json (20.4 B parameters)
+QWEN_IMAGE_TRANSFORMER: dict[str, Any] = {
+    "patch_size": 2,
+    "in_channels": 64,
+    "out_channels": 16,
+    "num_layers": 60,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 3584,
+    "guidance_embeds": False,
+    "axes_dims_rope": [16, 56, 56],
+}
+
 # google/vit-base-patch16-224-in21k, config.json
 VIT_B16: dict[str, Any] = {
     "hidden_size": 768,
@@ -90,6 +103,7 @@ REFERENCE_CONFIGS: dict[str, dict[str, Any]] = {
     "sdxl": SDXL_UNET,
     "sd3": SD3_MEDIUM_TRANSFORMER,
     "flux": FLUX_DEV_TRANSFORMER,
+    "qwen-image": QWEN_IMAGE_TRANSFORMER,
     "vit-b16": VIT_B16,
 }
 
@@ -98,7 +112,7 @@ def build_reference_model(name: str, device: str | torch.device = "meta", **over
     """Instantiate a reference architecture with random weights on ``device``.
 
     Args:
-        name: one of ``REFERENCE_CONFIGS`` ("sd15", "sdxl", "sd3", "flux", "vit-b16").
+        name: one of ``REFERENCE_CONFIGS`` ("sd15", "sdxl", "sd3", "flux", "qwen-image", "vit-b16").
         device: "meta" allocates nothing (parameter counting, injection counts).
         overrides: config keys to change (e.g. ``num_layers=2`` for a few real-size blocks).
     """
@@ -118,6 +132,10 @@ def build_reference_model(name: str, device: str | torch.device = "meta", **over
             from diffusers import FluxTransformer2DModel
 
             return FluxTransformer2DModel(**config)
+        if name == "qwen-image":
+            from diffusers import QwenImageTransformer2DModel
+
+            return QwenImageTransformer2DModel(**config)
         from transformers import ViTConfig, ViTForImageClassification
 
         return ViTForImageClassification(ViTConfig(**config))

@@ -1,16 +1,18 @@
 """Tiny transformer-based (DiT) diffusers pipelines built from configs (no hub): SD3, Flux and
-PixArt, each with a tiny T5 encoder whose tokenizer is built in code. Weights are random but
+PixArt, each with a tiny T5 encoder whose tokenizer is built in code, and Qwen-Image with a tiny
+Qwen2.5-VL encoder and a byte-level Qwen2 tokenizer. Weights are random but
 seeded, so two builds with the same seed are identical. Images are 32 px (16 px latents with
 the tiny 2-level VAE of ``tiny_models``)."""
 
 from __future__ import annotations
 
 import functools
+import re
 import string
 
 import torch
 
-from .tiny_models import TINY_CLIP_HIDDEN, byte_level_clip_tokenizer, tiny_clip_text_encoder, tiny_vae
+from .tiny_models import TINY_CLIP_HIDDEN, _byte_symbols, byte_level_clip_tokenizer, tiny_clip_text_encoder, tiny_vae
 
 TINY_T5_VOCAB = 128
 TINY_T5_DIM = 64
@@ -138,9 +140,105 @@ def tiny_pixart_pipeline(seed: int = 0, sigma: bool = False):
     )
 
 
+TINY_QWEN_HIDDEN = 32
+TINY_QWEN_VOCAB = 384  # >= the 367 ids of byte_level_qwen2_tokenizer, and the 4 vision ids
+TINY_QWEN_ENDOFTEXT = 364  # <|endoftext|>: after the 256 bytes and the 108 template merges
+# Per-channel latent statistics of the tiny Qwen-Image VAE (not 0/1, so normalisation shows).
+TINY_QWEN_LATENTS_MEAN = (0.25, -0.5, 0.1, 0.0)
+TINY_QWEN_LATENTS_STD = (1.5, 0.75, 2.0, 1.0)
+
+
+def _qwen_template_merges(symbols: list[str]) -> list[tuple[str, str]]:
+    """Byte-level BPE merges that make each word of Qwen-Image's prompt template one token
+    (left to right: "s y", "sy s", ...; a leading space is the byte symbol of 32), so the
+    template's prefix is 34 tokens as with the published tokenizer."""
+    from ..families.qwen_image import PROMPT_TEMPLATE
+
+    text = PROMPT_TEMPLATE.replace("<|im_start|>", "").replace("<|im_end|>", "")
+    merges, known = [], set(symbols)
+    for word in sorted(set(re.findall(r" ?[A-Za-z]+", text))):
+        word = word.replace(" ", symbols[32])
+        for end in range(1, len(word)):
+            if word[: end + 1] not in known:
+                merges.append((word[:end], word[end]))
+                known.add(word[: end + 1])
+    return merges
+
+
+def byte_level_qwen2_tokenizer():
+    """A Qwen2Tokenizer needing no files: the 256 byte symbols (id = byte value), merges that
+    make each word of Qwen-Image's template one token (ids from 256), then the chat-template
+    specials ``<|endoftext|>`` (also padding), ``<|im_start|>``, ``<|im_end|>``; 367 ids."""
+    from transformers import Qwen2Tokenizer
+
+    symbols = _byte_symbols()
+    merges = _qwen_template_merges(symbols)
+    vocab = {symbol: index for index, symbol in enumerate(symbols)}
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None,
+                               eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return tokenizer
+
+
+def tiny_qwen25_vl_encoder(seed: int = 0, hidden_size: int = TINY_QWEN_HIDDEN):
+    """A Qwen2_5_VLForConditionalGeneration with 1 text layer (width 32, 2 heads of 16, M-RoPE
+    sections 2+3+3 = half the head width) and a 1-block vision tower (unused for text)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": TINY_QWEN_VOCAB, "hidden_size": hidden_size, "intermediate_size": 48, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "bos_token_id": TINY_QWEN_ENDOFTEXT, "eos_token_id": TINY_QWEN_ENDOFTEXT,
+            "rope_scaling": {"type": "default", "rope_type": "default", "mrope_section": [2, 3, 3]},
+        },
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 24, "num_heads": 2,
+                       "out_hidden_size": hidden_size},
+        vocab_size=TINY_QWEN_VOCAB, image_token_id=370, video_token_id=371, vision_start_token_id=372,
+        vision_end_token_id=373, bos_token_id=TINY_QWEN_ENDOFTEXT, eos_token_id=TINY_QWEN_ENDOFTEXT,
+    )
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def tiny_qwen_image_vae(seed: int = 0):
+    """An AutoencoderKLQwenImage of 4 latent channels and spatial factor 4 (two levels, one
+    temporal downsampling flag each), with the non-trivial latent statistics above."""
+    from diffusers import AutoencoderKLQwenImage
+
+    torch.manual_seed(seed)
+    return AutoencoderKLQwenImage(
+        base_dim=16, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[False, True],
+        latents_mean=list(TINY_QWEN_LATENTS_MEAN), latents_std=list(TINY_QWEN_LATENTS_STD),
+    ).eval()
+
+
+def tiny_qwen_image_pipeline(seed: int = 0):
+    """A QwenImagePipeline: 2 double-stream blocks (2 heads of width 16, RoPE axes 4 + 6 + 6),
+    text width 32, 4 latent channels packed 2×2 into 16; the published scheduler's dynamic
+    shifting. 32 px images are 8×8 latents, 16 image tokens."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=TINY_QWEN_HIDDEN, axes_dims_rope=(4, 6, 6),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+        base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential",
+    )
+    return QwenImagePipeline(
+        transformer=transformer, scheduler=scheduler, vae=tiny_qwen_image_vae(seed),
+        text_encoder=tiny_qwen25_vl_encoder(seed + 1), tokenizer=byte_level_qwen2_tokenizer(),
+    )
+
+
 TINY_DIT_BUILDERS = {
     "sd3": tiny_sd3_pipeline,
     "flux": tiny_flux_pipeline,
     "pixart": tiny_pixart_pipeline,
     "pixart-sigma": functools.partial(tiny_pixart_pipeline, sigma=True),
+    "qwen-image": tiny_qwen_image_pipeline,
 }
