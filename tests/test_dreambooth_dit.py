@@ -21,6 +21,7 @@ FAMILY_NAMES = {
     "flux": "flux",
     "pixart": "pixart",
     "pixart-sigma": "pixart",
+    "qwen-image": "qwen-image",
 }
 
 
