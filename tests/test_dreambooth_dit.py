@@ -22,6 +22,7 @@ FAMILY_NAMES = {
     "pixart": "pixart",
     "pixart-sigma": "pixart",
     "qwen-image": "qwen-image",
+    "z-image": "z-image",
 }
 
 

@@ -289,3 +289,16 @@ def test_published_config_layer_count_matches_a_walk_of_the_module_tree(tmp_path
     filtered = apply_snella(build_reference_model("qwen-image", device="meta"),
                             SnellaConfig(rank=4, target_modules=expand_block_filters(["dit@double:0-9"])))
     assert len(filtered) == 10 * 12 and all(int(name.split(".")[1]) < 10 for name in filtered)
+
+
+def test_validation_samples_from_cached_embeddings_after_freeing_the_encoder(qwen_folder):
+    family, components = _loaded(qwen_folder, "--max_sequence_length", "24")
+    kwargs = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "np"}
+    with_prompt = family.pipeline(components)(**family.validation_inputs(components, PROMPT),
+                                              generator=torch.Generator().manual_seed(0), **kwargs).images
+    family.release_text_encoders(components, PROMPT, CPU)
+    assert components.modules["text_encoder"] is None
+    inputs = family.validation_inputs(components, PROMPT)
+    assert "prompt" not in inputs and inputs["prompt_embeds_mask"].all()  # trimmed to the prompt
+    cached = family.pipeline(components)(**inputs, generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert abs(cached - with_prompt).max() < 1e-4

@@ -41,6 +41,7 @@ TINY_BASES = {
     "black-forest-labs/FLUX.1-dev": "flux",
     "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS": "pixart-sigma",
     "Qwen/Qwen-Image": "qwen-image",
+    "Tongyi-MAI/Z-Image": "z-image",
 }
 # flag -> tiny value (flags not listed keep the page's value)
 TINY_SIZES = {

@@ -16,6 +16,7 @@ sd3         SD3Family                   StableDiffusion3Pipeline
 flux        FluxFamily                  FluxPipeline
 pixart      PixArtFamily                PixArtAlphaPipeline, PixArtSigmaPipeline
 qwen_image  QwenImageFamily             QwenImagePipeline
+z_image     ZImageFamily                ZImagePipeline
 ==========  ==========================  ================================================
 
 Shared pieces: ``base.py`` (ModelFamily, TrainingComponents, FamilySettings, the generic
@@ -28,7 +29,8 @@ Adding a family
    ``DiTFamily`` / ``FlowMatchingFamily`` for a transformer): ``name``,
    ``pipeline_class_names``, ``denoiser_component``, ``denoiser_preset``,
    ``text_encoder_components``, and ``encode_prompt``, ``predict`` (and ``objective`` when it
-   is not the scheduler's DDPM objective). New flags go in a frozen settings dataclass with
+   is not the scheduler's DDPM objective; ``pixel_multiple`` when the denoiser's pixel
+   granularity is not the VAE factor × ``patch_size``). New flags go in a frozen settings dataclass with
    ``add_arguments`` (as ``dit.DiTFlags``), read in ``configure`` from ``FamilySettings``.
 2. One entry in :data:`FAMILIES` below (an import and an instance).
 3. Its tests: a tiny pipeline of the family saved with ``save_pretrained``, detected by
@@ -51,6 +53,7 @@ from .base import (
 from .flux import FluxFamily
 from .pixart import PixArtFamily
 from .qwen_image import QwenImageFamily
+from .z_image import ZImageFamily
 from .sd import StableDiffusionFamily
 from .sd3 import SD3Family
 from .sdxl import StableDiffusionXLFamily
@@ -64,6 +67,7 @@ FAMILIES: dict[str, ModelFamily] = {
         FluxFamily(),
         PixArtFamily(),
         QwenImageFamily(),
+        ZImageFamily(),
     )
 }
 
@@ -110,6 +114,7 @@ __all__ = [
     "StableDiffusionXLFamily",
     "TrainingComponents",
     "UnknownModelFamilyError",
+    "ZImageFamily",
     "detect_family",
     "family_for_class",
     "read_model_index",

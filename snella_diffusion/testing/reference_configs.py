@@ -86,6 +86,25 @@ QWEN_IMAGE_TRANSFORMER: dict[str, Any] = {
     "axes_dims_rope": [16, 56, 56],
 }
 
+# Tongyi-MAI/Z-Image-Turbo, transformer/config.json
+Z_IMAGE_TRANSFORMER: dict[str, Any] = {
+    "all_patch_size": [2],
+    "all_f_patch_size": [1],
+    "in_channels": 16,
+    "dim": 3840,
+    "n_layers": 30,
+    "n_refiner_layers": 2,
+    "n_heads": 30,
+    "n_kv_heads": 30,
+    "norm_eps": 1e-05,
+    "qk_norm": True,
+    "cap_feat_dim": 2560,
+    "rope_theta": 256.0,
+    "t_scale": 1000.0,
+    "axes_dims": [32, 48, 48],
+    "axes_lens": [1536, 512, 512],
+}
+
 # google/vit-base-patch16-224-in21k, config.json
 VIT_B16: dict[str, Any] = {
     "hidden_size": 768,
@@ -104,6 +123,7 @@ REFERENCE_CONFIGS: dict[str, dict[str, Any]] = {
     "sd3": SD3_MEDIUM_TRANSFORMER,
     "flux": FLUX_DEV_TRANSFORMER,
     "qwen-image": QWEN_IMAGE_TRANSFORMER,
+    "z-image": Z_IMAGE_TRANSFORMER,
     "vit-b16": VIT_B16,
 }
 
@@ -112,7 +132,8 @@ def build_reference_model(name: str, device: str | torch.device = "meta", **over
     """Instantiate a reference architecture with random weights on ``device``.
 
     Args:
-        name: one of ``REFERENCE_CONFIGS`` ("sd15", "sdxl", "sd3", "flux", "qwen-image", "vit-b16").
+        name: one of ``REFERENCE_CONFIGS`` ("sd15", "sdxl", "sd3", "flux", "qwen-image", "z-image",
+            "vit-b16").
         device: "meta" allocates nothing (parameter counting, injection counts).
         overrides: config keys to change (e.g. ``num_layers=2`` for a few real-size blocks).
     """
@@ -136,6 +157,10 @@ def build_reference_model(name: str, device: str | torch.device = "meta", **over
             from diffusers import QwenImageTransformer2DModel
 
             return QwenImageTransformer2DModel(**config)
+        if name == "z-image":
+            from diffusers import ZImageTransformer2DModel
+
+            return ZImageTransformer2DModel(**config)
         from transformers import ViTConfig, ViTForImageClassification
 
         return ViTForImageClassification(ViTConfig(**config))

@@ -1,6 +1,6 @@
 """Tiny transformer-based (DiT) diffusers pipelines built from configs (no hub): SD3, Flux and
-PixArt, each with a tiny T5 encoder whose tokenizer is built in code, and Qwen-Image with a tiny
-Qwen2.5-VL encoder and a byte-level Qwen2 tokenizer. Weights are random but
+PixArt, each with a tiny T5 encoder whose tokenizer is built in code, Qwen-Image with a tiny
+Qwen2.5-VL encoder and Z-Image with a tiny Qwen3, both with a byte-level Qwen2 tokenizer. Weights are random but
 seeded, so two builds with the same seed are identical. Images are 32 px (16 px latents with
 the tiny 2-level VAE of ``tiny_models``)."""
 
@@ -235,10 +235,58 @@ def tiny_qwen_image_pipeline(seed: int = 0):
     )
 
 
+# A chat template in the shape of Qwen3's for one-turn prompts: user turn, then the assistant
+# header; with enable_thinking false an empty think block follows, as Qwen3's does.
+TINY_QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}"
+)
+TINY_Z_IMAGE_VAE_SHIFT = 0.125
+TINY_Z_IMAGE_VAE_SCALE = 0.5
+
+
+def tiny_qwen3_encoder(seed: int = 0, hidden_size: int = TINY_QWEN_HIDDEN):
+    """A Qwen3Model with 2 layers (width 32, 2 heads of 16, 1 key/value head): Z-Image reads its
+    second-to-last hidden layer."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=TINY_QWEN_VOCAB, hidden_size=hidden_size, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, bos_token_id=TINY_QWEN_ENDOFTEXT,
+        eos_token_id=TINY_QWEN_ENDOFTEXT, pad_token_id=TINY_QWEN_ENDOFTEXT,
+    )
+    return Qwen3Model(config).eval()
+
+
+def tiny_z_image_pipeline(seed: int = 0):
+    """A ZImagePipeline: 2 main blocks and 1 noise- and 1 context-refiner block (width 32, 2
+    heads of 16, RoPE axes 4 + 6 + 6), caption width 32 from a tiny Qwen3, the 4-channel tiny
+    VAE with shift 0.125 and scale 0.5, the Turbo scheduler's static shift 3. 32 px images are
+    16×16 latents, 8×8 patches."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, cap_feat_dim=TINY_QWEN_HIDDEN, axes_dims=[4, 6, 6], axes_lens=[256, 32, 32],
+    )
+    tokenizer = byte_level_qwen2_tokenizer()
+    tokenizer.chat_template = TINY_QWEN3_CHAT_TEMPLATE
+    return ZImagePipeline(
+        transformer=transformer, scheduler=tiny_flow_scheduler(shift=3.0),
+        vae=tiny_vae(seed, shift_factor=TINY_Z_IMAGE_VAE_SHIFT, scaling_factor=TINY_Z_IMAGE_VAE_SCALE),
+        text_encoder=tiny_qwen3_encoder(seed + 1), tokenizer=tokenizer,
+    )
+
+
 TINY_DIT_BUILDERS = {
     "sd3": tiny_sd3_pipeline,
     "flux": tiny_flux_pipeline,
     "pixart": tiny_pixart_pipeline,
     "pixart-sigma": functools.partial(tiny_pixart_pipeline, sigma=True),
     "qwen-image": tiny_qwen_image_pipeline,
+    "z-image": tiny_z_image_pipeline,
 }
