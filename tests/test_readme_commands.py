@@ -42,6 +42,7 @@ TINY_BASES = {
     "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS": "pixart-sigma",
     "Qwen/Qwen-Image": "qwen-image",
     "Tongyi-MAI/Z-Image": "z-image",
+    "black-forest-labs/FLUX.2-klein-base-4B": "flux2-klein",
 }
 # flag -> tiny value (flags not listed keep the page's value)
 TINY_SIZES = {

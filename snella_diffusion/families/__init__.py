@@ -17,6 +17,7 @@ flux        FluxFamily                  FluxPipeline
 pixart      PixArtFamily                PixArtAlphaPipeline, PixArtSigmaPipeline
 qwen_image  QwenImageFamily             QwenImagePipeline
 z_image     ZImageFamily                ZImagePipeline
+flux2       Flux2KleinFamily            Flux2KleinPipeline
 ==========  ==========================  ================================================
 
 Shared pieces: ``base.py`` (ModelFamily, TrainingComponents, FamilySettings, the generic
@@ -51,6 +52,7 @@ from .base import (
     read_model_index,
 )
 from .flux import FluxFamily
+from .flux2 import Flux2KleinFamily
 from .pixart import PixArtFamily
 from .qwen_image import QwenImageFamily
 from .z_image import ZImageFamily
@@ -68,6 +70,7 @@ FAMILIES: dict[str, ModelFamily] = {
         PixArtFamily(),
         QwenImageFamily(),
         ZImageFamily(),
+        Flux2KleinFamily(),
     )
 }
 
@@ -105,6 +108,7 @@ def detect_family(source: str, revision: Optional[str] = None) -> tuple[ModelFam
 __all__ = [
     "FAMILIES",
     "FamilySettings",
+    "Flux2KleinFamily",
     "FluxFamily",
     "ModelFamily",
     "PixArtFamily",

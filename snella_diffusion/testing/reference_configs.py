@@ -105,6 +105,24 @@ Z_IMAGE_TRANSFORMER: dict[str, Any] = {
     "axes_lens": [1536, 512, 512],
 }
 
+# black-forest-labs/FLUX.2-klein-4B, transformer/config.json (the architecture keys as other
+# projects' fixtures quote that file: 24 heads of 128, 5 double and 20 single blocks, text width
+# 3 × 2560 of Qwen3-4B; the rest are the Flux2Transformer2DModel defaults)
+FLUX2_KLEIN_4B_TRANSFORMER: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 128,
+    "num_layers": 5,
+    "num_single_layers": 20,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 7680,
+    "timestep_guidance_channels": 256,
+    "mlp_ratio": 3.0,
+    "axes_dims_rope": [32, 32, 32, 32],
+    "rope_theta": 2000,
+    "guidance_embeds": False,
+}
+
 # google/vit-base-patch16-224-in21k, config.json
 VIT_B16: dict[str, Any] = {
     "hidden_size": 768,
@@ -124,6 +142,7 @@ REFERENCE_CONFIGS: dict[str, dict[str, Any]] = {
     "flux": FLUX_DEV_TRANSFORMER,
     "qwen-image": QWEN_IMAGE_TRANSFORMER,
     "z-image": Z_IMAGE_TRANSFORMER,
+    "flux2-klein": FLUX2_KLEIN_4B_TRANSFORMER,
     "vit-b16": VIT_B16,
 }
 
@@ -133,7 +152,7 @@ def build_reference_model(name: str, device: str | torch.device = "meta", **over
 
     Args:
         name: one of ``REFERENCE_CONFIGS`` ("sd15", "sdxl", "sd3", "flux", "qwen-image", "z-image",
-            "vit-b16").
+            "flux2-klein", "vit-b16").
         device: "meta" allocates nothing (parameter counting, injection counts).
         overrides: config keys to change (e.g. ``num_layers=2`` for a few real-size blocks).
     """
@@ -161,6 +180,10 @@ def build_reference_model(name: str, device: str | torch.device = "meta", **over
             from diffusers import ZImageTransformer2DModel
 
             return ZImageTransformer2DModel(**config)
+        if name == "flux2-klein":
+            from diffusers import Flux2Transformer2DModel
+
+            return Flux2Transformer2DModel(**config)
         from transformers import ViTConfig, ViTForImageClassification
 
         return ViTForImageClassification(ViTConfig(**config))

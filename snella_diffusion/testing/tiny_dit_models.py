@@ -282,6 +282,42 @@ def tiny_z_image_pipeline(seed: int = 0):
     )
 
 
+TINY_FLUX2_BN_MEAN = 0.2
+TINY_FLUX2_BN_VAR = 2.25
+
+
+def tiny_flux2_klein_pipeline(seed: int = 0):
+    """A Flux2KleinPipeline: 1 double- and 1 single-stream block (2 heads of 16, RoPE axes 4 × 4),
+    a 27-layer Qwen3ForCausalLM of width 16 (klein reads hidden layers 9, 18, 27: text width 48),
+    an AutoencoderKLFlux2 of 4 latent channels (16 after 2×2 patchifying) whose batch-norm
+    statistics are set to mean 0.2, variance 2.25. 32 px images are 8×8 patchified latents."""
+    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(
+        in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=48, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
+    )
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(32, 64), latent_channels=4, layers_per_block=1, norm_num_groups=32,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32,
+    )
+    vae.bn.running_mean.fill_(TINY_FLUX2_BN_MEAN)
+    vae.bn.running_var.fill_(TINY_FLUX2_BN_VAR)
+    config = Qwen3Config(
+        vocab_size=TINY_QWEN_VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=27,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, bos_token_id=TINY_QWEN_ENDOFTEXT,
+        eos_token_id=TINY_QWEN_ENDOFTEXT, pad_token_id=TINY_QWEN_ENDOFTEXT,
+    )
+    tokenizer = byte_level_qwen2_tokenizer()
+    tokenizer.chat_template = TINY_QWEN3_CHAT_TEMPLATE
+    return Flux2KleinPipeline(
+        scheduler=tiny_flow_scheduler(), vae=vae.eval(), text_encoder=Qwen3ForCausalLM(config).eval(),
+        tokenizer=tokenizer, transformer=transformer,
+    )
+
+
 TINY_DIT_BUILDERS = {
     "sd3": tiny_sd3_pipeline,
     "flux": tiny_flux_pipeline,
@@ -289,4 +325,5 @@ TINY_DIT_BUILDERS = {
     "pixart-sigma": functools.partial(tiny_pixart_pipeline, sigma=True),
     "qwen-image": tiny_qwen_image_pipeline,
     "z-image": tiny_z_image_pipeline,
+    "flux2-klein": tiny_flux2_klein_pipeline,
 }
