@@ -302,3 +302,46 @@ def test_validation_samples_from_cached_embeddings_after_freeing_the_encoder(qwe
     assert "prompt" not in inputs and inputs["prompt_embeds_mask"].all()  # trimmed to the prompt
     cached = family.pipeline(components)(**inputs, generator=torch.Generator().manual_seed(0), **kwargs).images
     assert abs(cached - with_prompt).max() < 1e-4
+
+
+def _comfyui_qwen_image_names(blocks: int) -> set[str]:
+    """The Linear modules of ComfyUI's Qwen-Image model the dit preset's layers correspond to
+    (comfy/ldm/qwen_image/model.py: Attention.to_q/to_k/to_v/to_out[0]/add_q_proj/add_k_proj/
+    add_v_proj/to_add_out, FeedForward.net[0] (GELU).proj and net[2]); comfy/lora.py maps
+    ``transformer.<name>`` and ``<name>`` onto them."""
+    per_block = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                 "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2",
+                 "txt_mlp.net.0.proj", "txt_mlp.net.2"]
+    return {f"transformer_blocks.{index}.{name}" for index in range(blocks) for name in per_block}
+
+
+@pytest.mark.parametrize("to", ["diff", "lora", "comfyui"])
+def test_export_keys_map_onto_comfyuis_qwen_image_names(qwen_folder, tmp_path, to):
+    """snella-export --to diff / lora (kohya keys ``transformer.<name>.diff`` / ``.lora_down.weight``)
+    and --to comfyui (the node's file: its header lists the key prefix of each layer)."""
+    from safetensors import safe_open
+
+    from snella_diffusion import save_snella
+    from snella_diffusion.export import export_snella
+
+    family, components = _loaded(qwen_folder)
+    layers = apply_snella(components.denoiser, SnellaConfig(rank=4, target_modules="dit"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in layers.values():
+            for parameter in layer.parameters():
+                if parameter.requires_grad:
+                    parameter.normal_(0, 0.02, generator=generator)
+    adapter = save_snella({"transformer": components.denoiser}, tmp_path / "adapter.safetensors")
+    output = tmp_path / f"export-{to}.safetensors"
+    options = {"comfyui": {}, "lora": {"dtype": "fp32", "rank": 2}, "diff": {"dtype": "fp32"}}[to]
+    export_snella([adapter], str(qwen_folder), output, to=to, **options)
+    with safe_open(str(output), "pt") as handle:
+        keys, header = set(handle.keys()), handle.metadata()
+    if to == "comfyui":
+        prefixes = set(json.loads(header["snella_comfyui_layers"]))
+    else:
+        suffix = {"diff": ".diff", "lora": ".lora_down.weight"}[to]
+        prefixes = {key.removesuffix(suffix) for key in keys if key.endswith(suffix)}
+    assert all(prefix.startswith("transformer.") for prefix in prefixes)
+    assert {prefix.removeprefix("transformer.") for prefix in prefixes} == _comfyui_qwen_image_names(2)
