@@ -28,13 +28,19 @@ TARGET_PRESETS: dict[str, list[str]] = {
         _anywhere(r"attn\d*\.(?:to_q|to_k|to_v|to_out\.0)"),
         _anywhere(r"ff\.net\.(?:0\.proj|2)"),
     ],
-    # DiTs: also joint-attention context projections, the context MLP and Flux single-block
-    # MLP projections (285 on SD3-medium, 418 on Flux.1-dev).
+    # DiTs: also joint-attention context projections, the context MLP, Flux single-block MLP
+    # projections, Qwen-Image's image/text-stream MLPs, Z-Image's attention and SwiGLU MLP,
+    # Flux.2's MLPs and fused single-block projections (285 on SD3-medium, 418 on Flux.1-dev,
+    # 720 on Qwen-Image, 238 on Z-Image).
     "dit": [
         _anywhere(
             r"attn\d*\.(?:to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
         ),
-        _anywhere(r"(?:ff|ff_context)\.net\.(?:0\.proj|2)"),
+        _anywhere(r"(?:ff|ff_context|img_mlp|txt_mlp)\.net\.(?:0\.proj|2)"),
+        _anywhere(r"attention\.(?:to_q|to_k|to_v|to_out\.0)"),
+        _anywhere(r"feed_forward\.(?:w1|w2|w3)"),
+        _anywhere(r"(?:ff|ff_context)\.(?:linear_in|linear_out)"),
+        _anywhere(r"single_transformer_blocks\.\d+\.attn\.(?:to_qkv_mlp_proj|to_out)"),
         _anywhere(r"single_transformer_blocks\.\d+\.(?:proj_mlp|proj_out)"),
     ],
     # transformers ViT: q, k, v, attention output, MLP in and out (72 on ViT-B/16). Module

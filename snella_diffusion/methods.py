@@ -32,6 +32,7 @@ from .allocator import BiLevelAllocator
 from .baselines import GradientMaskedSparse, apply_lora
 from .config import SnellaConfig, TargetModules
 from .errors import SnellaConfigError
+from .files import write_atomically
 from .inject import apply_snella
 from .io import save_snella
 
@@ -217,21 +218,33 @@ class LoraMethod(Method):
     def save(self, trained: dict[str, nn.Module], output_dir: Path, base_model: Optional[str]) -> Path:
         """The diffusers LoRA format (keys ``unet.<module>.lora_A.weight`` …, and
         ``text_encoder.<module>.lora_linear_layer.down.weight`` … for text encoders), as
-        diffusers' DreamBooth LoRA script writes it; a UNet and its text encoders only."""
+        diffusers' DreamBooth LoRA script writes it; a UNet and its text encoders, or a DiT
+        ``transformer`` alone (keys ``transformer.<module>.lora_A.weight`` …, what the
+        transformer pipelines' ``load_lora_weights`` reads)."""
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
+        if set(trained) == {"transformer"}:
+            # PEFT's own key names (lora_A/lora_B), as diffusers' DiT DreamBooth scripts save them
+            return self._save_transformer(get_peft_model_state_dict(trained["transformer"]), output_dir)
         if "unet" not in trained or not set(trained) <= {"unet", "text_encoder", "text_encoder_2"}:
             raise SnellaConfigError(
                 "--adapter=lora: saving in the diffusers LoRA format supports a UNet and its text encoders, "
-                f"got {sorted(trained)}"
+                f"or a transformer alone, got {sorted(trained)}"
             )
         layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
                   for name, model in trained.items()}
         saver = StableDiffusionXLPipeline if "text_encoder_2" in trained else StableDiffusionPipeline
         saver.save_lora_weights(output_dir, **layers, safe_serialization=True)
         return self.output_file(output_dir)
+
+    def _save_transformer(self, state: dict[str, Tensor], output_dir: Path) -> Path:
+        from safetensors.torch import save_file
+
+        tensors = {f"transformer.{key}": value.detach().contiguous() for key, value in state.items()}
+        return write_atomically(self.output_file(output_dir),
+                                lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
 
     def describe(self, attached: Attached, settings: AttachSettings) -> dict[str, Any]:
         return {"layers": len(attached.layers), "lora_rank": settings.lora_rank}

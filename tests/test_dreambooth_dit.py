@@ -21,6 +21,9 @@ FAMILY_NAMES = {
     "flux": "flux",
     "pixart": "pixart",
     "pixart-sigma": "pixart",
+    "qwen-image": "qwen-image",
+    "z-image": "z-image",
+    "flux2-klein": "flux2-klein",
 }
 
 
@@ -73,7 +76,7 @@ def test_tiny_pipeline_reloads_by_path_and_samples_the_same(dit_folders, name):
     loaded = DiffusionPipeline.from_pretrained(dit_folders[name])
     assert type(loaded) is type(built)
     images = [
-        pipe(PROMPT, generator=torch.Generator().manual_seed(0), **_call_kwargs(name)).images
+        pipe(prompt=PROMPT, generator=torch.Generator().manual_seed(0), **_call_kwargs(name)).images
         for pipe in (built, loaded)
     ]
     assert images[0].shape == (1, 32, 32, 3)

@@ -45,6 +45,9 @@ TINY_BASES = {
     "stabilityai/stable-diffusion-3-medium-diffusers": "sd3",
     "black-forest-labs/FLUX.1-dev": "flux",
     "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS": "pixart-sigma",
+    "Qwen/Qwen-Image": "qwen-image",
+    "Tongyi-MAI/Z-Image": "z-image",
+    "black-forest-labs/FLUX.2-klein-base-4B": "flux2-klein",
 }
 # flag -> tiny value (flags not listed keep the page's value)
 TINY_SIZES = {

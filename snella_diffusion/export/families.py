@@ -218,6 +218,13 @@ def _pixart_family(configs: dict[str, dict[str, Any]], sigma: bool) -> ExportFam
     )
 
 
+def _qwen_image_family(configs: dict[str, dict[str, Any]]) -> ExportFamily:
+    """ComfyUI's Qwen-Image model keeps diffusers' module names (``comfy/ldm/qwen_image``), and
+    ``comfy/lora.py`` maps ``transformer.<name>`` onto them."""
+    return ExportFamily("qwen-image", {"transformer": "transformer."}, "qwen_image", "qwen-image",
+                        "https://github.com/QwenLM/Qwen-Image")
+
+
 FAMILY_BUILDERS: dict[str, Callable[[dict[str, dict[str, Any]]], ExportFamily]] = {
     "StableDiffusionPipeline": _sd_family,
     "StableDiffusionImg2ImgPipeline": _sd_family,
@@ -228,6 +235,7 @@ FAMILY_BUILDERS: dict[str, Callable[[dict[str, dict[str, Any]]], ExportFamily]] 
     "StableDiffusion3Pipeline": _sd3_family,
     "PixArtAlphaPipeline": lambda configs: _pixart_family(configs, sigma=False),
     "PixArtSigmaPipeline": lambda configs: _pixart_family(configs, sigma=True),
+    "QwenImagePipeline": _qwen_image_family,
 }
 
 

@@ -7,15 +7,18 @@ one table of them, filled by plain imports; :func:`detect_family` reads ``_class
 the pipeline's ``model_index.json`` and returns the family whose ``pipeline_class_names``
 holds it.
 
-======  ==========================  ================================================
-module  family                      pipelines
-======  ==========================  ================================================
-sd      StableDiffusionFamily       StableDiffusionPipeline
-sdxl    StableDiffusionXLFamily     StableDiffusionXLPipeline
-sd3     SD3Family                   StableDiffusion3Pipeline
-flux    FluxFamily                  FluxPipeline
-pixart  PixArtFamily                PixArtAlphaPipeline, PixArtSigmaPipeline
-======  ==========================  ================================================
+==========  ==========================  ================================================
+module      family                      pipelines
+==========  ==========================  ================================================
+sd          StableDiffusionFamily       StableDiffusionPipeline
+sdxl        StableDiffusionXLFamily     StableDiffusionXLPipeline
+sd3         SD3Family                   StableDiffusion3Pipeline
+flux        FluxFamily                  FluxPipeline
+pixart      PixArtFamily                PixArtAlphaPipeline, PixArtSigmaPipeline
+qwen_image  QwenImageFamily             QwenImagePipeline
+z_image     ZImageFamily                ZImagePipeline
+flux2       Flux2KleinFamily            Flux2KleinPipeline
+==========  ==========================  ================================================
 
 Shared pieces: ``base.py`` (ModelFamily, TrainingComponents, FamilySettings, the generic
 loader), ``dit.py`` (the transformer families' flags, options, block filters and the
@@ -27,7 +30,8 @@ Adding a family
    ``DiTFamily`` / ``FlowMatchingFamily`` for a transformer): ``name``,
    ``pipeline_class_names``, ``denoiser_component``, ``denoiser_preset``,
    ``text_encoder_components``, and ``encode_prompt``, ``predict`` (and ``objective`` when it
-   is not the scheduler's DDPM objective). New flags go in a frozen settings dataclass with
+   is not the scheduler's DDPM objective; ``pixel_multiple`` when the denoiser's pixel
+   granularity is not the VAE factor × ``patch_size``). New flags go in a frozen settings dataclass with
    ``add_arguments`` (as ``dit.DiTFlags``), read in ``configure`` from ``FamilySettings``.
 2. One entry in :data:`FAMILIES` below (an import and an instance).
 3. Its tests: a tiny pipeline of the family saved with ``save_pretrained``, detected by
@@ -48,7 +52,10 @@ from .base import (
     read_model_index,
 )
 from .flux import FluxFamily
+from .flux2 import Flux2KleinFamily
 from .pixart import PixArtFamily
+from .qwen_image import QwenImageFamily
+from .z_image import ZImageFamily
 from .sd import StableDiffusionFamily
 from .sd3 import SD3Family
 from .sdxl import StableDiffusionXLFamily
@@ -61,6 +68,9 @@ FAMILIES: dict[str, ModelFamily] = {
         SD3Family(),
         FluxFamily(),
         PixArtFamily(),
+        QwenImageFamily(),
+        ZImageFamily(),
+        Flux2KleinFamily(),
     )
 }
 
@@ -98,14 +108,17 @@ def detect_family(source: str, revision: Optional[str] = None) -> tuple[ModelFam
 __all__ = [
     "FAMILIES",
     "FamilySettings",
+    "Flux2KleinFamily",
     "FluxFamily",
     "ModelFamily",
     "PixArtFamily",
+    "QwenImageFamily",
     "SD3Family",
     "StableDiffusionFamily",
     "StableDiffusionXLFamily",
     "TrainingComponents",
     "UnknownModelFamilyError",
+    "ZImageFamily",
     "detect_family",
     "family_for_class",
     "read_model_index",

@@ -222,6 +222,15 @@ class ModelFamily:
     def vae_scale_factor(self, components: TrainingComponents) -> int:
         return 2 ** (len(components.vae.config.block_out_channels) - 1)
 
+    def pixel_multiple(self, components: TrainingComponents) -> int:
+        """The pixel granularity of the denoiser (bucket sides are multiples of it): VAE factor ×
+        the UNet's downsampling, or × the DiT's patch size."""
+        vae_factor = self.vae_scale_factor(components)
+        config = components.denoiser.config
+        if hasattr(config, "block_out_channels"):
+            return vae_factor * 2 ** (len(config.block_out_channels) - 1)
+        return vae_factor * int(getattr(config, "patch_size", 1) or 1)
+
     def native_resolution(self, components: TrainingComponents) -> int:
         """The denoiser's native sample size in pixels (512 for SD 1.5, 1024 for SDXL)."""
         return int(components.denoiser.config.sample_size) * self.vae_scale_factor(components)

@@ -21,9 +21,13 @@ class FluxFamily(FlowMatchingFamily):
         """512 for Flux.1-dev, 256 for the guidance-free Flux.1-schnell."""
         return 512 if components.denoiser.config.guidance_embeds else 256
 
+    def pixel_multiple(self, components):
+        """VAE factor × the 2×2 latent packing."""
+        return 2 * self.vae_scale_factor(components)
+
     def configure(self, components, settings):
         super().configure(components, settings)
-        latent_factor = 2 * self.vae_scale_factor(components)
+        latent_factor = self.pixel_multiple(components)
         resolution = settings.resolution
         if resolution is not None and resolution % latent_factor:
             raise SnellaError(f"--resolution={resolution}: Flux needs a multiple of {latent_factor} "

@@ -73,6 +73,56 @@ FLUX_DEV_TRANSFORMER: dict[str, Any] = {
     "axes_dims_rope": [16, 56, 56],
 }
 
+# Qwen/Qwen-Image, transformer/config.json (20.4 B parameters)
+QWEN_IMAGE_TRANSFORMER: dict[str, Any] = {
+    "patch_size": 2,
+    "in_channels": 64,
+    "out_channels": 16,
+    "num_layers": 60,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 3584,
+    "guidance_embeds": False,
+    "axes_dims_rope": [16, 56, 56],
+}
+
+# Tongyi-MAI/Z-Image-Turbo, transformer/config.json
+Z_IMAGE_TRANSFORMER: dict[str, Any] = {
+    "all_patch_size": [2],
+    "all_f_patch_size": [1],
+    "in_channels": 16,
+    "dim": 3840,
+    "n_layers": 30,
+    "n_refiner_layers": 2,
+    "n_heads": 30,
+    "n_kv_heads": 30,
+    "norm_eps": 1e-05,
+    "qk_norm": True,
+    "cap_feat_dim": 2560,
+    "rope_theta": 256.0,
+    "t_scale": 1000.0,
+    "axes_dims": [32, 48, 48],
+    "axes_lens": [1536, 512, 512],
+}
+
+# black-forest-labs/FLUX.2-klein-4B, transformer/config.json (the architecture keys as other
+# projects' fixtures quote that file: 24 heads of 128, 5 double and 20 single blocks, text width
+# 3 × 2560 of Qwen3-4B; the rest are the Flux2Transformer2DModel defaults)
+FLUX2_KLEIN_4B_TRANSFORMER: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 128,
+    "num_layers": 5,
+    "num_single_layers": 20,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 7680,
+    "timestep_guidance_channels": 256,
+    "mlp_ratio": 3.0,
+    "axes_dims_rope": [32, 32, 32, 32],
+    "rope_theta": 2000,
+    "guidance_embeds": False,
+}
+
 # google/vit-base-patch16-224-in21k, config.json
 VIT_B16: dict[str, Any] = {
     "hidden_size": 768,
@@ -90,6 +140,9 @@ REFERENCE_CONFIGS: dict[str, dict[str, Any]] = {
     "sdxl": SDXL_UNET,
     "sd3": SD3_MEDIUM_TRANSFORMER,
     "flux": FLUX_DEV_TRANSFORMER,
+    "qwen-image": QWEN_IMAGE_TRANSFORMER,
+    "z-image": Z_IMAGE_TRANSFORMER,
+    "flux2-klein": FLUX2_KLEIN_4B_TRANSFORMER,
     "vit-b16": VIT_B16,
 }
 
@@ -98,7 +151,8 @@ def build_reference_model(name: str, device: str | torch.device = "meta", **over
     """Instantiate a reference architecture with random weights on ``device``.
 
     Args:
-        name: one of ``REFERENCE_CONFIGS`` ("sd15", "sdxl", "sd3", "flux", "vit-b16").
+        name: one of ``REFERENCE_CONFIGS`` ("sd15", "sdxl", "sd3", "flux", "qwen-image", "z-image",
+            "flux2-klein", "vit-b16").
         device: "meta" allocates nothing (parameter counting, injection counts).
         overrides: config keys to change (e.g. ``num_layers=2`` for a few real-size blocks).
     """
@@ -118,6 +172,18 @@ def build_reference_model(name: str, device: str | torch.device = "meta", **over
             from diffusers import FluxTransformer2DModel
 
             return FluxTransformer2DModel(**config)
+        if name == "qwen-image":
+            from diffusers import QwenImageTransformer2DModel
+
+            return QwenImageTransformer2DModel(**config)
+        if name == "z-image":
+            from diffusers import ZImageTransformer2DModel
+
+            return ZImageTransformer2DModel(**config)
+        if name == "flux2-klein":
+            from diffusers import Flux2Transformer2DModel
+
+            return Flux2Transformer2DModel(**config)
         from transformers import ViTConfig, ViTForImageClassification
 
         return ViTForImageClassification(ViTConfig(**config))

@@ -1,16 +1,18 @@
 """Tiny transformer-based (DiT) diffusers pipelines built from configs (no hub): SD3, Flux and
-PixArt, each with a tiny T5 encoder whose tokenizer is built in code. Weights are random but
+PixArt, each with a tiny T5 encoder whose tokenizer is built in code, Qwen-Image with a tiny
+Qwen2.5-VL encoder and Z-Image with a tiny Qwen3, both with a byte-level Qwen2 tokenizer. Weights are random but
 seeded, so two builds with the same seed are identical. Images are 32 px (16 px latents with
 the tiny 2-level VAE of ``tiny_models``)."""
 
 from __future__ import annotations
 
 import functools
+import re
 import string
 
 import torch
 
-from .tiny_models import TINY_CLIP_HIDDEN, byte_level_clip_tokenizer, tiny_clip_text_encoder, tiny_vae
+from .tiny_models import TINY_CLIP_HIDDEN, _byte_symbols, byte_level_clip_tokenizer, tiny_clip_text_encoder, tiny_vae
 
 TINY_T5_VOCAB = 128
 TINY_T5_DIM = 64
@@ -138,9 +140,190 @@ def tiny_pixart_pipeline(seed: int = 0, sigma: bool = False):
     )
 
 
+TINY_QWEN_HIDDEN = 32
+TINY_QWEN_VOCAB = 384  # >= the 367 ids of byte_level_qwen2_tokenizer, and the 4 vision ids
+TINY_QWEN_ENDOFTEXT = 364  # <|endoftext|>: after the 256 bytes and the 108 template merges
+# Per-channel latent statistics of the tiny Qwen-Image VAE (not 0/1, so normalisation shows).
+TINY_QWEN_LATENTS_MEAN = (0.25, -0.5, 0.1, 0.0)
+TINY_QWEN_LATENTS_STD = (1.5, 0.75, 2.0, 1.0)
+
+
+def _qwen_template_merges(symbols: list[str]) -> list[tuple[str, str]]:
+    """Byte-level BPE merges that make each word of Qwen-Image's prompt template one token
+    (left to right: "s y", "sy s", ...; a leading space is the byte symbol of 32), so the
+    template's prefix is 34 tokens as with the published tokenizer."""
+    from ..families.qwen_image import PROMPT_TEMPLATE
+
+    text = PROMPT_TEMPLATE.replace("<|im_start|>", "").replace("<|im_end|>", "")
+    merges, known = [], set(symbols)
+    for word in sorted(set(re.findall(r" ?[A-Za-z]+", text))):
+        word = word.replace(" ", symbols[32])
+        for end in range(1, len(word)):
+            if word[: end + 1] not in known:
+                merges.append((word[:end], word[end]))
+                known.add(word[: end + 1])
+    return merges
+
+
+def byte_level_qwen2_tokenizer():
+    """A Qwen2Tokenizer needing no files: the 256 byte symbols (id = byte value), merges that
+    make each word of Qwen-Image's template one token (ids from 256), then the chat-template
+    specials ``<|endoftext|>`` (also padding), ``<|im_start|>``, ``<|im_end|>``; 367 ids."""
+    from transformers import Qwen2Tokenizer
+
+    symbols = _byte_symbols()
+    merges = _qwen_template_merges(symbols)
+    vocab = {symbol: index for index, symbol in enumerate(symbols)}
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None,
+                               eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return tokenizer
+
+
+def tiny_qwen25_vl_encoder(seed: int = 0, hidden_size: int = TINY_QWEN_HIDDEN):
+    """A Qwen2_5_VLForConditionalGeneration with 1 text layer (width 32, 2 heads of 16, M-RoPE
+    sections 2+3+3 = half the head width) and a 1-block vision tower (unused for text)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": TINY_QWEN_VOCAB, "hidden_size": hidden_size, "intermediate_size": 48, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "bos_token_id": TINY_QWEN_ENDOFTEXT, "eos_token_id": TINY_QWEN_ENDOFTEXT,
+            "rope_scaling": {"type": "default", "rope_type": "default", "mrope_section": [2, 3, 3]},
+        },
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 24, "num_heads": 2,
+                       "out_hidden_size": hidden_size},
+        vocab_size=TINY_QWEN_VOCAB, image_token_id=370, video_token_id=371, vision_start_token_id=372,
+        vision_end_token_id=373, bos_token_id=TINY_QWEN_ENDOFTEXT, eos_token_id=TINY_QWEN_ENDOFTEXT,
+    )
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def tiny_qwen_image_vae(seed: int = 0):
+    """An AutoencoderKLQwenImage of 4 latent channels and spatial factor 4 (two levels, one
+    temporal downsampling flag each), with the non-trivial latent statistics above."""
+    from diffusers import AutoencoderKLQwenImage
+
+    torch.manual_seed(seed)
+    return AutoencoderKLQwenImage(
+        base_dim=16, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[False, True],
+        latents_mean=list(TINY_QWEN_LATENTS_MEAN), latents_std=list(TINY_QWEN_LATENTS_STD),
+    ).eval()
+
+
+def tiny_qwen_image_pipeline(seed: int = 0):
+    """A QwenImagePipeline: 2 double-stream blocks (2 heads of width 16, RoPE axes 4 + 6 + 6),
+    text width 32, 4 latent channels packed 2×2 into 16; the published scheduler's dynamic
+    shifting. 32 px images are 8×8 latents, 16 image tokens."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=TINY_QWEN_HIDDEN, axes_dims_rope=(4, 6, 6),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+        base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential",
+    )
+    return QwenImagePipeline(
+        transformer=transformer, scheduler=scheduler, vae=tiny_qwen_image_vae(seed),
+        text_encoder=tiny_qwen25_vl_encoder(seed + 1), tokenizer=byte_level_qwen2_tokenizer(),
+    )
+
+
+# A chat template in the shape of Qwen3's for one-turn prompts: user turn, then the assistant
+# header; with enable_thinking false an empty think block follows, as Qwen3's does.
+TINY_QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}"
+)
+TINY_Z_IMAGE_VAE_SHIFT = 0.125
+TINY_Z_IMAGE_VAE_SCALE = 0.5
+
+
+def tiny_qwen3_encoder(seed: int = 0, hidden_size: int = TINY_QWEN_HIDDEN):
+    """A Qwen3Model with 2 layers (width 32, 2 heads of 16, 1 key/value head): Z-Image reads its
+    second-to-last hidden layer."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=TINY_QWEN_VOCAB, hidden_size=hidden_size, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, bos_token_id=TINY_QWEN_ENDOFTEXT,
+        eos_token_id=TINY_QWEN_ENDOFTEXT, pad_token_id=TINY_QWEN_ENDOFTEXT,
+    )
+    return Qwen3Model(config).eval()
+
+
+def tiny_z_image_pipeline(seed: int = 0):
+    """A ZImagePipeline: 2 main blocks and 1 noise- and 1 context-refiner block (width 32, 2
+    heads of 16, RoPE axes 4 + 6 + 6), caption width 32 from a tiny Qwen3, the 4-channel tiny
+    VAE with shift 0.125 and scale 0.5, the Turbo scheduler's static shift 3. 32 px images are
+    16×16 latents, 8×8 patches."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, cap_feat_dim=TINY_QWEN_HIDDEN, axes_dims=[4, 6, 6], axes_lens=[256, 32, 32],
+    )
+    tokenizer = byte_level_qwen2_tokenizer()
+    tokenizer.chat_template = TINY_QWEN3_CHAT_TEMPLATE
+    return ZImagePipeline(
+        transformer=transformer, scheduler=tiny_flow_scheduler(shift=3.0),
+        vae=tiny_vae(seed, shift_factor=TINY_Z_IMAGE_VAE_SHIFT, scaling_factor=TINY_Z_IMAGE_VAE_SCALE),
+        text_encoder=tiny_qwen3_encoder(seed + 1), tokenizer=tokenizer,
+    )
+
+
+TINY_FLUX2_BN_MEAN = 0.2
+TINY_FLUX2_BN_VAR = 2.25
+
+
+def tiny_flux2_klein_pipeline(seed: int = 0):
+    """A Flux2KleinPipeline: 1 double- and 1 single-stream block (2 heads of 16, RoPE axes 4 × 4),
+    a 27-layer Qwen3ForCausalLM of width 16 (klein reads hidden layers 9, 18, 27: text width 48),
+    an AutoencoderKLFlux2 of 4 latent channels (16 after 2×2 patchifying) whose batch-norm
+    statistics are set to mean 0.2, variance 2.25. 32 px images are 8×8 patchified latents."""
+    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(
+        in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=48, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
+    )
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(32, 64), latent_channels=4, layers_per_block=1, norm_num_groups=32,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32,
+    )
+    vae.bn.running_mean.fill_(TINY_FLUX2_BN_MEAN)
+    vae.bn.running_var.fill_(TINY_FLUX2_BN_VAR)
+    config = Qwen3Config(
+        vocab_size=TINY_QWEN_VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=27,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, bos_token_id=TINY_QWEN_ENDOFTEXT,
+        eos_token_id=TINY_QWEN_ENDOFTEXT, pad_token_id=TINY_QWEN_ENDOFTEXT,
+    )
+    tokenizer = byte_level_qwen2_tokenizer()
+    tokenizer.chat_template = TINY_QWEN3_CHAT_TEMPLATE
+    return Flux2KleinPipeline(
+        scheduler=tiny_flow_scheduler(), vae=vae.eval(), text_encoder=Qwen3ForCausalLM(config).eval(),
+        tokenizer=tokenizer, transformer=transformer,
+    )
+
+
 TINY_DIT_BUILDERS = {
     "sd3": tiny_sd3_pipeline,
     "flux": tiny_flux_pipeline,
     "pixart": tiny_pixart_pipeline,
     "pixart-sigma": functools.partial(tiny_pixart_pipeline, sigma=True),
+    "qwen-image": tiny_qwen_image_pipeline,
+    "z-image": tiny_z_image_pipeline,
+    "flux2-klein": tiny_flux2_klein_pipeline,
 }

@@ -269,15 +269,8 @@ def check_data_settings(settings: RunSettings) -> None:
 
 
 def model_pixel_multiple(family: Any, components: Any) -> int:
-    """The pixel granularity of the denoiser: VAE factor × (UNet downsampling, DiT patch, or
-    Flux's 2×2 packing)."""
-    vae_factor = family.vae_scale_factor(components)
-    config = components.denoiser.config
-    if family.name == "flux":
-        return 2 * vae_factor
-    if hasattr(config, "block_out_channels"):
-        return vae_factor * 2 ** (len(config.block_out_channels) - 1)
-    return vae_factor * int(getattr(config, "patch_size", 1) or 1)
+    """The pixel granularity of the denoiser (``family.pixel_multiple``)."""
+    return family.pixel_multiple(components)
 
 
 def bucket_sizes(buckets: BucketSettings, family: Any, components: Any, resolution: int) -> Optional[list[Size]]:

@@ -1,0 +1,347 @@
+"""Qwen-Image (``QwenImagePipeline``): a tiny pipeline of the real diffusers/transformers classes
+(Qwen2.5-VL text encoder, Qwen-Image VAE and transformer) saved and loaded by path; prompt
+encoding, latent normalisation, the model call and σ sampling against the pipeline's and the
+diffusers example's own conventions; the loss falling on a fixed batch; the DreamBooth script's
+SNELLA adapter reloading exactly and unloading exactly; its LoRA A/B file loading with
+``load_lora_weights``; adapted-layer counts of the published config."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from snella_diffusion import SnellaConfig, apply_snella, read_snella_file
+from snella_diffusion.families import FamilySettings, detect_family
+from snella_diffusion.families.dit import DiTFlags
+from snella_diffusion.families.qwen_image import PROMPT_TEMPLATE, TEMPLATE_PREFIX_TOKENS
+from snella_diffusion.testing.tiny_dit_models import (
+    TINY_QWEN_LATENTS_MEAN,
+    TINY_QWEN_LATENTS_STD,
+    tiny_qwen_image_pipeline,
+)
+from snella_diffusion.training.batch_loss import training_loss
+
+PROMPT = "a photo of sks dog"
+LONGER = "a photo of sks dog on the grass with a red ball"
+CPU = torch.device("cpu")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def qwen_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qwen-image") / "pipeline"
+    tiny_qwen_image_pipeline(0).save_pretrained(folder)
+    return folder
+
+
+def _settings(*flags: str, resolution: int = 32, train_text_encoder: bool = False) -> FamilySettings:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    DiTFlags.add_arguments(parser)
+    return FamilySettings(dit=DiTFlags.from_flags(vars(parser.parse_args(list(flags)))),
+                          train_text_encoder=train_text_encoder, resolution=resolution)
+
+
+def _loaded(folder, *flags):
+    family, index = detect_family(str(folder))
+    components = family.load(str(folder), index)
+    family.configure(components, _settings(*flags))
+    return family, components
+
+
+def test_tiny_pipeline_reloads_by_path_samples_the_same_and_is_detected(qwen_folder):
+    from diffusers import DiffusionPipeline, QwenImagePipeline
+
+    built, loaded = tiny_qwen_image_pipeline(0), DiffusionPipeline.from_pretrained(qwen_folder)
+    assert type(loaded) is QwenImagePipeline
+    kwargs = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "np", "max_sequence_length": 16}
+    images = [pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images for pipe in (built, loaded)]
+    assert images[0].shape == (1, 32, 32, 3)
+    assert abs(images[0] - images[1]).max() < 1e-5
+    family, _ = detect_family(str(qwen_folder))
+    assert family.name == "qwen-image"
+    # the template and the dropped prefix are the pipeline's
+    assert (loaded.prompt_template_encode, loaded.prompt_template_encode_start_idx) == (PROMPT_TEMPLATE, TEMPLATE_PREFIX_TOKENS)
+
+
+def test_tiny_tokenizer_splits_the_template_prefix_as_the_published_one(qwen_folder):
+    """34 tokens before the prompt (<|im_start|>, system, \\n, Describe, the, ..., user, \\n), so
+    the pipeline's fixed drop of 34 leaves exactly the prompt and the template's end."""
+    from transformers import AutoTokenizer
+
+    from snella_diffusion.testing.tiny_dit_models import TINY_QWEN_ENDOFTEXT, TINY_QWEN_VOCAB
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen_folder, subfolder="tokenizer")
+    prefix = PROMPT_TEMPLATE.split("{}")[0]
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer(prefix).input_ids)
+    assert len(tokens) == TEMPLATE_PREFIX_TOKENS
+    assert tokens[:4] == ["<|im_start|>", "system", "Ċ", "Describe"] and tokens[-3:] == ["<|im_start|>", "user", "Ċ"]
+    ids = tokenizer(PROMPT_TEMPLATE.format(PROMPT)).input_ids
+    assert tokenizer.decode(ids[TEMPLATE_PREFIX_TOKENS:]) == PROMPT + "<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenizer.pad_token_id == TINY_QWEN_ENDOFTEXT and len(tokenizer) <= TINY_QWEN_VOCAB
+
+
+def test_prompt_encoding_matches_the_pipeline(qwen_folder):
+    family, components = _loaded(qwen_folder, "--max_sequence_length", "24")
+    pipeline = family.pipeline(components)
+    with torch.no_grad():
+        ours = family.encode_prompt(components, [PROMPT, LONGER], CPU)
+        theirs, their_mask = pipeline.encode_prompt([PROMPT, LONGER], CPU, max_sequence_length=24)
+    assert ours["prompt_embeds"].shape == (2, 24, 32) and ours["prompt_embeds_mask"].dtype == torch.long
+    lengths = ours["prompt_embeds_mask"].sum(dim=1).tolist()
+    # the tokens after the template's 34-token prefix, the longer prompt truncated at 24
+    tokenizer = components.modules["tokenizer"]
+    assert lengths == [len(tokenizer(PROMPT_TEMPLATE.format(PROMPT)).input_ids) - 34, 24]
+    assert torch.equal(ours["prompt_embeds_mask"][:, : theirs.shape[1]], their_mask)
+    assert torch.allclose(ours["prompt_embeds"][:, : theirs.shape[1]], theirs, atol=1e-6)
+    assert ours["prompt_embeds"][0, lengths[0]:].abs().max() == 0  # padding is zeros
+
+
+def test_latents_are_normalised_per_channel(qwen_folder):
+    family, components = _loaded(qwen_folder)
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    latents = family.encode_latents(components, pixels, torch.Generator().manual_seed(2))
+    assert latents.shape == (2, 4, 8, 8) and family.vae_scale_factor(components) == 4
+    with torch.no_grad():
+        raw = components.vae.encode(pixels[:, :, None]).latent_dist.sample(torch.Generator().manual_seed(2))[:, :, 0]
+    for channel, (mean, std) in enumerate(zip(TINY_QWEN_LATENTS_MEAN, TINY_QWEN_LATENTS_STD)):
+        assert torch.allclose(latents[:, channel], (raw[:, channel] - mean) / std, atol=1e-6)
+
+
+def test_model_call_matches_the_pipelines_conventions(qwen_folder):
+    """predict == the transformer called as the pipeline calls it: packed with the pipeline's
+    own _pack_latents, img_shapes of one frame, timestep t/1000, no mask for an unpadded prompt."""
+    from diffusers import QwenImagePipeline
+
+    family, components = _loaded(qwen_folder, "--max_sequence_length", "16")
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    timesteps = torch.tensor([250.0, 750.0])
+    with torch.no_grad():
+        conditioning = family.encode_prompt(components, [PROMPT, PROMPT], CPU)
+        ours = family.predict(components, latents, timesteps, conditioning, {})
+        packed = QwenImagePipeline._pack_latents(latents[:, None].permute(0, 2, 1, 3, 4), 2, 4, 8, 8)
+        embeds = conditioning["prompt_embeds"][:, : int(conditioning["prompt_embeds_mask"].sum(dim=1).max())]
+        theirs = components.denoiser(hidden_states=packed, encoder_hidden_states=embeds, timestep=timesteps / 1000,
+                                     img_shapes=[(1, 4, 4)] * 2, return_dict=False)[0]
+        theirs = QwenImagePipeline._unpack_latents(theirs, 32, 32, 4)[:, :, 0]
+    assert ours.shape == latents.shape
+    assert torch.equal(ours, theirs)
+
+
+def test_sigmas_are_the_examples_scheduler_table(qwen_folder):
+    """σ for a drawn u is scheduler.sigmas[⌊u·N⌋] of the scheduler the example builds
+    (from_pretrained(..., shift=3.0): unshifted under dynamic shifting, shifted by 3 without)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    family, components = _loaded(qwen_folder)
+    u = torch.tensor([0.0, 0.1, 0.5, 0.93, 0.999])
+    for dynamic in (True, False):
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(qwen_folder, subfolder="scheduler", shift=3.0,
+                                                                    use_dynamic_shifting=dynamic)
+        components.modules["scheduler"] = scheduler
+        schedule = family.objective(components).schedule
+        expected = scheduler.sigmas[(u * 1000).long()]
+        assert torch.allclose(schedule.sigmas_for(u), expected, atol=1e-6), dynamic
+    assert schedule.shift == 3.0
+
+
+def test_loss_falls_in_20_steps_on_a_fixed_batch(qwen_folder):
+    family, components = _loaded(qwen_folder, "--max_sequence_length", "16", "--weighting_scheme", "logit_normal")
+    apply_snella(components.denoiser, SnellaConfig(rank=4, target_modules="dit"))
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    latents = family.encode_latents(components, pixels, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        conditioning = family.encode_prompt(components, [PROMPT, LONGER], CPU)
+    objective = family.objective(components)
+    optimizer = torch.optim.AdamW([p for p in components.denoiser.parameters() if p.requires_grad], lr=1e-2)
+    batch = {"num_instance": 2}
+    losses = []
+    for step in range(21):
+        loss = training_loss(family, components, objective, batch, latents, conditioning, components.denoiser,
+                             torch.Generator().manual_seed(5), prior_loss_weight=1.0)
+        assert torch.isfinite(loss)
+        losses.append(loss.item())
+        if step < 20:
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert losses[20] < 0.95 * losses[0], losses
+
+
+def test_configure_rejects_what_qwen_image_cannot_do(qwen_folder):
+    from snella_diffusion import SnellaError
+
+    family, index = detect_family(str(qwen_folder))
+    components = family.load(str(qwen_folder), index)
+    with pytest.raises(SnellaError, match="--train_text_encoder: Qwen-Image trains the transformer only"):
+        family.configure(components, _settings(train_text_encoder=True))
+    with pytest.raises(SnellaError, match="--max_sequence_length=1025"):
+        family.configure(components, _settings("--max_sequence_length", "1025"))
+    with pytest.raises(SnellaError, match="--resolution=36: Qwen-Image needs a multiple of 8"):
+        family.configure(components, _settings(resolution=36))
+
+
+def _run_script(folder, output_dir, *flags):
+    from snella_diffusion.training.data import synthetic_instance_images, write_images
+    from train_scripts.train_dreambooth_snella import main, parse_args
+
+    instance_dir = output_dir / "instance-images"
+    write_images(synthetic_instance_images(count=2, size=48, seed=0), instance_dir, "instance")
+    return main(parse_args([
+        "--pretrained_model_name_or_path", str(folder), "--output_dir", str(output_dir),
+        "--instance_data_dir", str(instance_dir), "--instance_prompt", PROMPT, "--resolution", "32",
+        "--max_train_steps", "3", "--train_batch_size", "1", "--rank", "4", "--learning_rate", "1e-2",
+        "--checkpointing_steps", "100", "--max_sequence_length", "16", "--report_to", "none", "--seed", "1", *flags,
+    ]))
+
+
+def _denoiser_output(family, components, pipeline):
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        conditioning = family.encode_prompt(components, [PROMPT], CPU)
+        return family.predict(components, latents, torch.tensor([600.0]), conditioning, {}, denoiser=pipeline.transformer)
+
+
+@pytest.mark.slow
+def test_script_adapter_reloads_exactly_and_unloads_exactly(qwen_folder, tmp_path, monkeypatch):
+    import train_scripts.train_dreambooth_snella as script
+    from diffusers import QwenImagePipeline
+
+    from snella_diffusion.loaders import load_snella_weights, unload_snella_weights
+
+    seen = {}
+    run_validation, write_outputs = script.run_validation, script.write_outputs
+
+    def recording_validation(settings, accelerator, family, components, trained, *rest):
+        seen["transformer"] = trained["transformer"]
+        return run_validation(settings, accelerator, family, components, trained, *rest)
+
+    def recording_outputs(settings, family, config, allocator, rank_drops, losses, *rest):
+        seen["losses"] = [loss for _, loss in losses]
+        return write_outputs(settings, family, config, allocator, rank_drops, losses, *rest)
+
+    monkeypatch.setattr(script, "run_validation", recording_validation)
+    monkeypatch.setattr(script, "write_outputs", recording_outputs)
+    adapter = _run_script(qwen_folder, tmp_path, "--validation_prompt", PROMPT, "--num_validation_images", "1",
+                          "--validation_inference_steps", "2")
+    assert len(seen["losses"]) == 3 and all(torch.isfinite(torch.tensor(seen["losses"])))
+    assert (tmp_path / "validation" / "step_3.png").is_file()
+    stored = read_snella_file(adapter)
+    assert len(stored.layers["transformer"]) == 2 * 12
+
+    family, components = _loaded(qwen_folder, "--max_sequence_length", "16")
+    trained_pipeline = QwenImagePipeline(**{**components.modules, "transformer": seen["transformer"]})
+    trained = _denoiser_output(family, components, trained_pipeline)
+    pipeline = QwenImagePipeline.from_pretrained(qwen_folder)
+    base = _denoiser_output(family, components, pipeline)
+    load_snella_weights(pipeline, adapter)
+    reloaded = _denoiser_output(family, components, pipeline)
+    assert (trained - base).abs().max() > 1e-4
+    assert torch.equal(reloaded, trained)
+    unload_snella_weights(pipeline)
+    assert torch.equal(_denoiser_output(family, components, pipeline), base)
+
+
+@pytest.mark.slow
+def test_lora_ab_file_loads_with_the_pipelines_load_lora_weights(qwen_folder, tmp_path):
+    from diffusers import QwenImagePipeline
+    from safetensors.torch import load_file
+
+    _run_script(qwen_folder, tmp_path, "--adapter", "lora")
+    saved = load_file(tmp_path / "pytorch_lora_weights.safetensors")
+    assert saved and all(key.startswith("transformer.") for key in saved)
+    family, components = _loaded(qwen_folder, "--max_sequence_length", "16")
+    pipeline = QwenImagePipeline.from_pretrained(qwen_folder)
+    before = _denoiser_output(family, components, pipeline)
+    pipeline.load_lora_weights(str(tmp_path))
+    loaded = {name: p.detach() for name, p in pipeline.transformer.named_parameters() if "lora_" in name}
+    assert len(loaded) == len(saved) == 2 * 12 * 2
+    for key, tensor in saved.items():
+        assert any(p.shape == tensor.shape and torch.equal(p, tensor) for p in loaded.values()), key
+    assert (_denoiser_output(family, components, pipeline) - before).abs().max() > 0
+
+
+def _walked_count(transformer) -> int:
+    """Linear layers of every block's joint attention and of its image and text MLPs."""
+    return sum(
+        sum(isinstance(module, torch.nn.Linear) for part in (block.attn, block.img_mlp, block.txt_mlp)
+            for module in part.modules())
+        for block in transformer.transformer_blocks
+    )
+
+
+def test_published_config_layer_count_matches_a_walk_of_the_module_tree(tmp_path):
+    from snella_diffusion.testing.reference_configs import build_reference_model
+
+    output = tmp_path / "counts.json"
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "count_adapted_layers.py"), "--model", "qwen-image",
+                    "--json", str(output)], check=True, capture_output=True, cwd=REPO)
+    (counted,) = json.loads(output.read_text())
+    walked = _walked_count(build_reference_model("qwen-image", device="meta"))
+    assert counted["adapted_layers"] == walked == 60 * 12
+    assert round(counted["denoiser_parameters"] / 1e9, 2) == 20.43
+    from snella_diffusion.families.dit import expand_block_filters
+
+    filtered = apply_snella(build_reference_model("qwen-image", device="meta"),
+                            SnellaConfig(rank=4, target_modules=expand_block_filters(["dit@double:0-9"])))
+    assert len(filtered) == 10 * 12 and all(int(name.split(".")[1]) < 10 for name in filtered)
+
+
+def test_validation_samples_from_cached_embeddings_after_freeing_the_encoder(qwen_folder):
+    family, components = _loaded(qwen_folder, "--max_sequence_length", "24")
+    kwargs = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "np"}
+    with_prompt = family.pipeline(components)(**family.validation_inputs(components, PROMPT),
+                                              generator=torch.Generator().manual_seed(0), **kwargs).images
+    family.release_text_encoders(components, PROMPT, CPU)
+    assert components.modules["text_encoder"] is None
+    inputs = family.validation_inputs(components, PROMPT)
+    assert "prompt" not in inputs and inputs["prompt_embeds_mask"].all()  # trimmed to the prompt
+    cached = family.pipeline(components)(**inputs, generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert abs(cached - with_prompt).max() < 1e-4
+
+
+def _comfyui_qwen_image_names(blocks: int) -> set[str]:
+    """The Linear modules of ComfyUI's Qwen-Image model the dit preset's layers correspond to
+    (comfy/ldm/qwen_image/model.py: Attention.to_q/to_k/to_v/to_out[0]/add_q_proj/add_k_proj/
+    add_v_proj/to_add_out, FeedForward.net[0] (GELU).proj and net[2]); comfy/lora.py maps
+    ``transformer.<name>`` and ``<name>`` onto them."""
+    per_block = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                 "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2",
+                 "txt_mlp.net.0.proj", "txt_mlp.net.2"]
+    return {f"transformer_blocks.{index}.{name}" for index in range(blocks) for name in per_block}
+
+
+@pytest.mark.parametrize("to", ["diff", "lora", "comfyui"])
+def test_export_keys_map_onto_comfyuis_qwen_image_names(qwen_folder, tmp_path, to):
+    """snella-export --to diff / lora (kohya keys ``transformer.<name>.diff`` / ``.lora_down.weight``)
+    and --to comfyui (the node's file: its header lists the key prefix of each layer)."""
+    from safetensors import safe_open
+
+    from snella_diffusion import save_snella
+    from snella_diffusion.export import export_snella
+
+    family, components = _loaded(qwen_folder)
+    layers = apply_snella(components.denoiser, SnellaConfig(rank=4, target_modules="dit"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in layers.values():
+            for parameter in layer.parameters():
+                if parameter.requires_grad:
+                    parameter.normal_(0, 0.02, generator=generator)
+    adapter = save_snella({"transformer": components.denoiser}, tmp_path / "adapter.safetensors")
+    output = tmp_path / f"export-{to}.safetensors"
+    options = {"comfyui": {}, "lora": {"dtype": "fp32", "rank": 2}, "diff": {"dtype": "fp32"}}[to]
+    export_snella([adapter], str(qwen_folder), output, to=to, **options)
+    with safe_open(str(output), "pt") as handle:
+        keys, header = set(handle.keys()), handle.metadata()
+    if to == "comfyui":
+        prefixes = set(json.loads(header["snella_comfyui_layers"]))
+    else:
+        suffix = {"diff": ".diff", "lora": ".lora_down.weight"}[to]
+        prefixes = {key.removesuffix(suffix) for key in keys if key.endswith(suffix)}
+    assert all(prefix.startswith("transformer.") for prefix in prefixes)
+    assert {prefix.removeprefix("transformer.") for prefix in prefixes} == _comfyui_qwen_image_names(2)

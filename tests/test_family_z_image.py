@@ -1,0 +1,277 @@
+"""Z-Image (``ZImagePipeline``): a tiny pipeline of the real diffusers/transformers classes (Qwen3
+text encoder with a chat template, AutoencoderKL, ZImageTransformer2DModel) saved and loaded by
+path; prompt encoding, latents, the model call and σ sampling against the pipeline's and the
+diffusers example's conventions; the loss falling on a fixed batch; the DreamBooth script's
+SNELLA adapter reloading and unloading exactly; its LoRA A/B file loading with
+``load_lora_weights``; adapted-layer counts of the published config."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from snella_diffusion import SnellaConfig, apply_snella, read_snella_file
+from snella_diffusion.families import FamilySettings, detect_family
+from snella_diffusion.families.dit import DiTFlags
+from snella_diffusion.testing.tiny_dit_models import (
+    TINY_Z_IMAGE_VAE_SCALE,
+    TINY_Z_IMAGE_VAE_SHIFT,
+    tiny_z_image_pipeline,
+)
+from snella_diffusion.training.batch_loss import training_loss
+
+PROMPT = "a photo of sks dog"
+LONGER = "a photo of sks dog on the grass with a red ball"
+CPU = torch.device("cpu")
+REPO = Path(__file__).resolve().parents[1]
+LENGTH = 64  # --max_sequence_length: the longer prompt and its chat template fit
+
+
+@pytest.fixture(scope="module")
+def z_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("z-image") / "pipeline"
+    tiny_z_image_pipeline(0).save_pretrained(folder)
+    return folder
+
+
+def _settings(*flags: str, resolution: int = 32, train_text_encoder: bool = False) -> FamilySettings:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    DiTFlags.add_arguments(parser)
+    return FamilySettings(dit=DiTFlags.from_flags(vars(parser.parse_args(list(flags)))),
+                          train_text_encoder=train_text_encoder, resolution=resolution)
+
+
+def _loaded(folder, *flags):
+    family, index = detect_family(str(folder))
+    components = family.load(str(folder), index)
+    family.configure(components, _settings("--max_sequence_length", str(LENGTH), *flags))
+    return family, components
+
+
+def test_tiny_pipeline_reloads_by_path_samples_the_same_and_is_detected(z_folder):
+    from diffusers import DiffusionPipeline, ZImagePipeline
+
+    built, loaded = tiny_z_image_pipeline(0), DiffusionPipeline.from_pretrained(z_folder)
+    assert type(loaded) is ZImagePipeline
+    kwargs = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "np", "max_sequence_length": LENGTH}
+    images = [pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images for pipe in (built, loaded)]
+    assert images[0].shape == (1, 32, 32, 3)
+    assert abs(images[0] - images[1]).max() < 1e-5
+    family, _ = detect_family(str(z_folder))
+    assert family.name == "z-image"
+
+
+def test_prompt_encoding_matches_the_pipeline(z_folder):
+    family, components = _loaded(z_folder)
+    pipeline = family.pipeline(components)
+    with torch.no_grad():
+        ours = family.encode_prompt(components, [PROMPT, LONGER], CPU)
+        theirs, _ = pipeline.encode_prompt([PROMPT, LONGER], CPU, do_classifier_free_guidance=False,
+                                           max_sequence_length=LENGTH)
+    from snella_diffusion.families.z_image import unpadded_prompts
+
+    assert ours["prompt_embeds"].shape == (2, LENGTH, 32)
+    tokenizer = components.modules["tokenizer"]
+    text = "<|im_start|>user\n" + PROMPT + "<|im_end|>\n<|im_start|>assistant\n"
+    assert ours["prompt_embeds_mask"][0].sum() == len(tokenizer(text).input_ids)
+    unpadded = unpadded_prompts(ours["prompt_embeds"], ours["prompt_embeds_mask"])
+    assert [u.shape for u in unpadded] == [t.shape for t in theirs]
+    for mine, their in zip(unpadded, theirs):
+        assert torch.allclose(mine, their, atol=1e-6)
+
+
+def test_latents_are_the_shifted_scaled_mode(z_folder):
+    family, components = _loaded(z_folder)
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    latents = family.encode_latents(components, pixels)
+    assert latents.shape == (2, 4, 16, 16) and family.pixel_multiple(components) == 4
+    with torch.no_grad():
+        mean = components.vae.encode(pixels).latent_dist.mean
+    assert torch.allclose(latents, (mean - TINY_Z_IMAGE_VAE_SHIFT) * TINY_Z_IMAGE_VAE_SCALE, atol=1e-6)
+
+
+def test_model_call_matches_the_examples_conventions(z_folder):
+    """predict == -transformer(list of (C, 1, H, W), (1000 - t)/1000, unpadded prompts), as the
+    example and the pipeline call it."""
+    family, components = _loaded(z_folder)
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    timesteps = torch.tensor([250.0, 750.0])
+    pipeline = family.pipeline(components)
+    with torch.no_grad():
+        conditioning = family.encode_prompt(components, [PROMPT, LONGER], CPU)
+        ours = family.predict(components, latents, timesteps, conditioning, {})
+        prompts, _ = pipeline.encode_prompt([PROMPT, LONGER], CPU, do_classifier_free_guidance=False,
+                                            max_sequence_length=LENGTH)
+        outputs = components.denoiser(list(latents.unsqueeze(2).unbind(0)), (1000 - timesteps) / 1000, prompts,
+                                      return_dict=False)[0]
+    theirs = -torch.stack(outputs).squeeze(2)
+    assert ours.shape == latents.shape
+    assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_sigmas_are_the_schedulers_shifted_table(z_folder):
+    family, components = _loaded(z_folder)
+    u = torch.tensor([0.0, 0.1, 0.5, 0.93, 0.999])
+    scheduler = components.noise_scheduler
+    expected = scheduler.sigmas[(u * 1000).long()]
+    assert torch.allclose(family.objective(components).schedule.sigmas_for(u), expected, atol=1e-6)
+    assert family.objective(components).schedule.shift == 3.0
+
+
+def test_loss_falls_in_20_steps_on_a_fixed_batch(z_folder):
+    family, components = _loaded(z_folder, "--weighting_scheme", "logit_normal")
+    apply_snella(components.denoiser, SnellaConfig(rank=4, target_modules="dit"))
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    latents = family.encode_latents(components, pixels)
+    with torch.no_grad():
+        conditioning = family.encode_prompt(components, [PROMPT, LONGER], CPU)
+    objective = family.objective(components)
+    optimizer = torch.optim.AdamW([p for p in components.denoiser.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for step in range(21):
+        loss = training_loss(family, components, objective, {"num_instance": 2}, latents, conditioning,
+                             components.denoiser, torch.Generator().manual_seed(5), prior_loss_weight=1.0)
+        assert torch.isfinite(loss)
+        losses.append(loss.item())
+        if step < 20:
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert losses[20] < 0.95 * losses[0], losses
+
+
+def test_configure_rejects_what_z_image_cannot_do(z_folder):
+    from snella_diffusion import SnellaError
+
+    family, index = detect_family(str(z_folder))
+    components = family.load(str(z_folder), index)
+    with pytest.raises(SnellaError, match="--train_text_encoder: Z-Image trains the transformer only"):
+        family.configure(components, _settings(train_text_encoder=True))
+    with pytest.raises(SnellaError, match="--resolution=34: Z-Image needs a multiple of 4"):
+        family.configure(components, _settings(resolution=34))
+
+
+def _run_script(folder, output_dir, *flags):
+    from snella_diffusion.training.data import synthetic_instance_images, write_images
+    from train_scripts.train_dreambooth_snella import main, parse_args
+
+    instance_dir = output_dir / "instance-images"
+    write_images(synthetic_instance_images(count=2, size=48, seed=0), instance_dir, "instance")
+    return main(parse_args([
+        "--pretrained_model_name_or_path", str(folder), "--output_dir", str(output_dir),
+        "--instance_data_dir", str(instance_dir), "--instance_prompt", PROMPT, "--resolution", "32",
+        "--max_train_steps", "3", "--train_batch_size", "1", "--rank", "4", "--learning_rate", "1e-2",
+        "--checkpointing_steps", "100", "--max_sequence_length", str(LENGTH), "--report_to", "none", "--seed", "1",
+        *flags,
+    ]))
+
+
+def _denoiser_output(family, components, transformer):
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        conditioning = family.encode_prompt(components, [PROMPT], CPU)
+        return family.predict(components, latents, torch.tensor([600.0]), conditioning, {}, denoiser=transformer)
+
+
+@pytest.mark.slow
+def test_script_adapter_reloads_exactly_and_unloads_exactly(z_folder, tmp_path, monkeypatch):
+    import train_scripts.train_dreambooth_snella as script
+    from diffusers import ZImagePipeline
+
+    from snella_diffusion.loaders import load_snella_weights, unload_snella_weights
+
+    seen = {}
+    run_validation, write_outputs = script.run_validation, script.write_outputs
+
+    def recording_validation(settings, accelerator, family, components, trained, *rest):
+        seen["transformer"] = trained["transformer"]
+        return run_validation(settings, accelerator, family, components, trained, *rest)
+
+    def recording_outputs(settings, family, config, allocator, rank_drops, losses, *rest):
+        seen["losses"] = [loss for _, loss in losses]
+        return write_outputs(settings, family, config, allocator, rank_drops, losses, *rest)
+
+    monkeypatch.setattr(script, "run_validation", recording_validation)
+    monkeypatch.setattr(script, "write_outputs", recording_outputs)
+    adapter = _run_script(z_folder, tmp_path, "--validation_prompt", PROMPT, "--num_validation_images", "1",
+                          "--validation_inference_steps", "2")
+    assert len(seen["losses"]) == 3 and all(torch.isfinite(torch.tensor(seen["losses"])))
+    assert (tmp_path / "validation" / "step_3.png").is_file()
+    assert len(read_snella_file(adapter).layers["transformer"]) == 4 * 7  # 2 main + 2 refiner blocks
+
+    family, components = _loaded(z_folder)
+    trained = _denoiser_output(family, components, seen["transformer"])
+    pipeline = ZImagePipeline.from_pretrained(z_folder)
+    base = _denoiser_output(family, components, pipeline.transformer)
+    load_snella_weights(pipeline, adapter)
+    reloaded = _denoiser_output(family, components, pipeline.transformer)
+    assert (trained - base).abs().max() > 1e-4
+    assert torch.equal(reloaded, trained)
+    unload_snella_weights(pipeline)
+    assert torch.equal(_denoiser_output(family, components, pipeline.transformer), base)
+
+
+@pytest.mark.slow
+def test_lora_ab_file_loads_with_the_pipelines_load_lora_weights(z_folder, tmp_path):
+    from diffusers import ZImagePipeline
+    from safetensors.torch import load_file
+
+    _run_script(z_folder, tmp_path, "--adapter", "lora")
+    saved = load_file(tmp_path / "pytorch_lora_weights.safetensors")
+    assert saved and all(key.startswith("transformer.") for key in saved)
+    family, components = _loaded(z_folder)
+    pipeline = ZImagePipeline.from_pretrained(z_folder)
+    before = _denoiser_output(family, components, pipeline.transformer)
+    pipeline.load_lora_weights(str(tmp_path))
+    loaded = [p.detach() for name, p in pipeline.transformer.named_parameters() if "lora_" in name]
+    assert len(loaded) == len(saved) == 4 * 7 * 2
+    for key, tensor in saved.items():
+        assert any(p.shape == tensor.shape and torch.equal(p, tensor) for p in loaded), key
+    assert (_denoiser_output(family, components, pipeline.transformer) - before).abs().max() > 0
+
+
+def _walked_count(transformer) -> int:
+    """Linear layers of the attention and the MLP of every block (main, noise and context refiners)."""
+    blocks = [*transformer.layers, *transformer.noise_refiner, *transformer.context_refiner]
+    return sum(
+        sum(isinstance(module, torch.nn.Linear) for part in (block.attention, block.feed_forward)
+            for module in part.modules())
+        for block in blocks
+    )
+
+
+def test_published_config_layer_count_matches_a_walk_of_the_module_tree(tmp_path):
+    from snella_diffusion.testing.reference_configs import build_reference_model
+
+    output = tmp_path / "counts.json"
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "count_adapted_layers.py"), "--model", "z-image",
+                    "--json", str(output)], check=True, capture_output=True, cwd=REPO)
+    (counted,) = json.loads(output.read_text())
+    walked = _walked_count(build_reference_model("z-image", device="meta"))
+    assert counted["adapted_layers"] == walked == (30 + 2 + 2) * 7
+    assert round(counted["denoiser_parameters"] / 1e9, 2) == 6.15
+    from snella_diffusion.families.dit import expand_block_filters
+
+    main_only = apply_snella(build_reference_model("z-image", device="meta"),
+                             SnellaConfig(rank=4, target_modules=expand_block_filters([r"dit@layers"])))
+    assert len(main_only) == 30 * 7 and all(name.startswith("layers.") for name in main_only)
+
+
+@pytest.mark.parametrize("guidance_scale", [0.0, 5.0])
+def test_validation_samples_from_cached_embeddings_after_freeing_the_encoder(z_folder, guidance_scale):
+    family, components = _loaded(z_folder)
+    kwargs = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "np",
+              "guidance_scale": guidance_scale}
+    with_prompt = family.pipeline(components)(**family.validation_inputs(components, PROMPT),
+                                              generator=torch.Generator().manual_seed(0), **kwargs).images
+    family.release_text_encoders(components, PROMPT, CPU)
+    assert components.modules["text_encoder"] is None
+    inputs = family.validation_inputs(components, PROMPT)
+    assert "prompt" not in inputs and isinstance(inputs["prompt_embeds"], list)
+    cached = family.pipeline(components)(**inputs, generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert abs(cached - with_prompt).max() < 1e-4
