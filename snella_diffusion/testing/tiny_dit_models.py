@@ -12,7 +12,7 @@ import string
 
 import torch
 
-from .tiny_models import TINY_CLIP_HIDDEN, _byte_symbols, byte_level_clip_tokenizer, tiny_clip_text_encoder, tiny_vae
+from .tiny_models import TINY_CLIP_HIDDEN, byte_symbols, byte_level_clip_tokenizer, tiny_clip_text_encoder, tiny_vae
 
 TINY_T5_VOCAB = 128
 TINY_T5_DIM = 64
@@ -171,7 +171,7 @@ def byte_level_qwen2_tokenizer():
     specials ``<|endoftext|>`` (also padding), ``<|im_start|>``, ``<|im_end|>``; 367 ids."""
     from transformers import Qwen2Tokenizer
 
-    symbols = _byte_symbols()
+    symbols = byte_symbols()
     merges = _qwen_template_merges(symbols)
     vocab = {symbol: index for index, symbol in enumerate(symbols)}
     for left, right in merges:

@@ -11,7 +11,7 @@ import torch
 TINY_CLIP_HIDDEN = 32
 
 
-def _byte_symbols() -> list[str]:
+def byte_symbols() -> list[str]:
     """The 256 printable symbols byte-level BPE uses for bytes: printable Latin-1 bytes stand
     for themselves, the others are shifted to code points from 256 on."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -30,7 +30,7 @@ def byte_level_clip_tokenizer(max_length: int = 77):
     two special tokens, 514 entries, no merges."""
     from transformers import CLIPTokenizer
 
-    symbols = _byte_symbols()
+    symbols = byte_symbols()
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for symbol in symbols:
         vocab[symbol] = len(vocab)
