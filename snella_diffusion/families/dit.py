@@ -200,6 +200,20 @@ class DiTFamily(ModelFamily):
             offload_text_encoders=flags.offload_text_encoders,
         )
 
+    def check_resolution(self, components: TrainingComponents, settings: FamilySettings, model: str,
+                         factors: str) -> None:
+        """Refuse a ``--resolution`` that is not a multiple of ``pixel_multiple`` (``model`` names
+        the family in the message, ``factors`` what the multiple is made of)."""
+        multiple = self.pixel_multiple(components)
+        if settings.resolution is not None and settings.resolution % multiple:
+            raise SnellaError(f"--resolution={settings.resolution}: {model} needs a multiple of {multiple} ({factors})")
+
+    @staticmethod
+    def refuse_text_encoder_training(settings: FamilySettings, model: str, reason: str) -> None:
+        """Refuse ``--train_text_encoder`` for a family whose example trains the transformer only."""
+        if settings.train_text_encoder:
+            raise SnellaError(f"--train_text_encoder: {model} trains the transformer only ({reason})")
+
     def native_resolution(self, components: TrainingComponents) -> int:
         sample_size = getattr(components.denoiser.config, "sample_size", None) or self.default_sample_size
         return int(sample_size) * self.vae_scale_factor(components)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from ..errors import SnellaError
 from ..training.flow_matching import guidance_vector, latent_image_ids, pack_latents, text_ids, unpack_latents
 from . import tokens
 from .dit import FlowMatchingFamily
@@ -27,11 +26,7 @@ class FluxFamily(FlowMatchingFamily):
 
     def configure(self, components, settings):
         super().configure(components, settings)
-        latent_factor = self.pixel_multiple(components)
-        resolution = settings.resolution
-        if resolution is not None and resolution % latent_factor:
-            raise SnellaError(f"--resolution={resolution}: Flux needs a multiple of {latent_factor} "
-                              "(VAE downsampling × 2×2 latent packing)")
+        self.check_resolution(components, settings, "Flux", "VAE downsampling × 2×2 latent packing")
 
     def encode_prompt(self, components, prompts, device):
         modules = components.modules

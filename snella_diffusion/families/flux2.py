@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..errors import SnellaError
 from ..training.flow_matching import guidance_vector
 from .base import TrainingComponents
 from .dit import FlowMatchingFamily
@@ -64,14 +63,10 @@ class Flux2KleinFamily(FlowMatchingFamily):
         return 512
 
     def configure(self, components, settings):
-        if settings.train_text_encoder:
-            raise SnellaError("--train_text_encoder: Flux.2 klein trains the transformer only "
-                              "(its Qwen3 encoder stays frozen, as in diffusers' example)")
+        self.refuse_text_encoder_training(settings, "Flux.2 klein",
+                                          "its Qwen3 encoder stays frozen, as in diffusers' example")
         super().configure(components, settings)
-        multiple = self.pixel_multiple(components)
-        if settings.resolution is not None and settings.resolution % multiple:
-            raise SnellaError(f"--resolution={settings.resolution}: Flux.2 needs a multiple of {multiple} "
-                              "(VAE downsampling × 2×2 patches)")
+        self.check_resolution(components, settings, "Flux.2", "VAE downsampling × 2×2 patches")
 
     def pixel_multiple(self, components: TrainingComponents) -> int:
         return 2 * self.vae_scale_factor(components)

@@ -60,17 +60,13 @@ class QwenImageFamily(FlowMatchingFamily):
         return 512
 
     def configure(self, components, settings):
-        if settings.train_text_encoder:
-            raise SnellaError("--train_text_encoder: Qwen-Image trains the transformer only "
-                              "(its 7B Qwen2.5-VL encoder stays frozen, as in diffusers' example)")
+        self.refuse_text_encoder_training(settings, "Qwen-Image",
+                                          "its 7B Qwen2.5-VL encoder stays frozen, as in diffusers' example")
         super().configure(components, settings)
         length = self.options(components).max_sequence_length
         if length > MAX_SEQUENCE_LENGTH:
             raise SnellaError(f"--max_sequence_length={length}: Qwen-Image takes at most {MAX_SEQUENCE_LENGTH} tokens")
-        multiple = 2 * self.vae_scale_factor(components)
-        if settings.resolution is not None and settings.resolution % multiple:
-            raise SnellaError(f"--resolution={settings.resolution}: Qwen-Image needs a multiple of {multiple} "
-                              "(VAE downsampling × 2×2 latent packing)")
+        self.check_resolution(components, settings, "Qwen-Image", "VAE downsampling × 2×2 latent packing")
 
     def objective(self, components, snr_gamma=None):
         objective = super().objective(components, snr_gamma)

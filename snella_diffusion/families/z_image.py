@@ -20,7 +20,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..errors import SnellaError
 from .base import TrainingComponents
 from .dit import VALIDATION_KEY, FlowMatchingFamily
 
@@ -44,14 +43,10 @@ class ZImageFamily(FlowMatchingFamily):
         return 512
 
     def configure(self, components, settings):
-        if settings.train_text_encoder:
-            raise SnellaError("--train_text_encoder: Z-Image trains the transformer only "
-                              "(its Qwen3 encoder stays frozen, as in diffusers' example)")
+        self.refuse_text_encoder_training(settings, "Z-Image",
+                                          "its Qwen3 encoder stays frozen, as in diffusers' example")
         super().configure(components, settings)
-        multiple = self.pixel_multiple(components)
-        if settings.resolution is not None and settings.resolution % multiple:
-            raise SnellaError(f"--resolution={settings.resolution}: Z-Image needs a multiple of {multiple} "
-                              "(VAE downsampling × the transformer's 2×2 patches)")
+        self.check_resolution(components, settings, "Z-Image", "VAE downsampling × the transformer's 2×2 patches")
 
     def pixel_multiple(self, components: TrainingComponents) -> int:
         """VAE factor × the transformer's patch size (16 for Z-Image)."""
