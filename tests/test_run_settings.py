@@ -20,7 +20,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "snella_diffusion"
 
 def annotated_parameters(path: Path):
     """(function name, parameter name, annotation source or None) of every parameter in ``path``
-    (``*args`` / ``**kwargs`` with their star)."""
+    (``*args`` / ``**kwargs`` with their star), and (function name, "return", annotation) of
+    every annotated return."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
@@ -31,6 +32,8 @@ def annotated_parameters(path: Path):
                 annotation = None if argument.annotation is None else ast.unparse(argument.annotation)
                 name = argument.arg if argument in named else "*" + argument.arg
                 yield getattr(node, "name", "<lambda>"), name, annotation
+            if getattr(node, "returns", None) is not None:
+                yield node.name, "return", ast.unparse(node.returns)
 
 
 def test_no_library_function_takes_an_argparse_namespace():

@@ -3,8 +3,8 @@ command-line flags that fill them (``--train_batch_size`` fills ``train_batch_si
 
 Each settings class declares its flags next to its fields, in a static ``add_arguments(parser)``,
 and is built from the parsed values by :meth:`FlagSettings.from_flags`, which takes a plain
-mapping ``{flag name: value}`` (``vars()`` of argparse's result): library code never sees an
-``argparse.Namespace``.
+mapping ``{flag name: value}``: library code sees typed settings or plain dicts, never
+argparse's result object.
 """
 
 from __future__ import annotations

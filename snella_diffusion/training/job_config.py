@@ -129,14 +129,15 @@ def _token(value: Any) -> str:
     return "true" if value is True else "false" if value is False else str(value)
 
 
-def parse_args_with_config(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    """``parser.parse_args(argv)`` with the ``--config`` file's values underneath the flags."""
+def parse_args_with_config(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> dict[str, Any]:
+    """The parsed flags as ``{flag name: value}``: ``parser.parse_args(argv)`` with the
+    ``--config`` file's values underneath the flags."""
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", type=str, default=None)
     known, _ = pre.parse_known_args(argv)
     if known.config is None:
-        return parser.parse_args(argv)
+        return vars(parser.parse_args(argv))
     path = Path(known.config)
     tokens = config_tokens(parser, read_job_config(path), path)
     exit_on_error = parser.exit_on_error
@@ -147,7 +148,7 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: Optional[Seque
         raise JobConfigError(f"--config={path}: {error}") from None
     finally:
         parser.exit_on_error = exit_on_error
-    return parser.parse_args(tokens + argv)
+    return vars(parser.parse_args(tokens + argv))
 
 
 def _toml_value(value: Any) -> str:

@@ -339,7 +339,7 @@ def resolve_model_defaults(settings: RunSettings) -> RunSettings:
 def parse_run_settings(argv: Optional[Sequence[str]] = None) -> RunSettings:
     """Parse the flags (``argv`` defaults to ``sys.argv[1:]``) and the ``--config`` file once,
     into resolved settings (see the module docstring)."""
-    settings = resolve_model_defaults(RunSettings.from_flags(vars(parse_args_with_config(build_parser(), argv))))
+    settings = resolve_model_defaults(RunSettings.from_flags(parse_args_with_config(build_parser(), argv)))
     return dataclasses.replace(
         settings,
         captions=resolve_caption_prefix(settings.captions, settings.data.instance_prompt),
