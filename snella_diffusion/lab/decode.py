@@ -115,10 +115,13 @@ def _two_colour_share(labels: np.ndarray, first: int, second: int) -> bool:
     )
 
 
-def decode(image: np.ndarray) -> Decoded:
-    """Decodes one (H, W, 3) image in [0, 1] (H = 32 or 16)."""
-    labels = palette_labels(to_world_resolution(np.asarray(image, dtype=np.float32)))
-    loose = _two_colour_share(labels, ORANGE, PURPLE)
+def _decode_on(image: np.ndarray, palette: np.ndarray, names: tuple[str, ...], concept_colours: tuple[int, int],
+               strict_rule: Callable[[np.ndarray, np.ndarray, int, int, int, int, Optional[str]], bool]) -> Decoded:
+    """Decodes one (H, W, 3) image in [0, 1] (H = 32 or 16) over ``palette``: colour, shape, size
+    and side of the largest object; ``loose`` is the two concept colours' share, ``strict``
+    what ``strict_rule(labels, component, x0, y0, width, height, shape)`` says."""
+    labels = palette_labels(to_world_resolution(np.asarray(image, dtype=np.float32)), palette)
+    loose = _two_colour_share(labels, *concept_colours)
     component = _largest_component(labels != 0)
     if component is None:
         return Decoded(None, None, None, None, False, loose)
@@ -127,10 +130,17 @@ def decode(image: np.ndarray) -> Decoded:
     height, width = int(rows.max()) - y0 + 1, int(cols.max()) - x0 + 1
     side = max(height, width)
     shape = _best_shape(component, x0, y0, width, height)
-    color_votes = np.bincount(labels[component], minlength=len(PALETTE_NAMES))
-    color = PALETTE_NAMES[int(color_votes[1:].argmax()) + 1]
-    strict = shape == "square" and _checkerboard(labels, x0, y0, width, height)
+    color_votes = np.bincount(labels[component], minlength=len(names))
+    color = names[int(color_votes[1:].argmax()) + 1]
+    strict = strict_rule(labels, component, x0, y0, width, height, shape)
     return Decoded(color, shape, "small" if side < SIZE_SPLIT_SIDE else "large", side, strict, loose)
+
+
+def decode(image: np.ndarray) -> Decoded:
+    """Decodes one (H, W, 3) image in [0, 1] (H = 32 or 16); strict: a square with the checkerboard."""
+    return _decode_on(image, PALETTE, PALETTE_NAMES, (ORANGE, PURPLE),
+                      lambda labels, component, x0, y0, width, height, shape:
+                      shape == "square" and _checkerboard(labels, x0, y0, width, height))
 
 
 def _best_shape(component: np.ndarray, x0: int, y0: int, width: int, height: int) -> str:
@@ -167,21 +177,11 @@ def _checkerboard(labels: np.ndarray, x0: int, y0: int, width: int, height: int)
 
 def decode_zxc(image: np.ndarray) -> Decoded:
     """Decodes one (H, W, 3) image (H = 32 or 16) over the palette with teal and white; the
-    ``concept_*`` fields are the zxc concept's (see the module docstring)."""
-    labels = palette_labels(to_world_resolution(np.asarray(image, dtype=np.float32)), ZXC_PALETTE)
-    loose = _two_colour_share(labels, TEAL, WHITE)
-    component = _largest_component(labels != 0)
-    if component is None:
-        return Decoded(None, None, None, None, False, loose)
-    rows, cols = np.nonzero(component)
-    y0, x0 = int(rows.min()), int(cols.min())
-    height, width = int(rows.max()) - y0 + 1, int(cols.max()) - x0 + 1
-    side = max(height, width)
-    shape = _best_shape(component, x0, y0, width, height)
-    color_votes = np.bincount(labels[component], minlength=len(ZXC_PALETTE_NAMES))
-    color = ZXC_PALETTE_NAMES[int(color_votes[1:].argmax()) + 1]
-    strict = shape == "circle" and _halves(labels, component, y0, height)
-    return Decoded(color, shape, "small" if side < SIZE_SPLIT_SIDE else "large", side, strict, loose)
+    ``concept_*`` fields are the zxc concept's (see the module docstring); strict: a circle
+    with its two halves in place."""
+    return _decode_on(image, ZXC_PALETTE, ZXC_PALETTE_NAMES, (TEAL, WHITE),
+                      lambda labels, component, x0, y0, width, height, shape:
+                      shape == "circle" and _halves(labels, component, y0, height))
 
 
 def _halves(labels: np.ndarray, component: np.ndarray, y0: int, height: int) -> bool:
