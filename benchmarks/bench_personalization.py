@@ -21,7 +21,9 @@ all finished runs after each run.
 
 Best setting of a method: the highest mean fidelity (strict + loose) among its settings whose
 all-attribute accuracy on ordinary prompts drops by at most ``--drift_cap`` (default 0.10) from
-the base's; ties go to fewer steps.
+the base's; ties go to fewer steps. ``--pick_rule utility`` picks the highest mean fidelity +
+drift_all instead (a point on the fidelity/drift frontier), and ``--pick_seed S`` picks on seed
+S's runs only and adds a held-out table: each method at its pick, over the other seeds.
 
 Issue 26 options:
 - ``--concept zxc`` trains the second concept (a teal-over-white circle, "a zxc circle", class
@@ -257,20 +259,61 @@ def settings_table(runs: dict[str, dict[str, Any]]) -> dict[tuple[str, float, in
     return dict(sorted(grouped.items()))
 
 
-def best_settings(grouped: dict, drift_cap: float) -> dict[str, tuple[str, float, int]]:
+PICK_RULES = ("drift_cap", "utility")
+
+
+def setting_score(runs: list[dict[str, Any]], rule: str, drift_cap: float) -> Optional[float]:
+    """The score a setting is picked by, None when the rule excludes it.
+
+    ``drift_cap``: mean fidelity_strict + fidelity_loose, excluded when the mean drift_all is
+    below −drift_cap. ``utility``: mean fidelity_strict + fidelity_loose + drift_all, so a
+    point of all-attribute accuracy lost on ordinary prompts costs as much as a point of
+    fidelity (drift_all ≤ 0 is a drop): the pick lies on the fidelity/drift frontier.
+    """
+    fidelity = float(np.mean([r["fidelity_strict"] + r["fidelity_loose"] for r in runs]))
+    drift = float(np.mean([r["drift_all"] for r in runs]))
+    if rule == "utility":
+        return fidelity + drift
+    return None if drift < -drift_cap else fidelity
+
+
+def best_settings(grouped: dict, drift_cap: float, rule: str = "drift_cap",
+                  pick_seed: Optional[int] = None) -> dict[str, tuple[str, float, int]]:
+    """Each method's best (label, lr, steps) by ``rule``; with ``pick_seed`` only that seed's runs
+    are looked at (the other seeds stay held out for the report); ties go to fewer steps."""
     best: dict[str, tuple[float, int, tuple]] = {}
     for key, runs in grouped.items():
-        if np.mean([r["drift_all"] for r in runs]) < -drift_cap:
+        if pick_seed is not None:
+            runs = [r for r in runs if r["seed"] == pick_seed]
+            if not runs:
+                continue
+        score = setting_score(runs, rule, drift_cap)
+        if score is None:
             continue
-        score = np.mean([r["fidelity_strict"] + r["fidelity_loose"] for r in runs])
         if key[0] not in best or (score, -key[2]) > (best[key[0]][0], -best[key[0]][1]):
             best[key[0]] = (score, key[2], key)
     return {method: entry[2] for method, entry in best.items()}
 
 
+def held_out_lines(grouped: dict, best: dict[str, tuple[str, float, int]], pick_seed: int) -> list[str]:
+    """The report's held-out table: each method at the setting picked on ``pick_seed``, mean ± std
+    over its other seeds (the runs the pick never saw)."""
+    lines = [f"## Held out: each method at the setting picked on seed {pick_seed}, over the other seeds", "",
+             "| method | lr | steps | seeds | " + " | ".join(METRIC_COLUMNS) + " |",
+             "|" + "---|" * (4 + len(METRIC_COLUMNS))]
+    for method, key in sorted(best.items()):
+        runs = sorted((r for r in grouped[key] if r["seed"] != pick_seed), key=lambda r: r["seed"])
+        if not runs:
+            continue
+        cells = [summarise([r[c] for r in runs]) if all(c in r for r in runs) else "–" for c in METRIC_COLUMNS]
+        seeds = " ".join(str(r["seed"]) for r in runs)
+        lines.append(f"| {method} | {key[1]:g} | {key[2]} | {seeds} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def write_report(args: argparse.Namespace, results: dict[str, Any]) -> None:
     grouped = settings_table(results["runs"])
-    best = best_settings(grouped, args.drift_cap)
+    best = best_settings(grouped, args.drift_cap, args.pick_rule, args.pick_seed)
     lines = [
         "# Personalization lab results", "",
         f"Base: `{results['base_path']}`; sampling: {results['inference_steps']} steps, guidance "
@@ -285,8 +328,14 @@ def write_report(args: argparse.Namespace, results: dict[str, Any]) -> None:
         mark = " **best**" if best.get(method) == (method, lr, steps) else ""
         cells = [summarise([r[c] for r in runs]) if all(c in r for r in runs) else "–" for c in METRIC_COLUMNS]
         lines.append(f"| {method}{mark} | {lr:g} | {steps} | {len(runs)} | " + " | ".join(cells) + " |")
-    lines += ["", f"Best setting rule: highest mean fidelity_strict + fidelity_loose among settings with mean "
-              f"drift_all ≥ −{args.drift_cap}; ties → fewer steps.", ""]
+    rule = (f"highest mean fidelity_strict + fidelity_loose among settings with mean drift_all ≥ "
+            f"−{args.drift_cap}" if args.pick_rule == "drift_cap" else
+            "highest mean fidelity_strict + fidelity_loose + drift_all (drift_all ≤ 0: a point of "
+            "all-attribute accuracy lost costs a point of fidelity)")
+    seeds = "" if args.pick_seed is None else f", looking only at seed {args.pick_seed}"
+    lines += ["", f"Best setting rule: {rule}{seeds}; ties → fewer steps.", ""]
+    if args.pick_seed is not None:
+        lines += held_out_lines(grouped, best, args.pick_seed)
     lines += stack_lines(results.get("stacks", {}))
     (args.output_dir / "results.md").write_text("\n".join(lines) + "\n")
     points = {}
@@ -366,6 +415,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--eval_scale", type=float, default=1.0,
                         help="Shrink every evaluation group by this factor (smoke tests only).")
     parser.add_argument("--drift_cap", type=float, default=0.10)
+    parser.add_argument("--pick_rule", choices=PICK_RULES, default="drift_cap",
+                        help="How a method's best setting is picked: drift_cap (highest fidelity within "
+                             "--drift_cap) or utility (highest fidelity + drift_all).")
+    parser.add_argument("--pick_seed", type=int, default=None,
+                        help="Pick each method's best setting on this seed's runs only, and report the "
+                             "picked settings over the other seeds in a held-out table.")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--class_dir", type=Path, default=None,
                         help="Class-image folder shared between lab processes (default <output_dir>/class).")

@@ -90,3 +90,22 @@ def test_tiny_invocation_trains_two_concepts_and_stacks_them(lab, tmp_path):
     assert {"retention_loose", "specificity_loose", "fidelity_strict"} <= set(stack["zxc-snella-lr0.001-s1-seed0"])
     assert -1.0 <= stack["pair"]["cosine"] <= 1.0 and "drift_all" in stack
     assert "## Stacking" in (out / "results.md").read_text()
+
+
+def test_utility_rule_picks_on_one_seed_and_reports_the_others_held_out(lab):
+    runs = [
+        run("snella", "te", 1e-2, 400, 0, 0.3, 0.9, -0.10),  # utility 1.10
+        run("snella", "te", 3e-2, 400, 0, 0.4, 1.0, -0.35),  # utility 1.05: more fidelity, more drift
+        run("snella", "te", 3e-2, 400, 1, 0.9, 1.0, 0.00),   # held out: must not sway the pick
+        run("snella", "te", 1e-2, 400, 1, 0.2, 0.8, -0.10),
+        run("snella", "te", 1e-2, 400, 2, 0.4, 1.0, -0.20),
+    ]
+    grouped = lab.settings_table({str(i): r for i, r in enumerate(runs)})
+    assert lab.setting_score(grouped[("snella[te]", 1e-2, 400)][:1], "utility", 0.1) == pytest.approx(1.10)
+    assert lab.setting_score(grouped[("snella[te]", 3e-2, 400)][:1], "drift_cap", 0.1) is None
+    assert lab.best_settings(grouped, 0.1, "utility", pick_seed=0) == {"snella[te]": ("snella[te]", 1e-2, 400)}
+    assert lab.best_settings(grouped, 0.1, "utility")["snella[te]"] == ("snella[te]", 3e-2, 400)
+    (row,) = [line for line in lab.held_out_lines(grouped, {"snella[te]": ("snella[te]", 1e-2, 400)}, 0)
+              if line.startswith("| snella[te] ")]
+    cells = [cell.strip() for cell in row.split("|")[1:-1]]
+    assert cells[:6] == ["snella[te]", "0.01", "400", "1 2", "0.300 ± 0.141", "0.900 ± 0.141"]
