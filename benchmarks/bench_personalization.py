@@ -336,6 +336,7 @@ def write_report(args: argparse.Namespace, results: dict[str, Any]) -> None:
     lines += ["", f"Best setting rule: {rule}{seeds}; ties → fewer steps.", ""]
     if args.pick_seed is not None:
         lines += held_out_lines(grouped, best, args.pick_seed)
+    lines += stack_summary_lines(results.get("stacks", {}), results["runs"])
     lines += stack_lines(results.get("stacks", {}))
     (args.output_dir / "results.md").write_text("\n".join(lines) + "\n")
     points = {}
@@ -355,6 +356,41 @@ def write_report(args: argparse.Namespace, results: dict[str, Any]) -> None:
         file_label = method.replace("[", "_").replace("]", "")
         save_lab_grid({name: grid[name] for name in grid.files},
                       args.output_dir / f"grid_{file_label}.png")
+
+
+def stack_summary_lines(stacks: dict[str, Any], runs: dict[str, dict[str, Any]]) -> list[str]:
+    """The report's stacking summary: per (first adapter's method, combine, weight), mean ± std over
+    the stacked pairs of each concept's loose fidelity and retention (first adapter = A, second =
+    B), the stack's drift_all beside the worse of the two adapters' own drift, and the pair's
+    cosine."""
+    grouped: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
+    for record in stacks.values():
+        first = runs.get(record["runs"][0])
+        if first is None:
+            continue
+        label = run_label(first["method"], first.get("variant", ""))
+        grouped.setdefault((label, record["combine"], record["weight"]), []).append(record)
+    if not grouped:
+        return []
+    lines = ["## Stacking summary (A = first adapter, B = second; mean ± std over pairs)", "",
+             "| method | combine | weight | pairs | A loose | A retention loose | B loose | B retention loose "
+             "| A retention strict | B retention strict | drift_all | worse single drift_all | cosine |",
+             "|" + "---|" * 13]
+    for (label, combine, weight), records in sorted(grouped.items()):
+        def column(pick: Any) -> str:
+            return summarise([float(pick(r)) for r in records])
+
+        lines.append(
+            f"| {label} | {combine} | {weight:g} | {len(records)} | "
+            + " | ".join(column(pick) for pick in (
+                lambda r: r[r["runs"][0]]["fidelity_loose"], lambda r: r[r["runs"][0]]["retention_loose"],
+                lambda r: r[r["runs"][1]]["fidelity_loose"], lambda r: r[r["runs"][1]]["retention_loose"],
+                lambda r: r[r["runs"][0]]["retention_strict"], lambda r: r[r["runs"][1]]["retention_strict"],
+                lambda r: r["drift_all"],
+                lambda r: min(runs[name]["drift_all"] for name in r["runs"] if name in runs),
+                lambda r: r["pair"]["cosine"]))
+            + " |")
+    return lines + [""]
 
 
 def stack_lines(stacks: dict[str, Any]) -> list[str]:
@@ -425,7 +461,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--class_dir", type=Path, default=None,
                         help="Class-image folder shared between lab processes (default <output_dir>/class).")
     parser.add_argument("--merge_from", nargs="*", type=Path, default=[],
-                        help="Other lab output folders (same base) whose finished runs join this report.")
+                        help="Other lab output folders (same base) whose finished runs and stacks join "
+                             "this report.")
     parser.add_argument("--concept", default=world.CONCEPT_TOKEN, choices=list(world.CONCEPTS),
                         help="The concept the --methods and --sweep runs learn (sks: the checkerboard square; "
                              "zxc: the teal-over-white circle).")
@@ -481,6 +518,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 results["runs"][name] = run
                 sample_file = other / "samples" / f"{name}.npz"
                 (args.output_dir / "samples" / sample_file.name).write_bytes(sample_file.read_bytes())
+        for key, stack in other_results.get("stacks", {}).items():
+            results.setdefault("stacks", {}).setdefault(key, stack)
     results_file.write_text(json.dumps(results, indent=1))
     write_instance_images(instance_folder(args), args.instance_count, seed=12345, concept=args.concept,
                           sized_prompts=args.sized_prompts)

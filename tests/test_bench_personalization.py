@@ -109,3 +109,24 @@ def test_utility_rule_picks_on_one_seed_and_reports_the_others_held_out(lab):
               if line.startswith("| snella[te] ")]
     cells = [cell.strip() for cell in row.split("|")[1:-1]]
     assert cells[:6] == ["snella[te]", "0.01", "400", "1 2", "0.300 ± 0.141", "0.900 ± 0.141"]
+
+
+def test_stacking_summary_averages_each_mode_over_pairs(lab):
+    runs = {f"{concept}{seed}": {"method": "snella", "variant": "te", "drift_all": drift}
+            for concept, seed, drift in (("a", 1, -0.1), ("b", 1, -0.3), ("a", 2, -0.2), ("b", 2, -0.1))}
+
+    def stack(seed, a_loose, b_loose, drift, cosine):
+        return {"runs": [f"a{seed}", f"b{seed}"], "combine": "ties", "weight": 1.0, "drift_all": drift,
+                f"a{seed}": {"fidelity_loose": a_loose, "retention_loose": a_loose / 0.5, "retention_strict": 1.0},
+                f"b{seed}": {"fidelity_loose": b_loose, "retention_loose": b_loose / 0.5, "retention_strict": 0.0},
+                "pair": {"cosine": cosine}}
+
+    lines = lab.stack_summary_lines({"x": stack(1, 0.4, 0.2, -0.3, 0.5), "y": stack(2, 0.2, 0.4, -0.4, 0.1)}, runs)
+    (row,) = [line for line in lines if line.startswith("| snella[te] ")]
+    cells = [cell.strip() for cell in row.split("|")[1:-1]]
+    assert cells[:4] == ["snella[te]", "ties", "1", "2"]
+    assert cells[4] == cells[6] == "0.300 ± 0.141"          # A and B loose, each over the two pairs
+    assert cells[5] == "0.600 ± 0.283"                       # retention 0.8 and 0.4
+    assert cells[10] == "-0.350 ± 0.071"                     # the stacks' drift
+    assert cells[11] == "-0.250 ± 0.071"                     # the worse single drift: -0.3 and -0.2
+    assert cells[12] == "0.300 ± 0.283"
