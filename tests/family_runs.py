@@ -203,3 +203,35 @@ def walked_linear_count(blocks: Iterable[torch.nn.Module], parts: Iterable[str])
             module = block.get_submodule(part)
             total += sum(isinstance(child, torch.nn.Linear) for child in module.modules())
     return total
+
+
+EXPORT_OPTIONS = {"comfyui": {}, "lora": {"dtype": "fp32", "rank": 2}, "diff": {"dtype": "fp32"}}
+EXPORT_SUFFIXES = {"diff": ".diff", "lora": ".lora_down.weight"}
+
+
+def exported_key_prefixes(run: FamilyRun, to: str, output_dir: Path) -> set[str]:
+    """``snella-export --to to`` of a SNELLA adapter on the ``dit`` preset (rank 4, factors drawn
+    N(0, 0.02²) so no layer's ΔW is zero): the key prefixes the file names, one per exported
+    weight (``--to diff`` / ``lora``: the keys without ``.diff`` / ``.lora_down.weight``;
+    ``--to comfyui``: the layer prefixes its header lists)."""
+    from safetensors import safe_open
+
+    from snella_diffusion import save_snella
+    from snella_diffusion.export import export_snella
+
+    _, components = run.loaded()
+    layers = apply_snella(components.denoiser, SnellaConfig(rank=4, target_modules="dit"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in layers.values():
+            for parameter in layer.parameters():
+                if parameter.requires_grad:
+                    parameter.normal_(0, 0.02, generator=generator)
+    adapter = save_snella({"transformer": components.denoiser}, output_dir / "adapter.safetensors")
+    output = output_dir / f"export-{to}.safetensors"
+    export_snella([adapter], str(run.folder), output, to=to, **EXPORT_OPTIONS[to])
+    with safe_open(str(output), "pt") as handle:
+        keys, header = set(handle.keys()), handle.metadata()
+    if to == "comfyui":
+        return set(json.loads(header["snella_comfyui_layers"]))
+    return {key.removesuffix(EXPORT_SUFFIXES[to]) for key in keys if key.endswith(EXPORT_SUFFIXES[to])}

@@ -48,6 +48,7 @@ TINY_BASES = {
     "Qwen/Qwen-Image": "qwen-image",
     "Tongyi-MAI/Z-Image": "z-image",
     "black-forest-labs/FLUX.2-klein-base-4B": "flux2-klein",
+    "lodestones/Chroma1-HD": "chroma",
 }
 # flag -> tiny value (flags not listed keep the page's value)
 TINY_SIZES = {

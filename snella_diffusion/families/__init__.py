@@ -18,6 +18,7 @@ pixart      PixArtFamily                PixArtAlphaPipeline, PixArtSigmaPipeline
 qwen_image  QwenImageFamily             QwenImagePipeline
 z_image     ZImageFamily                ZImagePipeline
 flux2       Flux2KleinFamily            Flux2KleinPipeline
+chroma      ChromaFamily                ChromaPipeline
 ==========  ==========================  ================================================
 
 Shared pieces: ``base.py`` (ModelFamily, TrainingComponents, FamilySettings, the generic
@@ -51,6 +52,7 @@ from .base import (
     UnknownModelFamilyError,
     read_model_index,
 )
+from .chroma import ChromaFamily
 from .flux import FluxFamily
 from .flux2 import Flux2KleinFamily
 from .pixart import PixArtFamily
@@ -71,6 +73,7 @@ FAMILIES: dict[str, ModelFamily] = {
         QwenImageFamily(),
         ZImageFamily(),
         Flux2KleinFamily(),
+        ChromaFamily(),
     )
 }
 
@@ -106,6 +109,7 @@ def detect_family(source: str, revision: Optional[str] = None) -> tuple[ModelFam
 
 
 __all__ = [
+    "ChromaFamily",
     "FAMILIES",
     "FamilySettings",
     "Flux2KleinFamily",

@@ -123,6 +123,24 @@ FLUX2_KLEIN_4B_TRANSFORMER: dict[str, Any] = {
     "guidance_embeds": False,
 }
 
+# lodestones/Chroma1-HD, transformer: the ChromaTransformer2DModel defaults, which diffusers'
+# single-file loader uses for Chroma1-HD.safetensors (docs/source/en/api/pipelines/chroma.md):
+# 19 double and 38 single blocks of 24 heads × 128, T5-XXL width 4096, a 5-layer approximator
+# of width 5120 in place of Flux.1's modulation inputs
+CHROMA1_HD_TRANSFORMER: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "axes_dims_rope": [16, 56, 56],
+    "approximator_num_channels": 64,
+    "approximator_hidden_dim": 5120,
+    "approximator_layers": 5,
+}
+
 # google/vit-base-patch16-224-in21k, config.json
 VIT_B16: dict[str, Any] = {
     "hidden_size": 768,
@@ -143,6 +161,7 @@ REFERENCE_CONFIGS: dict[str, dict[str, Any]] = {
     "qwen-image": QWEN_IMAGE_TRANSFORMER,
     "z-image": Z_IMAGE_TRANSFORMER,
     "flux2-klein": FLUX2_KLEIN_4B_TRANSFORMER,
+    "chroma": CHROMA1_HD_TRANSFORMER,
     "vit-b16": VIT_B16,
 }
 
@@ -152,7 +171,7 @@ def build_reference_model(name: str, device: str | torch.device = "meta", **over
 
     Args:
         name: one of ``REFERENCE_CONFIGS`` ("sd15", "sdxl", "sd3", "flux", "qwen-image", "z-image",
-            "flux2-klein", "vit-b16").
+            "flux2-klein", "chroma", "vit-b16").
         device: "meta" allocates nothing (parameter counting, injection counts).
         overrides: config keys to change (e.g. ``num_layers=2`` for a few real-size blocks).
     """
@@ -184,6 +203,10 @@ def build_reference_model(name: str, device: str | torch.device = "meta", **over
             from diffusers import Flux2Transformer2DModel
 
             return Flux2Transformer2DModel(**config)
+        if name == "chroma":
+            from diffusers import ChromaTransformer2DModel
+
+            return ChromaTransformer2DModel(**config)
         from transformers import ViTConfig, ViTForImageClassification
 
         return ViTForImageClassification(ViTConfig(**config))

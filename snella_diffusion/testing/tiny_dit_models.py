@@ -318,6 +318,32 @@ def tiny_flux2_klein_pipeline(seed: int = 0):
     )
 
 
+TINY_CHROMA_VAE_SHIFT = 0.125
+TINY_CHROMA_VAE_SCALE = 0.5
+
+
+def tiny_chroma_pipeline(seed: int = 0):
+    """A ChromaPipeline: 1 double- and 1 single-stream block (2 heads of 16, RoPE axes 4 + 6 + 6),
+    a 1-layer approximator of width 32 for the modulations, the tiny T5 (width 64), the 4-channel
+    tiny VAE with shift 0.125 and scale 0.5, a dynamically shifting scheduler like Flux.1's. 32 px
+    images are 16×16 latents, 8×8 packed tokens of 16 channels."""
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(seed)
+    transformer = ChromaTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=TINY_T5_DIM, axes_dims_rope=(4, 6, 6),
+        approximator_num_channels=16, approximator_hidden_dim=32, approximator_layers=1,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15)
+    return ChromaPipeline(
+        transformer=transformer, scheduler=scheduler,
+        vae=tiny_vae(seed, shift_factor=TINY_CHROMA_VAE_SHIFT, scaling_factor=TINY_CHROMA_VAE_SCALE),
+        text_encoder=tiny_t5_encoder(seed + 2), tokenizer=tiny_t5_tokenizer(max_length=512),
+    )
+
+
 TINY_DIT_BUILDERS = {
     "sd3": tiny_sd3_pipeline,
     "flux": tiny_flux_pipeline,
@@ -326,4 +352,5 @@ TINY_DIT_BUILDERS = {
     "qwen-image": tiny_qwen_image_pipeline,
     "z-image": tiny_z_image_pipeline,
     "flux2-klein": tiny_flux2_klein_pipeline,
+    "chroma": tiny_chroma_pipeline,
 }
