@@ -26,6 +26,7 @@ from snella_diffusion.testing.tiny_dit_models import (
     tiny_chroma_pipeline,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")
 LENGTH = 32  # --max_sequence_length: the longer prompt (24 T5 pieces + </s>) fits with padding
 
 

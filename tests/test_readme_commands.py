@@ -49,6 +49,7 @@ TINY_BASES = {
     "Tongyi-MAI/Z-Image": "z-image",
     "black-forest-labs/FLUX.2-klein-base-4B": "flux2-klein",
     "lodestones/Chroma1-HD": "chroma",
+    "black-forest-labs/FLUX.2-dev": "flux2",
 }
 # flag -> tiny value (flags not listed keep the page's value)
 TINY_SIZES = {

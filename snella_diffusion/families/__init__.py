@@ -18,6 +18,7 @@ pixart      PixArtFamily                PixArtAlphaPipeline, PixArtSigmaPipeline
 qwen_image  QwenImageFamily             QwenImagePipeline
 z_image     ZImageFamily                ZImagePipeline
 flux2       Flux2KleinFamily            Flux2KleinPipeline
+flux2       Flux2DevFamily              Flux2Pipeline
 chroma      ChromaFamily                ChromaPipeline
 ==========  ==========================  ================================================
 
@@ -54,7 +55,7 @@ from .base import (
 )
 from .chroma import ChromaFamily
 from .flux import FluxFamily
-from .flux2 import Flux2KleinFamily
+from .flux2 import Flux2DevFamily, Flux2KleinFamily
 from .pixart import PixArtFamily
 from .qwen_image import QwenImageFamily
 from .z_image import ZImageFamily
@@ -74,6 +75,7 @@ FAMILIES: dict[str, ModelFamily] = {
         ZImageFamily(),
         Flux2KleinFamily(),
         ChromaFamily(),
+        Flux2DevFamily(),
     )
 }
 
@@ -112,6 +114,7 @@ __all__ = [
     "ChromaFamily",
     "FAMILIES",
     "FamilySettings",
+    "Flux2DevFamily",
     "Flux2KleinFamily",
     "FluxFamily",
     "ModelFamily",

@@ -141,6 +141,25 @@ CHROMA1_HD_TRANSFORMER: dict[str, Any] = {
     "approximator_layers": 5,
 }
 
+# black-forest-labs/FLUX.2-dev, transformer (diffusers' scripts/convert_flux2_to_diffusers.py
+# "flux2-dev" config, also the Flux2Transformer2DModel defaults): 8 double and 48 single blocks
+# of 48 heads × 128, text width 3 × 5120 of Mistral-Small-3.1, a guidance embedding
+FLUX2_DEV_TRANSFORMER: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 128,
+    "num_layers": 8,
+    "num_single_layers": 48,
+    "attention_head_dim": 128,
+    "num_attention_heads": 48,
+    "joint_attention_dim": 15360,
+    "timestep_guidance_channels": 256,
+    "mlp_ratio": 3.0,
+    "axes_dims_rope": [32, 32, 32, 32],
+    "rope_theta": 2000,
+    "eps": 1e-6,
+    "guidance_embeds": True,
+}
+
 # google/vit-base-patch16-224-in21k, config.json
 VIT_B16: dict[str, Any] = {
     "hidden_size": 768,
@@ -162,6 +181,7 @@ REFERENCE_CONFIGS: dict[str, dict[str, Any]] = {
     "z-image": Z_IMAGE_TRANSFORMER,
     "flux2-klein": FLUX2_KLEIN_4B_TRANSFORMER,
     "chroma": CHROMA1_HD_TRANSFORMER,
+    "flux2": FLUX2_DEV_TRANSFORMER,
     "vit-b16": VIT_B16,
 }
 
@@ -171,7 +191,7 @@ def build_reference_model(name: str, device: str | torch.device = "meta", **over
 
     Args:
         name: one of ``REFERENCE_CONFIGS`` ("sd15", "sdxl", "sd3", "flux", "qwen-image", "z-image",
-            "flux2-klein", "chroma", "vit-b16").
+            "flux2-klein", "flux2", "chroma", "vit-b16").
         device: "meta" allocates nothing (parameter counting, injection counts).
         overrides: config keys to change (e.g. ``num_layers=2`` for a few real-size blocks).
     """
@@ -199,7 +219,7 @@ def build_reference_model(name: str, device: str | torch.device = "meta", **over
             from diffusers import ZImageTransformer2DModel
 
             return ZImageTransformer2DModel(**config)
-        if name == "flux2-klein":
+        if name in ("flux2-klein", "flux2"):
             from diffusers import Flux2Transformer2DModel
 
             return Flux2Transformer2DModel(**config)
