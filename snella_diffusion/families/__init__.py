@@ -20,6 +20,7 @@ z_image     ZImageFamily                ZImagePipeline
 flux2       Flux2KleinFamily            Flux2KleinPipeline
 flux2       Flux2DevFamily              Flux2Pipeline
 chroma      ChromaFamily                ChromaPipeline
+krea2       Krea2Family                 Krea2Pipeline
 ==========  ==========================  ================================================
 
 Shared pieces: ``base.py`` (ModelFamily, TrainingComponents, FamilySettings, the generic
@@ -56,6 +57,7 @@ from .base import (
 from .chroma import ChromaFamily
 from .flux import FluxFamily
 from .flux2 import Flux2DevFamily, Flux2KleinFamily
+from .krea2 import Krea2Family
 from .pixart import PixArtFamily
 from .qwen_image import QwenImageFamily
 from .z_image import ZImageFamily
@@ -76,6 +78,7 @@ FAMILIES: dict[str, ModelFamily] = {
         Flux2KleinFamily(),
         ChromaFamily(),
         Flux2DevFamily(),
+        Krea2Family(),
     )
 }
 
@@ -117,6 +120,7 @@ __all__ = [
     "Flux2DevFamily",
     "Flux2KleinFamily",
     "FluxFamily",
+    "Krea2Family",
     "ModelFamily",
     "PixArtFamily",
     "QwenImageFamily",

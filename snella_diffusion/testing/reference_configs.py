@@ -160,6 +160,30 @@ FLUX2_DEV_TRANSFORMER: dict[str, Any] = {
     "guidance_embeds": True,
 }
 
+# krea/Krea-2-Raw (and Krea-2-Turbo, the same architecture), transformer: the
+# Krea2Transformer2DModel defaults, whose docstring describes the released model (28 blocks of
+# 48 heads × 128 with 12 key/value heads, SwiGLU 16384; text fusion over 12 tapped layers of
+# Qwen3-VL-4B, width 2560)
+KREA2_TRANSFORMER: dict[str, Any] = {
+    "in_channels": 64,
+    "num_layers": 28,
+    "attention_head_dim": 128,
+    "num_attention_heads": 48,
+    "num_key_value_heads": 12,
+    "intermediate_size": 16384,
+    "timestep_embed_dim": 256,
+    "text_hidden_dim": 2560,
+    "num_text_layers": 12,
+    "text_num_attention_heads": 20,
+    "text_num_key_value_heads": 20,
+    "text_intermediate_size": 6912,
+    "num_layerwise_text_blocks": 2,
+    "num_refiner_text_blocks": 2,
+    "axes_dims_rope": [32, 48, 48],
+    "rope_theta": 1000.0,
+    "norm_eps": 1e-5,
+}
+
 # google/vit-base-patch16-224-in21k, config.json
 VIT_B16: dict[str, Any] = {
     "hidden_size": 768,
@@ -182,6 +206,7 @@ REFERENCE_CONFIGS: dict[str, dict[str, Any]] = {
     "flux2-klein": FLUX2_KLEIN_4B_TRANSFORMER,
     "chroma": CHROMA1_HD_TRANSFORMER,
     "flux2": FLUX2_DEV_TRANSFORMER,
+    "krea2": KREA2_TRANSFORMER,
     "vit-b16": VIT_B16,
 }
 
@@ -191,7 +216,7 @@ def build_reference_model(name: str, device: str | torch.device = "meta", **over
 
     Args:
         name: one of ``REFERENCE_CONFIGS`` ("sd15", "sdxl", "sd3", "flux", "qwen-image", "z-image",
-            "flux2-klein", "flux2", "chroma", "vit-b16").
+            "flux2-klein", "flux2", "chroma", "krea2", "vit-b16").
         device: "meta" allocates nothing (parameter counting, injection counts).
         overrides: config keys to change (e.g. ``num_layers=2`` for a few real-size blocks).
     """
@@ -223,6 +248,10 @@ def build_reference_model(name: str, device: str | torch.device = "meta", **over
             from diffusers import Flux2Transformer2DModel
 
             return Flux2Transformer2DModel(**config)
+        if name == "krea2":
+            from diffusers import Krea2Transformer2DModel
+
+            return Krea2Transformer2DModel(**config)
         if name == "chroma":
             from diffusers import ChromaTransformer2DModel
 

@@ -412,6 +412,54 @@ def tiny_flux2_dev_pipeline(seed: int = 0):
     )
 
 
+TINY_KREA2_SELECT_LAYERS = (1, 2)
+
+
+def tiny_qwen3_vl_encoder(seed: int = 0, hidden_size: int = TINY_QWEN_HIDDEN):
+    """A Qwen3VLModel with 2 text layers (width 32, 2 heads of 16, 1 key/value head, M-RoPE
+    sections 2+3+3 = half the head width) and a 1-block vision tower (unused for text)."""
+    from transformers import Qwen3VLConfig, Qwen3VLModel
+
+    torch.manual_seed(seed)
+    config = Qwen3VLConfig(
+        text_config={
+            "vocab_size": TINY_QWEN_VOCAB, "hidden_size": hidden_size, "intermediate_size": 48, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "bos_token_id": TINY_QWEN_ENDOFTEXT,
+            "eos_token_id": TINY_QWEN_ENDOFTEXT, "pad_token_id": TINY_QWEN_ENDOFTEXT,
+            "rope_scaling": {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+        },
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 24, "num_heads": 2,
+                       "out_hidden_size": hidden_size, "deepstack_visual_indexes": []},
+        image_token_id=370, video_token_id=371, vision_start_token_id=372, vision_end_token_id=373,
+    )
+    return Qwen3VLModel(config).eval()
+
+
+def tiny_krea2_pipeline(seed: int = 0):
+    """A Krea2Pipeline: 2 single-stream blocks (2 heads of 16, 1 key/value head, RoPE axes
+    4 + 6 + 6), a text fusion of 1 layer-wise and 1 refiner block over the 2 tapped layers
+    (:data:`TINY_KREA2_SELECT_LAYERS`) of a tiny Qwen3-VL, the tiny Qwen-Image VAE (factor 4,
+    non-trivial per-channel statistics) and the byte-level tokenizer whose template prefix is
+    34 tokens as the published one's; dynamic shifting like the published scheduler. 32 px
+    images are 8×8 latents, 4×4 tokens of 16 channels."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Krea2Pipeline, Krea2Transformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = Krea2Transformer2DModel(
+        in_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=48, timestep_embed_dim=32, text_hidden_dim=TINY_QWEN_HIDDEN,
+        num_text_layers=len(TINY_KREA2_SELECT_LAYERS), text_num_attention_heads=2, text_num_key_value_heads=2,
+        text_intermediate_size=48, num_layerwise_text_blocks=1, num_refiner_text_blocks=1, axes_dims_rope=(4, 6, 6),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15)
+    return Krea2Pipeline(
+        scheduler=scheduler, vae=tiny_qwen_image_vae(seed), text_encoder=tiny_qwen3_vl_encoder(seed + 1),
+        tokenizer=byte_level_qwen2_tokenizer(), transformer=transformer,
+        text_encoder_select_layers=TINY_KREA2_SELECT_LAYERS,
+    )
+
+
 TINY_DIT_BUILDERS = {
     "sd3": tiny_sd3_pipeline,
     "flux": tiny_flux_pipeline,
@@ -422,4 +470,5 @@ TINY_DIT_BUILDERS = {
     "flux2-klein": tiny_flux2_klein_pipeline,
     "chroma": tiny_chroma_pipeline,
     "flux2": tiny_flux2_dev_pipeline,
+    "krea2": tiny_krea2_pipeline,
 }
