@@ -202,7 +202,8 @@ def pack_latents(latents: Tensor, patch: int = 2) -> Tensor:
     (channel-major inside the patch; p = ``patch``, 2 for Flux). H and W must be multiples of p."""
     batch, channels, height, width = latents.shape
     if height % patch or width % patch:
-        raise ValueError(f"latent size {height}x{width}: packing {patch}x{patch} patches needs multiples of {patch}")
+        need = "even" if patch == 2 else f"multiples of {patch}"
+        raise ValueError(f"latent size {height}x{width}: packing {patch}x{patch} patches, both must be {need}")
     patches = latents.view(batch, channels, height // patch, patch, width // patch, patch)
     return patches.permute(0, 2, 4, 1, 3, 5).reshape(batch, (height // patch) * (width // patch), channels * patch ** 2)
 
