@@ -42,6 +42,9 @@ TARGET_PRESETS: dict[str, list[str]] = {
         _anywhere(r"(?:ff|ff_context)\.(?:linear_in|linear_out)"),
         _anywhere(r"single_transformer_blocks\.\d+\.attn\.(?:to_qkv_mlp_proj|to_out)"),
         _anywhere(r"single_transformer_blocks\.\d+\.(?:proj_mlp|proj_out)"),
+        # Krea 2's gated attention output gate and SwiGLU MLP (blocks and text-fusion blocks)
+        _anywhere(r"attn\.to_gate"),
+        _anywhere(r"ff\.(?:gate|up|down)"),
     ],
     # transformers ViT: q, k, v, attention output, MLP in and out (72 on ViT-B/16). Module
     # names of transformers 4.x (attention.attention.query, intermediate.dense, ...) and of

@@ -24,6 +24,9 @@ FAMILY_NAMES = {
     "qwen-image": "qwen-image",
     "z-image": "z-image",
     "flux2-klein": "flux2-klein",
+    "chroma": "chroma",
+    "flux2": "flux2",
+    "krea2": "krea2",
 }
 
 

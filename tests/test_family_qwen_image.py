@@ -5,29 +5,27 @@ diffusers example's own conventions; the loss falling on a fixed batch; the Drea
 SNELLA adapter reloading exactly and unloading exactly; its LoRA A/B file loading with
 ``load_lora_weights``; adapted-layer counts of the published config."""
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-from snella_diffusion import SnellaConfig, apply_snella, read_snella_file
-from snella_diffusion.families import FamilySettings, detect_family
-from snella_diffusion.families.dit import DiTFlags
+from family_runs import (
+    CPU,
+    LONGER,
+    PROMPT,
+    FamilyRun,
+    exported_key_prefixes,
+    family_settings,
+    published_count,
+    walked_linear_count,
+)
+from snella_diffusion import SnellaConfig, apply_snella
+from snella_diffusion.families import detect_family
 from snella_diffusion.families.qwen_image import PROMPT_TEMPLATE, TEMPLATE_PREFIX_TOKENS
 from snella_diffusion.testing.tiny_dit_models import (
     TINY_QWEN_LATENTS_MEAN,
     TINY_QWEN_LATENTS_STD,
     tiny_qwen_image_pipeline,
 )
-from snella_diffusion.training.batch_loss import training_loss
-
-PROMPT = "a photo of sks dog"
-LONGER = "a photo of sks dog on the grass with a red ball"
-CPU = torch.device("cpu")
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +35,15 @@ def qwen_folder(tmp_path_factory):
     return folder
 
 
-def _settings(*flags: str, resolution: int = 32, train_text_encoder: bool = False) -> FamilySettings:
-    import argparse
+@pytest.fixture(scope="module")
+def qwen_run(qwen_folder):
+    from diffusers import QwenImagePipeline
 
-    parser = argparse.ArgumentParser()
-    DiTFlags.add_arguments(parser)
-    return FamilySettings(dit=DiTFlags.from_flags(vars(parser.parse_args(list(flags)))),
-                          train_text_encoder=train_text_encoder, resolution=resolution)
+    return FamilyRun(qwen_folder, QwenImagePipeline, latent_shape=(4, 8, 8), flags=("--max_sequence_length", "16"))
+
+
+def _settings(*flags: str, resolution: int = 32, train_text_encoder: bool = False):
+    return family_settings(*flags, resolution=resolution, train_text_encoder=train_text_encoder)
 
 
 def _loaded(folder, *flags):
@@ -149,26 +149,8 @@ def test_sigmas_are_the_examples_scheduler_table(qwen_folder):
     assert schedule.shift == 3.0
 
 
-def test_loss_falls_in_20_steps_on_a_fixed_batch(qwen_folder):
-    family, components = _loaded(qwen_folder, "--max_sequence_length", "16", "--weighting_scheme", "logit_normal")
-    apply_snella(components.denoiser, SnellaConfig(rank=4, target_modules="dit"))
-    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    latents = family.encode_latents(components, pixels, torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        conditioning = family.encode_prompt(components, [PROMPT, LONGER], CPU)
-    objective = family.objective(components)
-    optimizer = torch.optim.AdamW([p for p in components.denoiser.parameters() if p.requires_grad], lr=1e-2)
-    batch = {"num_instance": 2}
-    losses = []
-    for step in range(21):
-        loss = training_loss(family, components, objective, batch, latents, conditioning, components.denoiser,
-                             torch.Generator().manual_seed(5), prior_loss_weight=1.0)
-        assert torch.isfinite(loss)
-        losses.append(loss.item())
-        if step < 20:
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
+def test_loss_falls_in_20_steps_on_a_fixed_batch(qwen_run):
+    losses = qwen_run.losses_on_a_fixed_batch("--weighting_scheme", "logit_normal")
     assert losses[20] < 0.95 * losses[0], losses
 
 
@@ -185,102 +167,26 @@ def test_configure_rejects_what_qwen_image_cannot_do(qwen_folder):
         family.configure(components, _settings(resolution=36))
 
 
-def _run_script(folder, output_dir, *flags):
-    from snella_diffusion.training.data import synthetic_instance_images, write_images
-    from train_scripts.train_dreambooth_snella import main, parse_args
-
-    instance_dir = output_dir / "instance-images"
-    write_images(synthetic_instance_images(count=2, size=48, seed=0), instance_dir, "instance")
-    return main(parse_args([
-        "--pretrained_model_name_or_path", str(folder), "--output_dir", str(output_dir),
-        "--instance_data_dir", str(instance_dir), "--instance_prompt", PROMPT, "--resolution", "32",
-        "--max_train_steps", "3", "--train_batch_size", "1", "--rank", "4", "--learning_rate", "1e-2",
-        "--checkpointing_steps", "100", "--max_sequence_length", "16", "--report_to", "none", "--seed", "1", *flags,
-    ]))
-
-
-def _denoiser_output(family, components, pipeline):
-    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        conditioning = family.encode_prompt(components, [PROMPT], CPU)
-        return family.predict(components, latents, torch.tensor([600.0]), conditioning, {}, denoiser=pipeline.transformer)
-
-
 @pytest.mark.slow
-def test_script_adapter_reloads_exactly_and_unloads_exactly(qwen_folder, tmp_path, monkeypatch):
-    import train_scripts.train_dreambooth_snella as script
-    from diffusers import QwenImagePipeline
-
-    from snella_diffusion.loaders import load_snella_weights, unload_snella_weights
-
-    seen = {}
-    run_validation, write_outputs = script.run_validation, script.write_outputs
-
-    def recording_validation(settings, accelerator, family, components, trained, *rest):
-        seen["transformer"] = trained["transformer"]
-        return run_validation(settings, accelerator, family, components, trained, *rest)
-
-    def recording_outputs(settings, family, config, allocator, rank_drops, losses, *rest):
-        seen["losses"] = [loss for _, loss in losses]
-        return write_outputs(settings, family, config, allocator, rank_drops, losses, *rest)
-
-    monkeypatch.setattr(script, "run_validation", recording_validation)
-    monkeypatch.setattr(script, "write_outputs", recording_outputs)
-    adapter = _run_script(qwen_folder, tmp_path, "--validation_prompt", PROMPT, "--num_validation_images", "1",
-                          "--validation_inference_steps", "2")
-    assert len(seen["losses"]) == 3 and all(torch.isfinite(torch.tensor(seen["losses"])))
-    assert (tmp_path / "validation" / "step_3.png").is_file()
-    stored = read_snella_file(adapter)
+def test_script_adapter_reloads_exactly_and_unloads_exactly(qwen_run, tmp_path, monkeypatch):
+    stored = qwen_run.check_script_adapter_reloads_and_unloads(tmp_path, monkeypatch)
     assert len(stored.layers["transformer"]) == 2 * 12
 
-    family, components = _loaded(qwen_folder, "--max_sequence_length", "16")
-    trained_pipeline = QwenImagePipeline(**{**components.modules, "transformer": seen["transformer"]})
-    trained = _denoiser_output(family, components, trained_pipeline)
-    pipeline = QwenImagePipeline.from_pretrained(qwen_folder)
-    base = _denoiser_output(family, components, pipeline)
-    load_snella_weights(pipeline, adapter)
-    reloaded = _denoiser_output(family, components, pipeline)
-    assert (trained - base).abs().max() > 1e-4
-    assert torch.equal(reloaded, trained)
-    unload_snella_weights(pipeline)
-    assert torch.equal(_denoiser_output(family, components, pipeline), base)
-
 
 @pytest.mark.slow
-def test_lora_ab_file_loads_with_the_pipelines_load_lora_weights(qwen_folder, tmp_path):
-    from diffusers import QwenImagePipeline
-    from safetensors.torch import load_file
-
-    _run_script(qwen_folder, tmp_path, "--adapter", "lora")
-    saved = load_file(tmp_path / "pytorch_lora_weights.safetensors")
-    assert saved and all(key.startswith("transformer.") for key in saved)
-    family, components = _loaded(qwen_folder, "--max_sequence_length", "16")
-    pipeline = QwenImagePipeline.from_pretrained(qwen_folder)
-    before = _denoiser_output(family, components, pipeline)
-    pipeline.load_lora_weights(str(tmp_path))
-    loaded = {name: p.detach() for name, p in pipeline.transformer.named_parameters() if "lora_" in name}
-    assert len(loaded) == len(saved) == 2 * 12 * 2
-    for key, tensor in saved.items():
-        assert any(p.shape == tensor.shape and torch.equal(p, tensor) for p in loaded.values()), key
-    assert (_denoiser_output(family, components, pipeline) - before).abs().max() > 0
+def test_lora_ab_file_loads_with_the_pipelines_load_lora_weights(qwen_run, tmp_path):
+    assert qwen_run.check_lora_file_loads(tmp_path) == 2 * 12 * 2
 
 
 def _walked_count(transformer) -> int:
     """Linear layers of every block's joint attention and of its image and text MLPs."""
-    return sum(
-        sum(isinstance(module, torch.nn.Linear) for part in (block.attn, block.img_mlp, block.txt_mlp)
-            for module in part.modules())
-        for block in transformer.transformer_blocks
-    )
+    return walked_linear_count(transformer.transformer_blocks, ("attn", "img_mlp", "txt_mlp"))
 
 
 def test_published_config_layer_count_matches_a_walk_of_the_module_tree(tmp_path):
     from snella_diffusion.testing.reference_configs import build_reference_model
 
-    output = tmp_path / "counts.json"
-    subprocess.run([sys.executable, str(REPO / "benchmarks" / "count_adapted_layers.py"), "--model", "qwen-image",
-                    "--json", str(output)], check=True, capture_output=True, cwd=REPO)
-    (counted,) = json.loads(output.read_text())
+    counted = published_count("qwen-image", tmp_path)
     walked = _walked_count(build_reference_model("qwen-image", device="meta"))
     assert counted["adapted_layers"] == walked == 60 * 12
     assert round(counted["denoiser_parameters"] / 1e9, 2) == 20.43
@@ -316,32 +222,9 @@ def _comfyui_qwen_image_names(blocks: int) -> set[str]:
 
 
 @pytest.mark.parametrize("to", ["diff", "lora", "comfyui"])
-def test_export_keys_map_onto_comfyuis_qwen_image_names(qwen_folder, tmp_path, to):
+def test_export_keys_map_onto_comfyuis_qwen_image_names(qwen_run, tmp_path, to):
     """snella-export --to diff / lora (kohya keys ``transformer.<name>.diff`` / ``.lora_down.weight``)
     and --to comfyui (the node's file: its header lists the key prefix of each layer)."""
-    from safetensors import safe_open
-
-    from snella_diffusion import save_snella
-    from snella_diffusion.export import export_snella
-
-    family, components = _loaded(qwen_folder)
-    layers = apply_snella(components.denoiser, SnellaConfig(rank=4, target_modules="dit"))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in layers.values():
-            for parameter in layer.parameters():
-                if parameter.requires_grad:
-                    parameter.normal_(0, 0.02, generator=generator)
-    adapter = save_snella({"transformer": components.denoiser}, tmp_path / "adapter.safetensors")
-    output = tmp_path / f"export-{to}.safetensors"
-    options = {"comfyui": {}, "lora": {"dtype": "fp32", "rank": 2}, "diff": {"dtype": "fp32"}}[to]
-    export_snella([adapter], str(qwen_folder), output, to=to, **options)
-    with safe_open(str(output), "pt") as handle:
-        keys, header = set(handle.keys()), handle.metadata()
-    if to == "comfyui":
-        prefixes = set(json.loads(header["snella_comfyui_layers"]))
-    else:
-        suffix = {"diff": ".diff", "lora": ".lora_down.weight"}[to]
-        prefixes = {key.removesuffix(suffix) for key in keys if key.endswith(suffix)}
+    prefixes = exported_key_prefixes(qwen_run, to, tmp_path)
     assert all(prefix.startswith("transformer.") for prefix in prefixes)
     assert {prefix.removeprefix("transformer.") for prefix in prefixes} == _comfyui_qwen_image_names(2)

@@ -5,28 +5,18 @@ diffusers example's conventions; the loss falling on a fixed batch; the DreamBoo
 SNELLA adapter reloading and unloading exactly; its LoRA A/B file loading with
 ``load_lora_weights``; adapted-layer counts of the published config."""
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-from snella_diffusion import SnellaConfig, apply_snella, read_snella_file
-from snella_diffusion.families import FamilySettings, detect_family
-from snella_diffusion.families.dit import DiTFlags
+from family_runs import CPU, LONGER, PROMPT, FamilyRun, family_settings, published_count, walked_linear_count
+from snella_diffusion import SnellaConfig, apply_snella
+from snella_diffusion.families import detect_family
 from snella_diffusion.testing.tiny_dit_models import (
     TINY_Z_IMAGE_VAE_SCALE,
     TINY_Z_IMAGE_VAE_SHIFT,
     tiny_z_image_pipeline,
 )
-from snella_diffusion.training.batch_loss import training_loss
 
-PROMPT = "a photo of sks dog"
-LONGER = "a photo of sks dog on the grass with a red ball"
-CPU = torch.device("cpu")
-REPO = Path(__file__).resolve().parents[1]
 LENGTH = 64  # --max_sequence_length: the longer prompt and its chat template fit
 
 
@@ -37,13 +27,15 @@ def z_folder(tmp_path_factory):
     return folder
 
 
-def _settings(*flags: str, resolution: int = 32, train_text_encoder: bool = False) -> FamilySettings:
-    import argparse
+@pytest.fixture(scope="module")
+def z_run(z_folder):
+    from diffusers import ZImagePipeline
 
-    parser = argparse.ArgumentParser()
-    DiTFlags.add_arguments(parser)
-    return FamilySettings(dit=DiTFlags.from_flags(vars(parser.parse_args(list(flags)))),
-                          train_text_encoder=train_text_encoder, resolution=resolution)
+    return FamilyRun(z_folder, ZImagePipeline, latent_shape=(4, 16, 16), flags=("--max_sequence_length", str(LENGTH)))
+
+
+def _settings(*flags: str, resolution: int = 32, train_text_encoder: bool = False):
+    return family_settings(*flags, resolution=resolution, train_text_encoder=train_text_encoder)
 
 
 def _loaded(folder, *flags):
@@ -123,25 +115,8 @@ def test_sigmas_are_the_schedulers_shifted_table(z_folder):
     assert family.objective(components).schedule.shift == 3.0
 
 
-def test_loss_falls_in_20_steps_on_a_fixed_batch(z_folder):
-    family, components = _loaded(z_folder, "--weighting_scheme", "logit_normal")
-    apply_snella(components.denoiser, SnellaConfig(rank=4, target_modules="dit"))
-    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    latents = family.encode_latents(components, pixels)
-    with torch.no_grad():
-        conditioning = family.encode_prompt(components, [PROMPT, LONGER], CPU)
-    objective = family.objective(components)
-    optimizer = torch.optim.AdamW([p for p in components.denoiser.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for step in range(21):
-        loss = training_loss(family, components, objective, {"num_instance": 2}, latents, conditioning,
-                             components.denoiser, torch.Generator().manual_seed(5), prior_loss_weight=1.0)
-        assert torch.isfinite(loss)
-        losses.append(loss.item())
-        if step < 20:
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
+def test_loss_falls_in_20_steps_on_a_fixed_batch(z_run):
+    losses = z_run.losses_on_a_fixed_batch("--weighting_scheme", "logit_normal")
     assert losses[20] < 0.95 * losses[0], losses
 
 
@@ -156,102 +131,27 @@ def test_configure_rejects_what_z_image_cannot_do(z_folder):
         family.configure(components, _settings(resolution=34))
 
 
-def _run_script(folder, output_dir, *flags):
-    from snella_diffusion.training.data import synthetic_instance_images, write_images
-    from train_scripts.train_dreambooth_snella import main, parse_args
-
-    instance_dir = output_dir / "instance-images"
-    write_images(synthetic_instance_images(count=2, size=48, seed=0), instance_dir, "instance")
-    return main(parse_args([
-        "--pretrained_model_name_or_path", str(folder), "--output_dir", str(output_dir),
-        "--instance_data_dir", str(instance_dir), "--instance_prompt", PROMPT, "--resolution", "32",
-        "--max_train_steps", "3", "--train_batch_size", "1", "--rank", "4", "--learning_rate", "1e-2",
-        "--checkpointing_steps", "100", "--max_sequence_length", str(LENGTH), "--report_to", "none", "--seed", "1",
-        *flags,
-    ]))
-
-
-def _denoiser_output(family, components, transformer):
-    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        conditioning = family.encode_prompt(components, [PROMPT], CPU)
-        return family.predict(components, latents, torch.tensor([600.0]), conditioning, {}, denoiser=transformer)
+@pytest.mark.slow
+def test_script_adapter_reloads_exactly_and_unloads_exactly(z_run, tmp_path, monkeypatch):
+    stored = z_run.check_script_adapter_reloads_and_unloads(tmp_path, monkeypatch)
+    assert len(stored.layers["transformer"]) == 4 * 7  # 2 main + 2 refiner blocks
 
 
 @pytest.mark.slow
-def test_script_adapter_reloads_exactly_and_unloads_exactly(z_folder, tmp_path, monkeypatch):
-    import train_scripts.train_dreambooth_snella as script
-    from diffusers import ZImagePipeline
-
-    from snella_diffusion.loaders import load_snella_weights, unload_snella_weights
-
-    seen = {}
-    run_validation, write_outputs = script.run_validation, script.write_outputs
-
-    def recording_validation(settings, accelerator, family, components, trained, *rest):
-        seen["transformer"] = trained["transformer"]
-        return run_validation(settings, accelerator, family, components, trained, *rest)
-
-    def recording_outputs(settings, family, config, allocator, rank_drops, losses, *rest):
-        seen["losses"] = [loss for _, loss in losses]
-        return write_outputs(settings, family, config, allocator, rank_drops, losses, *rest)
-
-    monkeypatch.setattr(script, "run_validation", recording_validation)
-    monkeypatch.setattr(script, "write_outputs", recording_outputs)
-    adapter = _run_script(z_folder, tmp_path, "--validation_prompt", PROMPT, "--num_validation_images", "1",
-                          "--validation_inference_steps", "2")
-    assert len(seen["losses"]) == 3 and all(torch.isfinite(torch.tensor(seen["losses"])))
-    assert (tmp_path / "validation" / "step_3.png").is_file()
-    assert len(read_snella_file(adapter).layers["transformer"]) == 4 * 7  # 2 main + 2 refiner blocks
-
-    family, components = _loaded(z_folder)
-    trained = _denoiser_output(family, components, seen["transformer"])
-    pipeline = ZImagePipeline.from_pretrained(z_folder)
-    base = _denoiser_output(family, components, pipeline.transformer)
-    load_snella_weights(pipeline, adapter)
-    reloaded = _denoiser_output(family, components, pipeline.transformer)
-    assert (trained - base).abs().max() > 1e-4
-    assert torch.equal(reloaded, trained)
-    unload_snella_weights(pipeline)
-    assert torch.equal(_denoiser_output(family, components, pipeline.transformer), base)
-
-
-@pytest.mark.slow
-def test_lora_ab_file_loads_with_the_pipelines_load_lora_weights(z_folder, tmp_path):
-    from diffusers import ZImagePipeline
-    from safetensors.torch import load_file
-
-    _run_script(z_folder, tmp_path, "--adapter", "lora")
-    saved = load_file(tmp_path / "pytorch_lora_weights.safetensors")
-    assert saved and all(key.startswith("transformer.") for key in saved)
-    family, components = _loaded(z_folder)
-    pipeline = ZImagePipeline.from_pretrained(z_folder)
-    before = _denoiser_output(family, components, pipeline.transformer)
-    pipeline.load_lora_weights(str(tmp_path))
-    loaded = [p.detach() for name, p in pipeline.transformer.named_parameters() if "lora_" in name]
-    assert len(loaded) == len(saved) == 4 * 7 * 2
-    for key, tensor in saved.items():
-        assert any(p.shape == tensor.shape and torch.equal(p, tensor) for p in loaded), key
-    assert (_denoiser_output(family, components, pipeline.transformer) - before).abs().max() > 0
+def test_lora_ab_file_loads_with_the_pipelines_load_lora_weights(z_run, tmp_path):
+    assert z_run.check_lora_file_loads(tmp_path) == 4 * 7 * 2
 
 
 def _walked_count(transformer) -> int:
     """Linear layers of the attention and the MLP of every block (main, noise and context refiners)."""
     blocks = [*transformer.layers, *transformer.noise_refiner, *transformer.context_refiner]
-    return sum(
-        sum(isinstance(module, torch.nn.Linear) for part in (block.attention, block.feed_forward)
-            for module in part.modules())
-        for block in blocks
-    )
+    return walked_linear_count(blocks, ("attention", "feed_forward"))
 
 
 def test_published_config_layer_count_matches_a_walk_of_the_module_tree(tmp_path):
     from snella_diffusion.testing.reference_configs import build_reference_model
 
-    output = tmp_path / "counts.json"
-    subprocess.run([sys.executable, str(REPO / "benchmarks" / "count_adapted_layers.py"), "--model", "z-image",
-                    "--json", str(output)], check=True, capture_output=True, cwd=REPO)
-    (counted,) = json.loads(output.read_text())
+    counted = published_count("z-image", tmp_path)
     walked = _walked_count(build_reference_model("z-image", device="meta"))
     assert counted["adapted_layers"] == walked == (30 + 2 + 2) * 7
     assert round(counted["denoiser_parameters"] / 1e9, 2) == 6.15

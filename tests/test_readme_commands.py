@@ -48,6 +48,9 @@ TINY_BASES = {
     "Qwen/Qwen-Image": "qwen-image",
     "Tongyi-MAI/Z-Image": "z-image",
     "black-forest-labs/FLUX.2-klein-base-4B": "flux2-klein",
+    "lodestones/Chroma1-HD": "chroma",
+    "black-forest-labs/FLUX.2-dev": "flux2",
+    "krea/Krea-2-Raw": "krea2",
 }
 # flag -> tiny value (flags not listed keep the page's value)
 TINY_SIZES = {

@@ -37,7 +37,7 @@ def comfyui_prefix(base: BaseModel, layer: LayerKey, spelled: Callable[[LayerKey
     """
     component, path = layer
     family = base.family
-    if family.name == "flux" and component == "transformer":
+    if family.name in ("flux", "chroma") and component == "transformer":
         _, covered = flux_fused_targets({path})
         if path not in covered and path not in FLUX_EXTRA_PATHS:
             raise SnellaError(

@@ -225,6 +225,15 @@ def _qwen_image_family(configs: dict[str, dict[str, Any]]) -> ExportFamily:
                         "https://github.com/QwenLM/Qwen-Image")
 
 
+def _chroma_family(configs: dict[str, dict[str, Any]]) -> ExportFamily:
+    """ComfyUI's Chroma model subclasses its Flux model (``comfy/model_base.py``) with Flux's block
+    modules (``comfy/ldm/chroma/layers.py``: ``img_attn.qkv``, ``linear1``, ...), so
+    ``comfy/lora.py`` maps Chroma's files through ``flux_to_diffusers`` like Flux.1's: the BFL
+    fused names for kohya keys, ``transformer.<diffusers name>`` otherwise."""
+    return ExportFamily("chroma", {"text_encoder": "lora_te1_"}, "chroma", "chroma",
+                        "https://huggingface.co/lodestones/Chroma1-HD", fused_targets=flux_fused_targets)
+
+
 FAMILY_BUILDERS: dict[str, Callable[[dict[str, dict[str, Any]]], ExportFamily]] = {
     "StableDiffusionPipeline": _sd_family,
     "StableDiffusionImg2ImgPipeline": _sd_family,
@@ -236,6 +245,7 @@ FAMILY_BUILDERS: dict[str, Callable[[dict[str, dict[str, Any]]], ExportFamily]] 
     "PixArtAlphaPipeline": lambda configs: _pixart_family(configs, sigma=False),
     "PixArtSigmaPipeline": lambda configs: _pixart_family(configs, sigma=True),
     "QwenImagePipeline": _qwen_image_family,
+    "ChromaPipeline": _chroma_family,
 }
 
 

@@ -18,6 +18,9 @@ pixart      PixArtFamily                PixArtAlphaPipeline, PixArtSigmaPipeline
 qwen_image  QwenImageFamily             QwenImagePipeline
 z_image     ZImageFamily                ZImagePipeline
 flux2       Flux2KleinFamily            Flux2KleinPipeline
+flux2       Flux2DevFamily              Flux2Pipeline
+chroma      ChromaFamily                ChromaPipeline
+krea2       Krea2Family                 Krea2Pipeline
 ==========  ==========================  ================================================
 
 Shared pieces: ``base.py`` (ModelFamily, TrainingComponents, FamilySettings, the generic
@@ -51,8 +54,10 @@ from .base import (
     UnknownModelFamilyError,
     read_model_index,
 )
+from .chroma import ChromaFamily
 from .flux import FluxFamily
-from .flux2 import Flux2KleinFamily
+from .flux2 import Flux2DevFamily, Flux2KleinFamily
+from .krea2 import Krea2Family
 from .pixart import PixArtFamily
 from .qwen_image import QwenImageFamily
 from .z_image import ZImageFamily
@@ -71,6 +76,9 @@ FAMILIES: dict[str, ModelFamily] = {
         QwenImageFamily(),
         ZImageFamily(),
         Flux2KleinFamily(),
+        ChromaFamily(),
+        Flux2DevFamily(),
+        Krea2Family(),
     )
 }
 
@@ -106,10 +114,13 @@ def detect_family(source: str, revision: Optional[str] = None) -> tuple[ModelFam
 
 
 __all__ = [
+    "ChromaFamily",
     "FAMILIES",
     "FamilySettings",
+    "Flux2DevFamily",
     "Flux2KleinFamily",
     "FluxFamily",
+    "Krea2Family",
     "ModelFamily",
     "PixArtFamily",
     "QwenImageFamily",

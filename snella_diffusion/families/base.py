@@ -183,7 +183,8 @@ class ModelFamily:
         for component, spec in model_index.items():
             if component.startswith("_") or component in SKIPPED_COMPONENTS:
                 continue
-            if not isinstance(spec, (list, tuple)) or len(spec) != 2 or spec[0] is None:
+            # [library, class] pairs; null components and pipeline settings (Krea 2's [2, 5, ...]) are not loaded
+            if not isinstance(spec, (list, tuple)) or len(spec) != 2 or not all(isinstance(part, str) for part in spec):
                 continue
             library, class_name = spec
             cls = _import_class(library, class_name)

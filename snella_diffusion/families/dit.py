@@ -267,11 +267,17 @@ class DiTFamily(ModelFamily):
         if components.extra.get(VALIDATION_KEY) is not None:
             for name in components.text_encoder_components:
                 parts[name] = None
+        parts.update(self.pipeline_config(components))
         # components stored as null in model_index.json (e.g. SD3 without T5) are passed as None
         for name in inspect.signature(cls.__init__).parameters:
             if name not in ("self", "args", "kwargs") and name not in parts:
                 parts[name] = None
         return cls(**parts, **self.pipeline_kwargs)
+
+    def pipeline_config(self, components: TrainingComponents) -> dict[str, Any]:
+        """Pipeline constructor settings stored in ``model_index.json`` besides the components
+        (none by default; Krea 2 keeps its tapped encoder layers there)."""
+        return {}
 
 
 class FlowMatchingFamily(DiTFamily):

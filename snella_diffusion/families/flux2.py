@@ -1,17 +1,24 @@
-"""Flux.2 klein (``Flux2KleinPipeline``), as diffusers' ``train_dreambooth_lora_flux2_klein.py``
-trains it.
+"""Flux.2: klein (``Flux2KleinPipeline``) and dev (``Flux2Pipeline``), as diffusers'
+``train_dreambooth_lora_flux2_klein.py`` and ``train_dreambooth_lora_flux2.py`` train them. Both
+share the transformer class (``Flux2Transformer2DModel``), the VAE and everything after the text
+encoder; they differ in the encoder and, for dev, a distilled guidance input.
 
-- Prompts: the tokenizer's chat template (one user message, generation prompt, thinking off),
-  ``--max_sequence_length`` tokens (default 512) padded, and the Qwen3 encoder's hidden states
-  of layers :data:`TEXT_ENCODER_LAYERS` concatenated per token (width 3 × hidden).
+- Prompts, klein: the tokenizer's chat template (one user message, generation prompt, thinking
+  off), ``--max_sequence_length`` tokens (default 512) padded, and the Qwen3 encoder's hidden
+  states of layers :data:`TEXT_ENCODER_LAYERS` concatenated per token (width 3 × hidden).
+- Prompts, dev: the processor's chat template over diffusers' Flux.2 system message and one user
+  message (``[IMG]`` removed from the prompt, no generation prompt), ``--max_sequence_length``
+  tokens (default 512) padded, and the Mistral-3 encoder's hidden states of layers
+  :data:`DEV_TEXT_ENCODER_LAYERS` concatenated per token.
 - Latents: the distribution's mode, patchified 2×2 into 4× the channels (128 for the
   published VAE) and normalised with the VAE's batch-norm statistics,
   ``(z - running_mean) / sqrt(running_var + eps)``; tokens are the patchified pixels in
   row-major order with 4-axis position ids ``(0, row, column, 0)``, text ids ``(0, 0, 0, i)``.
 - Model call: ``timestep = σ`` (the transformer scales by 1000); guidance input only when the
-  transformer has a guidance embedding (``--guidance_scale``; klein has none).
+  transformer has a guidance embedding (``--guidance_scale``, default 3.5 as the examples; dev
+  has one, klein none).
 - σ sampling: ``--weighting_scheme`` (default none) over the scheduler's training table.
-- Text-encoder training is not offered (nor is it by the example).
+- Text-encoder training is not offered (nor is it by the examples).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from .base import TrainingComponents
 from .dit import FlowMatchingFamily
 
 TEXT_ENCODER_LAYERS = (9, 18, 27)
+DEV_TEXT_ENCODER_LAYERS = (10, 20, 30)
 
 
 def patchify_latents(latents: Tensor) -> Tensor:
@@ -49,22 +57,21 @@ def text_position_ids(batch: int, length: int, device=None) -> Tensor:
     return ids.expand(batch, -1, -1)
 
 
-class Flux2KleinFamily(FlowMatchingFamily):
-    """Flux.2 klein: double- and single-stream blocks (fused single-block projections), Qwen3
-    text encoder read at three depths, 32-channel VAE patchified to 128 with batch-norm
-    statistics."""
+class Flux2Family(FlowMatchingFamily):
+    """What Flux.2 klein and dev share: double- and single-stream blocks (fused single-block
+    projections), a text encoder read at three depths, the 32-channel VAE patchified to 128
+    with batch-norm statistics. Subclasses set the names and ``encode_prompt``."""
 
-    name = "flux2-klein"
-    pipeline_class_names = ("Flux2KleinPipeline",)
     text_encoder_components = ("text_encoder",)
     default_weighting_scheme = "none"
+    display_name = "Flux.2"
+    frozen_encoder = "its text encoder stays frozen, as in diffusers' example"
 
     def default_sequence_length(self, components):
         return 512
 
     def configure(self, components, settings):
-        self.refuse_text_encoder_training(settings, "Flux.2 klein",
-                                          "its Qwen3 encoder stays frozen, as in diffusers' example")
+        self.refuse_text_encoder_training(settings, self.display_name, self.frozen_encoder)
         super().configure(components, settings)
         self.check_resolution(components, settings, "Flux.2", "VAE downsampling × 2×2 patches")
 
@@ -80,22 +87,6 @@ class Flux2KleinFamily(FlowMatchingFamily):
         mean = vae.bn.running_mean.float().view(1, -1, 1, 1)
         std = torch.sqrt(vae.bn.running_var.float().view(1, -1, 1, 1) + vae.config.batch_norm_eps)
         return (latents - mean) / std
-
-    def encode_prompt(self, components, prompts, device):
-        """``prompt_embeds`` ``(B, L, 3·D)``, L = ``--max_sequence_length`` (padding included, as
-        the pipeline passes it)."""
-        modules = components.modules
-        tokenizer, encoder = modules["tokenizer"], modules["text_encoder"]
-        texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                          add_generation_prompt=True, enable_thinking=False)
-            for prompt in prompts
-        ]
-        tokens = tokenizer(texts, padding="max_length", max_length=self.options(components).max_sequence_length,
-                           truncation=True, return_tensors="pt").to(device)
-        hidden = encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
-                         output_hidden_states=True, use_cache=False).hidden_states
-        return {"prompt_embeds": torch.cat([hidden[layer] for layer in TEXT_ENCODER_LAYERS], dim=-1)}
 
     def predict(self, components, noisy_latents, timesteps, conditioning, batch, denoiser=None):
         transformer = denoiser or components.denoiser
@@ -115,5 +106,68 @@ class Flux2KleinFamily(FlowMatchingFamily):
         )[0]
         return output.transpose(1, 2).reshape(batch_size, channels, height, width)
 
+
+class Flux2KleinFamily(Flux2Family):
+    """Flux.2 klein: Qwen3 text encoder read at layers 9, 18, 27; no guidance embedding."""
+
+    name = "flux2-klein"
+    pipeline_class_names = ("Flux2KleinPipeline",)
+    display_name = "Flux.2 klein"
+    frozen_encoder = "its Qwen3 encoder stays frozen, as in diffusers' example"
+
+    def encode_prompt(self, components, prompts, device):
+        """``prompt_embeds`` ``(B, L, 3·D)``, L = ``--max_sequence_length`` (padding included, as
+        the pipeline passes it)."""
+        modules = components.modules
+        tokenizer, encoder = modules["tokenizer"], modules["text_encoder"]
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                          add_generation_prompt=True, enable_thinking=False)
+            for prompt in prompts
+        ]
+        tokens = tokenizer(texts, padding="max_length", max_length=self.options(components).max_sequence_length,
+                           truncation=True, return_tensors="pt").to(device)
+        hidden = encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                         output_hidden_states=True, use_cache=False).hidden_states
+        return {"prompt_embeds": torch.cat([hidden[layer] for layer in TEXT_ENCODER_LAYERS], dim=-1)}
+
     def negative_prompt_inputs(self, components, device):
         return {"negative_prompt_embeds": self.encode_prompt(components, [""], device)["prompt_embeds"]}
+
+
+def dev_chat(prompt: str) -> list[dict]:
+    """The Flux.2 dev conversation of one prompt: diffusers' Flux.2 system message, then the
+    prompt (``[IMG]`` removed, as the pipeline does) as the user's text."""
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+
+    return [{"role": "system", "content": [{"type": "text", "text": SYSTEM_MESSAGE}]},
+            {"role": "user", "content": [{"type": "text", "text": prompt.replace("[IMG]", "")}]}]
+
+
+class Flux2DevFamily(Flux2Family):
+    """Flux.2 dev: Mistral-3 (Small 3.1) text encoder read at layers 10, 20, 30 through its
+    processor's chat template; guidance-distilled (``--guidance_scale``)."""
+
+    name = "flux2"
+    pipeline_class_names = ("Flux2Pipeline",)
+    display_name = "Flux.2 dev"
+    frozen_encoder = "its Mistral-3 encoder stays frozen, as in diffusers' example"
+
+    def encode_prompt(self, components, prompts, device):
+        """``prompt_embeds`` ``(B, L, 3·D)``, L = ``--max_sequence_length`` (padding included, as
+        the pipeline passes it)."""
+        modules = components.modules
+        tokens = modules["tokenizer"].apply_chat_template(
+            [dev_chat(prompt) for prompt in prompts], add_generation_prompt=False, tokenize=True, return_dict=True,
+            return_tensors="pt", padding="max_length", truncation=True,
+            max_length=self.options(components).max_sequence_length,
+        )
+        hidden = modules["text_encoder"](input_ids=tokens["input_ids"].to(device),
+                                         attention_mask=tokens["attention_mask"].to(device),
+                                         output_hidden_states=True, use_cache=False).hidden_states
+        return {"prompt_embeds": torch.cat([hidden[layer] for layer in DEV_TEXT_ENCODER_LAYERS], dim=-1)}
+
+    def validation_inputs(self, components, prompt):
+        inputs = super().validation_inputs(components, prompt)
+        inputs.setdefault("guidance_scale", self.options(components).guidance_scale)
+        return inputs

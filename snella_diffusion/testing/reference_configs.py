@@ -123,6 +123,67 @@ FLUX2_KLEIN_4B_TRANSFORMER: dict[str, Any] = {
     "guidance_embeds": False,
 }
 
+# lodestones/Chroma1-HD, transformer: the ChromaTransformer2DModel defaults, which diffusers'
+# single-file loader uses for Chroma1-HD.safetensors (docs/source/en/api/pipelines/chroma.md):
+# 19 double and 38 single blocks of 24 heads × 128, T5-XXL width 4096, a 5-layer approximator
+# of width 5120 in place of Flux.1's modulation inputs
+CHROMA1_HD_TRANSFORMER: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "axes_dims_rope": [16, 56, 56],
+    "approximator_num_channels": 64,
+    "approximator_hidden_dim": 5120,
+    "approximator_layers": 5,
+}
+
+# black-forest-labs/FLUX.2-dev, transformer (diffusers' scripts/convert_flux2_to_diffusers.py
+# "flux2-dev" config, also the Flux2Transformer2DModel defaults): 8 double and 48 single blocks
+# of 48 heads × 128, text width 3 × 5120 of Mistral-Small-3.1, a guidance embedding
+FLUX2_DEV_TRANSFORMER: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 128,
+    "num_layers": 8,
+    "num_single_layers": 48,
+    "attention_head_dim": 128,
+    "num_attention_heads": 48,
+    "joint_attention_dim": 15360,
+    "timestep_guidance_channels": 256,
+    "mlp_ratio": 3.0,
+    "axes_dims_rope": [32, 32, 32, 32],
+    "rope_theta": 2000,
+    "eps": 1e-6,
+    "guidance_embeds": True,
+}
+
+# krea/Krea-2-Raw (and Krea-2-Turbo, the same architecture), transformer: the
+# Krea2Transformer2DModel defaults, whose docstring describes the released model (28 blocks of
+# 48 heads × 128 with 12 key/value heads, SwiGLU 16384; text fusion over 12 tapped layers of
+# Qwen3-VL-4B, width 2560)
+KREA2_TRANSFORMER: dict[str, Any] = {
+    "in_channels": 64,
+    "num_layers": 28,
+    "attention_head_dim": 128,
+    "num_attention_heads": 48,
+    "num_key_value_heads": 12,
+    "intermediate_size": 16384,
+    "timestep_embed_dim": 256,
+    "text_hidden_dim": 2560,
+    "num_text_layers": 12,
+    "text_num_attention_heads": 20,
+    "text_num_key_value_heads": 20,
+    "text_intermediate_size": 6912,
+    "num_layerwise_text_blocks": 2,
+    "num_refiner_text_blocks": 2,
+    "axes_dims_rope": [32, 48, 48],
+    "rope_theta": 1000.0,
+    "norm_eps": 1e-5,
+}
+
 # google/vit-base-patch16-224-in21k, config.json
 VIT_B16: dict[str, Any] = {
     "hidden_size": 768,
@@ -143,6 +204,9 @@ REFERENCE_CONFIGS: dict[str, dict[str, Any]] = {
     "qwen-image": QWEN_IMAGE_TRANSFORMER,
     "z-image": Z_IMAGE_TRANSFORMER,
     "flux2-klein": FLUX2_KLEIN_4B_TRANSFORMER,
+    "chroma": CHROMA1_HD_TRANSFORMER,
+    "flux2": FLUX2_DEV_TRANSFORMER,
+    "krea2": KREA2_TRANSFORMER,
     "vit-b16": VIT_B16,
 }
 
@@ -152,7 +216,7 @@ def build_reference_model(name: str, device: str | torch.device = "meta", **over
 
     Args:
         name: one of ``REFERENCE_CONFIGS`` ("sd15", "sdxl", "sd3", "flux", "qwen-image", "z-image",
-            "flux2-klein", "vit-b16").
+            "flux2-klein", "flux2", "chroma", "krea2", "vit-b16").
         device: "meta" allocates nothing (parameter counting, injection counts).
         overrides: config keys to change (e.g. ``num_layers=2`` for a few real-size blocks).
     """
@@ -180,10 +244,18 @@ def build_reference_model(name: str, device: str | torch.device = "meta", **over
             from diffusers import ZImageTransformer2DModel
 
             return ZImageTransformer2DModel(**config)
-        if name == "flux2-klein":
+        if name in ("flux2-klein", "flux2"):
             from diffusers import Flux2Transformer2DModel
 
             return Flux2Transformer2DModel(**config)
+        if name == "krea2":
+            from diffusers import Krea2Transformer2DModel
+
+            return Krea2Transformer2DModel(**config)
+        if name == "chroma":
+            from diffusers import ChromaTransformer2DModel
+
+            return ChromaTransformer2DModel(**config)
         from transformers import ViTConfig, ViTForImageClassification
 
         return ViTForImageClassification(ViTConfig(**config))

@@ -286,12 +286,26 @@ TINY_FLUX2_BN_MEAN = 0.2
 TINY_FLUX2_BN_VAR = 2.25
 
 
+def tiny_flux2_vae():
+    """An AutoencoderKLFlux2 of 4 latent channels (16 after 2×2 patchifying), factor 2, whose
+    batch-norm statistics are set to mean 0.2, variance 2.25 (drawn from the current RNG state)."""
+    from diffusers import AutoencoderKLFlux2
+
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(32, 64), latent_channels=4, layers_per_block=1, norm_num_groups=32,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32,
+    )
+    vae.bn.running_mean.fill_(TINY_FLUX2_BN_MEAN)
+    vae.bn.running_var.fill_(TINY_FLUX2_BN_VAR)
+    return vae.eval()
+
+
 def tiny_flux2_klein_pipeline(seed: int = 0):
     """A Flux2KleinPipeline: 1 double- and 1 single-stream block (2 heads of 16, RoPE axes 4 × 4),
     a 27-layer Qwen3ForCausalLM of width 16 (klein reads hidden layers 9, 18, 27: text width 48),
     an AutoencoderKLFlux2 of 4 latent channels (16 after 2×2 patchifying) whose batch-norm
     statistics are set to mean 0.2, variance 2.25. 32 px images are 8×8 patchified latents."""
-    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
@@ -299,12 +313,7 @@ def tiny_flux2_klein_pipeline(seed: int = 0):
         in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=48, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
     )
-    vae = AutoencoderKLFlux2(
-        block_out_channels=(32, 64), latent_channels=4, layers_per_block=1, norm_num_groups=32,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32,
-    )
-    vae.bn.running_mean.fill_(TINY_FLUX2_BN_MEAN)
-    vae.bn.running_var.fill_(TINY_FLUX2_BN_VAR)
+    vae = tiny_flux2_vae()
     config = Qwen3Config(
         vocab_size=TINY_QWEN_VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=27,
         num_attention_heads=2, num_key_value_heads=1, head_dim=8, bos_token_id=TINY_QWEN_ENDOFTEXT,
@@ -318,6 +327,139 @@ def tiny_flux2_klein_pipeline(seed: int = 0):
     )
 
 
+TINY_CHROMA_VAE_SHIFT = 0.125
+TINY_CHROMA_VAE_SCALE = 0.5
+
+
+def tiny_chroma_pipeline(seed: int = 0):
+    """A ChromaPipeline: 1 double- and 1 single-stream block (2 heads of 16, RoPE axes 4 + 6 + 6),
+    a 1-layer approximator of width 32 for the modulations, the tiny T5 (width 64), the 4-channel
+    tiny VAE with shift 0.125 and scale 0.5, a dynamically shifting scheduler like Flux.1's. 32 px
+    images are 16×16 latents, 8×8 packed tokens of 16 channels."""
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(seed)
+    transformer = ChromaTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=TINY_T5_DIM, axes_dims_rope=(4, 6, 6),
+        approximator_num_channels=16, approximator_hidden_dim=32, approximator_layers=1,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15)
+    return ChromaPipeline(
+        transformer=transformer, scheduler=scheduler,
+        vae=tiny_vae(seed, shift_factor=TINY_CHROMA_VAE_SHIFT, scaling_factor=TINY_CHROMA_VAE_SCALE),
+        text_encoder=tiny_t5_encoder(seed + 2), tokenizer=tiny_t5_tokenizer(max_length=512),
+    )
+
+
+# A chat template in the shape of Mistral-3's for a system and a user message whose contents
+# are lists of text parts (as Flux2Pipeline formats them); no generation prompt.
+TINY_MISTRAL3_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}[SYSTEM_PROMPT]"
+    "{% for part in message['content'] %}{{ part['text'] }}{% endfor %}[/SYSTEM_PROMPT]"
+    "{% else %}[INST]{% for part in message['content'] %}{{ part['text'] }}{% endfor %}[/INST]"
+    "{% endif %}{% endfor %}"
+)
+TINY_MISTRAL3_SPECIALS = ("[IMG]", "[IMG_BREAK]", "[IMG_END]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]")
+
+
+def tiny_mistral3_tokenizer():
+    """The byte-level tokenizer with Mistral-3's image and chat specials (374 ids) and the chat
+    template above. The published FLUX.2-dev ships a PixtralProcessor (which needs torchvision);
+    Flux2Pipeline only calls its ``apply_chat_template``, which the tokenizer alone provides."""
+    tokenizer = byte_level_qwen2_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": list(TINY_MISTRAL3_SPECIALS)},
+                                 replace_extra_special_tokens=False)
+    tokenizer.chat_template = TINY_MISTRAL3_CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_mistral3_encoder(seed: int, image_token_id: int):
+    """A Mistral3ForConditionalGeneration with a 30-layer Mistral text model of width 16 (Flux.2
+    dev reads hidden layers 10, 20, 30: text width 48) and a 1-layer Pixtral vision tower
+    (unused for text)."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = Mistral3Config(
+        text_config={"model_type": "mistral", "vocab_size": TINY_QWEN_VOCAB, "hidden_size": 16, "intermediate_size": 24,
+                     "num_hidden_layers": 30, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8,
+                     "pad_token_id": TINY_QWEN_ENDOFTEXT},
+        vision_config={"model_type": "pixtral", "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "head_dim": 8, "image_size": 32, "patch_size": 4},
+        image_token_index=image_token_id, spatial_merge_size=1,
+    )
+    return Mistral3ForConditionalGeneration(config).eval()
+
+
+def tiny_flux2_dev_pipeline(seed: int = 0):
+    """A Flux2Pipeline: the klein builder's transformer with a guidance embedding (as FLUX.2-dev)
+    and the same VAE, a tiny Mistral-3 encoder and the byte-level tokenizer with Mistral-3's chat
+    specials. 32 px images are 8×8 patchified latents."""
+    from diffusers import Flux2Pipeline, Flux2Transformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(
+        in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=48, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True,
+    )
+    vae = tiny_flux2_vae()
+    tokenizer = tiny_mistral3_tokenizer()
+    return Flux2Pipeline(
+        scheduler=tiny_flow_scheduler(), vae=vae, transformer=transformer, tokenizer=tokenizer,
+        text_encoder=tiny_mistral3_encoder(seed + 1, tokenizer.convert_tokens_to_ids("[IMG]")),
+    )
+
+
+TINY_KREA2_SELECT_LAYERS = (1, 2)
+
+
+def tiny_qwen3_vl_encoder(seed: int = 0, hidden_size: int = TINY_QWEN_HIDDEN):
+    """A Qwen3VLModel with 2 text layers (width 32, 2 heads of 16, 1 key/value head, M-RoPE
+    sections 2+3+3 = half the head width) and a 1-block vision tower (unused for text)."""
+    from transformers import Qwen3VLConfig, Qwen3VLModel
+
+    torch.manual_seed(seed)
+    config = Qwen3VLConfig(
+        text_config={
+            "vocab_size": TINY_QWEN_VOCAB, "hidden_size": hidden_size, "intermediate_size": 48, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "bos_token_id": TINY_QWEN_ENDOFTEXT,
+            "eos_token_id": TINY_QWEN_ENDOFTEXT, "pad_token_id": TINY_QWEN_ENDOFTEXT,
+            "rope_scaling": {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+        },
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 24, "num_heads": 2,
+                       "out_hidden_size": hidden_size, "deepstack_visual_indexes": []},
+        image_token_id=370, video_token_id=371, vision_start_token_id=372, vision_end_token_id=373,
+    )
+    return Qwen3VLModel(config).eval()
+
+
+def tiny_krea2_pipeline(seed: int = 0):
+    """A Krea2Pipeline: 2 single-stream blocks (2 heads of 16, 1 key/value head, RoPE axes
+    4 + 6 + 6), a text fusion of 1 layer-wise and 1 refiner block over the 2 tapped layers
+    (:data:`TINY_KREA2_SELECT_LAYERS`) of a tiny Qwen3-VL, the tiny Qwen-Image VAE (factor 4,
+    non-trivial per-channel statistics) and the byte-level tokenizer whose template prefix is
+    34 tokens as the published one's; dynamic shifting like the published scheduler. 32 px
+    images are 8×8 latents, 4×4 tokens of 16 channels."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Krea2Pipeline, Krea2Transformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = Krea2Transformer2DModel(
+        in_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=48, timestep_embed_dim=32, text_hidden_dim=TINY_QWEN_HIDDEN,
+        num_text_layers=len(TINY_KREA2_SELECT_LAYERS), text_num_attention_heads=2, text_num_key_value_heads=2,
+        text_intermediate_size=48, num_layerwise_text_blocks=1, num_refiner_text_blocks=1, axes_dims_rope=(4, 6, 6),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15)
+    return Krea2Pipeline(
+        scheduler=scheduler, vae=tiny_qwen_image_vae(seed), text_encoder=tiny_qwen3_vl_encoder(seed + 1),
+        tokenizer=byte_level_qwen2_tokenizer(), transformer=transformer,
+        text_encoder_select_layers=TINY_KREA2_SELECT_LAYERS,
+    )
+
+
 TINY_DIT_BUILDERS = {
     "sd3": tiny_sd3_pipeline,
     "flux": tiny_flux_pipeline,
@@ -326,4 +468,7 @@ TINY_DIT_BUILDERS = {
     "qwen-image": tiny_qwen_image_pipeline,
     "z-image": tiny_z_image_pipeline,
     "flux2-klein": tiny_flux2_klein_pipeline,
+    "chroma": tiny_chroma_pipeline,
+    "flux2": tiny_flux2_dev_pipeline,
+    "krea2": tiny_krea2_pipeline,
 }

@@ -197,23 +197,25 @@ class FlowMatchingObjective:
         return ObjectiveBatch(noisy, timesteps, target, weights)
 
 
-def pack_latents(latents: Tensor) -> Tensor:
-    """Flux packing: ``(B, C, H, W)`` → ``(B, (H/2)·(W/2), 4C)``, each token one 2×2 patch
-    (channel-major inside the patch). H and W must be even."""
+def pack_latents(latents: Tensor, patch: int = 2) -> Tensor:
+    """Flux packing: ``(B, C, H, W)`` → ``(B, (H/p)·(W/p), p²C)``, each token one p×p patch
+    (channel-major inside the patch; p = ``patch``, 2 for Flux). H and W must be multiples of p."""
     batch, channels, height, width = latents.shape
-    if height % 2 or width % 2:
-        raise ValueError(f"latent size {height}x{width}: Flux packs 2x2 patches, both must be even")
-    patches = latents.view(batch, channels, height // 2, 2, width // 2, 2)
-    return patches.permute(0, 2, 4, 1, 3, 5).reshape(batch, (height // 2) * (width // 2), channels * 4)
+    if height % patch or width % patch:
+        need = "even" if patch == 2 else f"multiples of {patch}"
+        raise ValueError(f"latent size {height}x{width}: packing {patch}x{patch} patches, both must be {need}")
+    patches = latents.view(batch, channels, height // patch, patch, width // patch, patch)
+    return patches.permute(0, 2, 4, 1, 3, 5).reshape(batch, (height // patch) * (width // patch), channels * patch ** 2)
 
 
-def unpack_latents(packed: Tensor, height: int, width: int) -> Tensor:
-    """Inverse of ``pack_latents``: ``(B, (H/2)·(W/2), 4C)`` → ``(B, C, H, W)``, H, W in latent px."""
+def unpack_latents(packed: Tensor, height: int, width: int, patch: int = 2) -> Tensor:
+    """Inverse of ``pack_latents``: ``(B, (H/p)·(W/p), p²C)`` → ``(B, C, H, W)``, H, W in latent px."""
     batch, tokens, features = packed.shape
-    if tokens != (height // 2) * (width // 2):
-        raise ValueError(f"{tokens} tokens do not tile a {height}x{width} latent in 2x2 patches")
-    patches = packed.view(batch, height // 2, width // 2, features // 4, 2, 2)
-    return patches.permute(0, 3, 1, 4, 2, 5).reshape(batch, features // 4, height, width)
+    if tokens != (height // patch) * (width // patch):
+        raise ValueError(f"{tokens} tokens do not tile a {height}x{width} latent in {patch}x{patch} patches")
+    channels = features // patch ** 2
+    patches = packed.view(batch, height // patch, width // patch, channels, patch, patch)
+    return patches.permute(0, 3, 1, 4, 2, 5).reshape(batch, channels, height, width)
 
 
 def latent_image_ids(height: int, width: int, device=None, dtype=torch.float32) -> Tensor:
