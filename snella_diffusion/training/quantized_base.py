@@ -35,10 +35,12 @@ BACKEND_MODULES = {"diffusers": "diffusers", "torchao": "torchao", "quanto": "op
 
 @dataclass(frozen=True)
 class QuantizationSettings(FlagSettings):
-    """How the frozen denoiser is stored: as loaded (None) or quantized."""
+    """How the frozen denoiser is stored: as loaded (None), quantized after loading, or loaded
+    from a GGUF file already quantized."""
 
     quantize_base: Optional[str] = None
     quantize_backend: Optional[str] = None
+    pretrained_denoiser_file: Optional[str] = None
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +54,11 @@ class QuantizationSettings(FlagSettings):
                            choices=sorted({b for backends in BACKENDS.values() for b in backends}),
                            help="Library for --quantize_base: fp8 diffusers; int8 torchao (default) or quanto; "
                                 "nf4 bitsandbytes.")
+        group.add_argument("--pretrained_denoiser_file", type=str, default=None,
+                           help="A GGUF checkpoint (.gguf) of the denoiser, loaded as diffusers does "
+                                "(from_single_file with GGUFQuantizationConfig, the config from "
+                                "--pretrained_model_name_or_path) in place of the pipeline's own; SNELLA trains "
+                                "beside its quantized layers. Needs the gguf package.")
 
     @property
     def backend(self) -> Optional[str]:

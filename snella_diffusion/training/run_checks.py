@@ -12,6 +12,7 @@ import torch
 
 from ..errors import SnellaError
 from ..inject import check_targets
+from ..single_file import check_denoiser_file
 from .data_arguments import check_data_settings
 from .quantized_base import BACKEND_MODULES, BACKENDS, QuantizationSettings
 from .run_settings import RunSettings
@@ -106,6 +107,16 @@ def check_quantization_settings(settings: QuantizationSettings, trains_snella_la
     together, the backend is not installed, cannot run on the device (nf4 needs CUDA), or the
     adapter method trains the base weights themselves."""
     base, backend = settings.quantize_base, settings.backend
+    denoiser_file = settings.pretrained_denoiser_file
+    if denoiser_file is not None:
+        check_denoiser_file(denoiser_file)
+        if base is not None:
+            raise TrainingSetupError(
+                f"--quantize_base={base}: the denoiser of --pretrained_denoiser_file is already quantized (GGUF); "
+                "drop one of them")
+        if not trains_snella_layers:
+            raise TrainingSetupError(
+                "--pretrained_denoiser_file: only SNELLA adapters train beside a GGUF-quantized base (--adapter snella)")
     if base is None:
         if settings.quantize_backend is not None:
             raise TrainingSetupError(f"--quantize_backend={settings.quantize_backend}: needs --quantize_base")

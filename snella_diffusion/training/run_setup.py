@@ -16,6 +16,7 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from diffusers.optimization import get_scheduler
 
 from ..families import ModelFamily, TrainingComponents
+from ..single_file import check_single_file_class
 from .captions import PromptEmbeddingCache
 from .checkpointing import CheckpointableGenerator, resolve_resume_path
 from .data import CachedLatentsDataset, generate_class_images, load_image_folder, warn_small_images
@@ -39,11 +40,19 @@ def load_components(
 ) -> tuple[TrainingComponents, int, torch.dtype]:
     """The family's components loaded in the training dtype (the VAE in float32, as diffusers'
     scripts do), configured with the run's family settings and moved to the device, the
-    denoiser's linears quantized on ``--quantize_base``; returns
+    denoiser's linears quantized on ``--quantize_base`` (or loaded from the GGUF file of
+    ``--pretrained_denoiser_file``); returns
     ``(components, resolution in pixels, weight dtype)``."""
     source = settings.model.pretrained_model_name_or_path
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    components = family.load(source, model_index, settings.model.revision, settings.model.variant, dtype=weight_dtype)
+    denoiser_file = settings.quantization.pretrained_denoiser_file
+    spec = model_index.get(family.denoiser_component)
+    if denoiser_file is not None and isinstance(spec, (list, tuple)) and len(spec) == 2:
+        check_single_file_class(spec[0], spec[1], family.denoiser_component)
+    components = family.load(source, model_index, settings.model.revision, settings.model.variant, dtype=weight_dtype,
+                             denoiser_file=denoiser_file)
+    if denoiser_file is not None:
+        logger.info("the denoiser's weights from %s (GGUF, computed in %s)", denoiser_file, weight_dtype)
     family.configure(components, settings.family_settings())
     resolution = settings.data.resolution or family.native_resolution(components)
     vae_factor = family.vae_scale_factor(components)
