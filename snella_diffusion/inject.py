@@ -147,7 +147,7 @@ def find_target_linears(model: nn.Module, config: SnellaConfig) -> dict[str, nn.
         if quantized is not None:
             raise SnellaError(
                 f"layer {name!r} is a quantized linear, {quantized}: SNELLA adapts float, float8-storage, "
-                "torchao, optimum-quanto and bitsandbytes Linear4bit bases only; load this model "
+                "torchao, optimum-quanto, bitsandbytes Linear4bit and diffusers GGUF bases only; load this model "
                 "unquantized (torch_dtype=torch.bfloat16) or with one of those, or exclude the layer "
                 "(exclude_modules)"
             )

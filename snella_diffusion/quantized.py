@@ -8,7 +8,10 @@ A quantized base layer keeps its weight in a storage format other than a plain f
   Int8WeightOnlyConfig())``: ``Int8Tensor`` int8 data and per-row scales);
 - ``"optimum-quanto <TensorClass>"``: an optimum-quanto ``QLinear`` (``quantize(model,
   weights=qint8)``, frozen or not);
-- ``"bitsandbytes Linear4bit"``: packed 4-bit ``Params4bit`` (nf4/fp4) with a ``quant_state``.
+- ``"bitsandbytes Linear4bit"``: packed 4-bit ``Params4bit`` (nf4/fp4) with a ``quant_state``;
+- ``"GGUF <type>"``: diffusers' ``GGUFLinear`` over a ``GGUFParameter`` (a GGUF checkpoint loaded
+  with ``from_single_file(..., quantization_config=GGUFQuantizationConfig(...))``: the file's
+  uint8 blocks, e.g. Q8_0, dequantized to the compute dtype at each forward).
 
 SNELLA never writes these weights. A layer over one computes base(x) + x·ΔWᵀ: the base product
 through the quantized module itself and ΔW (built in float32 from the factors and τ) cast to
@@ -48,16 +51,30 @@ def _is_bitsandbytes_4bit(module: nn.Module) -> bool:
             and type(weight).__name__ == "Params4bit")
 
 
+def _gguf_type(module: nn.Module) -> Optional[str]:
+    """The GGUF quantization type name of a diffusers ``GGUFLinear``'s weight ("Q8_0", "Q4_K",
+    "BF16", ...), else None."""
+    weight = getattr(module, "weight", None)
+    if not (_library_of(module) == "diffusers" and type(module).__name__ == "GGUFLinear"
+            and type(weight).__name__ == "GGUFParameter"):
+        return None
+    quant_type = getattr(weight, "quant_type", None)
+    return str(getattr(quant_type, "name", quant_type))
+
+
 def base_quantization(module: nn.Module) -> Optional[str]:
     """What quantized storage ``module``'s weight has, if it is one SNELLA adapts
     ("float8 storage", "torchao Int8Tensor", "optimum-quanto WeightQBytesTensor",
-    "bitsandbytes Linear4bit"), else None (a plain float weight, or an unsupported format:
-    see ``unsupported_quantization``)."""
+    "bitsandbytes Linear4bit", "GGUF Q8_0"), else None (a plain float weight, or an
+    unsupported format: see ``unsupported_quantization``)."""
     weight = getattr(module, "weight", None)
     if not isinstance(weight, Tensor):
         return None
     if _is_bitsandbytes_4bit(module):
         return "bitsandbytes Linear4bit"
+    gguf_type = _gguf_type(module)
+    if gguf_type is not None:
+        return f"GGUF {gguf_type}"
     if _library_of(module) == "optimum" and "quanto" in type(module).__module__:
         return f"optimum-quanto {type(weight).__name__}"
     if type(weight) in _PLAIN_TENSOR_TYPES:
@@ -70,7 +87,7 @@ def base_quantization(module: nn.Module) -> Optional[str]:
 def unsupported_quantization(module: nn.Module) -> Optional[str]:
     """A description of ``module``'s packed or integer weight when SNELLA cannot adapt it
     (e.g. "Linear8bitLt (weight Int8Params)", "Linear (weight dtype torch.int8)",
-    "Linear (weight GGUFParameter)"), else None (plain float or supported: ``base_quantization``)."""
+    "Linear (weight SomePackedTensor)"), else None (plain float or supported: ``base_quantization``)."""
     if base_quantization(module) is not None:
         return None
     weight = getattr(module, "weight", None)

@@ -376,7 +376,8 @@ def test_quantize_flags_are_checked_with_one_line_errors(monkeypatch):
         "--quantize_base=nf4: bitsandbytes 4-bit training needs a CUDA GPU and this run has none; use fp8 or int8")
     assert _flag_error("--quantize_base", "int8", "--quantize_backend", "bitsandbytes") == (
         "--quantize_backend=bitsandbytes: cannot do --quantize_base=int8 (use torchao or quanto)")
-    assert _flag_error("--quantize_backend", "torchao") == "--quantize_backend=torchao: needs --quantize_base"
+    assert _flag_error("--quantize_backend", "torchao") == (
+        "--quantize_backend=torchao: needs --quantize_base or --quantize_text_encoder")
     assert _flag_error("--quantize_base", "fp8", "--adapter", "full") == (
         "--quantize_base=fp8: only SNELLA adapters train beside a quantized base (--adapter snella)")
     monkeypatch.setattr(run_checks, "_installed", lambda module: module != "optimum.quanto")

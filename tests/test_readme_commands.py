@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import FluxTransformer2DModel
 
 try:
     import tomllib
@@ -26,6 +27,7 @@ except ImportError:  # Python 3.10
 from benchmark_scripts import load_benchmark
 
 from snella_diffusion import SnellaConfig, apply_snella, save_snella
+from snella_diffusion.testing.gguf_files import write_q8_0_checkpoint
 from snella_diffusion.testing.tiny_dit_models import TINY_DIT_BUILDERS
 from snella_diffusion.testing.tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline
 from snella_diffusion.training.data import synthetic_instance_images, write_images
@@ -198,6 +200,9 @@ def tiny_world(tmp_path_factory):
     builders = {"sd": tiny_sd_pipeline, "sdxl": tiny_sdxl_pipeline, **TINY_DIT_BUILDERS}
     for name in set(TINY_BASES.values()):
         builders[name](0).save_pretrained(root / name)
+    transformer = FluxTransformer2DModel.from_pretrained(root / TINY_BASES["black-forest-labs/FLUX.1-dev"],
+                                                         subfolder="transformer")
+    write_q8_0_checkpoint(transformer.state_dict(), root / "transformer-Q8_0.gguf")  # --pretrained_denoiser_file
     images = write_images(synthetic_instance_images(count=2, size=48, seed=1), root / "dog", "dog")
     for index, image in enumerate(images):  # sidecar captions for the captioned-dataset recipe
         image.with_suffix(".txt").write_text(f"a toy, picture {index}")
@@ -244,7 +249,7 @@ def test_dreambooth_recipe_runs_on_a_tiny_model(tiny_world, tmp_path, command):
     replace = {"--output_dir": str(tmp_path / "out"),
                "--instance_data_dir": str(tiny_world / TINY_KOHYA_LAYOUTS.get(instance_dir, "dog")),
                "--class_data_dir": str(tiny_world / TINY_KOHYA_LAYOUTS[class_dir]) if class_kohya
-               else str(tmp_path / "class")}
+               else str(tmp_path / "class"), "--pretrained_denoiser_file": str(tiny_world / "transformer-Q8_0.gguf")}
     if base is not None:
         replace["--pretrained_model_name_or_path"] = str(tiny_world / TINY_BASES[base])
     tiny = tiny_arguments(arguments, replace)

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from ..errors import SnellaError
 from ..hub import HubDownloadError, download_hub_file
+from ..single_file import load_gguf_denoiser
 from ..training.objectives import NoiseObjective, TrainingObjective
 
 if TYPE_CHECKING:
@@ -172,12 +173,15 @@ class ModelFamily:
         revision: Optional[str] = None,
         variant: Optional[str] = None,
         dtype: Optional[torch.dtype] = None,
+        denoiser_file: Optional[str] = None,
     ) -> TrainingComponents:
         """Load every component named in ``model_index`` from ``source`` (folder or hub id).
 
         ``dtype`` is the dtype the neural modules are loaded in (``torch_dtype=``, as diffusers'
         scripts do, so no float32 copy of a large model is built first); the components of
-        ``FLOAT32_COMPONENTS`` (the VAE) load in float32 whatever ``dtype`` is.
+        ``FLOAT32_COMPONENTS`` (the VAE) load in float32 whatever ``dtype`` is. With
+        ``denoiser_file`` (a GGUF checkpoint), the denoiser is built from ``source``'s config and
+        that file's quantized weights instead (``single_file.load_gguf_denoiser``).
         """
         modules: dict[str, Any] = {}
         for component, spec in model_index.items():
@@ -196,6 +200,10 @@ class ModelFamily:
                 kwargs["variant"] = variant
             if is_module and dtype is not None:
                 kwargs[dtype_keyword(library)] = torch.float32 if component in FLOAT32_COMPONENTS else dtype
+            if component == self.denoiser_component and denoiser_file is not None:
+                modules[component] = load_gguf_denoiser(cls, denoiser_file, source, component,
+                                                        dtype or torch.float32, revision)
+                continue
             try:
                 loaded = cls.from_pretrained(source, **kwargs)
             except Exception as error:

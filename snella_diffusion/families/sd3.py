@@ -21,14 +21,15 @@ class SD3Family(FlowMatchingFamily):
     text_encoder_components = ("text_encoder", "text_encoder_2", "text_encoder_3")
     default_weighting_scheme = "logit_normal"
 
-    def load(self, source, model_index, revision=None, variant=None, dtype=None) -> TrainingComponents:
+    def load(self, source, model_index, revision=None, variant=None, dtype=None,
+             denoiser_file=None) -> TrainingComponents:
         """As the base loader; ``text_encoder_3`` (T5) may be absent (null in model_index.json)."""
         family = self
         spec = model_index.get("text_encoder_3")
         if not (isinstance(spec, (list, tuple)) and spec and spec[0] is not None):
             family = copy.copy(self)
             family.text_encoder_components = ("text_encoder", "text_encoder_2")
-        return ModelFamily.load(family, source, model_index, revision, variant, dtype)
+        return ModelFamily.load(family, source, model_index, revision, variant, dtype, denoiser_file)
 
     def uses_preconditioning(self, components):
         return self.options(components).precondition_outputs

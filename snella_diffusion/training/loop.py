@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
+from accelerate.utils import DistributedType
 from tqdm.auto import tqdm
 
 from ..errors import SnellaError
@@ -15,6 +16,7 @@ from .batch_loss import training_loss
 from .checkpointing import CheckpointableGenerator
 from .ema import AdapterEMA
 from .run_settings import RunSettings
+from .sharding import average_gradients
 
 
 class NonFiniteLossError(SnellaError):
@@ -66,6 +68,8 @@ class MicroBatchStep:
                     "--learning_rate, or train with --mixed_precision=no or bf16"
                 )
             accelerator.backward(loss)
+            if accelerator.sync_gradients and accelerator.distributed_type == DistributedType.FSDP:
+                average_gradients(self.trainable)  # FSDP2 leaves the SNELLA parameters out of its units
             max_grad_norm = self.settings.training.max_grad_norm
             if accelerator.sync_gradients and max_grad_norm > 0:
                 accelerator.clip_grad_norm_(self.trainable, max_grad_norm)

@@ -7,6 +7,11 @@ quantized while SNELLA trains beside it (``docs/quantized-bases.md``).
   ``quanto`` for optimum-quanto qint8);
 - ``nf4``: bitsandbytes 4-bit NormalFloat ``Linear4bit`` (backend ``bitsandbytes``; CUDA only).
 
+``--quantize_text_encoder {fp8,int8}`` stores the frozen text encoders other than CLIP (T5,
+Qwen2.5-VL, Mistral, Qwen3, ...: the large ones, used only to encode or cache prompts) the same
+way, with the same backends. ``--pretrained_denoiser_file`` loads a denoiser that a GGUF file
+already holds quantized (``snella_diffusion.single_file``).
+
 The layers quantized are the denoiser's ``nn.Linear`` layers outside the patterns diffusers'
 layerwise casting skips (its default embeddings and norms, the model's
 ``_keep_in_fp32_modules`` and ``_skip_layerwise_casting_patterns``), for every backend. SNELLA
@@ -19,7 +24,7 @@ from __future__ import annotations
 import argparse
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -27,6 +32,10 @@ from torch import nn
 from .flag_settings import FlagSettings
 
 QUANTIZE_BASE_CHOICES = ("fp8", "int8", "nf4")
+QUANTIZE_TEXT_ENCODER_CHOICES = ("fp8", "int8")
+# text encoder classes left in the training dtype by --quantize_text_encoder: CLIP's (at most
+# 0.7B parameters, and CLIP-only families have nothing large to quantize)
+SMALL_TEXT_ENCODER_PREFIX = "CLIP"
 # --quantize_base -> its backends, the default first
 BACKENDS: dict[str, tuple[str, ...]] = {"fp8": ("diffusers",), "int8": ("torchao", "quanto"), "nf4": ("bitsandbytes",)}
 BACKEND_MODULES = {"diffusers": "diffusers", "torchao": "torchao", "quanto": "optimum.quanto",
@@ -35,10 +44,13 @@ BACKEND_MODULES = {"diffusers": "diffusers", "torchao": "torchao", "quanto": "op
 
 @dataclass(frozen=True)
 class QuantizationSettings(FlagSettings):
-    """How the frozen denoiser is stored: as loaded (None) or quantized."""
+    """How the frozen denoiser is stored: as loaded (None), quantized after loading, or loaded
+    from a GGUF file already quantized."""
 
     quantize_base: Optional[str] = None
     quantize_backend: Optional[str] = None
+    pretrained_denoiser_file: Optional[str] = None
+    quantize_text_encoder: Optional[str] = None
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,8 +62,17 @@ class QuantizationSettings(FlagSettings):
                                 "adds x·ΔWᵀ beside the quantized product and never writes those weights.")
         group.add_argument("--quantize_backend", type=str, default=None,
                            choices=sorted({b for backends in BACKENDS.values() for b in backends}),
-                           help="Library for --quantize_base: fp8 diffusers; int8 torchao (default) or quanto; "
-                                "nf4 bitsandbytes.")
+                           help="Library for --quantize_base and --quantize_text_encoder: fp8 diffusers; int8 "
+                                "torchao (default) or quanto; nf4 bitsandbytes.")
+        group.add_argument("--quantize_text_encoder", type=str, default=None,
+                           choices=list(QUANTIZE_TEXT_ENCODER_CHOICES),
+                           help="Store the frozen text encoders other than CLIP (T5, Qwen2.5-VL, Mistral, Qwen3...) "
+                                "quantized, as --quantize_base does the denoiser; not with --train_text_encoder.")
+        group.add_argument("--pretrained_denoiser_file", type=str, default=None,
+                           help="A GGUF checkpoint (.gguf) of the denoiser, loaded as diffusers does "
+                                "(from_single_file with GGUFQuantizationConfig, the config from "
+                                "--pretrained_model_name_or_path) in place of the pipeline's own; SNELLA trains "
+                                "beside its quantized layers. Needs the gguf package.")
 
     @property
     def backend(self) -> Optional[str]:
@@ -59,6 +80,14 @@ class QuantizationSettings(FlagSettings):
         if self.quantize_base is None:
             return None
         return self.quantize_backend or BACKENDS[self.quantize_base][0]
+
+    @property
+    def text_encoder_backend(self) -> Optional[str]:
+        """The backend that quantizes the text encoders: ``--quantize_backend``, or the default
+        of ``--quantize_text_encoder``."""
+        if self.quantize_text_encoder is None:
+            return None
+        return self.quantize_backend or BACKENDS[self.quantize_text_encoder][0]
 
 
 def skip_patterns(model: nn.Module) -> tuple[str, ...]:
@@ -83,9 +112,39 @@ def quantize_denoiser(model: nn.Module, settings: QuantizationSettings, compute_
     """Quantize ``model``'s linears in place, on the device they are on, as ``settings`` says;
     ``compute_dtype`` is the training dtype the products run in. Returns the number of linears
     quantized (0 when ``--quantize_base`` is not given)."""
-    base, backend = settings.quantize_base, settings.backend
-    if base is None:
+    if settings.quantize_base is None:
         return 0
+    return quantize_linears(model, settings.quantize_base, settings.backend, compute_dtype)
+
+
+def quantized_text_encoders(model_index: dict[str, Any], text_encoder_components: tuple[str, ...]) -> list[str]:
+    """The text encoder components ``--quantize_text_encoder`` quantizes: those of
+    ``text_encoder_components`` present in ``model_index`` whose class is not CLIP's."""
+    chosen = []
+    for component in text_encoder_components:
+        spec = model_index.get(component)
+        if isinstance(spec, (list, tuple)) and len(spec) == 2 and spec[1] is not None:
+            if not str(spec[1]).startswith(SMALL_TEXT_ENCODER_PREFIX):
+                chosen.append(component)
+    return chosen
+
+
+def quantize_text_encoders(encoders: dict[str, nn.Module], settings: QuantizationSettings,
+                           compute_dtype: torch.dtype) -> dict[str, int]:
+    """Quantize each of ``encoders`` (component name → frozen text encoder) in place as
+    ``--quantize_text_encoder`` says; returns the number of linears quantized per component
+    (empty when the flag is not given)."""
+    if settings.quantize_text_encoder is None:
+        return {}
+    return {name: quantize_linears(encoder, settings.quantize_text_encoder, settings.text_encoder_backend,
+                                   compute_dtype)
+            for name, encoder in encoders.items()}
+
+
+def quantize_linears(model: nn.Module, base: str, backend: str, compute_dtype: torch.dtype) -> int:
+    """Quantize ``model``'s ``quantized_linear_names`` in place, on their device, to ``base``
+    ("fp8", "int8", "nf4") with ``backend``; the products run in ``compute_dtype``. Returns
+    the number of linears quantized."""
     names = quantized_linear_names(model)
     chosen = set(names)
     if backend == "diffusers":

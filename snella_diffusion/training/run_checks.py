@@ -12,6 +12,7 @@ import torch
 
 from ..errors import SnellaError
 from ..inject import check_targets
+from ..single_file import check_denoiser_file
 from .data_arguments import check_data_settings
 from .quantized_base import BACKEND_MODULES, BACKENDS, QuantizationSettings
 from .run_settings import RunSettings
@@ -73,6 +74,7 @@ def check_run_settings(settings: RunSettings) -> None:
             )
     check_quantization_settings(settings.quantization, adapter.method.snella_layers,
                                 torch.cuda.is_available() and not use_cpu(training.cpu))
+    check_text_encoder_quantization(settings.quantization, training.train_text_encoder)
     if training.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise TrainingSetupError("--use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes)")
     at_least_one = (("train_batch_size", training), ("gradient_accumulation_steps", training),
@@ -106,9 +108,20 @@ def check_quantization_settings(settings: QuantizationSettings, trains_snella_la
     together, the backend is not installed, cannot run on the device (nf4 needs CUDA), or the
     adapter method trains the base weights themselves."""
     base, backend = settings.quantize_base, settings.backend
+    denoiser_file = settings.pretrained_denoiser_file
+    if denoiser_file is not None:
+        check_denoiser_file(denoiser_file)
+        if base is not None:
+            raise TrainingSetupError(
+                f"--quantize_base={base}: the denoiser of --pretrained_denoiser_file is already quantized (GGUF); "
+                "drop one of them")
+        if not trains_snella_layers:
+            raise TrainingSetupError(
+                "--pretrained_denoiser_file: only SNELLA adapters train beside a GGUF-quantized base (--adapter snella)")
     if base is None:
-        if settings.quantize_backend is not None:
-            raise TrainingSetupError(f"--quantize_backend={settings.quantize_backend}: needs --quantize_base")
+        if settings.quantize_backend is not None and settings.quantize_text_encoder is None:
+            raise TrainingSetupError(
+                f"--quantize_backend={settings.quantize_backend}: needs --quantize_base or --quantize_text_encoder")
         return
     if backend not in BACKENDS[base]:
         raise TrainingSetupError(
@@ -123,6 +136,25 @@ def check_quantization_settings(settings: QuantizationSettings, trains_snella_la
     if not trains_snella_layers:
         raise TrainingSetupError(
             f"--quantize_base={base}: only SNELLA adapters train beside a quantized base (--adapter snella)")
+
+
+def check_text_encoder_quantization(settings: QuantizationSettings, train_text_encoder: bool) -> None:
+    """Raise TrainingSetupError (one line naming the flag) when ``--quantize_text_encoder`` is
+    combined with ``--train_text_encoder`` (a trained encoder stays in the training dtype), its
+    backend cannot do the format, or the backend is not installed."""
+    chosen, backend = settings.quantize_text_encoder, settings.text_encoder_backend
+    if chosen is None:
+        return
+    if train_text_encoder:
+        raise TrainingSetupError(
+            f"--quantize_text_encoder={chosen}: the text encoders are trained (--train_text_encoder); "
+            "only frozen encoders are stored quantized, drop one of the flags")
+    if backend not in BACKENDS[chosen]:
+        raise TrainingSetupError(f"--quantize_backend={backend}: cannot do --quantize_text_encoder={chosen} "
+                                 f"(use {' or '.join(BACKENDS[chosen])})")
+    if not _installed(BACKEND_MODULES[backend]):
+        raise TrainingSetupError(f"--quantize_text_encoder={chosen}: the {backend} backend is not installed "
+                                 "(pip install 'snella-diffusion[quantization]')")
 
 
 def check_snella_settings(settings: RunSettings) -> None:

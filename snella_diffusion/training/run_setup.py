@@ -16,13 +16,14 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from diffusers.optimization import get_scheduler
 
 from ..families import ModelFamily, TrainingComponents
+from ..single_file import check_single_file_class
 from .captions import PromptEmbeddingCache
 from .checkpointing import CheckpointableGenerator, resolve_resume_path
 from .data import CachedLatentsDataset, generate_class_images, load_image_folder, warn_small_images
 from .data_arguments import bucket_sizes, make_subset_dataset, make_training_dataset, make_training_loader, run_subsets
 from .optimizers import make_optimizer
 from .param_groups import optimizer_param_groups, uses_one_group
-from .quantized_base import quantize_denoiser
+from .quantized_base import quantize_denoiser, quantize_text_encoders, quantized_text_encoders
 from .run_checks import TrainingSetupError, resolve_report_to, use_cpu
 from .run_settings import RunSettings
 from .subset_dataset import SubsetImages
@@ -39,11 +40,27 @@ def load_components(
 ) -> tuple[TrainingComponents, int, torch.dtype]:
     """The family's components loaded in the training dtype (the VAE in float32, as diffusers'
     scripts do), configured with the run's family settings and moved to the device, the
-    denoiser's linears quantized on ``--quantize_base``; returns
-    ``(components, resolution in pixels, weight dtype)``."""
+    denoiser's linears quantized on ``--quantize_base`` (or loaded from the GGUF file of
+    ``--pretrained_denoiser_file``) and the large text encoders on ``--quantize_text_encoder``;
+    returns ``(components, resolution in pixels, weight dtype)``."""
     source = settings.model.pretrained_model_name_or_path
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    components = family.load(source, model_index, settings.model.revision, settings.model.variant, dtype=weight_dtype)
+    denoiser_file = settings.quantization.pretrained_denoiser_file
+    encoders = []
+    if settings.quantization.quantize_text_encoder is not None:
+        encoders = quantized_text_encoders(model_index, family.text_encoder_components)
+        if not encoders:
+            raise TrainingSetupError(
+                f"--quantize_text_encoder={settings.quantization.quantize_text_encoder}: {source}'s text encoders "
+                f"({', '.join(family.text_encoder_components)}) are CLIP models only, which stay unquantized; "
+                "drop the flag")
+    spec = model_index.get(family.denoiser_component)
+    if denoiser_file is not None and isinstance(spec, (list, tuple)) and len(spec) == 2:
+        check_single_file_class(spec[0], spec[1], family.denoiser_component)
+    components = family.load(source, model_index, settings.model.revision, settings.model.variant, dtype=weight_dtype,
+                             denoiser_file=denoiser_file)
+    if denoiser_file is not None:
+        logger.info("the denoiser's weights from %s (GGUF, computed in %s)", denoiser_file, weight_dtype)
     family.configure(components, settings.family_settings())
     resolution = settings.data.resolution or family.native_resolution(components)
     vae_factor = family.vae_scale_factor(components)
@@ -59,6 +76,10 @@ def load_components(
     if quantized:
         logger.info("the denoiser's %d linears stored as %s (%s), computed in %s", quantized,
                     quantization.quantize_base, quantization.backend, weight_dtype)
+    counts = quantize_text_encoders({name: components.modules[name] for name in encoders}, quantization, weight_dtype)
+    for name, count in counts.items():
+        logger.info("%s: %d linears stored as %s (%s), computed in %s", name, count,
+                    quantization.quantize_text_encoder, quantization.text_encoder_backend, weight_dtype)
     return components, resolution, weight_dtype
 
 
