@@ -18,6 +18,7 @@ pixart      PixArtFamily                PixArtAlphaPipeline, PixArtSigmaPipeline
 qwen_image  QwenImageFamily             QwenImagePipeline
 z_image     ZImageFamily                ZImagePipeline
 flux2       Flux2KleinFamily            Flux2KleinPipeline
+wan         WanFamily                   WanPipeline (Wan 2.1, Wan 2.2 TI2V-5B and A14B; video)
 ==========  ==========================  ================================================
 
 Shared pieces: ``base.py`` (ModelFamily, TrainingComponents, FamilySettings, the generic
@@ -59,6 +60,7 @@ from .z_image import ZImageFamily
 from .sd import StableDiffusionFamily
 from .sd3 import SD3Family
 from .sdxl import StableDiffusionXLFamily
+from .wan import WanFamily
 
 FAMILIES: dict[str, ModelFamily] = {
     family.name: family
@@ -71,6 +73,7 @@ FAMILIES: dict[str, ModelFamily] = {
         QwenImageFamily(),
         ZImageFamily(),
         Flux2KleinFamily(),
+        WanFamily(),
     )
 }
 
@@ -118,6 +121,7 @@ __all__ = [
     "StableDiffusionXLFamily",
     "TrainingComponents",
     "UnknownModelFamilyError",
+    "WanFamily",
     "ZImageFamily",
     "detect_family",
     "family_for_class",
