@@ -108,12 +108,12 @@ def test_one_family_table_of_plain_modules():
     expected = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
                 "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "PixArtAlphaPipeline": "pixart",
                 "PixArtSigmaPipeline": "pixart", "QwenImagePipeline": "qwen_image",
-                "ZImagePipeline": "z_image", "Flux2KleinPipeline": "flux2"}
+                "ZImagePipeline": "z_image", "Flux2KleinPipeline": "flux2", "WanPipeline": "wan"}
     for class_name, module in expected.items():
         family = families.family_for_class(class_name)
         assert type(family).__module__ == f"snella_diffusion.families.{module}"
         assert families.FAMILIES[family.name] is family
-    assert len(families.FAMILIES) == 8
+    assert len(families.FAMILIES) == 9
     with pytest.raises(families.UnknownModelFamilyError, match="'NopePipeline' is not a supported model family"):
         families.family_for_class("NopePipeline")
     for path in (PACKAGE / "families").glob("*.py"):
@@ -131,4 +131,4 @@ def test_families_import_first_without_a_cycle():
     code = ("import snella_diffusion.families as f, sys; "
             "assert 'snella_diffusion.training.dit_families' not in sys.modules; print(len(f.FAMILIES))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "8"
+    assert result.stdout.strip() == "9"

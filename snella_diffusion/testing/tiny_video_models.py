@@ -71,3 +71,23 @@ def tiny_wan_pipeline(seed: int = 0, two_experts: bool = False, boundary_ratio: 
         transformer_2=tiny_wan_transformer(seed + 5) if two_experts else None,
         boundary_ratio=boundary_ratio if two_experts else None, expand_timesteps=expand_timesteps,
     )
+
+
+SQUARE_COLOUR = (230, 40, 30)
+BACKGROUND_COLOUR = (40, 60, 90)
+
+
+def moving_square_frames(frames: int, height: int = 32, width: int = 48, side: int = 8, step: int = 2):
+    """A synthetic clip ``(frames, height, width, 3)`` uint8: a red square of ``side`` pixels on a
+    blue-grey background, its left edge at column ``step·i`` in frame ``i`` (top at height/4)."""
+    import numpy as np
+
+    if (frames - 1) * step + side > width:
+        raise ValueError(f"a {side}px square moving {step}px per frame leaves a {width}px frame after "
+                         f"{(width - side) // step + 1} frames")
+    video = np.empty((frames, height, width, 3), dtype=np.uint8)
+    video[:] = BACKGROUND_COLOUR
+    top = height // 4
+    for index in range(frames):
+        video[index, top:top + side, index * step:index * step + side] = SQUARE_COLOUR
+    return video

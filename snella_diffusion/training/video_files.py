@@ -38,8 +38,8 @@ def import_av(path: Path) -> Any:
     """The ``av`` module; VideoFileError naming ``path`` and the install command when absent."""
     try:
         import av
-    except ImportError as error:
-        raise VideoFileError(f"{path}: reading video files needs PyAV: {INSTALL_HINT}") from error
+    except ImportError:
+        raise VideoFileError(f"{path}: reading video files needs PyAV: {INSTALL_HINT}") from None
     return av
 
 
@@ -73,7 +73,8 @@ def _frames(path: Path):
     except VideoFileError:
         raise
     except (av.FFmpegError, OSError, ValueError, IndexError, EOFError) as error:
-        raise _decode_error(path, error) from error
+        # the message carries FFmpeg's reason; its traceback would only repeat it
+        raise _decode_error(path, error) from None
 
 
 def probe_clip(path: Path) -> ClipInfo:
