@@ -345,3 +345,23 @@ def test_published_config_layer_counts_match_a_walk_of_the_module_tree(tmp_path)
                              SnellaConfig(rank=4, target_modules=expand_block_filters(["dit@blocks:0-9"])))
     assert len(first_ten) == 10 * 10
     assert {int(name.split(".")[1]) for name in first_ten} == set(range(10))
+
+
+def test_memory_table_of_the_video_page_is_the_accounting_scripts():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from wan_memory import memory_rows, tokens_of
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    assert tokens_of(81, 480, 832, 8) == 21 * 30 * 52 == 32760  # latent frames × 2×2 patches of the 8× VAE
+    assert tokens_of(121, 704, 1280, 16) == 31 * 22 * 40
+    rows = [row for model in ("wan2.1-14b", "wan2.2-5b") for row in memory_rows(model)]
+    five = next(r for r in rows if (r.model, r.frames, r.height) == ("wan2.2-5b", 121, 704))
+    kept, one_block = 30 * 27280 * 3072, 27280 * (14 * 3072 + 2 * 14336)  # bf16 block inputs, one block recomputed
+    assert five.activations_gib == round((kept + one_block) * 2 / 1024 ** 3, 1) == 8.3
+    assert five.weights_gib == round(2 * 5.0e9 / 1024 ** 3, 1)
+    page = (REPO / "docs" / "video.md").read_text()
+    for row in rows:
+        line = (f"| {row.model} | {row.frames} × {row.height} × {row.width} | {row.tokens} | {row.weights_gib} | "
+                f"{row.adapter_gib} | {row.activations_gib} | **{row.total_gib}** |")
+        assert line in page, line

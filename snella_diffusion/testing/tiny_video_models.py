@@ -91,3 +91,14 @@ def moving_square_frames(frames: int, height: int = 32, width: int = 48, side: i
     for index in range(frames):
         video[index, top:top + side, index * step:index * step + side] = SQUARE_COLOUR
     return video
+
+
+def _tiny_a14b_pipeline(seed: int = 0):
+    return tiny_wan_pipeline(seed, two_experts=True)
+
+
+# name -> builder(seed), as tiny_dit_models.TINY_DIT_BUILDERS
+TINY_VIDEO_BUILDERS = {
+    "wan": tiny_wan_pipeline,
+    "wan-a14b": _tiny_a14b_pipeline,
+}
