@@ -57,6 +57,13 @@ def test_frame_counts_fit_the_temporal_factor():
         check_video_settings(settings, 4)
     with pytest.raises(VideoDataError, match="--with_prior_preservation: not available for video models"):
         check_video_settings(parse_run_settings(["--with_prior_preservation"]), 4)
+    with pytest.raises(VideoDataError, match="--instance_data_dir: a video model trains on a folder"):
+        load_video_records(parse_run_settings([]))
+    from snella_diffusion.families import FAMILIES
+    from snella_diffusion.training.run_setup import load_run_images
+
+    with pytest.raises(VideoDataError, match="--num_frames: applies to video models .Wan.; the stable-diffusion family"):
+        load_run_images(parse_run_settings(["--num_frames", "9"]), FAMILIES["stable-diffusion"])
 
 
 @pytest.fixture(scope="module")

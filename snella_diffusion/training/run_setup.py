@@ -30,7 +30,7 @@ from .subsets import DatasetSubset, is_kohya_layout, load_subset
 from .training_images import TrainingImage, load_training_images
 from .vae_inputs import decode_in_vae_dtype
 from .validation import fresh_scheduler
-from .video_dataset import describe_records, load_video_records, make_video_dataset
+from .video_dataset import describe_records, load_video_records, make_video_dataset, refuse_video_flags
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,8 @@ def load_run_images(
     video ``family``: its clips and images (``video_dataset.load_video_records``), None, None."""
     if family is not None and family.is_video:
         return load_video_records(settings), None, None
+    if family is not None:
+        refuse_video_flags(settings, family.name)
     subsets = run_subsets(settings)
     if subsets is None:
         return load_training_images(settings), None, None

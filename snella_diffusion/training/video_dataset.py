@@ -104,10 +104,12 @@ def record_frames(record: VideoRecord) -> int:
     return record.info.frames if isinstance(record, TrainingClip) else 1
 
 
-def check_video_settings(settings: RunSettings, temporal_factor: int) -> None:
-    """Refuse flags a video run cannot honour, naming them; before the model is loaded."""
+def check_video_settings(settings: RunSettings, temporal_factor: Optional[int] = None) -> None:
+    """Refuse flags a video run cannot honour, naming them: before the model is loaded (with
+    ``temporal_factor`` None), and ``--num_frames`` against the VAE's temporal factor once it is known."""
     video, data = settings.video, settings.data
-    if video.num_frames is not None and (video.num_frames < 1 or (video.num_frames - 1) % temporal_factor):
+    if temporal_factor is not None and video.num_frames is not None and (
+            video.num_frames < 1 or (video.num_frames - 1) % temporal_factor):
         raise VideoDataError(f"--num_frames={video.num_frames}: must be {temporal_factor}·k+1 "
                              f"(1, {temporal_factor + 1}, {2 * temporal_factor + 1}, …) for this model's VAE")
     if video.frame_stride < 1:
@@ -122,12 +124,26 @@ def check_video_settings(settings: RunSettings, temporal_factor: int) -> None:
             raise VideoDataError(f"{flag}: not available for video models yet (train on a clip folder or --dataset_name)")
 
 
+def refuse_video_flags(settings: RunSettings, family_name: str) -> None:
+    """An image family given a video flag: VideoDataError naming the flag (not silently ignored)."""
+    video = settings.video
+    given = {"--num_frames": video.num_frames is not None, "--frame_stride": video.frame_stride != 1,
+             "--frame_sampling": video.frame_sampling != "first", "--wan_expert": video.wan_expert is not None}
+    for flag, is_given in given.items():
+        if is_given:
+            raise VideoDataError(f"{flag}: applies to video models (Wan); the {family_name} family trains on images")
+
+
 def load_video_records(settings: RunSettings) -> list[VideoRecord]:
     """The instance clips and images of a video run: ``--dataset_name`` images (one-frame
     videos), or every clip and image in ``--instance_data_dir`` with sidecar captions. Each
     clip is decoded once here, so an unreadable one stops the run before the model loads."""
+    check_video_settings(settings)
     if settings.datasets.dataset_name:
         return list(load_dataset_images(settings.datasets, settings.loss))
+    if settings.data.instance_data_dir is None:
+        raise VideoDataError("--instance_data_dir: a video model trains on a folder of clips and images "
+                             "(or image rows of --dataset_name); none was given")
     folder = Path(settings.data.instance_data_dir)
     if not folder.is_dir():
         raise VideoDataError(f"--instance_data_dir={folder}: no such folder")
