@@ -14,7 +14,7 @@ use) and Wan 2.2 A14B (two transformers), trained on clips and images (``trainin
   repeated over the ``F'·(H'/2)·(W'/2)`` tokens here.
 - σ: ``--weighting_scheme`` (default none: uniform over the training table) shifted by the
   scheduler's ``flow_shift`` (``shift`` for a FlowMatchEulerDiscreteScheduler): the shift the
-  model's authors ship with it (3.0 for the 480p 1.3B, 5.0 for the 14B/720p releases).
+  model ships with (the Wan authors sample at 3.0 for 480p, 5.0 for 720p).
 - Wan 2.2 A14B: ``transformer`` is the high-noise expert (timesteps ≥ ``boundary_ratio`` ×
   ``num_train_timesteps``, 875 for the T2V release), ``transformer_2`` the low-noise one.
   ``--wan_expert=high`` trains ``transformer`` on timesteps drawn at or above the boundary only;
