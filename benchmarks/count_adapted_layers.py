@@ -4,6 +4,7 @@ parameters at a rank, the whole denoiser's parameters and its bf16 size with the
 
     python benchmarks/count_adapted_layers.py                         # every DiT reference
     python benchmarks/count_adapted_layers.py --model qwen-image --rank 8 --json out.json
+    python benchmarks/count_adapted_layers.py --video                 # the Wan transformers
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from snella_diffusion.files import write_json_atomically
 from snella_diffusion.testing.reference_configs import REFERENCE_CONFIGS, build_reference_model
 
 DIT_MODELS = ("sd3", "flux", "qwen-image", "z-image", "flux2-klein", "chroma", "flux2", "krea2")
+VIDEO_MODELS = ("wan2.1-1.3b", "wan2.1-14b", "wan2.2-5b")
 GIB = 1024 ** 3
 
 
@@ -53,12 +55,13 @@ def count_adapted(model: str, preset: str = "dit", rank: int = 8) -> AdaptedCoun
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(REFERENCE_CONFIGS), action="append",
-                        help="Reference model(s) to count (default: the DiTs).")
+                        help="Reference model(s) to count (default: the DiTs, or the video models with --video).")
+    parser.add_argument("--video", action="store_true", help="Count the video transformers (Wan) instead of the DiTs.")
     parser.add_argument("--preset", default="dit")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--json", type=Path, default=None, help="Also write the counts here.")
     args = parser.parse_args(argv)
-    counts = [count_adapted(model, args.preset, args.rank) for model in args.model or DIT_MODELS]
+    counts = [count_adapted(model, args.preset, args.rank) for model in args.model or (VIDEO_MODELS if args.video else DIT_MODELS)]
     print("| model | adapted layers | adapted weights | adapter params (rank {}) | denoiser params | bf16 base GiB |".format(args.rank))
     print("|---|---:|---:|---:|---:|---:|")
     for count in counts:

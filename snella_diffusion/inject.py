@@ -31,12 +31,12 @@ TARGET_PRESETS: dict[str, list[str]] = {
     # DiTs: also joint-attention context projections, the context MLP, Flux single-block MLP
     # projections, Qwen-Image's image/text-stream MLPs, Z-Image's attention and SwiGLU MLP,
     # Flux.2's MLPs and fused single-block projections (285 on SD3-medium, 418 on Flux.1-dev,
-    # 720 on Qwen-Image, 238 on Z-Image).
+    # 720 on Qwen-Image, 238 on Z-Image), Wan's attn1/attn2 and GELU ffn (400 on Wan 2.1 14B).
     "dit": [
         _anywhere(
             r"attn\d*\.(?:to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
         ),
-        _anywhere(r"(?:ff|ff_context|img_mlp|txt_mlp)\.net\.(?:0\.proj|2)"),
+        _anywhere(r"(?:ff|ff_context|ffn|img_mlp|txt_mlp)\.net\.(?:0\.proj|2)"),
         _anywhere(r"attention\.(?:to_q|to_k|to_v|to_out\.0)"),
         _anywhere(r"feed_forward\.(?:w1|w2|w3)"),
         _anywhere(r"(?:ff|ff_context)\.(?:linear_in|linear_out)"),

@@ -30,6 +30,7 @@ from snella_diffusion import SnellaConfig, apply_snella, save_snella
 from snella_diffusion.testing.gguf_files import write_q8_0_checkpoint
 from snella_diffusion.testing.tiny_dit_models import TINY_DIT_BUILDERS
 from snella_diffusion.testing.tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline
+from snella_diffusion.testing.tiny_video_models import TINY_VIDEO_BUILDERS
 from snella_diffusion.training.data import synthetic_instance_images, write_images
 
 from train_scripts import train_classification_snella as classification_script
@@ -53,12 +54,15 @@ TINY_BASES = {
     "lodestones/Chroma1-HD": "chroma",
     "black-forest-labs/FLUX.2-dev": "flux2",
     "krea/Krea-2-Raw": "krea2",
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": "wan",
+    "Wan-AI/Wan2.2-T2V-A14B-Diffusers": "wan-a14b",
 }
 # flag -> tiny value (flags not listed keep the page's value)
 TINY_SIZES = {
     "--resolution": "32", "--max_train_steps": "2", "--rank": "4", "--validation_steps": "1",
     "--checkpointing_steps": "1", "--max_sequence_length": "16", "--num_class_images": "2",
     "--gradient_accumulation_steps": "2", "--min_bucket_reso": "16", "--max_bucket_reso": "64",
+    "--num_frames": "5",
 }
 TINY_EXTRA = ["--num_validation_images", "1", "--validation_inference_steps", "1", "--report_to", "none"]
 # data folder named on a page -> the kohya <repeats>_<prompt> layout in the tiny world standing for it
@@ -85,6 +89,7 @@ NOT_RUN_HERE = {
     "pip install snella-diffusion": "installs the published package into ComfyUI's Python",
     "snella-comfyui install /path/to/ComfyUI": "writes into a ComfyUI checkout; tests/test_comfyui.py runs "
                                                "it on a stand-in folder",
+    "pip install snella-diffusion[video]": "installs the video extra; the test extra holds PyAV too",
 }
 
 
@@ -197,7 +202,7 @@ def tiny_arguments(arguments: list[str], replace: dict[str, str]) -> list[str]:
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory):
     root = tmp_path_factory.mktemp("readme")
-    builders = {"sd": tiny_sd_pipeline, "sdxl": tiny_sdxl_pipeline, **TINY_DIT_BUILDERS}
+    builders = {"sd": tiny_sd_pipeline, "sdxl": tiny_sdxl_pipeline, **TINY_DIT_BUILDERS, **TINY_VIDEO_BUILDERS}
     for name in set(TINY_BASES.values()):
         builders[name](0).save_pretrained(root / name)
     transformer = FluxTransformer2DModel.from_pretrained(root / TINY_BASES["black-forest-labs/FLUX.1-dev"],

@@ -67,7 +67,7 @@ def test_every_flag_fills_exactly_one_field_of_one_group():
     fields = [field.name for group in GROUPS.values() for field in dataclasses.fields(group)]
     assert len(fields) == len(set(fields))  # no field in two groups
     assert sorted(dests) == sorted(fields)
-    assert len(fields) == 116
+    assert len(fields) == 120
 
 
 def test_bare_caption_prefix_and_ema_decay_are_resolved_at_parsing():
@@ -109,7 +109,8 @@ def test_one_family_table_of_plain_modules():
                 "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "PixArtAlphaPipeline": "pixart",
                 "PixArtSigmaPipeline": "pixart", "QwenImagePipeline": "qwen_image",
                 "ZImagePipeline": "z_image", "Flux2KleinPipeline": "flux2",
-                "ChromaPipeline": "chroma", "Flux2Pipeline": "flux2", "Krea2Pipeline": "krea2"}
+                "ChromaPipeline": "chroma", "Flux2Pipeline": "flux2", "Krea2Pipeline": "krea2",
+                "WanPipeline": "wan"}
     for class_name, module in expected.items():
         family = families.family_for_class(class_name)
         assert type(family).__module__ == f"snella_diffusion.families.{module}"

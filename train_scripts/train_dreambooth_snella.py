@@ -1,4 +1,4 @@
-"""DreamBooth with SNELLA adapters for Stable Diffusion 1.x/2.x, SDXL, SD3, Flux and PixArt, run with accelerate.
+"""DreamBooth with SNELLA adapters for Stable Diffusion 1.x/2.x, SDXL, SD3, Flux, PixArt, ... and Wan (video), run with accelerate.
 
     accelerate launch train_scripts/train_dreambooth_snella.py \\
         --pretrained_model_name_or_path=<hub id or folder> --instance_data_dir=<images> \\
@@ -29,6 +29,7 @@ from accelerate.logging import get_logger
 
 from snella_diffusion import SnellaError, save_snella
 from snella_diffusion.families import detect_family
+from snella_diffusion.families.base import TRAINED_MODULES_KEY
 from snella_diffusion.training.adapters import attach_method
 from snella_diffusion.training.checkpointing import CheckpointableGenerator, list_checkpoints, register_adapter_hooks, save_checkpoint
 from snella_diffusion.training.data_arguments import check_data_settings, subset_records
@@ -80,8 +81,8 @@ def main(settings: RunSettings) -> Path:
     settings = prepare_embedded_inputs(settings, accelerator, output_dir)
     base_model, seed, process = settings.model.pretrained_model_name_or_path, settings.training.seed, accelerator.process_index
 
-    instance_images, subsets, subset_parts = load_run_images(settings)
     family, model_index = detect_family(base_model, settings.model.revision)
+    instance_images, subsets, subset_parts = load_run_images(settings, family)
     logger.info("model family: %s (%s)", family.name, model_index.get("_class_name"))
     components, resolution, weight_dtype = load_components(settings, family, model_index, accelerator)
     encode_generator = CheckpointableGenerator(seed + 7919 * process)
@@ -96,8 +97,9 @@ def main(settings: RunSettings) -> Path:
     config = adapter.snella_config(family.denoiser_preset, training.max_train_steps)
     method = adapter.method
     text_encoders = components.text_encoders if training.train_text_encoder else None
-    trained, allocator = attach_method(method, components.denoiser, family.denoiser_component, config,
-                                       training.max_train_steps, adapter.lora_rank, text_encoders=text_encoders)
+    trained, allocator = attach_method(method, components.denoiser, components.denoiser_component, config,
+                                       training.max_train_steps, adapter.lora_rank, text_encoders=text_encoders,
+                                       extra_denoisers=family.extra_denoisers(components))
     if adapter.freeze_beta:
         freeze_snella_beta(trained.values())
     trainable = [p for module in trained.values() for p in module.parameters() if p.requires_grad]
@@ -105,8 +107,9 @@ def main(settings: RunSettings) -> Path:
                 ", ".join(trained), sum(p.numel() for p in trainable))
     prepare_for_training(settings, components, trained)
     optimizer, lr_scheduler = make_optimization(settings, trainable, accelerator.num_processes, trained,
-                                                family.denoiser_component)
+                                                components.denoiser_component)
     *wrapped_modules, optimizer, loader, lr_scheduler = accelerator.prepare(*trained.values(), optimizer, loader, lr_scheduler)
+    components.extra[TRAINED_MODULES_KEY] = dict(zip(trained, wrapped_modules))
     noise_generator = CheckpointableGenerator(seed + 104729 * process)
     if method.snella_layers:
         register_adapter_hooks(accelerator, trained, base_model, accelerator.unwrap_model)
@@ -164,7 +167,7 @@ def main(settings: RunSettings) -> Path:
 
     accelerator.wait_for_everyone()
     rank_drops = finalize_allocation(accelerator, allocator, finished=global_step >= training.max_train_steps)
-    adapter_path = method.output_file(output_dir, family.denoiser_component)
+    adapter_path = method.output_file(output_dir, components.denoiser_component)
     if accelerator.is_main_process:
         if ema is not None:
             save_snella(trained, output_dir / RAW_OUTPUT_FILE, base_model=base_model)

@@ -21,6 +21,7 @@ flux2       Flux2KleinFamily            Flux2KleinPipeline
 flux2       Flux2DevFamily              Flux2Pipeline
 chroma      ChromaFamily                ChromaPipeline
 krea2       Krea2Family                 Krea2Pipeline
+wan         WanFamily                   WanPipeline (Wan 2.1, Wan 2.2 TI2V-5B and A14B; video)
 ==========  ==========================  ================================================
 
 Shared pieces: ``base.py`` (ModelFamily, TrainingComponents, FamilySettings, the generic
@@ -64,6 +65,7 @@ from .z_image import ZImageFamily
 from .sd import StableDiffusionFamily
 from .sd3 import SD3Family
 from .sdxl import StableDiffusionXLFamily
+from .wan import WanFamily
 
 FAMILIES: dict[str, ModelFamily] = {
     family.name: family
@@ -79,6 +81,7 @@ FAMILIES: dict[str, ModelFamily] = {
         ChromaFamily(),
         Flux2DevFamily(),
         Krea2Family(),
+        WanFamily(),
     )
 }
 
@@ -129,6 +132,7 @@ __all__ = [
     "StableDiffusionXLFamily",
     "TrainingComponents",
     "UnknownModelFamilyError",
+    "WanFamily",
     "ZImageFamily",
     "detect_family",
     "family_for_class",

@@ -55,15 +55,21 @@ class FamilySettings:
             UNet families).
         train_text_encoder: whether the text encoders are trained (``--train_text_encoder``).
         resolution: ``--resolution`` in pixels, or None for the model's native size.
+        wan_expert: ``--wan_expert`` (Wan 2.2 A14B: "high", "low", "both"; None: the family's default).
     """
 
     dit: "DiTFlags"
     train_text_encoder: bool = False
     resolution: Optional[int] = None
+    wan_expert: Optional[str] = None
 
 
 SKIPPED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
 
+
+# TrainingComponents.extra key: {component: the module as the training loop calls it} (the
+# accelerate-wrapped trained modules), set by the training script after ``accelerator.prepare``.
+TRAINED_MODULES_KEY = "trained_modules"
 
 # Loaded in float32 whatever the training dtype: SD/SDXL VAEs overflow in fp16 (NaN latents).
 FLOAT32_COMPONENTS = ("vae",)
@@ -163,6 +169,8 @@ class ModelFamily:
     denoiser_component: str = "unet"
     denoiser_preset: str = "unet"
     text_encoder_components: tuple[str, ...] = ("text_encoder",)
+    # Video families train on (B, 3, F, H, W) clips (training/video_dataset.py) and validate with videos.
+    is_video: bool = False
     # Extra keyword arguments the pipeline constructor needs for skipped components.
     pipeline_kwargs: dict[str, Any] = {}
 
@@ -227,6 +235,11 @@ class ModelFamily:
             denoiser_component=self.denoiser_component,
             text_encoder_components=self.text_encoder_components,
         )
+
+    def extra_denoisers(self, components: TrainingComponents) -> dict[str, nn.Module]:
+        """Denoisers trained beside ``components.denoiser`` in the same adapter file, by
+        component name (Wan 2.2 A14B's second expert); none by default."""
+        return {}
 
     def vae_scale_factor(self, components: TrainingComponents) -> int:
         return 2 ** (len(components.vae.config.block_out_channels) - 1)

@@ -32,11 +32,12 @@ from .base import FamilySettings, ModelFamily, TrainingComponents
 
 OPTIONS_KEY = "dit_options"
 VALIDATION_KEY = "validation_embeddings"
-# Block-filter aliases: the double-stream (joint) blocks and Flux's single-stream blocks.
+# Block-filter aliases: the double-stream (joint) blocks, Flux's single-stream blocks, Wan's blocks.
 BLOCK_ALIASES = {
     "double": r"transformer_blocks",
     "joint": r"transformer_blocks",
     "single": r"single_transformer_blocks",
+    "blocks": r"blocks",
 }
 
 
@@ -56,7 +57,8 @@ def block_filter_patterns(item: str) -> list[str]:
     """Expand ``<preset>@<blocks>`` into regexes matching the preset's layers inside those blocks.
 
     ``<blocks>`` is ``double`` (alias ``joint``: ``transformer_blocks.N``), ``single`` (Flux's
-    ``single_transformer_blocks.N``), either with indices (``double:0-9``, ``single:0,5``), or
+    ``single_transformer_blocks.N``), ``blocks`` (Wan's ``blocks.N``), either with indices
+    (``double:0-9``, ``single:0,5``, ``blocks:0-19``), or
     a regex of the block path (``transformer_blocks\.1[0-8]``). Like diffusers'
     ``--lora_layers``/``--lora_blocks``: e.g. ``dit@double`` adapts only double-stream blocks.
     """

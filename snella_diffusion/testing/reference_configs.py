@@ -183,6 +183,33 @@ KREA2_TRANSFORMER: dict[str, Any] = {
     "rope_theta": 1000.0,
     "norm_eps": 1e-5,
 }
+# Wan-AI/Wan2.1-T2V-14B-Diffusers, transformer/config.json (each of Wan2.2-T2V-A14B's two
+# experts, transformer and transformer_2, has this architecture); the Wan authors' config:
+# dim 5120, ffn 13824, 40 heads, 40 layers, text 4096, patches (1, 2, 2)
+WAN21_14B_TRANSFORMER: dict[str, Any] = {
+    "patch_size": [1, 2, 2],
+    "num_attention_heads": 40,
+    "attention_head_dim": 128,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 4096,
+    "freq_dim": 256,
+    "ffn_dim": 13824,
+    "num_layers": 40,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-06,
+    "rope_max_seq_len": 1024,
+}
+
+# Wan-AI/Wan2.1-T2V-1.3B-Diffusers, transformer/config.json: dim 1536, ffn 8960, 12 heads, 30 layers
+WAN21_1_3B_TRANSFORMER: dict[str, Any] = {**WAN21_14B_TRANSFORMER, "num_attention_heads": 12, "ffn_dim": 8960,
+                                          "num_layers": 30}
+
+# Wan-AI/Wan2.2-TI2V-5B-Diffusers, transformer/config.json: dim 3072, ffn 14336, 24 heads, 30
+# layers, 48 latent channels (the Wan 2.2 VAE, 16× spatial)
+WAN22_5B_TRANSFORMER: dict[str, Any] = {**WAN21_14B_TRANSFORMER, "num_attention_heads": 24, "ffn_dim": 14336,
+                                        "num_layers": 30, "in_channels": 48, "out_channels": 48}
 
 # google/vit-base-patch16-224-in21k, config.json
 VIT_B16: dict[str, Any] = {
@@ -207,6 +234,9 @@ REFERENCE_CONFIGS: dict[str, dict[str, Any]] = {
     "chroma": CHROMA1_HD_TRANSFORMER,
     "flux2": FLUX2_DEV_TRANSFORMER,
     "krea2": KREA2_TRANSFORMER,
+    "wan2.1-1.3b": WAN21_1_3B_TRANSFORMER,
+    "wan2.1-14b": WAN21_14B_TRANSFORMER,
+    "wan2.2-5b": WAN22_5B_TRANSFORMER,
     "vit-b16": VIT_B16,
 }
 
@@ -216,7 +246,8 @@ def build_reference_model(name: str, device: str | torch.device = "meta", **over
 
     Args:
         name: one of ``REFERENCE_CONFIGS`` ("sd15", "sdxl", "sd3", "flux", "qwen-image", "z-image",
-            "flux2-klein", "flux2", "chroma", "krea2", "vit-b16").
+            "flux2-klein", "flux2", "chroma", "krea2", "wan2.1-1.3b", "wan2.1-14b" (also each Wan 2.2 A14B
+            expert), "wan2.2-5b", "vit-b16").
         device: "meta" allocates nothing (parameter counting, injection counts).
         overrides: config keys to change (e.g. ``num_layers=2`` for a few real-size blocks).
     """
@@ -244,6 +275,10 @@ def build_reference_model(name: str, device: str | torch.device = "meta", **over
             from diffusers import ZImageTransformer2DModel
 
             return ZImageTransformer2DModel(**config)
+        if name.startswith("wan"):
+            from diffusers import WanTransformer3DModel
+
+            return WanTransformer3DModel(**config)
         if name in ("flux2-klein", "flux2"):
             from diffusers import Flux2Transformer2DModel
 

@@ -79,10 +79,13 @@ def attach_method(
     lora_rank: Optional[int] = None,
     lora_alpha: Optional[float] = None,
     text_encoders: Optional[dict[str, nn.Module]] = None,
+    extra_denoisers: Optional[dict[str, nn.Module]] = None,
 ) -> tuple[dict[str, nn.Module], Union[BiLevelAllocator, StaticAllocator]]:
     """Make ``denoiser`` (and each of ``text_encoders``, with the ``text_encoder`` preset)
     trainable the ``method`` way: SNELLA with ``config``, LoRA on ``config``'s targets at rank
     ``lora_rank`` or ``config.rank`` (alpha = rank unless given), or every denoiser parameter.
+    ``extra_denoisers`` (``{component: model}``, e.g. Wan 2.2 A14B's ``transformer_2``) are
+    adapted like ``denoiser``, in the same allocator.
 
     Returns ``({component: model}, allocator)``: SNELLA's allocator over every adapted layer,
     named ``<component>.<module path>``, over ``total_steps`` optimizer steps; else a
@@ -92,8 +95,9 @@ def attach_method(
         raise SnellaConfigError(f"--adapter={method.name} trains the denoiser only: drop --train_text_encoder")
     settings = AttachSettings(target_modules=config.target_modules, snella=config, lora_rank=lora_rank or config.rank,
                               lora_alpha=lora_alpha, total_steps=total_steps)
-    trained: dict[str, nn.Module] = {component: denoiser}
-    layers = {f"{component}.{n}": layer for n, layer in method.attach(denoiser, settings).layers.items()}
+    trained: dict[str, nn.Module] = {component: denoiser, **(extra_denoisers or {})}
+    layers = {f"{name}.{n}": layer for name, model in trained.items()
+              for n, layer in method.attach(model, settings).layers.items()}
     if text_encoders:
         text_settings = settings.for_targets("text_encoder")
         for name, encoder in text_encoders.items():

@@ -181,13 +181,15 @@ class FlowMatchingObjective:
         """σ from the timesteps ``prepare`` returned, float32 ``(B,)``."""
         return timesteps.float() / self.schedule.num_train_timesteps
 
+    def draw_sigmas(self, batch_size: int, generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+        """``(sigmas, timesteps)`` of one batch, float32 ``(batch_size,)`` on the CPU."""
+        return self.schedule.sample(self.weighting_scheme, batch_size, self.logit_mean, self.logit_std,
+                                    self.mode_scale, generator=generator)
+
     def prepare(self, latents: Tensor, noise: Tensor, generator: Optional[torch.Generator] = None,
                 input_noise: Optional[Tensor] = None) -> ObjectiveBatch:
         """``input_noise`` (``--input_perturbation``) replaces ``noise`` in x_σ only."""
-        sigmas, timesteps = self.schedule.sample(
-            self.weighting_scheme, latents.shape[0], self.logit_mean, self.logit_std, self.mode_scale,
-            generator=generator,
-        )
+        sigmas, timesteps = self.draw_sigmas(latents.shape[0], generator)
         sigmas, timesteps = sigmas.to(latents.device), timesteps.to(latents.device)
         noisy = add_flow_noise(latents, noise if input_noise is None else input_noise, sigmas)
         target = latents if self.precondition else flow_target(latents, noise)

@@ -56,7 +56,7 @@ class MicroBatchStep:
                 latents = latents.to(self.weight_dtype)
             loss = training_loss(
                 family, components, self.objective, batch, latents, self.conditioning_for(batch["prompts"]),
-                self.wrapped[family.denoiser_component], self.noise_generator.generator,
+                self.wrapped[components.denoiser_component], self.noise_generator.generator,
                 self.settings.data.prior_loss_weight, self.settings.loss.noise_offset,
                 self.settings.loss.input_perturbation,
             )

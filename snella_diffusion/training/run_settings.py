@@ -48,6 +48,7 @@ from .job_config import parse_args_with_config
 from .loss_options import LossSettings
 from .optimizers import OptimizerSettings
 from .quantized_base import QuantizationSettings
+from .video_dataset import VideoSettings
 
 LR_SCHEDULERS = tuple(kind.value for kind in SchedulerType)
 REPORT_TO_CHOICES = ("tensorboard", "wandb", "comet_ml", "mlflow", "all", "none")
@@ -269,6 +270,7 @@ class RunSettings:
     optimizer: OptimizerSettings
     ema: EMASettings
     quantization: QuantizationSettings
+    video: VideoSettings
     config: Optional[str] = None
 
     @classmethod
@@ -286,7 +288,7 @@ class RunSettings:
     def family_settings(self) -> FamilySettings:
         """What a model family's ``configure`` reads."""
         return FamilySettings(dit=self.dit, train_text_encoder=bool(self.training.train_text_encoder),
-                              resolution=self.data.resolution)
+                              resolution=self.data.resolution, wan_expert=self.video.wan_expert)
 
 
 GROUPS: dict[str, type[FlagSettings]] = {
@@ -303,6 +305,7 @@ GROUPS: dict[str, type[FlagSettings]] = {
     "optimizer": OptimizerSettings,
     "ema": EMASettings,
     "quantization": QuantizationSettings,
+    "video": VideoSettings,
 }
 
 
@@ -313,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for group in (ModelSettings, InstanceDataSettings, TrainingSettings, ValidationSettings, AdapterSettings,
-                  DiTFlags, QuantizationSettings):
+                  DiTFlags, QuantizationSettings, VideoSettings):
         group.add_arguments(parser)
     add_data_arguments(parser)
     return parser

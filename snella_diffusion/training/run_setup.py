@@ -31,6 +31,7 @@ from .subsets import DatasetSubset, is_kohya_layout, load_subset
 from .training_images import TrainingImage, load_training_images
 from .vae_inputs import decode_in_vae_dtype
 from .validation import fresh_scheduler
+from .video_dataset import describe_records, load_video_records, make_video_dataset, refuse_video_flags
 
 logger = logging.getLogger(__name__)
 
@@ -84,12 +85,17 @@ def load_components(
 
 
 def load_run_images(
-    settings: RunSettings,
-) -> tuple[list[TrainingImage], Optional[list[DatasetSubset]], Optional[list[SubsetImages]]]:
+    settings: RunSettings, family: Optional[ModelFamily] = None,
+) -> tuple[list[Any], Optional[list[DatasetSubset]], Optional[list[SubsetImages]]]:
     """``(instance images, dataset subsets, the training subsets loaded)``: the subsets of
     ``--dataset_config`` or of kohya's ``<repeats>_<prompt>`` folders (``run_subsets``), whose
     training subsets are read here (the regularisation ones in :func:`build_dataset`); None,
-    None for a plain folder or ``--dataset_name``, read as one set of instance images."""
+    None for a plain folder or ``--dataset_name``, read as one set of instance images. For a
+    video ``family``: its clips and images (``video_dataset.load_video_records``), None, None."""
+    if family is not None and family.is_video:
+        return load_video_records(settings), None, None
+    if family is not None:
+        refuse_video_flags(settings, family.name)
     subsets = run_subsets(settings)
     if subsets is None:
         return load_training_images(settings), None, None
@@ -113,8 +119,19 @@ def build_dataset(
     base model on the main process), aspect-ratio buckets, latents cached on request. With
     ``subsets`` (``subset_parts`` their loaded training subsets, :func:`load_run_images`), the
     subsets' dataset: the regularisation subsets are loaded here, after class images are
-    generated (none for a kohya ``<repeats>_<prompt>`` class folder)."""
+    generated (none for a kohya ``<repeats>_<prompt>`` class folder). A video family trains
+    on ``video_dataset.VideoDataset`` (clips and one-frame images, frame-count buckets)."""
     data, dataset_name = settings.data, settings.datasets.dataset_name
+    if family.is_video:
+        video = make_video_dataset(settings, instance_images, family, components, resolution,
+                                   bucket_sizes(settings.buckets, family, components, resolution))
+        logger.info("video data: %s", describe_records(instance_images))
+        clips: torch.utils.data.Dataset = video
+        if data.cache_latents:
+            clips = CachedLatentsDataset(
+                video, lambda pixels: family.encode_latents(components, pixels.to(accelerator.device),
+                                                            encode_generator.generator))
+        return clips, make_training_loader(settings, clips, video)
     if subset_parts is None:
         source = f"--dataset_name={dataset_name}" if dataset_name else f"--instance_data_dir={data.instance_data_dir}"
         warn_small_images({image.name: image.image for image in instance_images}, resolution, source)
@@ -240,7 +257,9 @@ def prepare_for_training(settings: RunSettings, components: TrainingComponents,
     if settings.training.enable_xformers_memory_efficient_attention:
         components.denoiser.enable_xformers_memory_efficient_attention()
     if settings.training.gradient_checkpointing:
-        components.denoiser.enable_gradient_checkpointing()
+        denoisers = {components.denoiser_component, *trained} - set(components.text_encoder_components)
+        for name in sorted(denoisers):
+            components.modules[name].enable_gradient_checkpointing()
         if settings.training.train_text_encoder:
             for name in components.text_encoder_components:
                 components.modules[name].gradient_checkpointing_enable()

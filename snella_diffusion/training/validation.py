@@ -15,6 +15,7 @@ from ..families import ModelFamily, TrainingComponents
 from ..viz import save_image_grid
 from .run_settings import RunSettings
 from .vae_inputs import decode_in_vae_dtype
+from .video_validation import run_video_validation
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,10 @@ def run_validation(
     output_dir: Path,
 ) -> Path:
     """Sample ``--num_validation_images`` images of ``--validation_prompt`` with the current
-    adapters and write them as ``validation/step_<step>.png``."""
+    adapters and write them as ``validation/step_<step>.png``; a video family writes videos
+    and a frame strip (``video_validation.py``)."""
+    if family.is_video:
+        return run_video_validation(settings, accelerator, family, components, trained, step, resolution, output_dir)
     validation, data = settings.validation, settings.data
     overrides = {name: module for name, module in trained.items()}
     overrides["scheduler"] = fresh_scheduler(components.noise_scheduler)

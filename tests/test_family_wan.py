@@ -1,0 +1,367 @@
+"""Wan (``WanPipeline``): a tiny pipeline of the real diffusers/transformers classes (UMT5 encoder
+with a code-built tokenizer, AutoencoderKLWan, WanTransformer3DModel; one transformer as Wan 2.1,
+two and a boundary as Wan 2.2 A14B) saved and loaded by path; prompt encoding, normalised latents,
+the model call and σ sampling against the pipeline's conventions; the loss falling on a fixed
+batch; the A14B expert split (hooks count which transformer a sample reaches); the DreamBooth
+script on synthetic clips and a still image: adapter reload exact, unload exact, validation video;
+adapted-layer counts of the published configs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from snella_diffusion import SnellaConfig, SnellaError, apply_snella, read_snella_file
+from snella_diffusion.families import FamilySettings, detect_family
+from snella_diffusion.families.dit import DiTFlags
+from snella_diffusion.testing.tiny_video_models import (
+    TINY_WAN_LATENTS_MEAN,
+    TINY_WAN_LATENTS_STD,
+    moving_square_frames,
+    tiny_wan_pipeline,
+)
+from snella_diffusion.training.batch_loss import training_loss
+from snella_diffusion.training.video_files import probe_clip, write_video
+
+PROMPT = "a photo of sks dog"
+LONGER = "a photo of sks dog on the grass with a red ball"
+CPU = torch.device("cpu")
+REPO = Path(__file__).resolve().parents[1]
+LENGTH = 32  # --max_sequence_length
+
+
+@pytest.fixture(scope="module")
+def wan_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("wan") / "pipeline"
+    tiny_wan_pipeline(0).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def a14b_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("wan-a14b") / "pipeline"
+    tiny_wan_pipeline(0, two_experts=True).save_pretrained(folder)
+    return folder
+
+
+def _settings(*flags: str, resolution: int = 16, wan_expert=None, train_text_encoder=False) -> FamilySettings:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    DiTFlags.add_arguments(parser)
+    return FamilySettings(dit=DiTFlags.from_flags(vars(parser.parse_args(list(flags)))), resolution=resolution,
+                          wan_expert=wan_expert, train_text_encoder=train_text_encoder)
+
+
+def _loaded(folder, *flags, wan_expert=None):
+    family, index = detect_family(str(folder))
+    components = family.load(str(folder), index)
+    family.configure(components, _settings("--max_sequence_length", str(LENGTH), *flags, wan_expert=wan_expert))
+    return family, components
+
+
+def _pixels(frames=9, batch=2, seed=1):
+    return torch.rand(batch, 3, frames, 16, 16, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_tiny_pipeline_reloads_by_path_samples_the_same_and_is_detected(wan_folder):
+    from diffusers import DiffusionPipeline, WanPipeline
+
+    built, loaded = tiny_wan_pipeline(0), DiffusionPipeline.from_pretrained(wan_folder)
+    assert type(loaded) is WanPipeline
+    kwargs = {"num_inference_steps": 2, "height": 16, "width": 16, "num_frames": 5, "output_type": "np",
+              "max_sequence_length": LENGTH}
+    videos = [pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).frames for pipe in (built, loaded)]
+    assert videos[0].shape == (1, 5, 16, 16, 3)
+    assert abs(videos[0] - videos[1]).max() < 1e-5
+    family, _ = detect_family(str(wan_folder))
+    assert family.name == "wan" and family.is_video
+
+
+def test_prompt_encoding_matches_the_pipeline_zero_padded(wan_folder):
+    family, components = _loaded(wan_folder)
+    pipeline = family.pipeline(components)
+    with torch.no_grad():
+        ours = family.encode_prompt(components, [PROMPT, LONGER], CPU)["prompt_embeds"]
+        theirs, _ = pipeline.encode_prompt([PROMPT, LONGER], do_classifier_free_guidance=False,
+                                           max_sequence_length=LENGTH, device=CPU)
+    assert ours.shape == (2, LENGTH, 64)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    tokens = len(components.modules["tokenizer"](PROMPT).input_ids)  # the words and </s>
+    assert ours[0, :tokens].abs().sum(-1).min() > 0 and torch.equal(ours[0, tokens:], torch.zeros(LENGTH - tokens, 64))
+
+
+def test_latents_are_the_mode_normalised_per_channel(wan_folder):
+    family, components = _loaded(wan_folder)
+    pixels = _pixels()
+    latents = family.encode_latents(components, pixels)
+    assert latents.shape == (2, 4, 3, 4, 4)  # (9 - 1)/4 + 1 latent frames, 16/4 px
+    assert family.temporal_factor(components) == 4 and family.pixel_multiple(components) == 8
+    with torch.no_grad():
+        mode = components.vae.encode(pixels).latent_dist.mean
+    for channel, (mean, std) in enumerate(zip(TINY_WAN_LATENTS_MEAN, TINY_WAN_LATENTS_STD)):
+        assert torch.allclose(latents[:, channel], (mode[:, channel] - mean) / std, atol=1e-6)
+    # the pipeline decodes latents / (1/std) + mean: the inverse
+    decoded_input = latents / (1.0 / torch.tensor(TINY_WAN_LATENTS_STD).view(1, 4, 1, 1, 1)) \
+        + torch.tensor(TINY_WAN_LATENTS_MEAN).view(1, 4, 1, 1, 1)
+    assert torch.allclose(decoded_input, mode, atol=1e-5)
+    one_frame = family.encode_latents(components, pixels[:, :, 0])
+    assert one_frame.shape == (2, 4, 1, 4, 4)
+
+
+def test_model_call_matches_the_pipelines(wan_folder):
+    family, components = _loaded(wan_folder)
+    latents = torch.randn(2, 4, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    timesteps = torch.tensor([250.0, 750.0])
+    with torch.no_grad():
+        conditioning = family.encode_prompt(components, [PROMPT, LONGER], CPU)
+        ours = family.predict(components, latents, timesteps, conditioning, {})
+        theirs = components.denoiser(hidden_states=latents, timestep=timesteps,
+                                     encoder_hidden_states=conditioning["prompt_embeds"], return_dict=False)[0]
+    assert ours.shape == latents.shape and torch.equal(ours, theirs)
+
+
+def test_ti2v_expanded_timesteps_are_the_pipelines_per_token_timesteps(tmp_path):
+    tiny_wan_pipeline(0, expand_timesteps=True).save_pretrained(tmp_path / "ti2v")
+    family, components = _loaded(tmp_path / "ti2v")
+    assert family.default_num_frames(components) == 121
+    latents = torch.randn(1, 4, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([600.0])
+    with torch.no_grad():
+        conditioning = family.encode_prompt(components, [PROMPT], CPU)
+        ours = family.predict(components, latents, t, conditioning, {})
+        per_token = (torch.ones(latents.shape)[0][0][:, ::2, ::2] * t).flatten().unsqueeze(0)  # the pipeline's mask · t
+        theirs = components.denoiser(hidden_states=latents, timestep=per_token,
+                                     encoder_hidden_states=conditioning["prompt_embeds"], return_dict=False)[0]
+    assert per_token.shape == (1, 3 * 2 * 2) and torch.equal(ours, theirs)
+
+
+def test_sigmas_are_the_flow_shifted_table(wan_folder):
+    family, components = _loaded(wan_folder)
+    objective = family.objective(components)
+    assert objective.schedule.shift == components.noise_scheduler.config.flow_shift == 3.0
+    u = torch.tensor([0.0, 0.1, 0.5, 0.93, 0.999])
+    plain = (1000 - (u * 1000).floor()) / 1000
+    assert torch.allclose(objective.schedule.sigmas_for(u), 3.0 * plain / (1 + 2.0 * plain), atol=1e-6)
+
+
+def test_loss_falls_in_20_steps_on_a_fixed_batch(wan_folder):
+    family, components = _loaded(wan_folder)
+    apply_snella(components.denoiser, SnellaConfig(rank=4, target_modules="dit"))
+    latents = family.encode_latents(components, _pixels())
+    with torch.no_grad():
+        conditioning = family.encode_prompt(components, [PROMPT, LONGER], CPU)
+    objective = family.objective(components)
+    optimizer = torch.optim.AdamW([p for p in components.denoiser.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for step in range(21):
+        loss = training_loss(family, components, objective, {"num_instance": 2}, latents, conditioning,
+                             components.denoiser, torch.Generator().manual_seed(5), prior_loss_weight=1.0)
+        assert torch.isfinite(loss)
+        losses.append(loss.item())
+        if step < 20:
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    assert losses[20] < 0.95 * losses[0], losses
+
+
+def _count_calls(components):
+    counts = {"transformer": 0, "transformer_2": 0}
+    handles = [components.modules[name].register_forward_hook(
+        lambda module, args, output, name=name: counts.__setitem__(name, counts[name] + 1)) for name in counts]
+    return counts, handles
+
+
+def test_a14b_samples_above_the_boundary_only_reach_the_high_noise_transformer(a14b_folder):
+    family, components = _loaded(a14b_folder)
+    assert family.expert(components) == "both" and family.boundary_timestep(components) == 875.0
+    latents = torch.randn(2, 4, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        conditioning = family.encode_prompt(components, [PROMPT, LONGER], CPU)
+        counts, handles = _count_calls(components)
+        high = family.predict(components, latents, torch.tensor([900.0, 875.0]), conditioning, {})
+        assert counts == {"transformer": 1, "transformer_2": 0}
+        low = family.predict(components, latents, torch.tensor([874.0, 100.0]), conditioning, {})
+        assert counts == {"transformer": 1, "transformer_2": 1}
+        mixed = family.predict(components, latents, torch.tensor([900.0, 100.0]), conditioning, {})
+        assert counts == {"transformer": 2, "transformer_2": 2}
+        for handle in handles:
+            handle.remove()
+        alone = [family.call_transformer(components, components.modules[name], latents[i:i + 1],
+                                         torch.tensor([t]), conditioning["prompt_embeds"][i:i + 1])
+                 for i, (name, t) in enumerate((("transformer", 900.0), ("transformer_2", 100.0)))]
+    assert torch.allclose(mixed, torch.cat(alone), atol=1e-6)
+    assert not torch.allclose(high[1], low[0])
+
+
+@pytest.mark.parametrize("expert, component", [("high", "transformer"), ("low", "transformer_2")])
+def test_an_expert_trains_on_its_side_of_the_boundary_only(a14b_folder, expert, component):
+    family, components = _loaded(a14b_folder, "--weighting_scheme", "logit_normal", wan_expert=expert)
+    assert components.denoiser_component == component and family.extra_denoisers(components) == {}
+    objective = family.objective(components)
+    _, timesteps = objective.draw_sigmas(4000, torch.Generator().manual_seed(0))
+    table = family.objective(_loaded(a14b_folder)[1]).schedule.sigma_table() * 1000
+    assert all(bool((table == t).any()) for t in timesteps[:50])  # entries of the shifted training table
+    side = table >= 875.0 if expert == "high" else table < 875.0
+    assert torch.equal(table[objective.allowed], table[side])  # every entry of the expert's side, no other
+    if expert == "high":
+        assert timesteps.min() >= 875.0 and timesteps.min() < 880.0 and timesteps.max() > 995.0
+    else:
+        assert timesteps.max() < 875.0 and timesteps.max() > 860.0 and timesteps.min() < 100.0
+    _, full = family.objective(_loaded(a14b_folder)[1]).draw_sigmas(4000, torch.Generator().manual_seed(0))
+    assert (full >= 875.0).any() and (full < 875.0).any()
+
+
+def test_configure_rejects_what_wan_cannot_do(wan_folder):
+    family, index = detect_family(str(wan_folder))
+    components = family.load(str(wan_folder), index)
+    with pytest.raises(SnellaError, match="--wan_expert=high: .* has one transformer; the flag applies to Wan 2.2 A14B"):
+        family.configure(components, _settings(wan_expert="high"))
+    with pytest.raises(SnellaError, match="--train_text_encoder: Wan trains the transformer only"):
+        family.configure(components, _settings(train_text_encoder=True))
+    with pytest.raises(SnellaError, match="--resolution=20: Wan needs a multiple of 8"):
+        family.configure(components, _settings(resolution=20))
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    """Two moving-square clips (9 and 17 frames, 32x48) and one still image, captioned."""
+    folder = tmp_path_factory.mktemp("wan-clips")
+    for frames in (9, 17):
+        write_video(folder / f"clip_{frames}.mp4", moving_square_frames(frames), fps=8)
+        (folder / f"clip_{frames}.txt").write_text("sks square moving")
+    Image.fromarray(moving_square_frames(1)[0]).save(folder / "still.png")
+    (folder / "still.txt").write_text("sks square")
+    return folder
+
+
+def _run_script(folder, clips, output_dir, *flags):
+    from train_scripts.train_dreambooth_snella import main, parse_args
+
+    return main(parse_args([
+        "--pretrained_model_name_or_path", str(folder), "--output_dir", str(output_dir),
+        "--instance_data_dir", str(clips), "--caption_extension", ".txt", "--instance_prompt", "sks",
+        "--resolution", "16", "--num_frames", "17", "--max_train_steps", "3", "--train_batch_size", "1",
+        "--rank", "4", "--learning_rate", "1e-2", "--checkpointing_steps", "100",
+        "--max_sequence_length", str(LENGTH), "--report_to", "none", "--seed", "1", *flags,
+    ]))
+
+
+def _output(family, components, transformer, t=600.0):
+    latents = torch.randn(1, 4, 3, 4, 4, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        conditioning = family.encode_prompt(components, [PROMPT], CPU)
+        return family.call_transformer(components, transformer, latents, torch.tensor([t]), conditioning["prompt_embeds"])
+
+
+@pytest.mark.slow
+def test_script_trains_on_clips_and_an_image_reloads_and_unloads_exactly(wan_folder, clip_folder, tmp_path,
+                                                                          monkeypatch):
+    import train_scripts.train_dreambooth_snella as script
+    from diffusers import WanPipeline
+
+    from snella_diffusion.loaders import load_snella_weights, unload_snella_weights
+
+    seen = {}
+    run_validation, write_outputs = script.run_validation, script.write_outputs
+
+    def recording_validation(settings, accelerator, family, components, trained, *rest):
+        seen["transformer"] = trained["transformer"]
+        return run_validation(settings, accelerator, family, components, trained, *rest)
+
+    def recording_outputs(settings, family, config, allocator, rank_drops, losses, *rest):
+        seen["losses"] = [loss for _, loss in losses]
+        return write_outputs(settings, family, config, allocator, rank_drops, losses, *rest)
+
+    monkeypatch.setattr(script, "run_validation", recording_validation)
+    monkeypatch.setattr(script, "write_outputs", recording_outputs)
+    adapter = _run_script(wan_folder, clip_folder, tmp_path, "--cache_latents", "--validation_prompt", PROMPT,
+                          "--num_validation_images", "1", "--validation_inference_steps", "2")
+    assert len(seen["losses"]) == 3 and all(np.isfinite(seen["losses"]))
+    assert (tmp_path / "validation" / "step_3.png").is_file()
+    video = probe_clip(tmp_path / "validation" / "step_3_0_0.mp4")
+    assert (video.frames, video.height, video.width) == (17, 16, 16)
+    assert len(read_snella_file(adapter).layers["transformer"]) == 2 * 10
+
+    family, components = _loaded(wan_folder)
+    trained = _output(family, components, seen["transformer"])
+    pipeline = WanPipeline.from_pretrained(wan_folder)
+    base = _output(family, components, pipeline.transformer)
+    load_snella_weights(pipeline, adapter)
+    reloaded = _output(family, components, pipeline.transformer)
+    assert (trained - base).abs().max() > 1e-4
+    assert torch.equal(reloaded, trained)
+    unload_snella_weights(pipeline)
+    assert torch.equal(_output(family, components, pipeline.transformer), base)
+
+
+@pytest.mark.slow
+def test_script_trains_both_a14b_experts_into_one_file(a14b_folder, clip_folder, tmp_path):
+    from diffusers import WanPipeline
+
+    from snella_diffusion.loaders import load_snella_weights
+
+    adapter = _run_script(a14b_folder, clip_folder, tmp_path, "--wan_expert", "both", "--num_frames", "9")
+    layers = read_snella_file(adapter).layers
+    assert sorted(layers) == ["transformer", "transformer_2"]
+    assert len(layers["transformer"]) == len(layers["transformer_2"]) == 2 * 10
+    family, components = _loaded(a14b_folder)
+    pipeline = WanPipeline.from_pretrained(a14b_folder)
+    before = {name: _output(family, components, getattr(pipeline, name)) for name in ("transformer", "transformer_2")}
+    load_snella_weights(pipeline, adapter)
+    for name in before:
+        assert (_output(family, components, getattr(pipeline, name)) - before[name]).abs().max() > 0, name
+
+
+def _walked_count(transformer) -> int:
+    """Linear layers of the self-attention, cross-attention and MLP of every block."""
+    return sum(
+        sum(isinstance(module, torch.nn.Linear) for part in (block.attn1, block.attn2, block.ffn)
+            for module in part.modules())
+        for block in transformer.blocks
+    )
+
+
+def test_published_config_layer_counts_match_a_walk_of_the_module_tree(tmp_path):
+    from snella_diffusion.families.dit import expand_block_filters
+    from snella_diffusion.testing.reference_configs import build_reference_model
+
+    output = tmp_path / "counts.json"
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "count_adapted_layers.py"), "--video",
+                    "--json", str(output)], check=True, capture_output=True, cwd=REPO)
+    counted = {count["model"]: count for count in json.loads(output.read_text())}
+    expected = {"wan2.1-1.3b": (30 * 10, 1.42), "wan2.1-14b": (40 * 10, 14.29), "wan2.2-5b": (30 * 10, 5.0)}
+    assert sorted(counted) == sorted(expected)
+    for model, (layers, billions) in expected.items():
+        assert counted[model]["adapted_layers"] == _walked_count(build_reference_model(model, device="meta")) == layers
+        assert round(counted[model]["denoiser_parameters"] / 1e9, 2) == billions
+    first_ten = apply_snella(build_reference_model("wan2.1-14b", device="meta"),
+                             SnellaConfig(rank=4, target_modules=expand_block_filters(["dit@blocks:0-9"])))
+    assert len(first_ten) == 10 * 10
+    assert {int(name.split(".")[1]) for name in first_ten} == set(range(10))
+
+
+def test_memory_table_of_the_video_page_is_the_accounting_scripts():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from wan_memory import memory_rows, tokens_of
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    assert tokens_of(81, 480, 832, 8) == 21 * 30 * 52 == 32760  # latent frames × 2×2 patches of the 8× VAE
+    assert tokens_of(121, 704, 1280, 16) == 31 * 22 * 40
+    rows = [row for model in ("wan2.1-14b", "wan2.2-5b") for row in memory_rows(model)]
+    five = next(r for r in rows if (r.model, r.frames, r.height) == ("wan2.2-5b", 121, 704))
+    kept, one_block = 30 * 27280 * 3072, 27280 * (14 * 3072 + 2 * 14336)  # bf16 block inputs, one block recomputed
+    assert five.activations_gib == round((kept + one_block) * 2 / 1024 ** 3, 1) == 8.3
+    assert five.weights_gib == round(2 * 5.0e9 / 1024 ** 3, 1)
+    page = (REPO / "docs" / "video.md").read_text()
+    for row in rows:
+        line = (f"| {row.model} | {row.frames} × {row.height} × {row.width} | {row.tokens} | {row.weights_gib} | "
+                f"{row.adapter_gib} | {row.activations_gib} | **{row.total_gib}** |")
+        assert line in page, line
