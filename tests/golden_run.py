@@ -127,7 +127,7 @@ def script_case(family: str, precision: str, root: Path) -> dict[str, torch.Tens
         "--max_train_steps", "2", "--train_batch_size", "2", "--rank", "4", "--learning_rate", "1e-2",
         "--target_sparsity", "0.6", "--allocator_warmup_steps", "0", "--allocator_final_steps", "1",
         "--allocator_interval", "1", "--checkpointing_steps", "100", "--report_to", "none", "--seed", "3",
-        "--mixed_precision", precision,
+        "--mixed_precision", precision, "--reference_beta",
     ]
     if family == "flux":
         flags += ["--max_sequence_length", "16"]

@@ -1,6 +1,7 @@
 """The method's scalar flags (issue 26 item 2): --snella_scalar_lr, --text_encoder_lr and
 --beta_decay reach the optimizer's param groups; --freeze_beta keeps β exactly 0 through
-training and a resume; β decays by (1 − lr·beta_decay) per step; defaults keep one group."""
+training and a resume; β decays by (1 − lr·beta_decay) per step; SNELLA runs decay β by
+default (the lab's pick) and --reference_beta keeps the reference's one group."""
 
 from __future__ import annotations
 
@@ -37,13 +38,30 @@ def scalar_ids(model) -> set[int]:
     return {id(t) for m in model.modules() if isinstance(m, SnellaAdapter) for t in (m.alpha, m.gamma, m.beta)}
 
 
-def test_default_is_one_group_of_the_trainable_list_at_the_learning_rate():
-    settings, trained, trainable = attached([])
+def test_reference_beta_is_one_group_of_the_trainable_list_at_the_learning_rate():
+    settings, trained, trainable = attached(["--reference_beta"])
+    assert settings.optimizer.beta_decay is None
     optimizer, _ = make_optimization(settings, trainable, 1, trained, "unet")
     assert len(optimizer.param_groups) == 1
     group = optimizer.param_groups[0]
     assert group["lr"] == 1e-2 and group["weight_decay"] == 1e-2
     assert [id(p) for p in group["params"]] == [id(p) for p in trainable]
+
+
+def test_snella_default_decays_beta_in_its_own_group_and_other_adapters_keep_one_group():
+    from snella_diffusion.training.optimizers import DEFAULT_BETA_DECAY
+
+    settings, trained, trainable = attached([])
+    assert settings.optimizer.beta_decay == DEFAULT_BETA_DECAY == 10.0
+    optimizer, _ = make_optimization(settings, trainable, 1, trained, "unet")
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert set(groups) == {"denoiser", "beta"}
+    betas = {id(m.beta) for model in trained.values() for m in model.modules() if isinstance(m, SnellaAdapter)}
+    assert betas and {id(p) for p in groups["beta"]["params"]} == betas
+    assert (groups["beta"]["lr"], groups["beta"]["weight_decay"]) == (1e-2, 10.0)
+    assert groups["denoiser"]["weight_decay"] == 1e-2
+    for flags in (["--freeze_beta"], ["--adapter", "lora"], ["--beta_decay", "0.5"]):
+        assert parse_run_settings(flags).optimizer.beta_decay == (0.5 if "--beta_decay" in flags else None)
 
 
 def test_scalar_and_text_encoder_rates_reach_their_groups():
@@ -134,6 +152,9 @@ def test_beta_decays_by_the_decoupled_formula():
     (["--adapter", "lora", "--freeze_beta"], "--freeze_beta: SNELLA's scalars"),
     (["--adapter", "lora", "--snella_scalar_lr", "1e-3"], "--snella_scalar_lr"),
     (["--freeze_beta", "--beta_decay", "0.1"], "nothing to decay"),
+    (["--reference_beta", "--beta_decay", "0.1"], "--reference_beta learns β as the reference does: --beta_decay"),
+    (["--reference_beta", "--freeze_beta"], "--reference_beta learns β as the reference does: --freeze_beta"),
+    (["--adapter", "lora", "--reference_beta"], "--reference_beta: SNELLA's scalars"),
     (["--no-train_text_encoder", "--text_encoder_lr", "1e-4"], "--text_encoder_lr applies with --train_text_encoder"),
 ])
 def test_flag_combinations_that_cannot_work_are_refused(flags, message):
@@ -145,5 +166,5 @@ def test_help_documents_the_flags():
     from snella_diffusion.training.run_settings import build_parser
 
     text = build_parser().format_help()
-    for flag in ("--snella_scalar_lr", "--freeze_beta", "--beta_decay", "--text_encoder_lr"):
+    for flag in ("--snella_scalar_lr", "--freeze_beta", "--beta_decay", "--reference_beta", "--text_encoder_lr"):
         assert flag in text

@@ -31,13 +31,21 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+DEFAULT_BETA_DECAY = 10.0
+"""``--beta_decay`` of SNELLA runs of the DreamBooth script unless ``--reference_beta``: picked
+on the personalization lab (issue 26, docs/lab.md) over the reference, a frozen β, a lower
+scalar rate and a separate text-encoder rate."""
+
+
 @dataclass(frozen=True)
 class OptimizerSettings(FlagSettings):
     """``--optimizer``, the Prodigy flags and the per-group rates (AdamW's betas, weight decay
     and epsilon are the ``--adam_*`` flags of ``TrainingSettings``).
 
     ``snella_scalar_lr``, ``text_encoder_lr`` and ``beta_decay`` None: one parameter group at
-    ``--learning_rate`` (the reference behaviour); ``training/param_groups.py`` splits them."""
+    ``--learning_rate`` (the reference behaviour); ``training/param_groups.py`` splits them.
+    The DreamBooth run fills ``beta_decay`` with :data:`DEFAULT_BETA_DECAY` for SNELLA adapters
+    unless ``reference_beta`` (``RunSettings.from_flags``)."""
 
     optimizer: str
     prodigy_beta3: Optional[float]
@@ -47,6 +55,7 @@ class OptimizerSettings(FlagSettings):
     snella_scalar_lr: Optional[float]
     text_encoder_lr: Optional[float]
     beta_decay: Optional[float]
+    reference_beta: bool
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,7 +82,13 @@ class OptimizerSettings(FlagSettings):
                                 "--train_text_encoder (default: --learning_rate).")
         group.add_argument("--beta_decay", type=float, default=None,
                            help="Decoupled decay of SNELLA's β toward 0: each step β ← β·(1 − lr_β·beta_decay) "
-                                "before the Adam update (default: --adam_weight_decay, like every parameter).")
+                                f"before the Adam update (default {DEFAULT_BETA_DECAY:g} for SNELLA adapters, which "
+                                "bounds |β| near 1/beta_decay: the learnt β adds β|β| to every entry of ΔW, and on "
+                                "the lab it held ~90%% of ΔW's energy and made stacked adapters collide; "
+                                "docs/lab.md).")
+        group.add_argument("--reference_beta", action="store_true",
+                           help="Learn SNELLA's β as the paper's reference does (in the main group, decayed by "
+                                "--adam_weight_decay only) instead of the default --beta_decay.")
 
 
 def add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:

@@ -168,11 +168,15 @@ def check_snella_settings(settings: RunSettings) -> None:
     optimizer = settings.optimizer
     scalar_flags = [flag for flag, given in (("--freeze_beta", settings.adapter.freeze_beta),
                                              ("--snella_scalar_lr", optimizer.snella_scalar_lr is not None),
-                                             ("--beta_decay", optimizer.beta_decay is not None)) if given]
+                                             ("--beta_decay", optimizer.beta_decay is not None),
+                                             ("--reference_beta", optimizer.reference_beta)) if given]
     if scalar_flags and not settings.adapter.method.snella_layers:
         raise TrainingSetupError(f"{', '.join(scalar_flags)}: SNELLA's scalars, not in --adapter={settings.adapter.adapter}")
     if settings.adapter.freeze_beta and optimizer.beta_decay is not None:
         raise TrainingSetupError("--freeze_beta keeps β at 0: --beta_decay has nothing to decay, drop one")
+    if optimizer.reference_beta and (settings.adapter.freeze_beta or optimizer.beta_decay is not None):
+        other = "--freeze_beta" if settings.adapter.freeze_beta else "--beta_decay"
+        raise TrainingSetupError(f"--reference_beta learns β as the reference does: {other} changes that, drop one")
     if optimizer.text_encoder_lr is not None and not settings.training.train_text_encoder:
         raise TrainingSetupError("--text_encoder_lr applies with --train_text_encoder")
 

@@ -46,7 +46,7 @@ from .embedded_run import (
 from .flag_settings import FlagSettings
 from .job_config import parse_args_with_config
 from .loss_options import LossSettings
-from .optimizers import OptimizerSettings
+from .optimizers import DEFAULT_BETA_DECAY, OptimizerSettings
 from .quantized_base import QuantizationSettings
 from .video_dataset import VideoSettings
 
@@ -275,8 +275,15 @@ class RunSettings:
 
     @classmethod
     def from_flags(cls, flags: Mapping[str, Any]) -> "RunSettings":
-        """The settings of ``{flag name: value}`` (every flag of :func:`build_parser`)."""
-        return cls(**{name: group.from_flags(flags) for name, group in GROUPS.items()}, config=flags.get("config"))
+        """The settings of ``{flag name: value}`` (every flag of :func:`build_parser`), with
+        ``--beta_decay`` defaulting to ``DEFAULT_BETA_DECAY`` for SNELLA adapters whose β is
+        learnt and not ``--reference_beta``."""
+        settings = cls(**{name: group.from_flags(flags) for name, group in GROUPS.items()}, config=flags.get("config"))
+        optimizer = settings.optimizer
+        if (optimizer.beta_decay is None and not optimizer.reference_beta and not settings.adapter.freeze_beta
+                and settings.adapter.method.snella_layers):
+            return dataclasses.replace(settings, optimizer=dataclasses.replace(optimizer, beta_decay=DEFAULT_BETA_DECAY))
+        return settings
 
     def flags(self) -> dict[str, Any]:
         """The flat ``{flag name: value}`` of every flag but ``--config``, sorted by name."""
