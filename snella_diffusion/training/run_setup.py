@@ -47,6 +47,9 @@ def load_components(
     blocks stay in CPU memory (``block_swap_for``); returns ``(components, resolution in pixels,
     weight dtype)``."""
     source = settings.model.pretrained_model_name_or_path
+    if settings.training.blocks_to_swap is not None and not family.block_lists:
+        raise TrainingSetupError(f"--blocks_to_swap: {source} is a {family.name} model, which has no transformer "
+                                 "blocks to swap (DiT families only)")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     components = family.load(source, model_index, settings.model.revision, settings.model.variant, dtype=weight_dtype)
     family.configure(components, settings.family_settings())
