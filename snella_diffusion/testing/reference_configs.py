@@ -123,6 +123,16 @@ FLUX2_KLEIN_4B_TRANSFORMER: dict[str, Any] = {
     "guidance_embeds": False,
 }
 
+# black-forest-labs/FLUX.2-dev: diffusers' Flux2Transformer2DModel defaults, which are that model's
+# (48 heads of 128 = width 6144, 8 double and 48 single blocks, text width 3 × 5120 of Mistral
+# Small 3.1; 32 B parameters); the published config.json was not read here.
+FLUX2_DEV_TRANSFORMER: dict[str, Any] = {}
+
+# Wan-AI/Wan2.1-T2V-14B: diffusers' WanTransformer3DModel defaults, which are that model's (40 heads
+# of 128 = width 5120, feed-forward 13824, 40 blocks, umT5 text width 4096; 14 B parameters); the
+# published config.json was not read here.
+WAN_14B_TRANSFORMER: dict[str, Any] = {}
+
 # google/vit-base-patch16-224-in21k, config.json
 VIT_B16: dict[str, Any] = {
     "hidden_size": 768,
@@ -143,6 +153,8 @@ REFERENCE_CONFIGS: dict[str, dict[str, Any]] = {
     "qwen-image": QWEN_IMAGE_TRANSFORMER,
     "z-image": Z_IMAGE_TRANSFORMER,
     "flux2-klein": FLUX2_KLEIN_4B_TRANSFORMER,
+    "flux2-dev": FLUX2_DEV_TRANSFORMER,
+    "wan-14b": WAN_14B_TRANSFORMER,
     "vit-b16": VIT_B16,
 }
 
@@ -152,7 +164,7 @@ def build_reference_model(name: str, device: str | torch.device = "meta", **over
 
     Args:
         name: one of ``REFERENCE_CONFIGS`` ("sd15", "sdxl", "sd3", "flux", "qwen-image", "z-image",
-            "flux2-klein", "vit-b16").
+            "flux2-klein", "flux2-dev", "wan-14b", "vit-b16").
         device: "meta" allocates nothing (parameter counting, injection counts).
         overrides: config keys to change (e.g. ``num_layers=2`` for a few real-size blocks).
     """
@@ -180,10 +192,14 @@ def build_reference_model(name: str, device: str | torch.device = "meta", **over
             from diffusers import ZImageTransformer2DModel
 
             return ZImageTransformer2DModel(**config)
-        if name == "flux2-klein":
+        if name in ("flux2-klein", "flux2-dev"):
             from diffusers import Flux2Transformer2DModel
 
             return Flux2Transformer2DModel(**config)
+        if name == "wan-14b":
+            from diffusers import WanTransformer3DModel
+
+            return WanTransformer3DModel(**config)
         from transformers import ViTConfig, ViTForImageClassification
 
         return ViTForImageClassification(ViTConfig(**config))
