@@ -40,7 +40,6 @@ tokens), and Wan 2.1 T2V 14B at 81 frames of 480 × 832 (21 latent frames × 30 
 32760 tokens), whose config is diffusers' ``WanTransformer3DModel`` defaults.
 """
 
-from __future__ import annotations
 
 import argparse
 import math
