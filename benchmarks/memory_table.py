@@ -1,5 +1,6 @@
 """Peak training memory of SNELLA DreamBooth on large DiTs, by accounting, for {bf16, fp8, int8, nf4}
-bases × {no swap, half the blocks swapped}, and which cards it fits.
+bases × {no swap, half the blocks swapped} (nf4 without swapping, which refuses it), and which
+cards it fits.
 
     python benchmarks/memory_table.py   # prints the table, writes benchmarks/results/memory_table.md
 
@@ -354,7 +355,8 @@ class MemoryRow:
 
 
 def model_rows(key: str) -> list[MemoryRow]:
-    """The table's rows of one model: every quantization × {no swap, half the blocks swapped}."""
+    """The table's rows of one model: every quantization × {no swap, half the blocks swapped}
+    (nf4 unswapped only: ``--blocks_to_swap`` refuses it)."""
     from snella_diffusion.testing.reference_configs import build_reference_model
 
     row = MODELS[key]
@@ -370,7 +372,8 @@ def model_rows(key: str) -> list[MemoryRow]:
                                                                       row.text_in_stream)
     rows = []
     for quantization in QUANTIZATIONS:
-        for swapped in (0, block_count // 2):
+        # --blocks_to_swap refuses nf4 (bitsandbytes' Params4bit cannot be copied between devices)
+        for swapped in (0, block_count // 2) if quantization != "nf4" else (0,):
             rows.append(MemoryRow(row.label, quantization, swapped, block_count,
                                   accounts[quantization].on_device(swapped), 16 * parameters, 6 * largest_layer,
                                   activations))
