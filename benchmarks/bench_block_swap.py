@@ -7,7 +7,7 @@ configuration's median step time and its ratio to no swapping. On the CPU a bloc
 copy within host memory, so the ratio is the cost of the copies and the hooks; on CUDA it is the
 host-to-device traffic left after the side-stream overlap.
 
-    python benchmarks/bench_block_swap.py --swap 4 --rounds 3   # writes benchmarks/results/block_swap_<device>.md
+    python benchmarks/bench_block_swap.py --swap 4 --rounds 3   # writes benchmarks/results/block_swap_<device>[_checkpointed].md
 """
 
 from __future__ import annotations
@@ -130,7 +130,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     from snella_diffusion.files import write_text_atomically
 
-    write_text_atomically(args.output_dir / f"block_swap_{torch.device(args.device).type}.md", table)
+    suffix = "_checkpointed" if args.gradient_checkpointing else ""
+    write_text_atomically(args.output_dir / f"block_swap_{torch.device(args.device).type}{suffix}.md", table)
     print(table, end="")
     return {"times": times, "table": table}
 

@@ -34,6 +34,7 @@ runs (and is tested) without an accelerator. A weight type whose ``.to()`` canno
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -44,6 +45,8 @@ from .adapter import SnellaAdapter
 from .errors import SnellaError
 
 __all__ = ["BlockSwap", "BlockSwapError", "SwapEvent", "frozen_parameters", "move_except_blocks"]
+
+logger = logging.getLogger(__name__)
 
 # Weight types whose device copy is not a plain ``.to(device, copy=True)``, refused by name.
 _UNMOVABLE_WEIGHTS = {"Params4bit": "bitsandbytes Params4bit (its .to() packs and takes no copy)",
@@ -122,6 +125,17 @@ def _plain_storage(tensor: Tensor) -> Optional[int]:
     return tensor.untyped_storage().data_ptr()
 
 
+def _pinned(tensor: Tensor) -> Tensor:
+    """``tensor`` in pinned host memory, or as it is when its type cannot pin (a tensor subclass
+    without ``pin_memory``: its copies to the device are then synchronous)."""
+    try:
+        return tensor.pin_memory()
+    except (RuntimeError, NotImplementedError, TypeError):
+        logger.warning("--blocks_to_swap: a %s weight cannot be pinned; its copies to the device will not "
+                       "overlap compute", type(tensor).__name__)
+        return tensor
+
+
 def _record_stream(tensor: Tensor, stream: Any) -> None:
     """Tell the CUDA allocator ``tensor`` (or a subclass's inner tensors) is used on ``stream``."""
     if hasattr(tensor, "__tensor_flatten__"):
@@ -189,7 +203,7 @@ class BlockSwap:
                                          "swapping cannot move it; use --quantize_base fp8 or int8, or drop the flag")
                 home = weight.detach().to("cpu")
                 if self.pin:
-                    home = home.pin_memory()
+                    home = _pinned(home)
                 slot.weights.append((owner, name, home))
                 owner._parameters[name] = _as_parameter(home)
             homed = {(id(owner), name) for owner, name, _ in slot.weights}

@@ -263,6 +263,13 @@ def test_inference_forward_keeps_one_copy_after_each_block():
     assert _placements(run) == {index: "home" for index in range(5)}
     assert [event.kind for event in run.swap.log] == ["load", "load", "forward"] + ["evict", "load", "forward"] * 3 + [
         "evict", "forward", "evict"]
+    with torch.no_grad():
+        swapped = run.family.predict(run.components, run.latents, torch.tensor([500, 500]), run.conditioning, {})
+        run.swap.detach()  # every weight back on the device for good, the hooks gone
+        assert _placements(run) == {index: "copy" for index in range(5)}
+        events = len(run.swap.log)
+        kept = run.family.predict(run.components, run.latents, torch.tensor([500, 500]), run.conditioning, {})
+    assert len(run.swap.log) == events and torch.equal(kept, swapped)
 
 
 def test_swap_refuses_what_it_cannot_do():
@@ -334,3 +341,14 @@ def test_script_with_blocks_to_swap_saves_the_same_adapter(tmp_path, caplog):
 
     with pytest.raises(SnellaError, match=r"--blocks_to_swap=6: FluxTransformer2DModel has 5 blocks"):
         train("too-many", "--blocks_to_swap", "6")
+
+
+@pytest.mark.slow
+def test_benchmark_times_swapped_against_none(tmp_path):
+    from benchmark_scripts import load_benchmark
+
+    result = load_benchmark("bench_block_swap").main(["--tiny", "--swap", "2", "--rounds", "1", "--steps", "1",
+                                                      "--output_dir", str(tmp_path)])
+    assert sorted(result["times"]) == [0, 2] and all(len(t) == 1 and t[0] > 0 for t in result["times"].values())
+    assert "| 0 | " in result["table"] and " | 1.000 |" in result["table"]
+    assert (tmp_path / "block_swap_cpu.md").read_text() == result["table"]
