@@ -181,10 +181,6 @@ class BlockSwap:
         self._backward_seen: set[int] = set()
         self._saving: list[tuple[int, Any]] = []
 
-    @property
-    def count(self) -> int:
-        return len(self.slots)
-
     def home_bytes(self) -> int:
         """Bytes of frozen weights kept in CPU memory (0 before :meth:`attach`)."""
         return sum(_nbytes(home) for slot in self.slots.values() for _, _, home in slot.weights)
