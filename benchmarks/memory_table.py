@@ -44,7 +44,6 @@ tokens), and Wan 2.1 T2V 14B at 81 frames of 480 × 832 (21 latent frames × 30 
 
 import argparse
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -206,7 +205,6 @@ class WeightAccount:
     def on_device(self, swapped: int) -> int:
         if not swapped:
             return self.total
-        kept = self.blocks[: len(self.blocks) - swapped]
         away = self.blocks[len(self.blocks) - swapped:]
         in_flight = max(sum(away[i:i + 2]) for i in range(len(away)))
         return self.total - sum(away) + in_flight
