@@ -255,6 +255,32 @@ def test_each_block_finds_its_weights_where_the_schedule_says(swapped, checkpoin
     assert not any(event.how == "demand" for event in run.swap.log if event.block != 0)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_after_the_forward_no_copy_of_an_evicted_block_is_alive(checkpointing):
+    """What the swap is for: between the forward and the backward, autograd's graph holds no
+    device copy of a swapped block's weights (saved weights are references, read back from the
+    backward's copy), except the last block's, kept for the backward that comes first."""
+    import weakref
+
+    run = TrainingRun("flux", swap=3, checkpointing=checkpointing)
+    copies: list[tuple[int, weakref.ref]] = []
+
+    def record(module, args):
+        slot = run.swap.slots.get(run.blocks.index(module))
+        if slot is not None and not run.swap._backward_running:  # the parameters the block's layers see
+            copies.extend((run.blocks.index(module), weakref.ref(owner._parameters[name]))
+                          for owner, name, _ in slot.weights)
+
+    for block in run.blocks:
+        block.register_forward_pre_hook(record)
+    loss = training_loss(run.family, run.components, run.family.objective(run.components),
+                         {"num_instance": 2, "prompts": PROMPTS}, run.latents, run.conditioning,
+                         run.components.denoiser, run.generator, 1.0)
+    assert {index for index, _ in copies} == {2, 3, 4} and len(copies) > 30
+    assert {index for index, copy in copies if copy() is not None} == {4}
+    loss.backward()
+
+
 def test_inference_forward_keeps_one_copy_after_each_block():
     run = TrainingRun("flux", swap=5, record=True)
     run.components.denoiser.eval()
