@@ -63,6 +63,7 @@ TINY_SIZES = {
     "--checkpointing_steps": "1", "--max_sequence_length": "16", "--num_class_images": "2",
     "--gradient_accumulation_steps": "2", "--min_bucket_reso": "16", "--max_bucket_reso": "64",
     "--num_frames": "5",
+    "--blocks_to_swap": "1",
 }
 TINY_EXTRA = ["--num_validation_images", "1", "--validation_inference_steps", "1", "--report_to", "none"]
 # data folder named on a page -> the kohya <repeats>_<prompt> layout in the tiny world standing for it
@@ -90,6 +91,8 @@ NOT_RUN_HERE = {
     "snella-comfyui install /path/to/ComfyUI": "writes into a ComfyUI checkout; tests/test_comfyui.py runs "
                                                "it on a stand-in folder",
     "pip install snella-diffusion[video]": "installs the video extra; the test extra holds PyAV too",
+    "python benchmarks/memory_table.py": "builds six 4-32 B-parameter models on meta (minutes of CPU); "
+                                         "tests/test_memory_table.py runs its accounting and measurement",
 }
 
 

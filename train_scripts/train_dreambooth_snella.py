@@ -42,6 +42,7 @@ from snella_diffusion.training.run_checks import check_run_settings
 from snella_diffusion.training.run_outputs import describe_objective, finalize_allocation, tracker_config, write_outputs
 from snella_diffusion.training.run_settings import RunSettings, parse_run_settings
 from snella_diffusion.training.run_setup import (
+    BLOCK_SWAP_KEY,
     build_dataset,
     load_components,
     load_run_images,
@@ -108,7 +109,10 @@ def main(settings: RunSettings) -> Path:
     prepare_for_training(settings, components, trained)
     optimizer, lr_scheduler = make_optimization(settings, trainable, accelerator.num_processes, trained,
                                                 components.denoiser_component)
-    *wrapped_modules, optimizer, loader, lr_scheduler = accelerator.prepare(*trained.values(), optimizer, loader, lr_scheduler)
+    # with --blocks_to_swap the denoiser is placed already (its swapped weights in CPU memory)
+    placement = [BLOCK_SWAP_KEY not in components.extra] * len(trained) + [accelerator.device_placement] * 3
+    *wrapped_modules, optimizer, loader, lr_scheduler = accelerator.prepare(*trained.values(), optimizer, loader, lr_scheduler,
+                                                                            device_placement=placement)
     components.extra[TRAINED_MODULES_KEY] = dict(zip(trained, wrapped_modules))
     noise_generator = CheckpointableGenerator(seed + 104729 * process)
     if method.snella_layers:

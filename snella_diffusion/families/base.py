@@ -173,6 +173,17 @@ class ModelFamily:
     is_video: bool = False
     # Extra keyword arguments the pipeline constructor needs for skipped components.
     pipeline_kwargs: dict[str, Any] = {}
+    # The denoiser's ``nn.ModuleList`` attributes of transformer blocks, in the order its forward
+    # runs them (``swappable_blocks``, ``--blocks_to_swap``); none for UNet families.
+    block_lists: tuple[str, ...] = ()
+
+    def swappable_blocks(self, denoiser: nn.Module) -> list[nn.Module]:
+        """The denoiser's transformer blocks in the order its forward runs them: the modules of
+        its ``block_lists`` attributes that exist, concatenated ([] when there are none)."""
+        blocks: list[nn.Module] = []
+        for name in self.block_lists:
+            blocks.extend(getattr(denoiser, name, None) or ())
+        return blocks
 
     def load(
         self,

@@ -161,6 +161,8 @@ class DiTFamily(ModelFamily):
     default_weighting_scheme = "none"
     # The pipeline's default sample size in latent pixels when the transformer config has none.
     default_sample_size = 128
+    # Double-stream (joint) blocks, then Flux's single-stream ones: SD3, Flux, Flux.2, PixArt, Qwen-Image.
+    block_lists = ("transformer_blocks", "single_transformer_blocks")
 
     def options(self, components: TrainingComponents) -> DiTOptions:
         return components.extra.get(OPTIONS_KEY) or DiTOptions(

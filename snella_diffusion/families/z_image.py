@@ -38,6 +38,8 @@ class ZImageFamily(FlowMatchingFamily):
     pipeline_class_names = ("ZImagePipeline",)
     text_encoder_components = ("text_encoder",)
     default_weighting_scheme = "none"
+    # the 30 main blocks (the small refiner blocks before them stay on the device)
+    block_lists = ("layers",)
 
     def default_sequence_length(self, components):
         return 512

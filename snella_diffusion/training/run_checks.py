@@ -13,6 +13,7 @@ import torch
 from ..errors import SnellaError
 from ..inject import check_targets
 from ..single_file import check_denoiser_file
+from ..methods import Method
 from .data_arguments import check_data_settings
 from .quantized_base import BACKEND_MODULES, BACKENDS, QuantizationSettings
 from .run_settings import RunSettings
@@ -75,6 +76,7 @@ def check_run_settings(settings: RunSettings) -> None:
     check_quantization_settings(settings.quantization, adapter.method.snella_layers,
                                 torch.cuda.is_available() and not use_cpu(training.cpu))
     check_text_encoder_quantization(settings.quantization, training.train_text_encoder)
+    check_block_swap(training.blocks_to_swap, adapter.method, settings.quantization.quantize_base)
     if training.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise TrainingSetupError("--use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes)")
     at_least_one = (("train_batch_size", training), ("gradient_accumulation_steps", training),
@@ -155,6 +157,24 @@ def check_text_encoder_quantization(settings: QuantizationSettings, train_text_e
     if not _installed(BACKEND_MODULES[backend]):
         raise TrainingSetupError(f"--quantize_text_encoder={chosen}: the {backend} backend is not installed "
                                  "(pip install 'snella-diffusion[quantization]')")
+
+
+def check_block_swap(blocks_to_swap: Optional[int], method: Method, quantize_base: Optional[str]) -> None:
+    """Raise TrainingSetupError (one line naming the flag) when ``--blocks_to_swap`` cannot work:
+    fewer than 1 block, a method that trains the base weights rather than adapters of chosen
+    layers (``--adapter full``: the weights that would be swapped), or an nf4
+    base (bitsandbytes' packed weights cannot be copied between devices). Whether the model has
+    that many blocks is checked when it is loaded (``block_swap.BlockSwap``)."""
+    if blocks_to_swap is None:
+        return
+    if blocks_to_swap < 1:
+        raise TrainingSetupError(f"--blocks_to_swap={blocks_to_swap}: must be at least 1 (or leave it out)")
+    if not method.adapts_layers:
+        raise TrainingSetupError(f"--blocks_to_swap moves frozen base weights; --adapter {method.name} trains "
+                                 "them: drop one")
+    if quantize_base == "nf4":
+        raise TrainingSetupError("--blocks_to_swap with --quantize_base nf4: bitsandbytes Params4bit cannot be "
+                                 "copied between devices; use --quantize_base fp8 or int8")
 
 
 def check_snella_settings(settings: RunSettings) -> None:

@@ -135,6 +135,7 @@ class TrainingSettings(FlagSettings):
     max_train_steps: Optional[int]
     gradient_accumulation_steps: int
     gradient_checkpointing: bool
+    blocks_to_swap: Optional[int]
     learning_rate: float
     scale_lr: bool
     lr_scheduler: str
@@ -173,6 +174,10 @@ class TrainingSettings(FlagSettings):
                            help="Micro-batches accumulated per optimizer step.")
         group.add_argument("--gradient_checkpointing", action="store_true",
                            help="Recompute UNet (and trained text encoder) activations in backward to save memory.")
+        group.add_argument("--blocks_to_swap", type=int, default=None,
+                           help="DiT families: keep the frozen weights of the transformer's last N blocks in CPU "
+                                "memory and copy each to the device only for its forward, recompute and backward "
+                                "(as kohya's and musubi-tuner's flag; docs/quantized-bases.md).")
         group.add_argument("--learning_rate", type=float, default=1e-2,
                            help="Initial learning rate. 1e-2: SNELLA's best in the personalization lab (fidelity "
                                 "0.125 vs 0.0 at 1e-3 and 0.062 at 3e-3, 200 steps; README). LoRA learns at 1e-3 to "

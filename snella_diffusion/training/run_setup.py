@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 
+from ..block_swap import BlockSwap, move_except_blocks
 from ..families import ModelFamily, TrainingComponents
 from ..single_file import check_single_file_class
 from .captions import PromptEmbeddingCache
@@ -35,6 +36,9 @@ from .video_dataset import describe_records, load_video_records, make_video_data
 
 logger = logging.getLogger(__name__)
 
+# components.extra key of the run's BlockSwap (--blocks_to_swap)
+BLOCK_SWAP_KEY = "block_swap"
+
 
 def load_components(
     settings: RunSettings, family: ModelFamily, model_index: dict[str, Any], accelerator: Any
@@ -43,8 +47,12 @@ def load_components(
     scripts do), configured with the run's family settings and moved to the device, the
     denoiser's linears quantized on ``--quantize_base`` (or loaded from the GGUF file of
     ``--pretrained_denoiser_file``) and the large text encoders on ``--quantize_text_encoder``;
-    returns ``(components, resolution in pixels, weight dtype)``."""
+    with ``--blocks_to_swap`` the swapped blocks stay in CPU
+    memory (``block_swap_for``); returns ``(components, resolution in pixels, weight dtype)``."""
     source = settings.model.pretrained_model_name_or_path
+    if settings.training.blocks_to_swap is not None and not family.block_lists:
+        raise TrainingSetupError(f"--blocks_to_swap: {source} is a {family.name} model, which has no transformer "
+                                 "blocks to swap (DiT families only)")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     denoiser_file = settings.quantization.pretrained_denoiser_file
     encoders = []
@@ -69,8 +77,11 @@ def load_components(
         raise TrainingSetupError(
             f"--resolution={resolution}: must be a multiple of {vae_factor} (the VAE's downsampling of {source})"
         )
+    swap = block_swap_for(settings, family, components, accelerator.device)
     for module in components.modules.values():
-        if isinstance(module, torch.nn.Module):
+        if swap is not None and module is components.denoiser:
+            move_except_blocks(module, [swap.blocks[index] for index in swap.slots], accelerator.device)
+        elif isinstance(module, torch.nn.Module):
             module.to(accelerator.device)
     quantization = settings.quantization
     quantized = quantize_denoiser(components.denoiser, quantization, weight_dtype)
@@ -82,6 +93,21 @@ def load_components(
         logger.info("%s: %d linears stored as %s (%s), computed in %s", name, count,
                     quantization.quantize_text_encoder, quantization.text_encoder_backend, weight_dtype)
     return components, resolution, weight_dtype
+
+
+def block_swap_for(settings: RunSettings, family: ModelFamily, components: TrainingComponents,
+                   device: torch.device) -> Optional[BlockSwap]:
+    """The run's :class:`BlockSwap` over the last ``--blocks_to_swap`` of the family's transformer
+    blocks (kept in ``components.extra[BLOCK_SWAP_KEY]``), or None without the flag. Raises
+    BlockSwapError for a family without blocks or more blocks than the denoiser has."""
+    count = settings.training.blocks_to_swap
+    if count is None:
+        return None
+    swap = BlockSwap(components.denoiser, family.swappable_blocks(components.denoiser), count, device)
+    components.extra[BLOCK_SWAP_KEY] = swap
+    logger.info("--blocks_to_swap=%d: the frozen weights of %d of %d transformer blocks wait in CPU memory",
+                count, count, len(swap.blocks))
+    return swap
 
 
 def load_run_images(
@@ -238,10 +264,14 @@ def make_accelerator(settings: RunSettings, output_dir: Path, report_to: Any) ->
 
 def start_run(settings: RunSettings) -> tuple[Accelerator, Path, Optional[str]]:
     """The run's Accelerator, output folder (created by the main process) and tracker; seeds
-    every generator with ``--seed`` and allows TF32 on request."""
+    every generator with ``--seed`` and allows TF32 on request. Refuses ``--blocks_to_swap`` on
+    several processes."""
     output_dir = Path(settings.training.output_dir)
     report_to = resolve_report_to(settings.validation.report_to)
     accelerator = make_accelerator(settings, output_dir, report_to)
+    if settings.training.blocks_to_swap is not None and accelerator.num_processes > 1:
+        raise TrainingSetupError(f"--blocks_to_swap runs on one process ({accelerator.num_processes} were launched: "
+                                 "DDP wants every parameter on one device)")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
@@ -253,7 +283,10 @@ def start_run(settings: RunSettings) -> tuple[Accelerator, Path, Optional[str]]:
 
 def prepare_for_training(settings: RunSettings, components: TrainingComponents,
                          trained: dict[str, torch.nn.Module]) -> None:
-    """xformers attention and gradient checkpointing on request; the trained modules in train mode."""
+    """xformers attention and gradient checkpointing on request; the trained modules in train mode;
+    with ``--blocks_to_swap``, the swapped blocks' frozen weights homed in CPU memory, their
+    adapters (created beside those weights, in CPU memory) moved to the device, and the hooks
+    installed."""
     if settings.training.enable_xformers_memory_efficient_attention:
         components.denoiser.enable_xformers_memory_efficient_attention()
     if settings.training.gradient_checkpointing:
@@ -265,6 +298,9 @@ def prepare_for_training(settings: RunSettings, components: TrainingComponents,
                 components.modules[name].gradient_checkpointing_enable()
     for module in trained.values():
         module.train()
+    swap = components.extra.get(BLOCK_SWAP_KEY)
+    if swap is not None:
+        swap.attach()
 
 
 def resolve_step_count(settings: RunSettings, loader: Any, num_processes: int) -> tuple[RunSettings, int]:
