@@ -24,6 +24,8 @@ FAMILY_NAMES = {
     "qwen-image": "qwen-image",
     "z-image": "z-image",
     "flux2-klein": "flux2-klein",
+    "lumina2": "lumina2",
+    "sana": "sana",
 }
 
 
@@ -50,7 +52,7 @@ def _dit_args(*flags: str) -> FamilySettings:
 
 def _call_kwargs(name: str) -> dict:
     kwargs = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "np", "max_sequence_length": 16}
-    if name.startswith("pixart"):
+    if name.startswith("pixart") or name == "sana":
         kwargs["use_resolution_binning"] = False
     return kwargs
 

@@ -18,6 +18,8 @@ pixart      PixArtFamily                PixArtAlphaPipeline, PixArtSigmaPipeline
 qwen_image  QwenImageFamily             QwenImagePipeline
 z_image     ZImageFamily                ZImagePipeline
 flux2       Flux2KleinFamily            Flux2KleinPipeline
+lumina2     Lumina2Family               Lumina2Pipeline
+sana        SanaFamily                  SanaPipeline
 ==========  ==========================  ================================================
 
 Shared pieces: ``base.py`` (ModelFamily, TrainingComponents, FamilySettings, the generic
@@ -53,9 +55,11 @@ from .base import (
 )
 from .flux import FluxFamily
 from .flux2 import Flux2KleinFamily
+from .lumina2 import Lumina2Family
 from .pixart import PixArtFamily
 from .qwen_image import QwenImageFamily
 from .z_image import ZImageFamily
+from .sana import SanaFamily
 from .sd import StableDiffusionFamily
 from .sd3 import SD3Family
 from .sdxl import StableDiffusionXLFamily
@@ -71,6 +75,8 @@ FAMILIES: dict[str, ModelFamily] = {
         QwenImageFamily(),
         ZImageFamily(),
         Flux2KleinFamily(),
+        Lumina2Family(),
+        SanaFamily(),
     )
 }
 
@@ -110,10 +116,12 @@ __all__ = [
     "FamilySettings",
     "Flux2KleinFamily",
     "FluxFamily",
+    "Lumina2Family",
     "ModelFamily",
     "PixArtFamily",
     "QwenImageFamily",
     "SD3Family",
+    "SanaFamily",
     "StableDiffusionFamily",
     "StableDiffusionXLFamily",
     "TrainingComponents",

@@ -123,6 +123,46 @@ FLUX2_KLEIN_4B_TRANSFORMER: dict[str, Any] = {
     "guidance_embeds": False,
 }
 
+# Alpha-VLLM/Lumina-Image-2.0, transformer/config.json (2.6 B parameters: 26 blocks of width
+# 2304, 24 heads with 8 key/value heads, 2 noise- and 2 context-refiner blocks; captions are the
+# 2304-wide hidden states of Gemma-2-2B; the rest are the Lumina2Transformer2DModel defaults)
+LUMINA2_TRANSFORMER: dict[str, Any] = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "hidden_size": 2304,
+    "num_layers": 26,
+    "num_refiner_layers": 2,
+    "num_attention_heads": 24,
+    "num_kv_heads": 8,
+    "multiple_of": 256,
+    "norm_eps": 1e-05,
+    "axes_dim_rope": [32, 32, 32],
+    "axes_lens": [300, 512, 512],
+    "cap_feat_dim": 2304,
+}
+
+# Efficient-Large-Model/Sana_1600M_1024px_diffusers, transformer/config.json (the
+# SanaMS_1600M_P1_D20 keys of diffusers' scripts/convert_sana_to_diffusers.py at 1024 px: 20
+# blocks of 70 heads × 32, cross-attention 20 heads × 112, Gemma-2-2B captions of width 2304)
+SANA_1600M_TRANSFORMER: dict[str, Any] = {
+    "in_channels": 32,
+    "out_channels": 32,
+    "num_attention_heads": 70,
+    "attention_head_dim": 32,
+    "num_layers": 20,
+    "num_cross_attention_heads": 20,
+    "cross_attention_head_dim": 112,
+    "cross_attention_dim": 2240,
+    "caption_channels": 2304,
+    "mlp_ratio": 2.5,
+    "attention_bias": False,
+    "sample_size": 32,
+    "patch_size": 1,
+    "norm_elementwise_affine": False,
+    "norm_eps": 1e-06,
+}
+
 # google/vit-base-patch16-224-in21k, config.json
 VIT_B16: dict[str, Any] = {
     "hidden_size": 768,
@@ -144,6 +184,8 @@ REFERENCE_CONFIGS: dict[str, dict[str, Any]] = {
     "z-image": Z_IMAGE_TRANSFORMER,
     "flux2-klein": FLUX2_KLEIN_4B_TRANSFORMER,
     "vit-b16": VIT_B16,
+    "lumina2": LUMINA2_TRANSFORMER,
+    "sana": SANA_1600M_TRANSFORMER,
 }
 
 
@@ -152,7 +194,7 @@ def build_reference_model(name: str, device: str | torch.device = "meta", **over
 
     Args:
         name: one of ``REFERENCE_CONFIGS`` ("sd15", "sdxl", "sd3", "flux", "qwen-image", "z-image",
-            "flux2-klein", "vit-b16").
+            "flux2-klein", "vit-b16", "lumina2", "sana").
         device: "meta" allocates nothing (parameter counting, injection counts).
         overrides: config keys to change (e.g. ``num_layers=2`` for a few real-size blocks).
     """
@@ -184,6 +226,14 @@ def build_reference_model(name: str, device: str | torch.device = "meta", **over
             from diffusers import Flux2Transformer2DModel
 
             return Flux2Transformer2DModel(**config)
+        if name == "lumina2":
+            from diffusers import Lumina2Transformer2DModel
+
+            return Lumina2Transformer2DModel(**config)
+        if name == "sana":
+            from diffusers import SanaTransformer2DModel
+
+            return SanaTransformer2DModel(**config)
         from transformers import ViTConfig, ViTForImageClassification
 
         return ViTForImageClassification(ViTConfig(**config))
