@@ -22,7 +22,7 @@ def sana_run(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("sana") / "pipeline"
     tiny_sana_pipeline(0).save_pretrained(folder)
-    return FamilyRun(folder, SanaPipeline, latent_shape=(4, 16, 16), flags=("--max_sequence_length", str(LENGTH)))
+    return FamilyRun(folder, SanaPipeline, latent_shape=(4, 8, 8), flags=("--max_sequence_length", str(LENGTH)))
 
 
 SAMPLING = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "np", "use_resolution_binning": False}
@@ -69,7 +69,7 @@ def test_latents_are_the_scaled_dc_ae_latents(sana_run):
     family, components = sana_run.loaded()
     pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
     latents = family.encode_latents(components, pixels)
-    assert latents.shape == (2, 4, 16, 16) and family.pixel_multiple(components) == 2
+    assert latents.shape == (2, 4, 8, 8) and family.pixel_multiple(components) == 4
     with torch.no_grad():
         raw = components.vae.encode(pixels).latent
     assert torch.allclose(latents, raw * TINY_SANA_VAE_SCALE, atol=1e-6)
@@ -80,7 +80,7 @@ def test_model_call_matches_the_examples_conventions(sana_run):
     """predict == transformer(x_σ, embeds, mask, timestep = t), the example's call (and the
     pipeline's, whose scheduler timesteps are σ·1000)."""
     family, components = sana_run.loaded()
-    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     timesteps = torch.tensor([250.0, 750.0])
     with torch.no_grad():
         conditioning = family.encode_prompt(components, [PROMPT, LONGER], CPU)
@@ -119,8 +119,8 @@ def test_configure_rejects_what_sana_cannot_do(sana_run):
     components = family.load(str(sana_run.folder), index)
     with pytest.raises(SnellaError, match="--train_text_encoder: Sana trains the transformer only"):
         family.configure(components, family_settings(train_text_encoder=True))
-    with pytest.raises(SnellaError, match="--resolution=33: Sana needs a multiple of 2"):
-        family.configure(components, family_settings(resolution=33))
+    with pytest.raises(SnellaError, match="--resolution=34: Sana needs a multiple of 4"):
+        family.configure(components, family_settings(resolution=34))
 
 
 @pytest.mark.slow

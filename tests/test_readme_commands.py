@@ -48,6 +48,8 @@ TINY_BASES = {
     "Qwen/Qwen-Image": "qwen-image",
     "Tongyi-MAI/Z-Image": "z-image",
     "black-forest-labs/FLUX.2-klein-base-4B": "flux2-klein",
+    "Alpha-VLLM/Lumina-Image-2.0": "lumina2",
+    "Efficient-Large-Model/Sana_1600M_1024px_diffusers": "sana",
 }
 # flag -> tiny value (flags not listed keep the page's value)
 TINY_SIZES = {

@@ -407,31 +407,32 @@ TINY_SANA_VAE_SCALE = 0.5
 
 
 def tiny_dc_autoencoder(seed: int = 0):
-    """An AutoencoderDC of 4 latent channels and factor 2 (two levels of ResBlocks, 8 and 16
-    channels, no attention), scaling factor 0.5."""
+    """An AutoencoderDC of 4 latent channels and factor 4 (three levels of ResBlocks, 8, 16 and
+    16 channels, no attention), scaling factor 0.5."""
     from diffusers import AutoencoderDC
 
     torch.manual_seed(seed)
     return AutoencoderDC(
         in_channels=3, latent_channels=4, attention_head_dim=8, encoder_block_types="ResBlock",
-        decoder_block_types="ResBlock", encoder_block_out_channels=(8, 16), decoder_block_out_channels=(8, 16),
-        encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1), encoder_qkv_multiscales=((), ()),
-        decoder_qkv_multiscales=((), ()), decoder_norm_types="rms_norm", decoder_act_fns="silu",
+        decoder_block_types="ResBlock", encoder_block_out_channels=(8, 16, 16),
+        decoder_block_out_channels=(8, 16, 16), encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
+        encoder_qkv_multiscales=((), (), ()), decoder_qkv_multiscales=((), (), ()), decoder_norm_types="rms_norm",
+        decoder_act_fns="silu",
         scaling_factor=TINY_SANA_VAE_SCALE,
     ).eval()
 
 
 def tiny_sana_pipeline(seed: int = 0):
     """A SanaPipeline: 2 linear-attention blocks (2 heads of 8; cross-attention 2 heads of 8),
-    caption width 32 from a tiny Gemma-2, the tiny DC-AE (factor 2), a flow DPM-Solver scheduler
-    with flow_shift 3 like the published one. 32 px images are 16×16 latents."""
+    caption width 32 from a tiny Gemma-2, the tiny DC-AE (factor 4), a flow DPM-Solver scheduler
+    with flow_shift 3 like the published one. 32 px images are 8×8 latents."""
     from diffusers import DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
 
     torch.manual_seed(seed)
     transformer = SanaTransformer2DModel(
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
         num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
-        caption_channels=TINY_GEMMA_HIDDEN, sample_size=16, patch_size=1,
+        caption_channels=TINY_GEMMA_HIDDEN, sample_size=8, patch_size=1,
     )
     scheduler = DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True, prediction_type="flow_prediction")
     return SanaPipeline(
