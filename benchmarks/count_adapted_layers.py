@@ -17,7 +17,7 @@ from snella_diffusion import SnellaConfig, apply_snella
 from snella_diffusion.files import write_json_atomically
 from snella_diffusion.testing.reference_configs import REFERENCE_CONFIGS, build_reference_model
 
-DIT_MODELS = ("sd3", "flux", "qwen-image", "z-image", "flux2-klein", "lumina2", "sana")
+DIT_MODELS = ("sd3", "flux", "qwen-image", "z-image", "flux2-klein", "lumina2", "sana", "hidream")
 GIB = 1024 ** 3
 
 

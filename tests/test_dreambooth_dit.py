@@ -26,6 +26,7 @@ FAMILY_NAMES = {
     "flux2-klein": "flux2-klein",
     "lumina2": "lumina2",
     "sana": "sana",
+    "hidream": "hidream",
 }
 
 

@@ -50,6 +50,7 @@ TINY_BASES = {
     "black-forest-labs/FLUX.2-klein-base-4B": "flux2-klein",
     "Alpha-VLLM/Lumina-Image-2.0": "lumina2",
     "Efficient-Large-Model/Sana_1600M_1024px_diffusers": "sana",
+    "HiDream-ai/HiDream-I1-Full": "hidream",
 }
 # flag -> tiny value (flags not listed keep the page's value)
 TINY_SIZES = {

@@ -20,6 +20,7 @@ z_image     ZImageFamily                ZImagePipeline
 flux2       Flux2KleinFamily            Flux2KleinPipeline
 lumina2     Lumina2Family               Lumina2Pipeline
 sana        SanaFamily                  SanaPipeline
+hidream     HiDreamFamily               HiDreamImagePipeline
 ==========  ==========================  ================================================
 
 Shared pieces: ``base.py`` (ModelFamily, TrainingComponents, FamilySettings, the generic
@@ -55,6 +56,7 @@ from .base import (
 )
 from .flux import FluxFamily
 from .flux2 import Flux2KleinFamily
+from .hidream import HiDreamFamily
 from .lumina2 import Lumina2Family
 from .pixart import PixArtFamily
 from .qwen_image import QwenImageFamily
@@ -77,6 +79,7 @@ FAMILIES: dict[str, ModelFamily] = {
         Flux2KleinFamily(),
         Lumina2Family(),
         SanaFamily(),
+        HiDreamFamily(),
     )
 }
 
@@ -116,6 +119,7 @@ __all__ = [
     "FamilySettings",
     "Flux2KleinFamily",
     "FluxFamily",
+    "HiDreamFamily",
     "Lumina2Family",
     "ModelFamily",
     "PixArtFamily",

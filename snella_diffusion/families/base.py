@@ -205,6 +205,8 @@ class ModelFamily:
             if is_module:
                 loaded.requires_grad_(False)
             modules[component] = loaded
+        for component, loaded in self.components_from_elsewhere(source, modules, revision, dtype).items():
+            modules[component] = loaded
         for required in (self.denoiser_component, "vae", "scheduler", *self.text_encoder_components):
             if required not in modules:
                 raise SnellaError(
@@ -218,6 +220,15 @@ class ModelFamily:
             denoiser_component=self.denoiser_component,
             text_encoder_components=self.text_encoder_components,
         )
+
+    def components_from_elsewhere(
+        self, source: str, loaded: dict[str, Any], revision: Optional[str], dtype: Optional[torch.dtype]
+    ) -> dict[str, Any]:
+        """Components the pipeline folder does not hold (``model_index.json`` names none or null)
+        that the family loads from another source, given the ``loaded`` ones; called by ``load``
+        before it checks that every required component is there. Default: none (HiDream loads
+        its Llama encoder here, as diffusers' example does)."""
+        return {}
 
     def vae_scale_factor(self, components: TrainingComponents) -> int:
         return 2 ** (len(components.vae.config.block_out_channels) - 1)

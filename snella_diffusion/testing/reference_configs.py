@@ -163,6 +163,26 @@ SANA_1600M_TRANSFORMER: dict[str, Any] = {
     "norm_eps": 1e-06,
 }
 
+# HiDream-ai/HiDream-I1-Full, transformer/config.json (17.1 B parameters: 16 double- and 32
+# single-stream blocks of 20 heads × 128, MoE MLPs of 4 routed experts with 2 active; each block
+# reads one Llama-3.1-8B layer, 0-31 and then layer 31 again)
+HIDREAM_I1_TRANSFORMER: dict[str, Any] = {
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 16,
+    "num_single_layers": 32,
+    "attention_head_dim": 128,
+    "num_attention_heads": 20,
+    "caption_channels": [4096, 4096],
+    "text_emb_dim": 2048,
+    "num_routed_experts": 4,
+    "num_activated_experts": 2,
+    "axes_dims_rope": [64, 32, 32],
+    "max_resolution": [128, 128],
+    "llama_layers": list(range(32)) + [31] * 16,
+}
+
 # google/vit-base-patch16-224-in21k, config.json
 VIT_B16: dict[str, Any] = {
     "hidden_size": 768,
@@ -186,6 +206,7 @@ REFERENCE_CONFIGS: dict[str, dict[str, Any]] = {
     "vit-b16": VIT_B16,
     "lumina2": LUMINA2_TRANSFORMER,
     "sana": SANA_1600M_TRANSFORMER,
+    "hidream": HIDREAM_I1_TRANSFORMER,
 }
 
 
@@ -194,7 +215,7 @@ def build_reference_model(name: str, device: str | torch.device = "meta", **over
 
     Args:
         name: one of ``REFERENCE_CONFIGS`` ("sd15", "sdxl", "sd3", "flux", "qwen-image", "z-image",
-            "flux2-klein", "vit-b16", "lumina2", "sana").
+            "flux2-klein", "vit-b16", "lumina2", "sana", "hidream").
         device: "meta" allocates nothing (parameter counting, injection counts).
         overrides: config keys to change (e.g. ``num_layers=2`` for a few real-size blocks).
     """
@@ -234,6 +255,10 @@ def build_reference_model(name: str, device: str | torch.device = "meta", **over
             from diffusers import SanaTransformer2DModel
 
             return SanaTransformer2DModel(**config)
+        if name == "hidream":
+            from diffusers import HiDreamImageTransformer2DModel
+
+            return HiDreamImageTransformer2DModel(**config)
         from transformers import ViTConfig, ViTForImageClassification
 
         return ViTForImageClassification(ViTConfig(**config))

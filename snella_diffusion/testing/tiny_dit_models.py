@@ -441,7 +441,46 @@ def tiny_sana_pipeline(seed: int = 0):
     )
 
 
+
+TINY_HIDREAM_VAE_SHIFT = 0.125
+TINY_HIDREAM_VAE_SCALE = 0.5
+TINY_LLAMA_HIDDEN = 16
+
+
+def tiny_hidream_pipeline(seed: int = 0):
+    """A HiDreamImagePipeline: 1 double- and 1 single-stream block (2 heads of 8, RoPE axes
+    4 + 2 + 2, 2 routed experts with 1 active plus the shared one), two CLIP encoders with
+    projection (pooled 32 + 32 = 64), the tiny T5 (width 64), a 2-layer LlamaForCausalLM of width
+    16 with the byte-level tokenizer (both Llama layers feed the two blocks), the 4-channel tiny
+    VAE with shift 0.125 and scale 0.5, a scheduler of shift 3. 32 px images are 16×16 latents,
+    8×8 patches."""
+    from diffusers import HiDreamImagePipeline, HiDreamImageTransformer2DModel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    transformer = HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, caption_channels=[TINY_T5_DIM, TINY_LLAMA_HIDDEN], text_emb_dim=2 * TINY_CLIP_HIDDEN,
+        num_routed_experts=2, num_activated_experts=1, axes_dims_rope=(4, 2, 2), max_resolution=(32, 32),
+        llama_layers=(0, 1),
+    ).eval()
+    torch.manual_seed(seed + 3)
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=TINY_QWEN_VOCAB, hidden_size=TINY_LLAMA_HIDDEN, intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=256,
+        bos_token_id=TINY_QWEN_ENDOFTEXT, eos_token_id=TINY_QWEN_ENDOFTEXT, pad_token_id=TINY_QWEN_ENDOFTEXT,
+    ))
+    return HiDreamImagePipeline(
+        scheduler=tiny_flow_scheduler(shift=3.0),
+        vae=tiny_vae(seed, shift_factor=TINY_HIDREAM_VAE_SHIFT, scaling_factor=TINY_HIDREAM_VAE_SCALE),
+        text_encoder=tiny_clip_text_encoder(seed, with_projection=True), tokenizer=byte_level_clip_tokenizer(),
+        text_encoder_2=tiny_clip_text_encoder(seed + 1, with_projection=True), tokenizer_2=byte_level_clip_tokenizer(),
+        text_encoder_3=tiny_t5_encoder(seed + 2), tokenizer_3=tiny_t5_tokenizer(),
+        text_encoder_4=llama.eval(), tokenizer_4=byte_level_qwen2_tokenizer(), transformer=transformer,
+    )
+
 TINY_DIT_BUILDERS.update({
     "lumina2": tiny_lumina2_pipeline,
     "sana": tiny_sana_pipeline,
+    "hidream": tiny_hidream_pipeline,
 })
