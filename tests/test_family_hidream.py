@@ -212,3 +212,33 @@ def test_a_folder_without_the_llama_encoder_loads_it_from_the_default_source(hid
         ours = family.encode_prompt(components, [LONGER], CPU)["prompt_embeds_llama3"]
         theirs = family.encode_prompt(full, [LONGER], CPU)["prompt_embeds_llama3"]
     assert torch.equal(ours, theirs)
+
+
+def _comfyui_hidream_names(double: int, single: int, experts: int) -> set[str]:
+    """The tiny model's adapted modules as ComfyUI's HiDream model names them
+    (``comfy/ldm/hidream/model.py``: ``HiDreamAttention`` to_q/to_k/to_v/to_out and the text
+    stream's ``*_t``, ``MOEFeedForwardSwiGLU`` shared_experts/experts, ``ff_t``; ``comfy/lora.py``
+    maps ``transformer.<name>`` onto ``diffusion_model.<name>.weight``)."""
+    swiglu = ("w1", "w2", "w3")
+    mlp = [f"ff_i.shared_experts.{w}" for w in swiglu]
+    mlp += [f"ff_i.experts.{index}.{w}" for index in range(experts) for w in swiglu]
+    names = set()
+    for index in range(double):
+        attention = [f"attn1.{p}" for p in ("to_q", "to_k", "to_v", "to_out", "to_q_t", "to_k_t", "to_v_t", "to_out_t")]
+        names |= {f"double_stream_blocks.{index}.block.{p}" for p in attention + mlp + [f"ff_t.{w}" for w in swiglu]}
+    for index in range(single):
+        attention = [f"attn1.{p}" for p in ("to_q", "to_k", "to_v", "to_out")]
+        names |= {f"single_stream_blocks.{index}.block.{p}" for p in attention + mlp}
+    return names
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("to", ["diff", "lora", "comfyui"])
+def test_export_keys_map_onto_comfyuis_hidream_names(hidream_run, tmp_path, to):
+    from family_runs import exported_key_prefixes
+
+    prefixes = exported_key_prefixes(hidream_run, to, tmp_path)
+    assert all(prefix.startswith("transformer.") for prefix in prefixes)
+    expected = _comfyui_hidream_names(double=1, single=1, experts=2)
+    assert len(expected) == TINY_LAYERS
+    assert {prefix.removeprefix("transformer.") for prefix in prefixes} == expected

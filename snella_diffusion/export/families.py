@@ -225,6 +225,14 @@ def _qwen_image_family(configs: dict[str, dict[str, Any]]) -> ExportFamily:
                         "https://github.com/QwenLM/Qwen-Image")
 
 
+def _hidream_family(configs: dict[str, dict[str, Any]]) -> ExportFamily:
+    """ComfyUI's HiDream model (``comfy/ldm/hidream/model.py``) has diffusers' module names
+    (``double_stream_blocks.N.block.attn1.to_q``, ``ff_i.experts.N.w1``, ...), and
+    ``comfy/lora.py`` maps ``transformer.<name>`` onto them."""
+    return ExportFamily("hidream", {"transformer": "transformer."}, "hidream_i1", "hidream-i1",
+                        "https://github.com/HiDream-ai/HiDream-I1")
+
+
 FAMILY_BUILDERS: dict[str, Callable[[dict[str, dict[str, Any]]], ExportFamily]] = {
     "StableDiffusionPipeline": _sd_family,
     "StableDiffusionImg2ImgPipeline": _sd_family,
@@ -236,6 +244,7 @@ FAMILY_BUILDERS: dict[str, Callable[[dict[str, dict[str, Any]]], ExportFamily]] 
     "PixArtAlphaPipeline": lambda configs: _pixart_family(configs, sigma=False),
     "PixArtSigmaPipeline": lambda configs: _pixart_family(configs, sigma=True),
     "QwenImagePipeline": _qwen_image_family,
+    "HiDreamImagePipeline": _hidream_family,
 }
 
 
