@@ -39,6 +39,11 @@ TARGET_PRESETS: dict[str, list[str]] = {
         _anywhere(r"(?:ff|ff_context|ffn|img_mlp|txt_mlp)\.net\.(?:0\.proj|2)"),
         _anywhere(r"attention\.(?:to_q|to_k|to_v|to_out\.0)"),
         _anywhere(r"feed_forward\.(?:w1|w2|w3)"),
+        _anywhere(r"feed_forward\.(?:linear_1|linear_2|linear_3)"),  # Lumina2's SwiGLU
+        # HiDream: the attention's plain to_out and text-stream projections, and the SwiGLU
+        # experts (shared and routed) of its mixture-of-experts MLPs and the text MLP
+        _anywhere(r"attn1\.(?:to_out|to_q_t|to_k_t|to_v_t|to_out_t)"),
+        _anywhere(r"(?:ff_i|ff_t)\.(?:shared_experts\.|experts\.\d+\.)?(?:w1|w2|w3)"),
         _anywhere(r"(?:ff|ff_context)\.(?:linear_in|linear_out)"),
         _anywhere(r"single_transformer_blocks\.\d+\.attn\.(?:to_qkv_mlp_proj|to_out)"),
         _anywhere(r"single_transformer_blocks\.\d+\.(?:proj_mlp|proj_out)"),

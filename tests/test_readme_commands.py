@@ -56,6 +56,9 @@ TINY_BASES = {
     "krea/Krea-2-Raw": "krea2",
     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": "wan",
     "Wan-AI/Wan2.2-T2V-A14B-Diffusers": "wan-a14b",
+    "Alpha-VLLM/Lumina-Image-2.0": "lumina2",
+    "Efficient-Large-Model/Sana_1600M_1024px_diffusers": "sana",
+    "HiDream-ai/HiDream-I1-Full": "hidream",
 }
 # flag -> tiny value (flags not listed keep the page's value)
 TINY_SIZES = {

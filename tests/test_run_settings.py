@@ -110,7 +110,8 @@ def test_one_family_table_of_plain_modules():
                 "PixArtSigmaPipeline": "pixart", "QwenImagePipeline": "qwen_image",
                 "ZImagePipeline": "z_image", "Flux2KleinPipeline": "flux2",
                 "ChromaPipeline": "chroma", "Flux2Pipeline": "flux2", "Krea2Pipeline": "krea2",
-                "WanPipeline": "wan"}
+                "WanPipeline": "wan", "Lumina2Pipeline": "lumina2", "SanaPipeline": "sana",
+                "HiDreamImagePipeline": "hidream"}
     for class_name, module in expected.items():
         family = families.family_for_class(class_name)
         assert type(family).__module__ == f"snella_diffusion.families.{module}"

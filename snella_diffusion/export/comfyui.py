@@ -44,7 +44,7 @@ def comfyui_prefix(base: BaseModel, layer: LayerKey, spelled: Callable[[LayerKey
                 f"layer transformer.{path}: ComfyUI's Flux key map (comfy.utils.flux_to_diffusers) has no "
                 "name for this layer, so ComfyUI could not load it; train without it or export with --to peft")
         return f"transformer.{path}"
-    if family.name in ("sd3", "pixart", "qwen-image") and component == "transformer":
+    if family.name in ("sd3", "pixart", "qwen-image", "hidream") and component == "transformer":
         return f"transformer.{path}"
     return family.kohya_key(component, spelled(layer))
 

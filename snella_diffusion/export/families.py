@@ -234,6 +234,14 @@ def _chroma_family(configs: dict[str, dict[str, Any]]) -> ExportFamily:
                         "https://huggingface.co/lodestones/Chroma1-HD", fused_targets=flux_fused_targets)
 
 
+def _hidream_family(configs: dict[str, dict[str, Any]]) -> ExportFamily:
+    """ComfyUI's HiDream model (``comfy/ldm/hidream/model.py``) has diffusers' module names
+    (``double_stream_blocks.N.block.attn1.to_q``, ``ff_i.experts.N.w1``, ...), and
+    ``comfy/lora.py`` maps ``transformer.<name>`` onto them."""
+    return ExportFamily("hidream", {"transformer": "transformer."}, "hidream_i1", "hidream-i1",
+                        "https://github.com/HiDream-ai/HiDream-I1")
+
+
 FAMILY_BUILDERS: dict[str, Callable[[dict[str, dict[str, Any]]], ExportFamily]] = {
     "StableDiffusionPipeline": _sd_family,
     "StableDiffusionImg2ImgPipeline": _sd_family,
@@ -246,6 +254,7 @@ FAMILY_BUILDERS: dict[str, Callable[[dict[str, dict[str, Any]]], ExportFamily]] 
     "PixArtSigmaPipeline": lambda configs: _pixart_family(configs, sigma=True),
     "QwenImagePipeline": _qwen_image_family,
     "ChromaPipeline": _chroma_family,
+    "HiDreamImagePipeline": _hidream_family,
 }
 
 

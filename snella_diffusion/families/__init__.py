@@ -22,6 +22,9 @@ flux2       Flux2DevFamily              Flux2Pipeline
 chroma      ChromaFamily                ChromaPipeline
 krea2       Krea2Family                 Krea2Pipeline
 wan         WanFamily                   WanPipeline (Wan 2.1, Wan 2.2 TI2V-5B and A14B; video)
+lumina2     Lumina2Family               Lumina2Pipeline
+sana        SanaFamily                  SanaPipeline
+hidream     HiDreamFamily               HiDreamImagePipeline
 ==========  ==========================  ================================================
 
 Shared pieces: ``base.py`` (ModelFamily, TrainingComponents, FamilySettings, the generic
@@ -58,10 +61,13 @@ from .base import (
 from .chroma import ChromaFamily
 from .flux import FluxFamily
 from .flux2 import Flux2DevFamily, Flux2KleinFamily
+from .hidream import HiDreamFamily
 from .krea2 import Krea2Family
+from .lumina2 import Lumina2Family
 from .pixart import PixArtFamily
 from .qwen_image import QwenImageFamily
 from .z_image import ZImageFamily
+from .sana import SanaFamily
 from .sd import StableDiffusionFamily
 from .sd3 import SD3Family
 from .sdxl import StableDiffusionXLFamily
@@ -82,6 +88,9 @@ FAMILIES: dict[str, ModelFamily] = {
         Flux2DevFamily(),
         Krea2Family(),
         WanFamily(),
+        Lumina2Family(),
+        SanaFamily(),
+        HiDreamFamily(),
     )
 }
 
@@ -123,11 +132,14 @@ __all__ = [
     "Flux2DevFamily",
     "Flux2KleinFamily",
     "FluxFamily",
+    "HiDreamFamily",
     "Krea2Family",
+    "Lumina2Family",
     "ModelFamily",
     "PixArtFamily",
     "QwenImageFamily",
     "SD3Family",
+    "SanaFamily",
     "StableDiffusionFamily",
     "StableDiffusionXLFamily",
     "TrainingComponents",

@@ -233,6 +233,8 @@ class ModelFamily:
             if is_module:
                 loaded.requires_grad_(False)
             modules[component] = loaded
+        for component, loaded in self.components_from_elsewhere(source, modules, revision, dtype).items():
+            modules[component] = loaded
         for required in (self.denoiser_component, "vae", "scheduler", *self.text_encoder_components):
             if required not in modules:
                 raise SnellaError(
@@ -250,6 +252,15 @@ class ModelFamily:
     def extra_denoisers(self, components: TrainingComponents) -> dict[str, nn.Module]:
         """Denoisers trained beside ``components.denoiser`` in the same adapter file, by
         component name (Wan 2.2 A14B's second expert); none by default."""
+        return {}
+
+    def components_from_elsewhere(
+        self, source: str, loaded: dict[str, Any], revision: Optional[str], dtype: Optional[torch.dtype]
+    ) -> dict[str, Any]:
+        """Components the pipeline folder does not hold (``model_index.json`` names none or null)
+        that the family loads from another source, given the ``loaded`` ones; called by ``load``
+        before it checks that every required component is there. Default: none (HiDream loads
+        its Llama encoder here, as diffusers' example does)."""
         return {}
 
     def vae_scale_factor(self, components: TrainingComponents) -> int:

@@ -211,6 +211,66 @@ WAN21_1_3B_TRANSFORMER: dict[str, Any] = {**WAN21_14B_TRANSFORMER, "num_attentio
 WAN22_5B_TRANSFORMER: dict[str, Any] = {**WAN21_14B_TRANSFORMER, "num_attention_heads": 24, "ffn_dim": 14336,
                                         "num_layers": 30, "in_channels": 48, "out_channels": 48}
 
+# Alpha-VLLM/Lumina-Image-2.0, transformer/config.json (2.6 B parameters: 26 blocks of width
+# 2304, 24 heads with 8 key/value heads, 2 noise- and 2 context-refiner blocks; captions are the
+# 2304-wide hidden states of Gemma-2-2B; the rest are the Lumina2Transformer2DModel defaults)
+LUMINA2_TRANSFORMER: dict[str, Any] = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "hidden_size": 2304,
+    "num_layers": 26,
+    "num_refiner_layers": 2,
+    "num_attention_heads": 24,
+    "num_kv_heads": 8,
+    "multiple_of": 256,
+    "norm_eps": 1e-05,
+    "axes_dim_rope": [32, 32, 32],
+    "axes_lens": [300, 512, 512],
+    "cap_feat_dim": 2304,
+}
+
+# Efficient-Large-Model/Sana_1600M_1024px_diffusers, transformer/config.json (the
+# SanaMS_1600M_P1_D20 keys of diffusers' scripts/convert_sana_to_diffusers.py at 1024 px: 20
+# blocks of 70 heads × 32, cross-attention 20 heads × 112, Gemma-2-2B captions of width 2304)
+SANA_1600M_TRANSFORMER: dict[str, Any] = {
+    "in_channels": 32,
+    "out_channels": 32,
+    "num_attention_heads": 70,
+    "attention_head_dim": 32,
+    "num_layers": 20,
+    "num_cross_attention_heads": 20,
+    "cross_attention_head_dim": 112,
+    "cross_attention_dim": 2240,
+    "caption_channels": 2304,
+    "mlp_ratio": 2.5,
+    "attention_bias": False,
+    "sample_size": 32,
+    "patch_size": 1,
+    "norm_elementwise_affine": False,
+    "norm_eps": 1e-06,
+}
+
+# HiDream-ai/HiDream-I1-Full, transformer/config.json (17.1 B parameters: 16 double- and 32
+# single-stream blocks of 20 heads × 128, MoE MLPs of 4 routed experts with 2 active; each block
+# reads one Llama-3.1-8B layer, 0-31 and then layer 31 again)
+HIDREAM_I1_TRANSFORMER: dict[str, Any] = {
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 16,
+    "num_single_layers": 32,
+    "attention_head_dim": 128,
+    "num_attention_heads": 20,
+    "caption_channels": [4096, 4096],
+    "text_emb_dim": 2048,
+    "num_routed_experts": 4,
+    "num_activated_experts": 2,
+    "axes_dims_rope": [64, 32, 32],
+    "max_resolution": [128, 128],
+    "llama_layers": list(range(32)) + [31] * 16,
+}
+
 # google/vit-base-patch16-224-in21k, config.json
 VIT_B16: dict[str, Any] = {
     "hidden_size": 768,
@@ -238,6 +298,9 @@ REFERENCE_CONFIGS: dict[str, dict[str, Any]] = {
     "wan2.1-14b": WAN21_14B_TRANSFORMER,
     "wan2.2-5b": WAN22_5B_TRANSFORMER,
     "vit-b16": VIT_B16,
+    "lumina2": LUMINA2_TRANSFORMER,
+    "sana": SANA_1600M_TRANSFORMER,
+    "hidream": HIDREAM_I1_TRANSFORMER,
 }
 
 
@@ -246,8 +309,8 @@ def build_reference_model(name: str, device: str | torch.device = "meta", **over
 
     Args:
         name: one of ``REFERENCE_CONFIGS`` ("sd15", "sdxl", "sd3", "flux", "qwen-image", "z-image",
-            "flux2-klein", "flux2", "chroma", "krea2", "wan2.1-1.3b", "wan2.1-14b" (also each Wan 2.2 A14B
-            expert), "wan2.2-5b", "vit-b16").
+            "flux2-klein", "flux2", "chroma", "krea2", "lumina2", "sana", "hidream", "wan2.1-1.3b",
+            "wan2.1-14b" (also each Wan 2.2 A14B expert), "wan2.2-5b", "vit-b16").
         device: "meta" allocates nothing (parameter counting, injection counts).
         overrides: config keys to change (e.g. ``num_layers=2`` for a few real-size blocks).
     """
@@ -291,6 +354,18 @@ def build_reference_model(name: str, device: str | torch.device = "meta", **over
             from diffusers import ChromaTransformer2DModel
 
             return ChromaTransformer2DModel(**config)
+        if name == "lumina2":
+            from diffusers import Lumina2Transformer2DModel
+
+            return Lumina2Transformer2DModel(**config)
+        if name == "sana":
+            from diffusers import SanaTransformer2DModel
+
+            return SanaTransformer2DModel(**config)
+        if name == "hidream":
+            from diffusers import HiDreamImageTransformer2DModel
+
+            return HiDreamImageTransformer2DModel(**config)
         from transformers import ViTConfig, ViTForImageClassification
 
         return ViTForImageClassification(ViTConfig(**config))

@@ -472,3 +472,160 @@ TINY_DIT_BUILDERS = {
     "flux2": tiny_flux2_dev_pipeline,
     "krea2": tiny_krea2_pipeline,
 }
+
+
+TINY_GEMMA_VOCAB = 512  # >= the 445 ids of tiny_gemma_tokenizer
+TINY_GEMMA_HIDDEN = 32
+_GEMMA_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")
+TINY_LUMINA2_VAE_SHIFT = 0.125
+TINY_LUMINA2_VAE_SCALE = 0.5
+
+
+def _word_merges(texts: tuple[str, ...], known: set[str]) -> list[tuple[str, str]]:
+    """BPE merges that make each word (letters only) of ``texts`` one token, built left to right
+    ("s y", "sy s", ...), skipping words already in ``known`` (which this extends)."""
+    merges = []
+    for word in sorted({word for text in texts for word in re.findall(r"[A-Za-z]+", text)}):
+        for end in range(1, len(word)):
+            if word[: end + 1] not in known:
+                merges.append((word[:end], word[end]))
+                known.add(word[: end + 1])
+    return merges
+
+
+def tiny_gemma_tokenizer():
+    """A GemmaTokenizer needing no files: the specials <pad>=0, <eos>=1, <bos>=2, <unk>=3,
+    <mask>=4, the word boundary "▁", letters, digits and a little punctuation, the 256
+    byte-fallback pieces ``<0xNN>``, then merges that make each word of Lumina2's system prompt
+    and of the test prompts one token (so prompts stay short)."""
+    from transformers import GemmaTokenizer
+
+    from ..families.lumina2 import PROMPT_SEPARATOR, SYSTEM_PROMPT
+
+    characters = string.ascii_letters + string.digits + ".,!?'-:<>"
+    pieces = [*_GEMMA_SPECIALS, "▁", *characters, *(f"<0x{value:02X}>" for value in range(256))]
+    merges = _word_merges((SYSTEM_PROMPT, PROMPT_SEPARATOR, " ".join(_T5_WORDS), "grass red ball"), set(pieces))
+    vocab = {piece: index for index, piece in enumerate(pieces)}
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
+    return GemmaTokenizer(vocab=vocab, merges=merges)
+
+
+def tiny_gemma2_encoder(seed: int = 0, hidden_size: int = TINY_GEMMA_HIDDEN):
+    """A Gemma2Model with 2 layers (width 32, 2 heads of 16, 1 key/value head); Lumina2 reads
+    its second-to-last hidden layer, Sana its last."""
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(seed)
+    config = Gemma2Config(
+        vocab_size=TINY_GEMMA_VOCAB, hidden_size=hidden_size, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    )
+    return Gemma2Model(config).eval()
+
+
+def tiny_lumina2_pipeline(seed: int = 0):
+    """A Lumina2Pipeline: 2 main blocks and 1 noise- and 1 context-refiner block (width 32, 2
+    heads of 16 with 1 key/value head, RoPE axes 4 + 6 + 6), caption width 32 from a tiny
+    Gemma-2, a 4-level VAE (factor 8, as the pipeline assumes) with shift 0.125 and scale 0.5,
+    scheduler shift 6. 32 px images are 4×4 latents, 2×2 patches."""
+    from diffusers import Lumina2Pipeline, Lumina2Transformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = Lumina2Transformer2DModel(
+        sample_size=4, patch_size=2, in_channels=4, hidden_size=32, num_layers=2, num_refiner_layers=1,
+        num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(4, 6, 6), axes_lens=(300, 32, 32),
+        cap_feat_dim=TINY_GEMMA_HIDDEN,
+    )
+    vae = tiny_vae(seed, block_out_channels=[8, 16, 16, 16], norm_num_groups=8, layers_per_block=1,
+                   down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                   shift_factor=TINY_LUMINA2_VAE_SHIFT, scaling_factor=TINY_LUMINA2_VAE_SCALE)
+    return Lumina2Pipeline(
+        transformer=transformer, scheduler=tiny_flow_scheduler(shift=6.0), vae=vae.eval(),
+        text_encoder=tiny_gemma2_encoder(seed + 1), tokenizer=tiny_gemma_tokenizer(),
+    )
+
+
+
+
+TINY_SANA_VAE_SCALE = 0.5
+
+
+def tiny_dc_autoencoder(seed: int = 0):
+    """An AutoencoderDC of 4 latent channels and factor 4 (three levels of ResBlocks, 8, 16 and
+    16 channels, no attention), scaling factor 0.5."""
+    from diffusers import AutoencoderDC
+
+    torch.manual_seed(seed)
+    return AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=8, encoder_block_types="ResBlock",
+        decoder_block_types="ResBlock", encoder_block_out_channels=(8, 16, 16),
+        decoder_block_out_channels=(8, 16, 16), encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
+        encoder_qkv_multiscales=((), (), ()), decoder_qkv_multiscales=((), (), ()), decoder_norm_types="rms_norm",
+        decoder_act_fns="silu",
+        scaling_factor=TINY_SANA_VAE_SCALE,
+    ).eval()
+
+
+def tiny_sana_pipeline(seed: int = 0):
+    """A SanaPipeline: 2 linear-attention blocks (2 heads of 8; cross-attention 2 heads of 8),
+    caption width 32 from a tiny Gemma-2, the tiny DC-AE (factor 4), a flow DPM-Solver scheduler
+    with flow_shift 3 like the published one. 32 px images are 8×8 latents."""
+    from diffusers import DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16,
+        caption_channels=TINY_GEMMA_HIDDEN, sample_size=8, patch_size=1,
+    )
+    scheduler = DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True, prediction_type="flow_prediction")
+    return SanaPipeline(
+        tokenizer=tiny_gemma_tokenizer(), text_encoder=tiny_gemma2_encoder(seed + 1), vae=tiny_dc_autoencoder(seed),
+        transformer=transformer, scheduler=scheduler,
+    )
+
+
+
+TINY_HIDREAM_VAE_SHIFT = 0.125
+TINY_HIDREAM_VAE_SCALE = 0.5
+TINY_LLAMA_HIDDEN = 16
+
+
+def tiny_hidream_pipeline(seed: int = 0):
+    """A HiDreamImagePipeline: 1 double- and 1 single-stream block (2 heads of 8, RoPE axes
+    4 + 2 + 2, 2 routed experts with 1 active plus the shared one), two CLIP encoders with
+    projection (pooled 32 + 32 = 64), the tiny T5 (width 64), a 2-layer LlamaForCausalLM of width
+    16 with the byte-level tokenizer (both Llama layers feed the two blocks), the 4-channel tiny
+    VAE with shift 0.125 and scale 0.5, a scheduler of shift 3. 32 px images are 16×16 latents,
+    8×8 patches."""
+    from diffusers import HiDreamImagePipeline, HiDreamImageTransformer2DModel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    transformer = HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, caption_channels=[TINY_T5_DIM, TINY_LLAMA_HIDDEN], text_emb_dim=2 * TINY_CLIP_HIDDEN,
+        num_routed_experts=2, num_activated_experts=1, axes_dims_rope=(4, 2, 2), max_resolution=(32, 32),
+        llama_layers=(0, 1),
+    ).eval()
+    torch.manual_seed(seed + 3)
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=TINY_QWEN_VOCAB, hidden_size=TINY_LLAMA_HIDDEN, intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=256,
+        bos_token_id=TINY_QWEN_ENDOFTEXT, eos_token_id=TINY_QWEN_ENDOFTEXT, pad_token_id=TINY_QWEN_ENDOFTEXT,
+    ))
+    return HiDreamImagePipeline(
+        scheduler=tiny_flow_scheduler(shift=3.0),
+        vae=tiny_vae(seed, shift_factor=TINY_HIDREAM_VAE_SHIFT, scaling_factor=TINY_HIDREAM_VAE_SCALE),
+        text_encoder=tiny_clip_text_encoder(seed, with_projection=True), tokenizer=byte_level_clip_tokenizer(),
+        text_encoder_2=tiny_clip_text_encoder(seed + 1, with_projection=True), tokenizer_2=byte_level_clip_tokenizer(),
+        text_encoder_3=tiny_t5_encoder(seed + 2), tokenizer_3=tiny_t5_tokenizer(),
+        text_encoder_4=llama.eval(), tokenizer_4=byte_level_qwen2_tokenizer(), transformer=transformer,
+    )
+
+TINY_DIT_BUILDERS.update({
+    "lumina2": tiny_lumina2_pipeline,
+    "sana": tiny_sana_pipeline,
+    "hidream": tiny_hidream_pipeline,
+})
