@@ -98,7 +98,12 @@ def test_resolved_flags_round_trip_through_the_job_file(tmp_path):
 def test_settings_from_a_plain_mapping():
     flags = vars(build_parser().parse_args([]))
     settings = RunSettings.from_flags(flags)
-    assert settings.flags() == {key: value for key, value in sorted(flags.items()) if key != "config"}
+    # the one flag whose default depends on another: SNELLA runs decay β unless --reference_beta
+    from snella_diffusion.training.optimizers import DEFAULT_BETA_DECAY
+
+    assert flags["beta_decay"] is None and settings.optimizer.beta_decay == DEFAULT_BETA_DECAY
+    assert settings.flags() == {key: value for key, value in sorted({**flags, "beta_decay": DEFAULT_BETA_DECAY}.items())
+                                if key != "config"}
     assert DiTFlags() == DiTFlags.from_flags(flags)  # the dataclass defaults are the flags' defaults
     with pytest.raises(KeyError):
         RunSettings.from_flags({key: value for key, value in flags.items() if key != "rank"})

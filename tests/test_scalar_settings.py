@@ -65,7 +65,7 @@ def test_snella_default_decays_beta_in_its_own_group_and_other_adapters_keep_one
 
 
 def test_scalar_and_text_encoder_rates_reach_their_groups():
-    settings, trained, trainable = attached(["--snella_scalar_lr", "1e-3", "--text_encoder_lr", "5e-4",
+    settings, trained, trainable = attached(["--reference_beta", "--snella_scalar_lr", "1e-3", "--text_encoder_lr", "5e-4",
                                              "--scale_lr", "--train_batch_size", "2"])
     optimizer, scheduler = make_optimization(settings, trainable, 1, trained, "unet")
     groups = {g["name"]: g for g in optimizer.param_groups}
