@@ -44,7 +44,7 @@ def test_reference_beta_is_one_group_of_the_trainable_list_at_the_learning_rate(
     optimizer, _ = make_optimization(settings, trainable, 1, trained, "unet")
     assert len(optimizer.param_groups) == 1
     group = optimizer.param_groups[0]
-    assert group["lr"] == 1e-2 and group["weight_decay"] == 1e-2
+    assert group["lr"] == 3e-2 and group["weight_decay"] == 1e-2
     assert [id(p) for p in group["params"]] == [id(p) for p in trainable]
 
 
@@ -58,7 +58,7 @@ def test_snella_default_decays_beta_in_its_own_group_and_other_adapters_keep_one
     assert set(groups) == {"denoiser", "beta"}
     betas = {id(m.beta) for model in trained.values() for m in model.modules() if isinstance(m, SnellaAdapter)}
     assert betas and {id(p) for p in groups["beta"]["params"]} == betas
-    assert (groups["beta"]["lr"], groups["beta"]["weight_decay"]) == (1e-2, 10.0)
+    assert (groups["beta"]["lr"], groups["beta"]["weight_decay"]) == (3e-2, 10.0)
     assert groups["denoiser"]["weight_decay"] == 1e-2
     for flags in (["--freeze_beta"], ["--adapter", "lora"], ["--beta_decay", "0.5"]):
         assert parse_run_settings(flags).optimizer.beta_decay == (0.5 if "--beta_decay" in flags else None)
@@ -70,7 +70,7 @@ def test_scalar_and_text_encoder_rates_reach_their_groups():
     optimizer, scheduler = make_optimization(settings, trainable, 1, trained, "unet")
     groups = {g["name"]: g for g in optimizer.param_groups}
     assert set(groups) == {"denoiser", "text_encoder", "snella_scalars"}
-    assert groups["denoiser"]["lr"] == pytest.approx(2e-2)          # --scale_lr: × batch 2
+    assert groups["denoiser"]["lr"] == pytest.approx(6e-2)          # --scale_lr: × batch 2
     assert groups["text_encoder"]["lr"] == pytest.approx(1e-3)
     assert groups["snella_scalars"]["lr"] == pytest.approx(2e-3)
     scalars = scalar_ids(trained["unet"]) | scalar_ids(trained["text_encoder"])
