@@ -25,6 +25,10 @@ the base's; ties go to fewer steps. ``--pick_rule utility`` picks the highest me
 drift_all instead (a point on the fidelity/drift frontier), and ``--pick_seed S`` picks on seed
 S's runs only and adds a held-out table: each method at its pick, over the other seeds.
 
+Since issue 26 a plain ``snella`` run trains with the script's defaults, which decay β
+(``--beta_decay 10``); the issue's runs named ``snella[te]`` were made before and are the
+reference (add ``--reference_beta`` to the variant's flags to repeat them).
+
 Issue 26 options:
 - ``--concept zxc`` trains the second concept (a teal-over-white circle, "a zxc circle", class
   "a circle") instead of ``sks``; run names then start with ``zxc-``.

@@ -96,6 +96,13 @@ NOT_RUN_HERE = {
     "pip install snella-diffusion[video]": "installs the video extra; the test extra holds PyAV too",
     "python benchmarks/memory_table.py": "builds six 4-32 B-parameter models on meta (minutes of CPU); "
                                          "tests/test_memory_table.py runs its accounting and measurement",
+    "python -m snella_diffusion.lab.shipped materialize /tmp/labbase": "writes the lab base; tests/test_lab_base.py "
+                                                                        "checks what materialize_base writes",
+    "python benchmarks/bench_personalization.py --base /tmp/labbase --output_dir /tmp/lab26 --threads 1 --methods "
+    "--sweep --sweep_methods snella --sweep_learning_rates 3e-3 1e-2 3e-2 1e-1 --sweep_steps 400 --seeds 0 --variant te "
+    "--train_flags --train_text_encoder --target_sparsity 0.5 --pick_rule utility --pick_seed 0":
+        "four DreamBooth runs of ~1.5 min plus ~2 min of evaluation each; tests/test_bench_personalization.py "
+        "checks its names, pick rules and report tables",
 }
 
 
