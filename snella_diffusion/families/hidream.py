@@ -64,8 +64,8 @@ class HiDreamFamily(FlowMatchingFamily):
     def default_sequence_length(self, components):
         return 128
 
-    def load(self, source, model_index, revision=None, variant=None, dtype=None):
-        components = super().load(source, model_index, revision, variant, dtype)
+    def load(self, source, model_index, revision=None, variant=None, dtype=None, denoiser_file=None):
+        components = super().load(source, model_index, revision, variant, dtype, denoiser_file=denoiser_file)
         force_inference_output(components.denoiser)
         return components
 

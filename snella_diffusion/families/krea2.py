@@ -60,10 +60,11 @@ class Krea2Family(FlowMatchingFamily):
     text_encoder_components = ("text_encoder",)
     default_weighting_scheme = "none"
 
-    def load(self, source, model_index, revision=None, variant=None, dtype=None):
+    def load(self, source, model_index, revision=None, variant=None, dtype=None, denoiser_file=None):
         """The components, plus the pipeline settings ``model_index.json`` holds (the tapped
         layers, the patch size, distilled or not) in ``extra``."""
-        components = super().load(source, model_index, revision=revision, variant=variant, dtype=dtype)
+        components = super().load(source, model_index, revision=revision, variant=variant, dtype=dtype,
+                                   denoiser_file=denoiser_file)
         components.extra[PIPELINE_SETTINGS_KEY] = {
             key: model_index[key] for key in PIPELINE_SETTINGS if model_index.get(key) is not None
         }

@@ -76,10 +76,10 @@ class WanFamily(FlowMatchingFamily):
     is_video = True
     native_side = 480
 
-    def load(self, source, model_index, revision=None, variant=None, dtype=None):
+    def load(self, source, model_index, revision=None, variant=None, dtype=None, denoiser_file=None):
         """The components, and the pipeline's ``boundary_ratio`` and ``expand_timesteps`` from
         ``model_index.json``."""
-        components = super().load(source, model_index, revision, variant, dtype)
+        components = super().load(source, model_index, revision, variant, dtype, denoiser_file=denoiser_file)
         components.extra[PIPELINE_CONFIG_KEY] = {
             "boundary_ratio": model_index.get("boundary_ratio"),
             "expand_timesteps": bool(model_index.get("expand_timesteps") or False),
