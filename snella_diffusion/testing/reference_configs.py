@@ -304,6 +304,27 @@ REFERENCE_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+MODEL_CLASSES: dict[str, str] = {
+    "sd15": "UNet2DConditionModel",
+    "sdxl": "UNet2DConditionModel",
+    "sd3": "SD3Transformer2DModel",
+    "flux": "FluxTransformer2DModel",
+    "qwen-image": "QwenImageTransformer2DModel",
+    "z-image": "ZImageTransformer2DModel",
+    "flux2-klein": "Flux2Transformer2DModel",
+    "flux2": "Flux2Transformer2DModel",
+    "chroma": "ChromaTransformer2DModel",
+    "krea2": "Krea2Transformer2DModel",
+    "lumina2": "Lumina2Transformer2DModel",
+    "sana": "SanaTransformer2DModel",
+    "hidream": "HiDreamImageTransformer2DModel",
+    "wan2.1-1.3b": "WanTransformer3DModel",
+    "wan2.1-14b": "WanTransformer3DModel",
+    "wan2.2-5b": "WanTransformer3DModel",
+}
+"""The diffusers class of each reference model but the ViT (transformers)."""
+
+
 def build_reference_model(name: str, device: str | torch.device = "meta", **overrides: Any) -> nn.Module:
     """Instantiate a reference architecture with random weights on ``device``.
 
@@ -318,54 +339,10 @@ def build_reference_model(name: str, device: str | torch.device = "meta", **over
         raise KeyError(f"unknown reference model {name!r}; known: {sorted(REFERENCE_CONFIGS)}")
     config = {**REFERENCE_CONFIGS[name], **overrides}
     with torch.device(device):
-        if name in ("sd15", "sdxl"):
-            from diffusers import UNet2DConditionModel
+        if name == "vit-b16":
+            from transformers import ViTConfig, ViTForImageClassification
 
-            return UNet2DConditionModel(**config)
-        if name == "sd3":
-            from diffusers import SD3Transformer2DModel
+            return ViTForImageClassification(ViTConfig(**config))
+        import diffusers
 
-            return SD3Transformer2DModel(**config)
-        if name == "flux":
-            from diffusers import FluxTransformer2DModel
-
-            return FluxTransformer2DModel(**config)
-        if name == "qwen-image":
-            from diffusers import QwenImageTransformer2DModel
-
-            return QwenImageTransformer2DModel(**config)
-        if name == "z-image":
-            from diffusers import ZImageTransformer2DModel
-
-            return ZImageTransformer2DModel(**config)
-        if name.startswith("wan"):
-            from diffusers import WanTransformer3DModel
-
-            return WanTransformer3DModel(**config)
-        if name in ("flux2-klein", "flux2"):
-            from diffusers import Flux2Transformer2DModel
-
-            return Flux2Transformer2DModel(**config)
-        if name == "krea2":
-            from diffusers import Krea2Transformer2DModel
-
-            return Krea2Transformer2DModel(**config)
-        if name == "chroma":
-            from diffusers import ChromaTransformer2DModel
-
-            return ChromaTransformer2DModel(**config)
-        if name == "lumina2":
-            from diffusers import Lumina2Transformer2DModel
-
-            return Lumina2Transformer2DModel(**config)
-        if name == "sana":
-            from diffusers import SanaTransformer2DModel
-
-            return SanaTransformer2DModel(**config)
-        if name == "hidream":
-            from diffusers import HiDreamImageTransformer2DModel
-
-            return HiDreamImageTransformer2DModel(**config)
-        from transformers import ViTConfig, ViTForImageClassification
-
-        return ViTForImageClassification(ViTConfig(**config))
+        return getattr(diffusers, MODEL_CLASSES[name])(**config)
