@@ -15,7 +15,7 @@ from snella_diffusion.lab.base import BASE_GUIDANCE_SCALE
 from snella_diffusion.lab.evaluate import sample, score_prompts
 
 DREAMBOOTH_STEPS = 200
-DREAMBOOTH_LR = "3e-3"
+DREAMBOOTH_LR = {"snella": "3e-2", "lora": "3e-3"}  # each adapter's lab pick (SNELLA with its default β decay)
 FIDELITY_PROBES = 32
 
 
@@ -56,7 +56,7 @@ def dreambooth_runs(base_folder, tmp_path_factory):
             "--instance_prompt", world.INSTANCE_PROMPT, "--with_prior_preservation",
             "--class_data_dir", str(root / "class"), "--class_prompt", world.CLASS_PROMPT,
             "--num_class_images", "8", "--sample_batch_size", "8", "--validation_guidance_scale", str(BASE_GUIDANCE_SCALE),
-            "--max_train_steps", str(DREAMBOOTH_STEPS), "--learning_rate", DREAMBOOTH_LR, "--train_batch_size", "2",
+            "--max_train_steps", str(DREAMBOOTH_STEPS), "--learning_rate", DREAMBOOTH_LR[adapter], "--train_batch_size", "2",
             "--rank", "8", "--adapter", adapter, "--checkpointing_steps", "100000", "--report_to", "none",
             "--output_dir", str(out),
         ]))
