@@ -528,7 +528,9 @@ def test_missing_prodigyopt_is_named(monkeypatch):
 
 
 def test_bad_data_files_are_named_before_any_model_is_loaded(monkeypatch, tmp_path):
-    monkeypatch.setattr(script, "detect_family", fail_if_loaded)
+    # the family is read from model_index.json first (images or clips depend on it); no model loads
+    monkeypatch.setattr(script, "load_components", fail_if_loaded)
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     images = tmp_path / "images"
     images.mkdir()
     solid(16, 16, "red").save(images / "a.png")
@@ -562,7 +564,7 @@ def test_every_new_flag_is_in_help_readme_and_model_card(capsys):
     add_data_arguments(parser)
     flags = [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
     flags.remove("--help")
-    assert len(flags) == 33  # the data flags with --dataset_config, Prodigy/EMA, and the optimizer's scalar and text-encoder rates
+    assert len(flags) == 34  # the data flags with --dataset_config, Prodigy/EMA, the optimizer's scalar and text-encoder rates, --reference_beta
     with pytest.raises(SystemExit):
         script.parse_args(["--help"])
     help_text = capsys.readouterr().out
@@ -572,7 +574,8 @@ def test_every_new_flag_is_in_help_readme_and_model_card(capsys):
         assert f"  {flag} " in help_text or f"  {flag}\n" in help_text, flag
         assert flag in section, flag
     flags = script.parse_args([]).flags()
-    assert data_settings(flags) == {}
+    # a default SNELLA run lists only the β decay it fills in (the paper's reference has none)
+    assert data_settings(flags) == {"beta_decay": 10.0}
     for key in vars(parser.parse_args([])):
         flags[key] = "changed"
     assert set(data_settings(flags)) == set(vars(parser.parse_args([]))) - {"config"}
