@@ -31,7 +31,7 @@ from .subset_dataset import SubsetImages
 from .subsets import DatasetSubset, is_kohya_layout, load_subset
 from .training_images import TrainingImage, load_training_images
 from .vae_inputs import decode_in_vae_dtype
-from .validation import fresh_scheduler
+from .validation_pipeline import fresh_scheduler
 from .video_dataset import describe_records, load_video_records, make_video_dataset, refuse_video_flags
 
 logger = logging.getLogger(__name__)

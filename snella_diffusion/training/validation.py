@@ -15,14 +15,10 @@ from ..families import ModelFamily, TrainingComponents
 from ..viz import save_image_grid
 from .run_settings import RunSettings
 from .vae_inputs import decode_in_vae_dtype
+from .validation_pipeline import validation_pipeline
 from .video_validation import run_video_validation
 
 logger = logging.getLogger(__name__)
-
-
-def fresh_scheduler(scheduler: Any) -> Any:
-    """A copy of a noise scheduler (inference mutates timesteps; training must not see that)."""
-    return type(scheduler).from_config(scheduler.config)
 
 
 @torch.no_grad()
@@ -42,10 +38,7 @@ def run_validation(
     if family.is_video:
         return run_video_validation(settings, accelerator, family, components, trained, step, resolution, output_dir)
     validation, data = settings.validation, settings.data
-    overrides = {name: module for name, module in trained.items()}
-    overrides["scheduler"] = fresh_scheduler(components.noise_scheduler)
-    pipeline = family.pipeline(components, overrides)
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline = validation_pipeline(family, components, trained)
     images = []
     with_class = validation.validation_with_class_prompt and data.class_prompt
     prompts = [validation.validation_prompt] + ([data.class_prompt] if with_class else [])

@@ -19,6 +19,7 @@ from ..families import ModelFamily, TrainingComponents
 from ..viz import save_image_grid
 from .run_settings import RunSettings
 from .vae_inputs import decode_in_vae_dtype
+from .validation_pipeline import validation_pipeline
 from .video_dataset import resolve_num_frames
 from .video_files import write_video
 
@@ -54,10 +55,7 @@ def run_video_validation(
     frames at ``resolution``²) with the current adapters; write each as an .mp4 and all as
     one frame strip ``validation/step_<step>.png`` (returned)."""
     validation = settings.validation
-    overrides: dict[str, Any] = dict(trained)
-    overrides["scheduler"] = type(components.noise_scheduler).from_config(components.noise_scheduler.config)
-    pipeline = family.pipeline(components, overrides)
-    pipeline.set_progress_bar_config(disable=True)
+    pipeline = validation_pipeline(family, components, trained)
     folder = output_dir / "validation"
     num_frames = resolve_num_frames(settings, family, components)
     rows: list[Image.Image] = []
