@@ -11,45 +11,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from snella_diffusion import SnellaConfig, apply_snella
 from snella_diffusion.files import write_json_atomically
-from snella_diffusion.testing.reference_configs import REFERENCE_CONFIGS, build_reference_model
+from snella_diffusion.testing.adapted_counts import count_adapted
+from snella_diffusion.testing.reference_configs import REFERENCE_CONFIGS
 
 DIT_MODELS = ("sd3", "flux", "qwen-image", "z-image", "flux2-klein", "chroma", "flux2", "krea2", "lumina2", "sana", "hidream")
 VIDEO_MODELS = ("wan2.1-1.3b", "wan2.1-14b", "wan2.2-5b")
-GIB = 1024 ** 3
-
-
-@dataclass(frozen=True)
-class AdaptedCount:
-    """One model's counts; sizes in GiB of bf16 (2 bytes per parameter, float32 adapter)."""
-
-    model: str
-    preset: str
-    rank: int
-    adapted_layers: int
-    adapted_weights: int
-    adapter_parameters: int
-    denoiser_parameters: int
-    base_bf16_gib: float
-    adapter_fp32_gib: float
-
-
-def count_adapted(model: str, preset: str = "dit", rank: int = 8) -> AdaptedCount:
-    """Build ``model`` on ``meta``, apply SNELLA with ``preset`` at ``rank`` and count."""
-    denoiser = build_reference_model(model, device="meta")
-    base_parameters = sum(parameter.numel() for parameter in denoiser.parameters())
-    layers = apply_snella(denoiser, SnellaConfig(rank=rank, target_modules=preset))
-    adapted_weights = sum(layer.in_features * layer.out_features for layer in layers.values())
-    adapter_parameters = sum(p.numel() for p in denoiser.parameters() if p.requires_grad)
-    return AdaptedCount(
-        model=model, preset=preset, rank=rank, adapted_layers=len(layers), adapted_weights=adapted_weights,
-        adapter_parameters=adapter_parameters, denoiser_parameters=base_parameters,
-        base_bf16_gib=round(2 * base_parameters / GIB, 2), adapter_fp32_gib=round(4 * adapter_parameters / GIB, 3),
-    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,11 +27,9 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from snella_diffusion import SnellaConfig, apply_snella
 from snella_diffusion.files import write_json_atomically
-from snella_diffusion.testing.reference_configs import REFERENCE_CONFIGS, build_reference_model
-
-GIB = 1024 ** 3
+from snella_diffusion.testing.adapted_counts import GIB, count_adapted
+from snella_diffusion.testing.reference_configs import REFERENCE_CONFIGS
 # model -> (VAE spatial factor, [(frames, height, width)])
 SHAPES = {
     "wan2.1-14b": (8, [(17, 480, 832), (33, 480, 832), (49, 480, 832), (81, 480, 832), (33, 720, 1280),
@@ -63,10 +61,8 @@ def tokens_of(frames: int, height: int, width: int, spatial_factor: int) -> int:
 def memory_rows(model: str, rank: int = 32) -> list[MemoryRow]:
     """The accounting above for every clip shape of ``model`` in :data:`SHAPES`."""
     config = REFERENCE_CONFIGS[model]
-    transformer = build_reference_model(model, device="meta")
-    parameters = sum(p.numel() for p in transformer.parameters())
-    apply_snella(transformer, SnellaConfig(rank=rank, target_modules="dit"))
-    adapter = sum(p.numel() for p in transformer.parameters() if p.requires_grad)
+    counted = count_adapted(model, "dit", rank)
+    parameters, adapter = counted.denoiser_parameters, counted.adapter_parameters
     width = config["num_attention_heads"] * config["attention_head_dim"]
     blocks, ffn = config["num_layers"], config["ffn_dim"]
     spatial, shapes = SHAPES[model]
