@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import FluxTransformer2DModel
 from torch import Tensor, nn
+from script_runs import run_dreambooth, tiny_flux_flags
 from test_quantized_base import flux_call
 
 from snella_diffusion import SnellaConfig, SnellaError, apply_snella, load_snella, read_snella_file
@@ -211,8 +212,6 @@ def test_denoiser_file_flags_are_checked_with_one_line_errors(flux_files, tmp_pa
 @pytest.mark.slow
 def test_script_trains_over_a_gguf_denoiser_and_the_adapter_loads_unquantized(flux_files, tmp_path, caplog,
                                                                                  monkeypatch):
-    from accelerate.state import AcceleratorState
-
     import train_scripts.train_dreambooth_snella as script
     from snella_diffusion.training.data import synthetic_instance_images, write_images
 
@@ -227,19 +226,9 @@ def test_script_trains_over_a_gguf_denoiser_and_the_adapter_loads_unquantized(fl
     monkeypatch.setattr(script, "write_outputs", recording_outputs)
     images = tmp_path / "images"
     write_images(synthetic_instance_images(count=2, size=64, seed=0), images, "instance")
-    AcceleratorState._reset_state(reset_partial_state=True)
-    try:
-        with caplog.at_level("INFO"):
-            adapter = script.main(script.parse_args([
-                "--pretrained_model_name_or_path", str(folder), "--pretrained_denoiser_file", str(path),
-                "--output_dir", str(tmp_path / "out"), "--instance_data_dir", str(images),
-                "--instance_prompt", "a photo of sks dog", "--resolution", "32", "--max_train_steps", "3",
-                "--train_batch_size", "1", "--rank", "4", "--max_sequence_length", "16", "--report_to", "none",
-                "--learning_rate", "1e-2", "--validation_prompt", "a photo of sks dog", "--num_validation_images",
-                "1", "--validation_inference_steps", "1", "--validation_steps", "3",
-            ]))
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+    with caplog.at_level("INFO"):
+        adapter = run_dreambooth([*tiny_flux_flags(folder, images, tmp_path / "out", steps=3),
+                                  "--pretrained_denoiser_file", str(path), "--learning_rate", "1e-2"])
     assert f"the denoiser's weights from {path} (GGUF, computed in torch.float32)" in caplog.text
     assert len(seen["losses"]) == 3 and all(np.isfinite(seen["losses"])), seen
     assert (tmp_path / "out" / "validation" / "step_3.png").is_file()

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from script_runs import run_dreambooth, tiny_flux_flags
 from snella_diffusion import SnellaConfig, SnellaError, apply_snella, save_snella
 from snella_diffusion.fuse import fuse_snella as fuse_model
 from snella_diffusion.inject import remove_snella
@@ -323,27 +324,14 @@ def test_float_weights_keep_the_merged_path():
 
 @pytest.mark.slow
 def test_script_trains_over_an_fp8_base_and_the_adapter_loads_unquantized(tmp_path, caplog):
-    from accelerate.state import AcceleratorState
-
     from snella_diffusion import load_snella, read_snella_file
     from snella_diffusion.training.data import synthetic_instance_images, write_images
-    from train_scripts.train_dreambooth_snella import main, parse_args
 
     pipe_folder, images = tmp_path / "flux", tmp_path / "images"
     tiny_flux_pipeline(0).save_pretrained(pipe_folder)
     write_images(synthetic_instance_images(count=2, size=64, seed=0), images, "instance")
-    AcceleratorState._reset_state(reset_partial_state=True)
-    try:
-        with caplog.at_level("INFO"):
-            adapter = main(parse_args([
-                "--pretrained_model_name_or_path", str(pipe_folder), "--output_dir", str(tmp_path / "out"),
-                "--instance_data_dir", str(images), "--instance_prompt", "a photo of sks dog", "--resolution", "32",
-                "--max_train_steps", "2", "--train_batch_size", "1", "--rank", "4", "--max_sequence_length", "16",
-                "--report_to", "none", "--quantize_base", "fp8", "--validation_prompt", "a photo of sks dog",
-                "--num_validation_images", "1", "--validation_inference_steps", "1", "--validation_steps", "2",
-            ]))
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+    with caplog.at_level("INFO"):
+        adapter = run_dreambooth([*tiny_flux_flags(pipe_folder, images, tmp_path / "out"), "--quantize_base", "fp8"])
     assert "the denoiser's 25 linears stored as fp8 (diffusers), computed in torch.float32" in caplog.text
     assert (tmp_path / "out" / "validation" / "step_2.png").is_file()
     stored = read_snella_file(adapter)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from script_runs import run_dreambooth, tiny_flux_flags
 from snella_diffusion.families import detect_family
 from snella_diffusion.families.base import FamilySettings
 from snella_diffusion.families.dit import DiTFlags
@@ -110,26 +111,14 @@ def test_the_flag_is_refused_where_it_cannot_apply(tmp_path):
 
 @pytest.mark.slow
 def test_script_trains_with_a_quantized_t5(flux_folder, tmp_path, caplog):
-    from accelerate.state import AcceleratorState
-
     from snella_diffusion import read_snella_file
     from snella_diffusion.training.data import synthetic_instance_images, write_images
-    from train_scripts.train_dreambooth_snella import main
 
     images = tmp_path / "images"
     write_images(synthetic_instance_images(count=2, size=64, seed=0), images, "instance")
-    AcceleratorState._reset_state(reset_partial_state=True)
-    try:
-        with caplog.at_level("INFO"):
-            adapter = main(parse_args([
-                "--pretrained_model_name_or_path", str(flux_folder), "--output_dir", str(tmp_path / "out"),
-                "--instance_data_dir", str(images), "--instance_prompt", "a photo of sks dog", "--resolution", "32",
-                "--max_train_steps", "2", "--train_batch_size", "1", "--rank", "4", "--max_sequence_length", "16",
-                "--report_to", "none", "--quantize_text_encoder", "fp8", "--validation_prompt", "a photo of sks dog",
-                "--num_validation_images", "1", "--validation_inference_steps", "1", "--validation_steps", "2",
-            ]))
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+    with caplog.at_level("INFO"):
+        adapter = run_dreambooth([*tiny_flux_flags(flux_folder, images, tmp_path / "out"),
+                                  "--quantize_text_encoder", "fp8"])
     assert "text_encoder_2: 5 linears stored as fp8 (diffusers), computed in torch.float32" in caplog.text
     assert (tmp_path / "out" / "validation" / "step_2.png").is_file()
     assert len(read_snella_file(adapter).layers["transformer"]) == 17
