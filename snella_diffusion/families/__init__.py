@@ -26,6 +26,7 @@ lumina2     Lumina2Family               Lumina2Pipeline
 sana        SanaFamily                  SanaPipeline
 hidream     HiDreamFamily               HiDreamImagePipeline
 ideogram4   Ideogram4Family             Ideogram4Pipeline
+qwen_image21 QwenImage21Family          QwenImage21Pipeline
 ==========  ==========================  ================================================
 
 Shared pieces: ``base.py`` (ModelFamily, TrainingComponents, FamilySettings, the generic
@@ -74,6 +75,7 @@ from .sd3 import SD3Family
 from .sdxl import StableDiffusionXLFamily
 from .wan import WanFamily
 from .ideogram4 import Ideogram4Family
+from .qwen_image21 import QwenImage21Family
 
 FAMILIES: dict[str, ModelFamily] = {
     family.name: family
@@ -94,6 +96,7 @@ FAMILIES: dict[str, ModelFamily] = {
         SanaFamily(),
         HiDreamFamily(),
         Ideogram4Family(),
+        QwenImage21Family(),
     )
 }
 
@@ -142,6 +145,7 @@ __all__ = [
     "ModelFamily",
     "PixArtFamily",
     "QwenImageFamily",
+    "QwenImage21Family",
     "SD3Family",
     "SanaFamily",
     "StableDiffusionFamily",
