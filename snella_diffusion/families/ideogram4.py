@@ -227,7 +227,7 @@ class Ideogram4Family(FlowMatchingFamily):
         language_model = encoder.language_model
         outputs: dict[int, Tensor] = {}
         hooks = [language_model.layers[layer].register_forward_hook(
-                     lambda module, args, output, layer=layer: outputs.__setitem__(layer, output))
+                     lambda module, inputs, output, layer=layer: outputs.__setitem__(layer, output))
                  for layer in ACTIVATION_LAYERS]
         try:
             language_model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False)

@@ -90,7 +90,7 @@ class QwenImage21Family(FlowMatchingFamily):
         language_model = getattr(body, "language_model", body)
         captured: list[Tensor] = []
         # the last decoder layer's output: the hidden state before the final norm
-        hook = language_model.layers[-1].register_forward_hook(lambda module, args, output: captured.append(output))
+        hook = language_model.layers[-1].register_forward_hook(lambda module, inputs, output: captured.append(output))
         try:
             body(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
         finally:
