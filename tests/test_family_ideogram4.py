@@ -60,6 +60,10 @@ def test_tiny_pipeline_reloads_by_path_samples_the_same_and_is_detected(ideogram
     pipeline = family.pipeline(components)
     for name, parameter in loaded.unconditional_transformer.state_dict().items():
         assert torch.equal(pipeline.unconditional_transformer.state_dict()[name], parameter), name
+    # in the dtype the run loads its modules in (--mixed_precision)
+    family, index = detect_family(str(ideogram_run.folder))
+    in_bf16 = family.load(str(ideogram_run.folder), index, dtype=torch.bfloat16)
+    assert family.pipeline(in_bf16).unconditional_transformer.dtype == torch.bfloat16
 
 
 def test_prompt_encoding_and_layout_match_the_pipeline(ideogram_run):

@@ -173,7 +173,7 @@ class Ideogram4Family(FlowMatchingFamily):
         index = {key: value for key, value in model_index.items() if key != UNCONDITIONAL}
         components = super().load(source, index, revision=revision, variant=variant, dtype=dtype,
                                   denoiser_file=denoiser_file)
-        components.extra[SOURCE_KEY] = {"revision": revision, "variant": variant}
+        components.extra[SOURCE_KEY] = {"revision": revision, "variant": variant, "torch_dtype": dtype}
         return components
 
     def default_sequence_length(self, components):
@@ -267,18 +267,17 @@ class Ideogram4Family(FlowMatchingFamily):
                 "guidance_scale": VALIDATION_GUIDANCE_SCALE, "guidance_schedule": None}
 
     def pipeline(self, components, modules=None):
-        """The pipeline with the unconditional transformer loaded from the source (in the
-        transformer's dtype, on its device); with the text encoder freed, one that reads the
-        cached validation prompt (:func:`cached_prompt_pipeline`)."""
+        """The pipeline with the unconditional transformer loaded from the source (in the dtype
+        ``load`` was given, on the transformer's device); with the text encoder freed, one that
+        reads the cached validation prompt (:func:`cached_prompt_pipeline`)."""
         from diffusers import Ideogram4Transformer2DModel
 
         parts = dict(modules or {})
         if UNCONDITIONAL not in parts:
-            weight = components.denoiser.input_proj.weight
+            loaded_as = {key: value for key, value in components.extra.get(SOURCE_KEY, {}).items() if value is not None}
             parts[UNCONDITIONAL] = Ideogram4Transformer2DModel.from_pretrained(
-                components.source, subfolder=UNCONDITIONAL, torch_dtype=weight.dtype,
-                **{key: value for key, value in components.extra.get(SOURCE_KEY, {}).items() if value is not None},
-            ).to(weight.device).requires_grad_(False)
+                components.source, subfolder=UNCONDITIONAL, **loaded_as,
+            ).to(components.denoiser.input_proj.weight.device).requires_grad_(False)
         pipeline = super().pipeline(components, parts)
         cached = components.extra.get(VALIDATION_KEY)
         if cached is None:
