@@ -18,7 +18,7 @@ from snella_diffusion.files import write_json_atomically
 from snella_diffusion.testing.adapted_counts import count_adapted
 from snella_diffusion.testing.reference_configs import REFERENCE_CONFIGS
 
-DIT_MODELS = ("sd3", "flux", "qwen-image", "z-image", "flux2-klein", "chroma", "flux2", "krea2", "lumina2", "sana", "hidream")
+DIT_MODELS = ("sd3", "flux", "qwen-image", "z-image", "flux2-klein", "chroma", "flux2", "krea2", "lumina2", "sana", "hidream", "ideogram4", "qwen-image-2.1")
 VIDEO_MODELS = ("wan2.1-1.3b", "wan2.1-14b", "wan2.2-5b")
 
 

@@ -50,6 +50,8 @@ TARGET_PRESETS: dict[str, list[str]] = {
         # Krea 2's gated attention output gate and SwiGLU MLP (blocks and text-fusion blocks)
         _anywhere(r"attn\.to_gate"),
         _anywhere(r"ff\.(?:gate|up|down)"),
+        # Qwen-Image 2.1's SwiGLU image MLP
+        _anywhere(r"img_mlp\.(?:proj|gate_layer|out)"),
     ],
     # transformers ViT: q, k, v, attention output, MLP in and out (72 on ViT-B/16). Module
     # names of transformers 4.x (attention.attention.query, intermediate.dense, ...) and of

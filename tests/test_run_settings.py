@@ -116,7 +116,9 @@ def test_one_family_table_of_plain_modules():
                 "ZImagePipeline": "z_image", "Flux2KleinPipeline": "flux2",
                 "ChromaPipeline": "chroma", "Flux2Pipeline": "flux2", "Krea2Pipeline": "krea2",
                 "WanPipeline": "wan", "Lumina2Pipeline": "lumina2", "SanaPipeline": "sana",
-                "HiDreamImagePipeline": "hidream"}
+                "HiDreamImagePipeline": "hidream",
+                "Ideogram4Pipeline": "ideogram4",
+                "QwenImage21Pipeline": "qwen_image21"}
     for class_name, module in expected.items():
         family = families.family_for_class(class_name)
         assert type(family).__module__ == f"snella_diffusion.families.{module}"

@@ -25,6 +25,8 @@ wan         WanFamily                   WanPipeline (Wan 2.1, Wan 2.2 TI2V-5B an
 lumina2     Lumina2Family               Lumina2Pipeline
 sana        SanaFamily                  SanaPipeline
 hidream     HiDreamFamily               HiDreamImagePipeline
+ideogram4   Ideogram4Family             Ideogram4Pipeline
+qwen_image21 QwenImage21Family          QwenImage21Pipeline
 ==========  ==========================  ================================================
 
 Shared pieces: ``base.py`` (ModelFamily, TrainingComponents, FamilySettings, the generic
@@ -72,6 +74,8 @@ from .sd import StableDiffusionFamily
 from .sd3 import SD3Family
 from .sdxl import StableDiffusionXLFamily
 from .wan import WanFamily
+from .ideogram4 import Ideogram4Family
+from .qwen_image21 import QwenImage21Family
 
 FAMILIES: dict[str, ModelFamily] = {
     family.name: family
@@ -91,6 +95,8 @@ FAMILIES: dict[str, ModelFamily] = {
         Lumina2Family(),
         SanaFamily(),
         HiDreamFamily(),
+        Ideogram4Family(),
+        QwenImage21Family(),
     )
 }
 
@@ -133,11 +139,13 @@ __all__ = [
     "Flux2KleinFamily",
     "FluxFamily",
     "HiDreamFamily",
+    "Ideogram4Family",
     "Krea2Family",
     "Lumina2Family",
     "ModelFamily",
     "PixArtFamily",
     "QwenImageFamily",
+    "QwenImage21Family",
     "SD3Family",
     "SanaFamily",
     "StableDiffusionFamily",

@@ -283,6 +283,39 @@ VIT_B16: dict[str, Any] = {
     "qkv_bias": True,
 }
 
+# ideogram-ai/ideogram-v4, transformer (and its unconditional twin): the
+# Ideogram4Transformer2DModel defaults, whose docstring describes the released model (34 blocks
+# of 18 heads × 256, SwiGLU 12288, AdaLN width 512; text features of 13 tapped layers of
+# Qwen3-VL-8B, 13 × 4096 = 53248; the Flux.2 VAE's 32 channels in 2×2 patches, 128)
+IDEOGRAM4_TRANSFORMER: dict[str, Any] = {
+    "in_channels": 128,
+    "num_layers": 34,
+    "attention_head_dim": 256,
+    "num_attention_heads": 18,
+    "intermediate_size": 12288,
+    "adaln_dim": 512,
+    "llm_features_dim": 53248,
+    "rope_theta": 5_000_000,
+    "mrope_section": (24, 20, 20),
+    "norm_eps": 1e-5,
+}
+
+# Qwen/Qwen-Image-2.1, transformer: the QwenImage21Transformer2DModel defaults, whose docstring
+# describes the released model (32 single-stream blocks of 32 heads × 128, SwiGLU ×3, text width
+# 4096 from Qwen3-VL-8B, the VAE's 64 channels unpatched)
+QWEN_IMAGE21_TRANSFORMER: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "out_channels": 64,
+    "num_layers": 32,
+    "attention_head_dim": 128,
+    "num_attention_heads": 32,
+    "context_in_dim": 4096,
+    "mlp_ratio": 3,
+    "axes_dims_rope": (16, 56, 56),
+    "causal_condition": True,
+}
+
 REFERENCE_CONFIGS: dict[str, dict[str, Any]] = {
     "sd15": SD15_UNET,
     "sdxl": SDXL_UNET,
@@ -301,6 +334,8 @@ REFERENCE_CONFIGS: dict[str, dict[str, Any]] = {
     "lumina2": LUMINA2_TRANSFORMER,
     "sana": SANA_1600M_TRANSFORMER,
     "hidream": HIDREAM_I1_TRANSFORMER,
+    "ideogram4": IDEOGRAM4_TRANSFORMER,
+    "qwen-image-2.1": QWEN_IMAGE21_TRANSFORMER,
 }
 
 
@@ -321,6 +356,8 @@ MODEL_CLASSES: dict[str, str] = {
     "wan2.1-1.3b": "WanTransformer3DModel",
     "wan2.1-14b": "WanTransformer3DModel",
     "wan2.2-5b": "WanTransformer3DModel",
+    "ideogram4": "Ideogram4Transformer2DModel",
+    "qwen-image-2.1": "QwenImage21Transformer2DModel",
 }
 """The diffusers class of each reference model but the ViT (transformers)."""
 
@@ -331,7 +368,7 @@ def build_reference_model(name: str, device: str | torch.device = "meta", **over
     Args:
         name: one of ``REFERENCE_CONFIGS`` ("sd15", "sdxl", "sd3", "flux", "qwen-image", "z-image",
             "flux2-klein", "flux2", "chroma", "krea2", "lumina2", "sana", "hidream", "wan2.1-1.3b",
-            "wan2.1-14b" (also each Wan 2.2 A14B expert), "wan2.2-5b", "vit-b16").
+            "wan2.1-14b" (also each Wan 2.2 A14B expert), "wan2.2-5b", "vit-b16", "ideogram4", "qwen-image-2.1").
         device: "meta" allocates nothing (parameter counting, injection counts).
         overrides: config keys to change (e.g. ``num_layers=2`` for a few real-size blocks).
     """

@@ -629,3 +629,120 @@ TINY_DIT_BUILDERS.update({
     "sana": tiny_sana_pipeline,
     "hidream": tiny_hidream_pipeline,
 })
+
+
+TINY_IDEOGRAM4_TEXT_WIDTH = 16
+# A chat template in the shape of Qwen3-VL's for one-turn prompts whose content is a list of
+# typed parts (the Ideogram 4 pipeline's messages), or a plain string.
+TINY_QWEN3_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_ideogram4_pipeline(seed: int = 0):
+    """An Ideogram4Pipeline: conditional and unconditional transformers of 2 blocks each (2 heads
+    of 16, MRoPE sections 2 + 2 + 2), a 36-layer Qwen3-VL text model of width 16 (the pipeline
+    taps 13 of its layers: text features of width 13 × 16 = 208), the tiny Flux.2 VAE (factor 2,
+    4 channels, 16 after 2×2 patches, batch-norm mean 0.2, variance 2.25). 32 px images are 8×8
+    tokens of 16 channels."""
+    from diffusers import Ideogram4Pipeline, Ideogram4Transformer2DModel
+    from diffusers.pipelines.ideogram4.pipeline_ideogram4 import QWEN3_VL_ACTIVATION_LAYERS
+    from transformers import Qwen3VLConfig, Qwen3VLModel
+
+    def transformer():
+        return Ideogram4Transformer2DModel(
+            in_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2, intermediate_size=48,
+            adaln_dim=32, llm_features_dim=len(QWEN3_VL_ACTIVATION_LAYERS) * TINY_IDEOGRAM4_TEXT_WIDTH,
+            rope_theta=10000, mrope_section=(2, 2, 2),
+        )
+
+    torch.manual_seed(seed)
+    conditional, unconditional = transformer(), transformer()
+    vae = tiny_flux2_vae()
+    torch.manual_seed(seed + 1)
+    config = Qwen3VLConfig(
+        text_config={
+            "vocab_size": TINY_QWEN_VOCAB, "hidden_size": TINY_IDEOGRAM4_TEXT_WIDTH, "intermediate_size": 24,
+            "num_hidden_layers": max(QWEN3_VL_ACTIVATION_LAYERS) + 1, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "head_dim": 8, "bos_token_id": TINY_QWEN_ENDOFTEXT,
+            "eos_token_id": TINY_QWEN_ENDOFTEXT, "pad_token_id": TINY_QWEN_ENDOFTEXT,
+            "rope_scaling": {"rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+        },
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 24, "num_heads": 2,
+                       "out_hidden_size": TINY_IDEOGRAM4_TEXT_WIDTH, "deepstack_visual_indexes": []},
+        image_token_id=370, video_token_id=371, vision_start_token_id=372, vision_end_token_id=373,
+    )
+    tokenizer = byte_level_qwen2_tokenizer()
+    tokenizer.chat_template = TINY_QWEN3_VL_CHAT_TEMPLATE
+    return Ideogram4Pipeline(
+        scheduler=tiny_flow_scheduler(), vae=vae, text_encoder=Qwen3VLModel(config).eval(), tokenizer=tokenizer,
+        transformer=conditional, unconditional_transformer=unconditional,
+    )
+
+
+TINY_QWEN21_LATENTS_MEAN = TINY_QWEN_LATENTS_MEAN
+TINY_QWEN21_LATENTS_STD = TINY_QWEN_LATENTS_STD
+# The vision specials Qwen-Image 2.1's pipeline looks up (after the 370 ids of the chat tokenizer).
+QWEN_VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
+
+
+def tiny_qwen21_processor():
+    """A stand-in for Qwen3VLProcessor, which transformers cannot build without torchvision (its
+    video processor): a LlavaProcessor (PIL image processor, no torchvision) over the byte-level
+    tokenizer with the vision specials and a Qwen3-VL-shaped chat template. Text-to-image reads
+    only its tokenizer and chat template, as it reads Qwen3VLProcessor's."""
+    from transformers import LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tokenizer = byte_level_qwen2_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", *QWEN_VISION_TOKENS]})
+    return LlavaProcessor(image_processor=CLIPImageProcessorPil(), tokenizer=tokenizer,
+                          chat_template=TINY_QWEN3_VL_CHAT_TEMPLATE, image_token="<|image_pad|>", patch_size=14)
+
+
+def tiny_qwen21_pipeline(seed: int = 0):
+    """A QwenImage21Pipeline: 2 single-stream block-causal blocks (2 heads of 16, RoPE axes
+    4 + 6 + 6, text width 32), a 2-layer Qwen3VLForConditionalGeneration, an
+    AutoencoderKLQwenImage21 of 4 latent channels and the pipeline's spatial factor 16 (five
+    levels) with non-trivial per-channel statistics, the stand-in processor of
+    :func:`tiny_qwen21_processor`; dynamic shifting like the published scheduler. 32 px images
+    are 2×2 latents: 4 tokens, one 2×2 slot of the encoder's sequence."""
+    from diffusers import (
+        AutoencoderKLQwenImage21,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImage21Pipeline,
+        QwenImage21Transformer2DModel,
+    )
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    processor = tiny_qwen21_processor()
+    vision_ids = processor.tokenizer.convert_tokens_to_ids(list(QWEN_VISION_TOKENS))
+    torch.manual_seed(seed)
+    transformer = QwenImage21Transformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        context_in_dim=TINY_QWEN_HIDDEN, axes_dims_rope=(4, 6, 6),
+    )
+    vae = AutoencoderKLQwenImage21(
+        base_dim=8, decoder_base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1, 1], num_res_blocks=1,
+        latents_mean=list(TINY_QWEN21_LATENTS_MEAN), latents_std=list(TINY_QWEN21_LATENTS_STD),
+    ).eval()
+    torch.manual_seed(seed + 1)
+    config = Qwen3VLConfig(
+        text_config={
+            "vocab_size": TINY_QWEN_VOCAB, "hidden_size": TINY_QWEN_HIDDEN, "intermediate_size": 48,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+            "bos_token_id": TINY_QWEN_ENDOFTEXT, "eos_token_id": TINY_QWEN_ENDOFTEXT, "pad_token_id": TINY_QWEN_ENDOFTEXT,
+            "rope_scaling": {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+        },
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 24, "num_heads": 2,
+                       "out_hidden_size": TINY_QWEN_HIDDEN, "deepstack_visual_indexes": []},
+        vision_start_token_id=vision_ids[0], vision_end_token_id=vision_ids[1], image_token_id=vision_ids[2],
+        video_token_id=TINY_QWEN_VOCAB - 1,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15)
+    return QwenImage21Pipeline(scheduler=scheduler, vae=vae, text_encoder=Qwen3VLForConditionalGeneration(config).eval(),
+                               processor=processor, transformer=transformer)
