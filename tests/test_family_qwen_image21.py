@@ -145,6 +145,28 @@ def test_validation_samples_from_cached_embeddings_after_freeing_the_encoder(qwe
         family.validation_inputs(components, "a cat")
 
 
+def test_validation_guidance_scale_reaches_the_pipelines_true_cfg_scale(qwen21_run, caplog):
+    import argparse
+
+    from snella_diffusion.training.run_settings import ValidationSettings
+
+    family, components = qwen21_run.loaded()
+    parser = argparse.ArgumentParser()
+    ValidationSettings.add_arguments(parser)
+    flags = vars(parser.parse_args(["--validation_guidance_scale", "4"]))
+    settings = ValidationSettings(**{name: flags[name] for name in ValidationSettings.__dataclass_fields__})
+    guidance = settings.guidance_kwargs(family.guidance_argument)
+    assert guidance == {"true_cfg_scale": 4.0}
+    # the pipeline takes it (it has no guidance_scale argument) and, with no negative prompt,
+    # samples unguided: the same images as without it
+    inputs = family.validation_inputs(components, PROMPT)
+    generator = torch.Generator().manual_seed(0)
+    with caplog.at_level("WARNING"):
+        guided = family.pipeline(components)(**inputs, **guidance, generator=generator, **SAMPLE).images
+    plain = family.pipeline(components)(**inputs, generator=torch.Generator().manual_seed(0), **SAMPLE).images
+    assert abs(guided - plain).max() == 0
+
+
 @pytest.mark.slow
 def test_script_adapter_reloads_exactly_and_unloads_exactly(qwen21_run, tmp_path, monkeypatch):
     stored = qwen21_run.check_script_adapter_reloads_and_unloads(tmp_path, monkeypatch)

@@ -49,6 +49,7 @@ class QwenImage21Family(FlowMatchingFamily):
     pipeline_class_names = ("QwenImage21Pipeline",)
     text_encoder_components = ("text_encoder",)
     default_weighting_scheme = "none"
+    guidance_argument = "true_cfg_scale"
 
     def default_sequence_length(self, components):
         return 512

@@ -254,9 +254,10 @@ class ValidationSettings(FlagSettings):
                                 '"all" (every installed one) or "none".')
         group.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard folder, inside --output_dir.")
 
-    def guidance_kwargs(self) -> dict[str, float]:
-        """``{"guidance_scale": --validation_guidance_scale}`` when it is set, else nothing."""
-        return {} if self.validation_guidance_scale is None else {"guidance_scale": self.validation_guidance_scale}
+    def guidance_kwargs(self, argument: str = "guidance_scale") -> dict[str, float]:
+        """``{argument: --validation_guidance_scale}`` when it is set, else nothing; ``argument``
+        is the family's pipeline argument for it (``ModelFamily.guidance_argument``)."""
+        return {} if self.validation_guidance_scale is None else {argument: self.validation_guidance_scale}
 
 
 @dataclass(frozen=True)

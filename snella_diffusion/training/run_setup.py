@@ -176,7 +176,7 @@ def build_dataset(
                     base_pipeline, data.class_prompt, class_folder, data.num_class_images, data.sample_batch_size,
                     seed=settings.training.seed, progress=True,
                     pipeline_kwargs={"height": resolution, "width": resolution,
-                                     **settings.validation.guidance_kwargs(), **steps},
+                                     **settings.validation.guidance_kwargs(family.guidance_argument), **steps},
                 )
             del base_pipeline
         accelerator.wait_for_everyone()

@@ -47,7 +47,7 @@ def run_validation(
         # No ΔW cache: each adapted layer builds its ΔW, uses it and drops it, so validation
         # needs one layer's ΔW on top of the model, not a second copy of every adapted weight.
         with accelerator.autocast(), without_delta_cache(*trained.values()), decode_in_vae_dtype(components.vae):
-            inputs = {**family.validation_inputs(components, prompt), **validation.guidance_kwargs()}
+            inputs = {**family.validation_inputs(components, prompt), **validation.guidance_kwargs(family.guidance_argument)}
             result = pipeline(
                 **inputs, num_inference_steps=validation.validation_inference_steps,
                 generator=generator, height=resolution, width=resolution, output_type="pil",

@@ -64,7 +64,7 @@ def run_video_validation(
         for index in range(validation.num_validation_images):
             generator = torch.Generator().manual_seed(settings.training.seed + index)
             with accelerator.autocast(), without_delta_cache(*trained.values()), decode_in_vae_dtype(components.vae):
-                inputs = {**family.validation_inputs(components, prompt), **validation.guidance_kwargs()}
+                inputs = {**family.validation_inputs(components, prompt), **validation.guidance_kwargs(family.guidance_argument)}
                 video = pipeline(**inputs, num_frames=num_frames, num_inference_steps=validation.validation_inference_steps,
                                  generator=generator, height=resolution, width=resolution, output_type="np").frames[0]
             frames = to_uint8(np.asarray(video, dtype=np.float32))
