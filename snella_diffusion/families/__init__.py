@@ -25,6 +25,7 @@ wan         WanFamily                   WanPipeline (Wan 2.1, Wan 2.2 TI2V-5B an
 lumina2     Lumina2Family               Lumina2Pipeline
 sana        SanaFamily                  SanaPipeline
 hidream     HiDreamFamily               HiDreamImagePipeline
+ltx2        LTX2Family                  LTX2Pipeline (LTX-2, video stream only)
 ==========  ==========================  ================================================
 
 Shared pieces: ``base.py`` (ModelFamily, TrainingComponents, FamilySettings, the generic
@@ -72,6 +73,7 @@ from .sd import StableDiffusionFamily
 from .sd3 import SD3Family
 from .sdxl import StableDiffusionXLFamily
 from .wan import WanFamily
+from .ltx2 import LTX2Family
 
 FAMILIES: dict[str, ModelFamily] = {
     family.name: family
@@ -91,6 +93,7 @@ FAMILIES: dict[str, ModelFamily] = {
         Lumina2Family(),
         SanaFamily(),
         HiDreamFamily(),
+        LTX2Family(),
     )
 }
 
@@ -145,6 +148,7 @@ __all__ = [
     "TrainingComponents",
     "UnknownModelFamilyError",
     "WanFamily",
+    "LTX2Family",
     "ZImageFamily",
     "detect_family",
     "family_for_class",
