@@ -1,7 +1,7 @@
 """Tiny LTX-2 pipelines built from configs (no hub): ``LTX2Pipeline`` with a 2-block
 ``LTX2VideoTransformer3DModel`` (video width 16, audio width 8), ``LTX2TextConnectors`` of one
-layer per modality, a 3-level ``AutoencoderKLLTX2Video`` (spatial factor 8, temporal factor 8,
-so clips of 8k+1 frames, as the published VAE's 32×/8×), a tiny ``AutoencoderKLLTX2Audio`` and
+layer per modality, a 3-level ``AutoencoderKLLTX2Video`` (spatial factor 8, temporal factor 4,
+so clips of 4k+1 frames; the published VAE's are 32 and 8), a tiny ``AutoencoderKLLTX2Audio`` and
 ``LTX2Vocoder``, a 2-layer ``Gemma3ForConditionalGeneration`` (its vision tower one layer wide
 enough to build) with the code-built Gemma tokenizer of ``tiny_dit_models``, and the published
 scheduler settings (dynamic shift 0.95 → 2.05 over 1024 → 4096 tokens, terminal σ 0.1).
@@ -19,7 +19,7 @@ TINY_LTX2_LATENT_CHANNELS = 4
 TINY_LTX2_LATENTS_MEAN = (0.25, -0.5, 0.1, 0.3)
 TINY_LTX2_LATENTS_STD = (1.5, 0.8, 2.0, 1.2)
 TINY_LTX2_SPATIAL_FACTOR = 8
-TINY_LTX2_TEMPORAL_FACTOR = 8
+TINY_LTX2_TEMPORAL_FACTOR = 4
 TINY_GEMMA3_LAYERS = 2
 # LTX-2's published scheduler_config.json (diffusers' scripts/convert_ltx2_to_diffusers.py).
 LTX2_SCHEDULER_CONFIG = {"use_dynamic_shifting": True, "base_shift": 0.95, "max_shift": 2.05,
@@ -45,8 +45,8 @@ def tiny_gemma3_encoder(seed: int = 0):
 
 
 def tiny_ltx2_vae(seed: int = 0):
-    """An AutoencoderKLLTX2Video of 4 latent channels: three spatiotemporal downsampling levels,
-    so ``(B, 3, 8k+1, H, W)`` → ``(B, 4, k+1, H/8, W/8)``; latents_mean/std set to
+    """An AutoencoderKLLTX2Video of 4 latent channels: one spatial and two spatiotemporal
+    downsampling levels, so ``(B, 3, 4k+1, H, W)`` → ``(B, 4, k+1, H/8, W/8)``; latents_mean/std set to
     :data:`TINY_LTX2_LATENTS_MEAN` / :data:`TINY_LTX2_LATENTS_STD`."""
     from diffusers import AutoencoderKLLTX2Video
 
@@ -56,9 +56,11 @@ def tiny_ltx2_vae(seed: int = 0):
         down_block_types=("LTX2VideoDownBlock3D",) * 3, decoder_block_out_channels=(8, 8, 8),
         layers_per_block=(1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1),
         spatio_temporal_scaling=(True, True, True), decoder_spatio_temporal_scaling=(True, True, True),
-        decoder_inject_noise=(False,) * 4, downsample_type=("spatiotemporal",) * 3,
-        upsample_type=("spatiotemporal",) * 3, upsample_residual=(False,) * 3, upsample_factor=(1, 1, 1),
+        decoder_inject_noise=(False,) * 4, downsample_type=("spatial", "spatiotemporal", "spatiotemporal"),
+        upsample_type=("spatiotemporal", "spatiotemporal", "spatial"), upsample_residual=(False,) * 3,
+        upsample_factor=(1, 1, 1),
         patch_size=1, patch_size_t=1, encoder_causal=True, decoder_causal=False,
+        spatial_compression_ratio=TINY_LTX2_SPATIAL_FACTOR, temporal_compression_ratio=TINY_LTX2_TEMPORAL_FACTOR,
     )
     with torch.no_grad():
         vae.latents_mean.copy_(torch.tensor(TINY_LTX2_LATENTS_MEAN))
