@@ -29,6 +29,7 @@ from benchmark_scripts import load_benchmark
 from snella_diffusion import SnellaConfig, apply_snella, save_snella
 from snella_diffusion.testing.gguf_files import write_q8_0_checkpoint
 from snella_diffusion.testing.tiny_dit_models import TINY_DIT_BUILDERS
+from snella_diffusion.testing.tiny_ltx2_models import TINY_LTX2_BUILDERS
 from snella_diffusion.testing.tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline
 from snella_diffusion.testing.tiny_video_models import TINY_VIDEO_BUILDERS
 from snella_diffusion.training.data import synthetic_instance_images, write_images
@@ -59,6 +60,7 @@ TINY_BASES = {
     "Alpha-VLLM/Lumina-Image-2.0": "lumina2",
     "Efficient-Large-Model/Sana_1600M_1024px_diffusers": "sana",
     "HiDream-ai/HiDream-I1-Full": "hidream",
+    "Lightricks/LTX-2": "ltx2",
 }
 # flag -> tiny value (flags not listed keep the page's value)
 TINY_SIZES = {
@@ -215,7 +217,8 @@ def tiny_arguments(arguments: list[str], replace: dict[str, str]) -> list[str]:
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory):
     root = tmp_path_factory.mktemp("readme")
-    builders = {"sd": tiny_sd_pipeline, "sdxl": tiny_sdxl_pipeline, **TINY_DIT_BUILDERS, **TINY_VIDEO_BUILDERS}
+    builders = {"sd": tiny_sd_pipeline, "sdxl": tiny_sdxl_pipeline, **TINY_DIT_BUILDERS, **TINY_VIDEO_BUILDERS,
+                **TINY_LTX2_BUILDERS}
     for name in set(TINY_BASES.values()):
         builders[name](0).save_pretrained(root / name)
     transformer = FluxTransformer2DModel.from_pretrained(root / TINY_BASES["black-forest-labs/FLUX.1-dev"],
