@@ -289,6 +289,7 @@ def test_published_config_layer_count_matches_a_walk_of_the_module_tree(tmp_path
     walked = walked_linear_count(transformer.transformer_blocks, ("attn1", "attn2", "ff"))
     assert counted["adapted_layers"] == walked == 48 * 10
     assert round(counted["denoiser_parameters"] / 1e9, 2) == 18.88
+    audio = sum(p.numel() for name, p in transformer.named_parameters() if "audio" in name)
     first_ten = apply_snella(transformer, SnellaConfig(rank=4, target_modules=expand_block_filters(["dit@double:0-9"])))
     assert len(first_ten) == 10 * 10 and {int(name.split(".")[1]) for name in first_ten} == set(range(10))
     assert not any("audio" in name for name in first_ten)
@@ -297,3 +298,16 @@ def test_published_config_layer_count_matches_a_walk_of_the_module_tree(tmp_path
            f"{counted['adapter_parameters'] / 1e6:.1f} M | {counted['denoiser_parameters'] / 1e9:.2f} G | "
            f"{round(2 * counted['denoiser_parameters'] / 1024 ** 3, 2)} |")
     assert row in page, row
+    # memory: bf16 base; SNELLA at rank 32 (the rank-8 count plus, in each of the 48 identical
+    # blocks, what rank 32 adds on one real block) in float32 with its gradient and two AdamW
+    # moments, 16 bytes a parameter
+    one_block = [apply_snella(build_reference_model("ltx2", device="meta", num_layers=1), SnellaConfig(rank=rank,
+                              target_modules="dit")) for rank in (8, 32)]
+    sizes = [sum(p.numel() for layer in layers.values() for p in layer.parameters() if p.requires_grad)
+             for layers in one_block]
+    assert sizes[0] * 48 == counted["adapter_parameters"]
+    rank32 = 48 * sizes[1]
+    assert (f"stream included ({audio / 1e9:.2f} G of the {counted['denoiser_parameters'] / 1e9:.2f} G parameters), "
+            f"**{2 * counted['denoiser_parameters'] / 1024 ** 3:.1f} GiB**") in " ".join(page.split())
+    assert f"rank 32 holds {rank32 / 1e6:.1f} M float32 parameters, **{16 * rank32 / 1024 ** 3:.2f} GiB**" in \
+        " ".join(page.split())
