@@ -275,7 +275,6 @@ def test_script_trains_on_clips_and_an_image_reloads_and_unloads_exactly(run, cl
     assert torch.equal(_output(family, components, pipeline.transformer), base)
 
 
-@pytest.mark.slow
 def test_a_lora_file_loads_with_the_pipelines_load_lora_weights(run, tmp_path):
     assert run.check_lora_file_loads(tmp_path) == 2 * 10 * 2  # A and B of 10 layers in each of 2 blocks
 
