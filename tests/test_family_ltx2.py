@@ -217,6 +217,28 @@ def clip_folder(tmp_path_factory):
     return folder
 
 
+def test_frame_buckets_follow_the_vaes_temporal_factor(run, clip_folder):
+    from snella_diffusion.training.run_settings import parse_run_settings
+    from snella_diffusion.training.video_dataset import (
+        VideoDataError,
+        fit_frame_count,
+        load_video_records,
+        make_video_dataset,
+    )
+
+    family, components = run.loaded()
+    flags = ["--instance_data_dir", str(clip_folder), "--caption_extension", ".txt", "--num_frames"]
+    settings = parse_run_settings([*flags, "17"])
+    dataset = make_video_dataset(settings, load_video_records(settings), family, components, 32, None)
+    assert [record.name for record in dataset.records] == ["clip_17.mp4", "clip_9.mp4", "still.png"]
+    assert dataset.frames_of_record == [17, 9, 1]
+    assert dataset.bucket_keys == [(1, 32, 32), (9, 32, 32), (17, 32, 32)]
+    assert tuple(dataset[0]["instance"].pixels.shape) == (3, 17, 32, 32)
+    with pytest.raises(VideoDataError, match=r"--num_frames=11: must be 4·k\+1"):  # the tiny VAE's factor
+        make_video_dataset(parse_run_settings([*flags, "11"]), dataset.records, family, components, 32, None)
+    assert [fit_frame_count(frames, 8) for frames in (121, 60, 8)] == [121, 57, 1]  # the published VAE's 8k+1
+
+
 def _run_script(run, clips, output_dir, *flags):
     from train_scripts.train_dreambooth_snella import main, parse_args
 
