@@ -158,7 +158,7 @@ def test_sigmas_are_the_ltx2_trainers_shifted_logit_normal(run):
     mu = 0.95 + (2.05 - 0.95) * (tokens - 1024) / 3072
     z = torch.randn(count, generator=generator) + mu
     low, high = torch.sigmoid(torch.tensor(mu - 2.5758)), torch.sigmoid(torch.tensor(mu + 3.0902))
-    stretched = ((torch.sigmoid(z) - low) / (high - low)).abs().clamp(max=1.0)  # no value below 1e-3 here
+    stretched = ((torch.sigmoid(z) - low) / (high - low)).clamp(max=1.0)  # none below 1e-3 to reflect here
     uniform = 0.999 * torch.rand(count, generator=generator) + 0.001
     expected = torch.where(torch.rand(count, generator=generator) < 0.1, uniform, stretched)
     assert stretched.min() > 1e-3 and torch.allclose(sigmas, expected) and torch.allclose(timesteps, 1000 * sigmas)
