@@ -30,6 +30,7 @@ from snella_diffusion import SnellaConfig, apply_snella, save_snella
 from snella_diffusion.testing.gguf_files import write_q8_0_checkpoint
 from snella_diffusion.testing.tiny_dit_models import TINY_DIT_BUILDERS
 from snella_diffusion.testing.tiny_dit_models import tiny_ideogram4_pipeline, tiny_qwen21_pipeline
+from snella_diffusion.testing.tiny_ltx2_models import TINY_LTX2_BUILDERS
 from snella_diffusion.testing.tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline
 from snella_diffusion.testing.tiny_video_models import TINY_VIDEO_BUILDERS
 from snella_diffusion.training.data import synthetic_instance_images, write_images
@@ -62,6 +63,7 @@ TINY_BASES = {
     "HiDream-ai/HiDream-I1-Full": "hidream",
     "ideogram-ai/ideogram-v4": "ideogram4",
     "Qwen/Qwen-Image-2.1": "qwen-image-2.1",
+    "Lightricks/LTX-2": "ltx2",
 }
 # flag -> tiny value (flags not listed keep the page's value)
 TINY_SIZES = {
@@ -218,7 +220,8 @@ def tiny_arguments(arguments: list[str], replace: dict[str, str]) -> list[str]:
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory):
     root = tmp_path_factory.mktemp("readme")
-    builders = {"sd": tiny_sd_pipeline, "sdxl": tiny_sdxl_pipeline, **TINY_DIT_BUILDERS, **TINY_VIDEO_BUILDERS}
+    builders = {"sd": tiny_sd_pipeline, "sdxl": tiny_sdxl_pipeline, **TINY_DIT_BUILDERS, **TINY_VIDEO_BUILDERS,
+                **TINY_LTX2_BUILDERS}
     builders["ideogram4"] = tiny_ideogram4_pipeline
     builders["qwen-image-2.1"] = tiny_qwen21_pipeline
     for name in set(TINY_BASES.values()):

@@ -119,6 +119,7 @@ def test_one_family_table_of_plain_modules():
                 "HiDreamImagePipeline": "hidream",
                 "Ideogram4Pipeline": "ideogram4",
                 "QwenImage21Pipeline": "qwen_image21"}
+    expected["LTX2Pipeline"] = "ltx2"
     for class_name, module in expected.items():
         family = families.family_for_class(class_name)
         assert type(family).__module__ == f"snella_diffusion.families.{module}"

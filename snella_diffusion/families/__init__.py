@@ -27,6 +27,7 @@ sana        SanaFamily                  SanaPipeline
 hidream     HiDreamFamily               HiDreamImagePipeline
 ideogram4   Ideogram4Family             Ideogram4Pipeline
 qwen_image21 QwenImage21Family          QwenImage21Pipeline
+ltx2        LTX2Family                  LTX2Pipeline (LTX-2, video stream only)
 ==========  ==========================  ================================================
 
 Shared pieces: ``base.py`` (ModelFamily, TrainingComponents, FamilySettings, the generic
@@ -76,6 +77,7 @@ from .sdxl import StableDiffusionXLFamily
 from .wan import WanFamily
 from .ideogram4 import Ideogram4Family
 from .qwen_image21 import QwenImage21Family
+from .ltx2 import LTX2Family
 
 FAMILIES: dict[str, ModelFamily] = {
     family.name: family
@@ -97,6 +99,7 @@ FAMILIES: dict[str, ModelFamily] = {
         HiDreamFamily(),
         Ideogram4Family(),
         QwenImage21Family(),
+        LTX2Family(),
     )
 }
 
@@ -153,6 +156,7 @@ __all__ = [
     "TrainingComponents",
     "UnknownModelFamilyError",
     "WanFamily",
+    "LTX2Family",
     "ZImageFamily",
     "detect_family",
     "family_for_class",

@@ -271,6 +271,31 @@ HIDREAM_I1_TRANSFORMER: dict[str, Any] = {
     "llama_layers": list(range(32)) + [31] * 16,
 }
 
+# Lightricks/LTX-2, transformer/config.json (the "2.0" config of diffusers'
+# scripts/convert_ltx2_to_diffusers.py): 48 audio-video blocks, video 32 heads × 128 (text
+# width 4096), audio 32 heads × 64 (2048), 128 latent channels each, Gemma-3-12B captions of
+# width 3840; the rest are the LTX2VideoTransformer3DModel defaults
+LTX2_TRANSFORMER: dict[str, Any] = {
+    "in_channels": 128,
+    "out_channels": 128,
+    "patch_size": 1,
+    "patch_size_t": 1,
+    "num_attention_heads": 32,
+    "attention_head_dim": 128,
+    "cross_attention_dim": 4096,
+    "audio_in_channels": 128,
+    "audio_out_channels": 128,
+    "audio_num_attention_heads": 32,
+    "audio_attention_head_dim": 64,
+    "audio_cross_attention_dim": 2048,
+    "num_layers": 48,
+    "caption_channels": 3840,
+    "gated_attn": False,
+    "cross_attn_mod": False,
+    "rope_type": "split",
+    "use_prompt_embeddings": True,
+}
+
 # google/vit-base-patch16-224-in21k, config.json
 VIT_B16: dict[str, Any] = {
     "hidden_size": 768,
@@ -336,6 +361,7 @@ REFERENCE_CONFIGS: dict[str, dict[str, Any]] = {
     "hidream": HIDREAM_I1_TRANSFORMER,
     "ideogram4": IDEOGRAM4_TRANSFORMER,
     "qwen-image-2.1": QWEN_IMAGE21_TRANSFORMER,
+    "ltx2": LTX2_TRANSFORMER,
 }
 
 
@@ -358,6 +384,7 @@ MODEL_CLASSES: dict[str, str] = {
     "wan2.2-5b": "WanTransformer3DModel",
     "ideogram4": "Ideogram4Transformer2DModel",
     "qwen-image-2.1": "QwenImage21Transformer2DModel",
+    "ltx2": "LTX2VideoTransformer3DModel",
 }
 """The diffusers class of each reference model but the ViT (transformers)."""
 
