@@ -27,6 +27,8 @@ sana        SanaFamily                  SanaPipeline
 hidream     HiDreamFamily               HiDreamImagePipeline
 ==========  ==========================  ================================================
 
+and ``hunyuan_video15``: HunyuanVideo15Family, HunyuanVideo15Pipeline (text-to-video; video).
+
 Shared pieces: ``base.py`` (ModelFamily, TrainingComponents, FamilySettings, the generic
 loader), ``dit.py`` (the transformer families' flags, options, block filters and the
 DiTFamily / FlowMatchingFamily bases), ``tokens.py`` (tokenization).
@@ -72,6 +74,7 @@ from .sd import StableDiffusionFamily
 from .sd3 import SD3Family
 from .sdxl import StableDiffusionXLFamily
 from .wan import WanFamily
+from .hunyuan_video15 import HunyuanVideo15Family
 
 FAMILIES: dict[str, ModelFamily] = {
     family.name: family
@@ -91,6 +94,7 @@ FAMILIES: dict[str, ModelFamily] = {
         Lumina2Family(),
         SanaFamily(),
         HiDreamFamily(),
+        HunyuanVideo15Family(),
     )
 }
 
@@ -133,6 +137,7 @@ __all__ = [
     "Flux2KleinFamily",
     "FluxFamily",
     "HiDreamFamily",
+    "HunyuanVideo15Family",
     "Krea2Family",
     "Lumina2Family",
     "ModelFamily",
