@@ -140,11 +140,14 @@ class HunyuanVideo15Family(FlowMatchingFamily):
     @torch.no_grad()
     def encode_latents(self, components, pixels, generator=None):
         """Pixels ``(B, 3, F, H, W)`` (or ``(B, 3, H, W)``, one frame) in [-1, 1] → the mode ×
-        ``scaling_factor``, ``(B, C, (F-1)/f + 1, H/s, W/s)``; deterministic."""
+        ``scaling_factor``, ``(B, C, (F-1)/f + 1, H/s, W/s)``; deterministic. One sample per VAE
+        call: diffusers 0.42's AutoencoderKLHunyuanVideo15 mid-block attention fails on batches
+        of more than one (its causal mask misses the head axis, diffusers PR #13133)."""
         vae = components.vae
         if pixels.dim() == 4:
             pixels = pixels.unsqueeze(2)
-        return vae.encode(pixels.to(vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
+        modes = [vae.encode(sample.to(vae.dtype)).latent_dist.mode() for sample in pixels.split(1)]
+        return torch.cat(modes) * vae.config.scaling_factor
 
     def encode_prompt(self, components, prompts, device):
         """``prompt_embeds`` ``(B, L, D)`` and ``prompt_embeds_mask`` ``(B, L)`` (Qwen, L =

@@ -45,15 +45,26 @@ def pipeline_system_message() -> str:
 
 
 def _piece_merges(pieces: list[str], symbols: list[str]) -> list[tuple[str, str]]:
-    """Byte-level BPE merges that make each of ``pieces`` (byte-symbol strings) one token, left
-    to right ("s y", "sy s", ...), skipping what is already known."""
-    merges, known = [], set(symbols)
-    for piece in pieces:
-        for end in range(1, len(piece)):
-            if piece[: end + 1] not in known:
-                merges.append((piece[:end], piece[end]))
-                known.add(piece[: end + 1])
-    return merges
+    """Byte-level BPE merges that make each of ``pieces`` (byte-symbol strings) one token: while
+    the merges so far split a piece, join its tokens left to right (later merges rank lower, so
+    they join what the earlier ones left, e.g. "ĠĠ ĠĠ ĠĠ ĠĠ" → one 8-space token)."""
+    from tokenizers import models
+
+    merges: list[tuple[str, str]] = []
+    vocab = {symbol: index for index, symbol in enumerate(symbols)}
+    for _ in range(max(len(piece) for piece in pieces)):
+        bpe = models.BPE(vocab=dict(vocab), merges=list(merges))
+        split = {piece: [token.value for token in bpe.tokenize(piece)] for piece in pieces}
+        if all(len(tokens) == 1 for tokens in split.values()):
+            return merges
+        for tokens in split.values():
+            joined = tokens[0]
+            for token in tokens[1:]:
+                if (joined, token) not in merges:
+                    merges.append((joined, token))
+                    vocab.setdefault(joined + token, len(vocab))
+                joined += token
+    raise ValueError("the template pieces did not become single tokens")
 
 
 def tiny_hunyuan_qwen2_tokenizer():
@@ -72,7 +83,7 @@ def tiny_hunyuan_qwen2_tokenizer():
     merges = _piece_merges(pieces, symbols)
     vocab = {symbol: index for index, symbol in enumerate(symbols)}
     for left, right in merges:
-        vocab[left + right] = len(vocab)
+        vocab.setdefault(left + right, len(vocab))
     if len(vocab) + len(_SPECIALS) > TINY_HY15_QWEN_VOCAB:
         raise ValueError(f"{len(vocab) + len(_SPECIALS)} tokens exceed the tiny Qwen vocab of {TINY_HY15_QWEN_VOCAB}")
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None,
