@@ -16,7 +16,7 @@ from PIL import Image
 
 from snella_diffusion import SnellaConfig, SnellaError, apply_snella, read_snella_file
 from snella_diffusion.families import detect_family
-from snella_diffusion.families.hunyuan_video15 import pipeline_prompt_settings
+from snella_diffusion.families.hunyuan_video15 import pipeline_defaults
 from snella_diffusion.testing.tiny_hunyuan_video_models import (
     TINY_HY15_IMAGE_EMBED_DIM,
     TINY_HY15_SCALING_FACTOR,
@@ -81,7 +81,7 @@ def test_tiny_pipeline_reloads_by_path_and_is_detected(built, folder):
     ids = _chat_ids(loaded.tokenizer, PROMPT)
     assert ids == _chat_ids(built.tokenizer, PROMPT)
     # the template before the prompt is the 108 tokens the pipeline crops: the prompt starts at 108
-    assert pipeline_prompt_settings().template_tokens == 108
+    assert pipeline_defaults().template_tokens == 108
     assert ids[108:108 + len(loaded.tokenizer(PROMPT).input_ids)] == loaded.tokenizer(PROMPT).input_ids
     assert loaded.tokenizer.convert_ids_to_tokens(ids[105:108]) == ["<|im_start|>", "user", "Ċ"]
     family, _ = detect_family(str(folder))
@@ -304,6 +304,15 @@ def test_published_config_layer_count_matches_a_walk_of_the_module_tree():
     assert counted.adapted_layers == _walked_count(transformer) == 54 * 12 + 2 * 6 == 660
     assert round(counted.denoiser_parameters / 1e9, 2) == 8.33
     assert counted.base_bf16_gib == round(2 * counted.denoiser_parameters / 1024 ** 3, 2) == 15.51
+    row = (f"| HunyuanVideo 1.5 (480p, 720p) | {counted.adapted_layers} | {counted.adapted_weights / 1e9:.2f} G | "
+           f"{counted.adapter_parameters / 1e6:.1f} M | {counted.denoiser_parameters / 1e9:.2f} G | "
+           f"{counted.base_bf16_gib} |")
+    page = (REPO / "docs" / "video.md").read_text()
+    assert row in page, row
+    # the page's memory sentence at the default rank 32: float32 value, gradient and 2 AdamW moments
+    rank32 = count_adapted("hunyuan-video1.5", rank=32).adapter_parameters
+    assert f"trains {rank32 / 1e6:.1f} M float32 parameters,\n{16 * rank32 / 1024 ** 3:.2f} GiB" in page
+    assert f"{counted.base_bf16_gib + round(16 * rank32 / 1024 ** 3, 2):.1f} GiB before activations" in page
     filtered = apply_snella(transformer, SnellaConfig(rank=4, target_modules=expand_block_filters(
         ["dit@double:0-9", "dit@context_embedder"])))
     blocks = [name for name in filtered if name.startswith("transformer_blocks.")]

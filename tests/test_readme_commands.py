@@ -31,6 +31,7 @@ from snella_diffusion.testing.gguf_files import write_q8_0_checkpoint
 from snella_diffusion.testing.tiny_dit_models import TINY_DIT_BUILDERS
 from snella_diffusion.testing.tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline
 from snella_diffusion.testing.tiny_video_models import TINY_VIDEO_BUILDERS
+from snella_diffusion.testing.tiny_hunyuan_video_models import TINY_HUNYUAN_VIDEO_BUILDERS
 from snella_diffusion.training.data import synthetic_instance_images, write_images
 
 from train_scripts import train_classification_snella as classification_script
@@ -59,6 +60,7 @@ TINY_BASES = {
     "Alpha-VLLM/Lumina-Image-2.0": "lumina2",
     "Efficient-Large-Model/Sana_1600M_1024px_diffusers": "sana",
     "HiDream-ai/HiDream-I1-Full": "hidream",
+    "hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v": "hunyuan-video15",
 }
 # flag -> tiny value (flags not listed keep the page's value)
 TINY_SIZES = {
@@ -216,6 +218,7 @@ def tiny_arguments(arguments: list[str], replace: dict[str, str]) -> list[str]:
 def tiny_world(tmp_path_factory):
     root = tmp_path_factory.mktemp("readme")
     builders = {"sd": tiny_sd_pipeline, "sdxl": tiny_sdxl_pipeline, **TINY_DIT_BUILDERS, **TINY_VIDEO_BUILDERS}
+    builders.update(TINY_HUNYUAN_VIDEO_BUILDERS)
     for name in set(TINY_BASES.values()):
         builders[name](0).save_pretrained(root / name)
     transformer = FluxTransformer2DModel.from_pretrained(root / TINY_BASES["black-forest-labs/FLUX.1-dev"],

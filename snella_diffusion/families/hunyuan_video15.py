@@ -45,9 +45,10 @@ from .dit import FlowMatchingFamily
 
 
 @dataclass(frozen=True)
-class PromptSettings:
-    """The prompt encoding constants of the installed ``HunyuanVideo15Pipeline`` (the defaults of
-    its ``_get_mllm_prompt_embeds`` / ``_get_byt5_prompt_embeds``, which it calls with them).
+class PipelineDefaults:
+    """Constants of the installed ``HunyuanVideo15Pipeline``: the defaults of its
+    ``_get_mllm_prompt_embeds`` / ``_get_byt5_prompt_embeds`` (the values its ``encode_prompt``
+    uses) and of its ``__call__``.
 
     Attributes:
         system_message: the chat's system turn before every prompt.
@@ -67,14 +68,14 @@ class PromptSettings:
 
 
 @lru_cache(maxsize=1)
-def pipeline_prompt_settings() -> PromptSettings:
-    """Read :class:`PromptSettings` from the installed diffusers' ``HunyuanVideo15Pipeline``."""
+def pipeline_defaults() -> PipelineDefaults:
+    """:class:`PipelineDefaults` read from the installed diffusers' ``HunyuanVideo15Pipeline``."""
     from diffusers import HunyuanVideo15Pipeline
 
     qwen = inspect.signature(HunyuanVideo15Pipeline._get_mllm_prompt_embeds).parameters
     byt5 = inspect.signature(HunyuanVideo15Pipeline._get_byt5_prompt_embeds).parameters
     call = inspect.signature(HunyuanVideo15Pipeline.__call__).parameters
-    return PromptSettings(
+    return PipelineDefaults(
         system_message=qwen["system_message"].default, template_tokens=int(qwen["crop_start"].default),
         qwen_length=int(qwen["tokenizer_max_length"].default),
         skipped_layers=int(qwen["num_hidden_layers_to_skip"].default),
@@ -105,7 +106,7 @@ class HunyuanVideo15Family(FlowMatchingFamily):
 
     def default_sequence_length(self, components):
         """1000 Qwen tokens after the template crop (the pipeline's ``tokenizer_max_length``)."""
-        return pipeline_prompt_settings().qwen_length
+        return pipeline_defaults().qwen_length
 
     def configure(self, components, settings):
         self.refuse_text_encoder_training(settings, "HunyuanVideo 1.5",
@@ -122,7 +123,7 @@ class HunyuanVideo15Family(FlowMatchingFamily):
 
     def default_num_frames(self, components: TrainingComponents) -> int:
         """121 (the pipeline's default: 5 s at 24 fps)."""
-        return pipeline_prompt_settings().num_frames
+        return pipeline_defaults().num_frames
 
     def pixel_multiple(self, components: TrainingComponents) -> int:
         """VAE factor × the transformer's spatial patch (16 × 1 published)."""
@@ -155,16 +156,16 @@ class HunyuanVideo15Family(FlowMatchingFamily):
         ``prompt_embeds_mask_2`` ``(B, 256)`` (ByT5); masks int64, 1 on valid tokens."""
         from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import format_text_input
 
-        settings = pipeline_prompt_settings()
+        defaults = pipeline_defaults()
         tokenizer, encoder = components.modules["tokenizer"], components.modules["text_encoder"]
-        length = self.options(components).max_sequence_length + settings.template_tokens
+        length = self.options(components).max_sequence_length + defaults.template_tokens
         tokens = tokenizer.apply_chat_template(
-            format_text_input(prompts, settings.system_message), add_generation_prompt=True, tokenize=True,
+            format_text_input(prompts, defaults.system_message), add_generation_prompt=True, tokenize=True,
             return_dict=True, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
         mask = tokens.attention_mask.to(device)
         hidden = encoder(input_ids=tokens.input_ids.to(device), attention_mask=mask,
-                         output_hidden_states=True).hidden_states[-(settings.skipped_layers + 1)]
-        crop = settings.template_tokens
+                         output_hidden_states=True).hidden_states[-(defaults.skipped_layers + 1)]
+        crop = defaults.template_tokens
         glyphs, glyph_mask = self.encode_glyphs(components, prompts, device)
         return {"prompt_embeds": hidden[:, crop:], "prompt_embeds_mask": mask[:, crop:],
                 "prompt_embeds_2": glyphs, "prompt_embeds_mask_2": glyph_mask}
@@ -176,7 +177,7 @@ class HunyuanVideo15Family(FlowMatchingFamily):
         from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5 import extract_glyph_texts
 
         tokenizer, encoder = components.modules["tokenizer_2"], components.modules["text_encoder_2"]
-        length = pipeline_prompt_settings().glyph_length
+        length = pipeline_defaults().glyph_length
         states, masks = [], []
         for prompt in prompts:
             text = extract_glyph_texts(prompt)
