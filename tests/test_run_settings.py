@@ -117,6 +117,7 @@ def test_one_family_table_of_plain_modules():
                 "ChromaPipeline": "chroma", "Flux2Pipeline": "flux2", "Krea2Pipeline": "krea2",
                 "WanPipeline": "wan", "Lumina2Pipeline": "lumina2", "SanaPipeline": "sana",
                 "HiDreamImagePipeline": "hidream"}
+    expected["HunyuanVideo15Pipeline"] = "hunyuan_video15"
     for class_name, module in expected.items():
         family = families.family_for_class(class_name)
         assert type(family).__module__ == f"snella_diffusion.families.{module}"
