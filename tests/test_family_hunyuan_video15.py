@@ -6,8 +6,10 @@ model call and σ sampling against the pipeline's conventions; the loss falling 
 the DreamBooth script on synthetic clips and a still image: adapter reload exact, unload exact,
 validation video, the LoRA A/B file; adapted-layer counts of the published config."""
 
+import logging
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ from PIL import Image
 
 from snella_diffusion import SnellaConfig, SnellaError, apply_snella, read_snella_file
 from snella_diffusion.families import detect_family
-from snella_diffusion.families.hunyuan_video15 import pipeline_defaults
+from snella_diffusion.families.hunyuan_video15 import pipeline_defaults, trim_padding
 from snella_diffusion.testing.tiny_hunyuan_video_models import (
     TINY_HY15_IMAGE_EMBED_DIM,
     TINY_HY15_SCALING_FACTOR,
@@ -124,6 +126,10 @@ def test_latents_are_the_mode_times_the_scaling_factor(folder):
     assert (family.temporal_factor(components), family.pixel_multiple(components)) == (4, 4)
     assert family.default_num_frames(components) == 121
     assert family.native_resolution(components) == 12  # the pipeline's default 12 × 20 for target_size 16
+    for target_size, side in ((640, 480), (960, 720)):  # the published 480p and 720p releases (16× VAE)
+        published = SimpleNamespace(denoiser=SimpleNamespace(config=SimpleNamespace(target_size=target_size)),
+                                    vae=SimpleNamespace(config=SimpleNamespace(spatial_compression_ratio=16)))
+        assert family.native_resolution(published) == side
 
 
 def test_model_call_matches_the_pipelines_full_length_call(folder):
@@ -143,6 +149,14 @@ def test_model_call_matches_the_pipelines_full_length_call(folder):
             return_dict=False)[0]
     assert embeds.shape[1] == 1000 and ours.shape == latents.shape
     assert (theirs - ours).abs().max() < 1e-5 and theirs.abs().mean() > 0.1
+
+
+def test_padding_is_trimmed_after_the_last_position_valid_in_any_sample():
+    embeds = torch.arange(2 * 5 * 3, dtype=torch.float32).view(2, 5, 3)
+    kept, mask = trim_padding(embeds, torch.tensor([[1, 1, 0, 0, 0], [1, 0, 1, 0, 0]]))
+    assert torch.equal(kept, embeds[:, :3]) and mask.tolist() == [[1, 1, 0], [1, 0, 1]]
+    kept, mask = trim_padding(embeds, torch.zeros(2, 5, dtype=torch.int64))  # an empty ByT5 block: one masked position
+    assert torch.equal(kept, embeds[:, :1]) and mask.tolist() == [[0], [0]]
 
 
 def test_sigmas_are_the_shifted_table_drawn_logit_normal(folder):
@@ -228,7 +242,8 @@ def _walked_count(transformer) -> int:
 
 
 @pytest.mark.slow
-def test_script_trains_on_clips_and_an_image_reloads_and_unloads_exactly(folder, clip_folder, tmp_path, monkeypatch):
+def test_script_trains_on_clips_and_an_image_reloads_and_unloads_exactly(folder, clip_folder, tmp_path, monkeypatch,
+                                                                          caplog):
     import train_scripts.train_dreambooth_snella as script
     from diffusers import HunyuanVideo15Pipeline
 
@@ -247,12 +262,15 @@ def test_script_trains_on_clips_and_an_image_reloads_and_unloads_exactly(folder,
 
     monkeypatch.setattr(script, "run_validation", recording_validation)
     monkeypatch.setattr(script, "write_outputs", recording_outputs)
-    adapter = _run_script(folder, clip_folder, tmp_path, "--cache_latents", "--validation_prompt", PROMPT,
-                          "--num_validation_images", "1", "--validation_inference_steps", "2")
+    caplog.set_level(logging.INFO, logger="snella_diffusion.training.video_dataset")
+    adapter = _run_script(folder, clip_folder, tmp_path, "--cache_latents", "--num_frames", "17", "--validation_prompt",
+                          PROMPT, "--num_validation_images", "1", "--validation_inference_steps", "2")
     assert len(seen["losses"]) == 3 and all(np.isfinite(seen["losses"]))
+    # frame-count buckets: the 17- and 9-frame clips and the still apart
+    assert "video buckets (frames, height, width): (1, 16, 16): 1, (9, 16, 16): 1, (17, 16, 16): 1" in caplog.text
     assert (tmp_path / "validation" / "step_3.png").is_file()
     video = probe_clip(tmp_path / "validation" / "step_3_0_0.mp4")
-    assert (video.frames, video.height, video.width) == (9, 16, 16)
+    assert (video.frames, video.height, video.width) == (17, 16, 16)
     layers = read_snella_file(adapter).layers["transformer"]
     assert len(layers) == _walked_count(seen["transformer"]) == 2 * 12 + 1 * 6
 
