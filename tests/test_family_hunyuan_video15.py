@@ -38,9 +38,7 @@ LENGTH = 64  # --max_sequence_length: every test prompt fits
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread(single_thread):
-    """Tiny models on one intra-op thread (conftest's single_thread) for every test here."""
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +119,8 @@ def test_latents_are_the_mode_times_the_scaling_factor(folder):
     with torch.no_grad():  # one clip per call: the diffusers VAE fails on batches of two (see encode_latents)
         mode = torch.cat([components.vae.encode(clip).latent_dist.mean for clip in pixels.split(1)])
     assert torch.allclose(latents, mode * TINY_HY15_SCALING_FACTOR, atol=1e-6)
-    assert torch.allclose(latents / components.vae.config.scaling_factor, mode, atol=1e-6)  # the pipeline's decode input
+    # what the pipeline hands its decoder: latents / scaling_factor
+    assert torch.allclose(latents / components.vae.config.scaling_factor, mode, atol=1e-6)
     assert family.encode_latents(components, pixels[:, :, 0]).shape == (2, 4, 1, 4, 4)
     assert (family.temporal_factor(components), family.pixel_multiple(components)) == (4, 4)
     assert family.default_num_frames(components) == 121
@@ -138,7 +137,8 @@ def test_model_call_matches_the_pipelines_full_length_call(folder):
     latents = torch.randn(2, 4, 3, 4, 4, generator=torch.Generator().manual_seed(3))
     timesteps = torch.tensor([250.0, 750.0])
     with torch.no_grad():
-        ours = family.predict(components, latents, timesteps, family.encode_prompt(components, [PROMPT, GLYPHS], CPU), {})
+        conditioning = family.encode_prompt(components, [PROMPT, GLYPHS], CPU)
+        ours = family.predict(components, latents, timesteps, conditioning, {})
         embeds, mask, glyphs, glyph_mask = pipeline.encode_prompt([PROMPT, GLYPHS], device=CPU, dtype=torch.float32,
                                                                   batch_size=2)
         # the pipeline's call: [latents, zero condition latents, zero mask] and 729 zero image tokens
