@@ -6,6 +6,7 @@ parameters at a rank, the whole denoiser's parameters and its bf16 size with the
     python benchmarks/count_adapted_layers.py --model qwen-image --rank 8 --json out.json
     python benchmarks/count_adapted_layers.py --video                 # the Wan transformers
     python benchmarks/count_adapted_layers.py --model ltx2            # LTX-2 (video and audio streams)
+    python benchmarks/count_adapted_layers.py --model hunyuan-video1.5  # HunyuanVideo 1.5
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from snella_diffusion.testing.tiny_dit_models import tiny_ideogram4_pipeline, ti
 from snella_diffusion.testing.tiny_ltx2_models import TINY_LTX2_BUILDERS
 from snella_diffusion.testing.tiny_models import tiny_sd_pipeline, tiny_sdxl_pipeline
 from snella_diffusion.testing.tiny_video_models import TINY_VIDEO_BUILDERS
+from snella_diffusion.testing.tiny_hunyuan_video_models import TINY_HUNYUAN_VIDEO_BUILDERS
 from snella_diffusion.training.data import synthetic_instance_images, write_images
 
 from train_scripts import train_classification_snella as classification_script
@@ -64,6 +65,7 @@ TINY_BASES = {
     "ideogram-ai/ideogram-v4": "ideogram4",
     "Qwen/Qwen-Image-2.1": "qwen-image-2.1",
     "Lightricks/LTX-2": "ltx2",
+    "hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v": "hunyuan-video15",
 }
 # flag -> tiny value (flags not listed keep the page's value)
 TINY_SIZES = {
@@ -224,6 +226,7 @@ def tiny_world(tmp_path_factory):
                 **TINY_LTX2_BUILDERS}
     builders["ideogram4"] = tiny_ideogram4_pipeline
     builders["qwen-image-2.1"] = tiny_qwen21_pipeline
+    builders.update(TINY_HUNYUAN_VIDEO_BUILDERS)
     for name in set(TINY_BASES.values()):
         builders[name](0).save_pretrained(root / name)
     transformer = FluxTransformer2DModel.from_pretrained(root / TINY_BASES["black-forest-labs/FLUX.1-dev"],

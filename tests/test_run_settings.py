@@ -120,6 +120,7 @@ def test_one_family_table_of_plain_modules():
                 "Ideogram4Pipeline": "ideogram4",
                 "QwenImage21Pipeline": "qwen_image21"}
     expected["LTX2Pipeline"] = "ltx2"
+    expected["HunyuanVideo15Pipeline"] = "hunyuan_video15"
     for class_name, module in expected.items():
         family = families.family_for_class(class_name)
         assert type(family).__module__ == f"snella_diffusion.families.{module}"

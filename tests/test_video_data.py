@@ -62,7 +62,7 @@ def test_frame_counts_fit_the_temporal_factor():
     from snella_diffusion.families import FAMILIES
     from snella_diffusion.training.run_setup import load_run_images
 
-    with pytest.raises(VideoDataError, match="--num_frames: applies to video models .Wan.; the stable-diffusion family"):
+    with pytest.raises(VideoDataError, match="--num_frames: applies to video models .Wan, LTX-2, HunyuanVideo 1.5.; the stable-diffusion family"):
         load_run_images(parse_run_settings(["--num_frames", "9"]), FAMILIES["stable-diffusion"])
 
 

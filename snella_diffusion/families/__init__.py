@@ -7,28 +7,29 @@ one table of them, filled by plain imports; :func:`detect_family` reads ``_class
 the pipeline's ``model_index.json`` and returns the family whose ``pipeline_class_names``
 holds it.
 
-==========  ==========================  ================================================
-module      family                      pipelines
-==========  ==========================  ================================================
-sd          StableDiffusionFamily       StableDiffusionPipeline
-sdxl        StableDiffusionXLFamily     StableDiffusionXLPipeline
-sd3         SD3Family                   StableDiffusion3Pipeline
-flux        FluxFamily                  FluxPipeline
-pixart      PixArtFamily                PixArtAlphaPipeline, PixArtSigmaPipeline
-qwen_image  QwenImageFamily             QwenImagePipeline
-z_image     ZImageFamily                ZImagePipeline
-flux2       Flux2KleinFamily            Flux2KleinPipeline
-flux2       Flux2DevFamily              Flux2Pipeline
-chroma      ChromaFamily                ChromaPipeline
-krea2       Krea2Family                 Krea2Pipeline
-wan         WanFamily                   WanPipeline (Wan 2.1, Wan 2.2 TI2V-5B and A14B; video)
-lumina2     Lumina2Family               Lumina2Pipeline
-sana        SanaFamily                  SanaPipeline
-hidream     HiDreamFamily               HiDreamImagePipeline
-ideogram4   Ideogram4Family             Ideogram4Pipeline
-qwen_image21 QwenImage21Family          QwenImage21Pipeline
-ltx2        LTX2Family                  LTX2Pipeline (LTX-2, video stream only)
-==========  ==========================  ================================================
+===============  ==========================  ================================================
+module           family                      pipelines
+===============  ==========================  ================================================
+sd               StableDiffusionFamily       StableDiffusionPipeline
+sdxl             StableDiffusionXLFamily     StableDiffusionXLPipeline
+sd3              SD3Family                   StableDiffusion3Pipeline
+flux             FluxFamily                  FluxPipeline
+pixart           PixArtFamily                PixArtAlphaPipeline, PixArtSigmaPipeline
+qwen_image       QwenImageFamily             QwenImagePipeline
+z_image          ZImageFamily                ZImagePipeline
+flux2            Flux2KleinFamily            Flux2KleinPipeline
+flux2            Flux2DevFamily              Flux2Pipeline
+chroma           ChromaFamily                ChromaPipeline
+krea2            Krea2Family                 Krea2Pipeline
+wan              WanFamily                   WanPipeline (Wan 2.1, Wan 2.2 TI2V-5B and A14B; video)
+lumina2          Lumina2Family               Lumina2Pipeline
+sana             SanaFamily                  SanaPipeline
+hidream          HiDreamFamily               HiDreamImagePipeline
+ideogram4        Ideogram4Family             Ideogram4Pipeline
+qwen_image21     QwenImage21Family           QwenImage21Pipeline
+ltx2             LTX2Family                  LTX2Pipeline (LTX-2, video stream only)
+hunyuan_video15  HunyuanVideo15Family        HunyuanVideo15Pipeline (text-to-video; video)
+===============  ==========================  ================================================
 
 Shared pieces: ``base.py`` (ModelFamily, TrainingComponents, FamilySettings, the generic
 loader), ``dit.py`` (the transformer families' flags, options, block filters and the
@@ -78,6 +79,7 @@ from .wan import WanFamily
 from .ideogram4 import Ideogram4Family
 from .qwen_image21 import QwenImage21Family
 from .ltx2 import LTX2Family
+from .hunyuan_video15 import HunyuanVideo15Family
 
 FAMILIES: dict[str, ModelFamily] = {
     family.name: family
@@ -100,6 +102,7 @@ FAMILIES: dict[str, ModelFamily] = {
         Ideogram4Family(),
         QwenImage21Family(),
         LTX2Family(),
+        HunyuanVideo15Family(),
     )
 }
 
@@ -143,6 +146,7 @@ __all__ = [
     "FluxFamily",
     "HiDreamFamily",
     "Ideogram4Family",
+    "HunyuanVideo15Family",
     "Krea2Family",
     "Lumina2Family",
     "ModelFamily",

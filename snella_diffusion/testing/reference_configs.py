@@ -341,6 +341,34 @@ QWEN_IMAGE21_TRANSFORMER: dict[str, Any] = {
     "causal_condition": True,
 }
 
+# hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v, transformer/config.json as diffusers'
+# scripts/convert_hunyuan_video1_5_to_diffusers.py writes it (8.3 B parameters: 54 double-stream
+# blocks of 16 heads × 128, a 2-block token refiner over Qwen2.5-VL-7B's 3584-wide states, ByT5
+# glyph states of width 1472, SigLIP image tokens of width 1152; the 720p release differs only in
+# target_size 960; the conversion stores task_type "i2v" for this T2V release, which builds the
+# same modules)
+HUNYUAN_VIDEO15_480P_TRANSFORMER: dict[str, Any] = {
+    "in_channels": 65,
+    "out_channels": 32,
+    "num_attention_heads": 16,
+    "attention_head_dim": 128,
+    "num_layers": 54,
+    "num_refiner_layers": 2,
+    "mlp_ratio": 4.0,
+    "patch_size": 1,
+    "patch_size_t": 1,
+    "qk_norm": "rms_norm",
+    "text_embed_dim": 3584,
+    "text_embed_2_dim": 1472,
+    "image_embed_dim": 1152,
+    "rope_theta": 256.0,
+    "rope_axes_dim": [16, 56, 56],
+    "target_size": 640,
+    "task_type": "i2v",
+    "use_meanflow": False,
+}
+
+
 REFERENCE_CONFIGS: dict[str, dict[str, Any]] = {
     "sd15": SD15_UNET,
     "sdxl": SDXL_UNET,
@@ -362,6 +390,7 @@ REFERENCE_CONFIGS: dict[str, dict[str, Any]] = {
     "ideogram4": IDEOGRAM4_TRANSFORMER,
     "qwen-image-2.1": QWEN_IMAGE21_TRANSFORMER,
     "ltx2": LTX2_TRANSFORMER,
+    "hunyuan-video1.5": HUNYUAN_VIDEO15_480P_TRANSFORMER,
 }
 
 
@@ -385,6 +414,7 @@ MODEL_CLASSES: dict[str, str] = {
     "ideogram4": "Ideogram4Transformer2DModel",
     "qwen-image-2.1": "QwenImage21Transformer2DModel",
     "ltx2": "LTX2VideoTransformer3DModel",
+    "hunyuan-video1.5": "HunyuanVideo15Transformer3DModel",
 }
 """The diffusers class of each reference model but the ViT (transformers)."""
 
@@ -395,7 +425,8 @@ def build_reference_model(name: str, device: str | torch.device = "meta", **over
     Args:
         name: one of ``REFERENCE_CONFIGS`` ("sd15", "sdxl", "sd3", "flux", "qwen-image", "z-image",
             "flux2-klein", "flux2", "chroma", "krea2", "lumina2", "sana", "hidream", "wan2.1-1.3b",
-            "wan2.1-14b" (also each Wan 2.2 A14B expert), "wan2.2-5b", "vit-b16", "ideogram4", "qwen-image-2.1").
+            "wan2.1-14b" (also each Wan 2.2 A14B expert), "wan2.2-5b", "vit-b16", "ideogram4", "qwen-image-2.1",
+            "ltx2", "hunyuan-video1.5" (HunyuanVideo 1.5 480p and 720p)).
         device: "meta" allocates nothing (parameter counting, injection counts).
         overrides: config keys to change (e.g. ``num_layers=2`` for a few real-size blocks).
     """

@@ -131,7 +131,7 @@ def refuse_video_flags(settings: RunSettings, family_name: str) -> None:
              "--frame_sampling": video.frame_sampling != "first", "--wan_expert": video.wan_expert is not None}
     for flag, is_given in given.items():
         if is_given:
-            raise VideoDataError(f"{flag}: applies to video models (Wan); the {family_name} family trains on images")
+            raise VideoDataError(f"{flag}: applies to video models (Wan, LTX-2, HunyuanVideo 1.5); the {family_name} family trains on images")
 
 
 def load_video_records(settings: RunSettings) -> list[VideoRecord]:
