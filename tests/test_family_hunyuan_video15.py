@@ -199,6 +199,22 @@ def test_configure_rejects_what_hunyuan_video15_cannot_do(folder):
         family.configure(components, family_settings(resolution=18))
 
 
+def test_validation_guidance_scale_is_refused_before_any_model_loads(folder, tmp_path, monkeypatch):
+    import train_scripts.train_dreambooth_snella as script
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the flag was refused")
+
+    monkeypatch.setattr(script, "load_components", no_loading)
+    settings = script.parse_args([
+        "--pretrained_model_name_or_path", str(folder), "--output_dir", str(tmp_path / "out"),
+        "--instance_data_dir", str(tmp_path), "--instance_prompt", "sks square", "--validation_guidance_scale", "6",
+        "--report_to", "none"])
+    with pytest.raises(SnellaError, match=r"^--validation_guidance_scale: the hunyuan-video-1.5 pipeline takes no "
+                                          r"guidance argument"):
+        script.main(settings)
+
+
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
     """Two moving-square clips (9 and 17 frames, 32x48) and one still image, captioned."""

@@ -38,7 +38,7 @@ from snella_diffusion.training.embedded_run import prepare_embedded_inputs
 from snella_diffusion.training.job_config import RESOLVED_CONFIG_FILE, write_resolved_config
 from snella_diffusion.training.loop import MicroBatchStep, RunProgress
 from snella_diffusion.training.param_groups import freeze_snella_beta
-from snella_diffusion.training.run_checks import check_run_settings
+from snella_diffusion.training.run_checks import check_family_settings, check_run_settings
 from snella_diffusion.training.run_outputs import describe_objective, finalize_allocation, tracker_config, write_outputs
 from snella_diffusion.training.run_settings import RunSettings, parse_run_settings
 from snella_diffusion.training.run_setup import (
@@ -83,6 +83,7 @@ def main(settings: RunSettings) -> Path:
     base_model, seed, process = settings.model.pretrained_model_name_or_path, settings.training.seed, accelerator.process_index
 
     family, model_index = detect_family(base_model, settings.model.revision)
+    check_family_settings(settings, family)
     instance_images, subsets, subset_parts = load_run_images(settings, family)
     logger.info("model family: %s (%s)", family.name, model_index.get("_class_name"))
     components, resolution, weight_dtype = load_components(settings, family, model_index, accelerator)

@@ -172,8 +172,8 @@ class ModelFamily:
     # Video families train on (B, 3, F, H, W) clips (training/video_dataset.py) and validate with videos.
     is_video: bool = False
     # The pipeline call's argument that --validation_guidance_scale sets (Qwen-Image 2.1's
-    # pipeline has only ``true_cfg_scale``).
-    guidance_argument: str = "guidance_scale"
+    # pipeline has only ``true_cfg_scale``); None where the pipeline takes none (refused).
+    guidance_argument: Optional[str] = "guidance_scale"
     # Extra keyword arguments the pipeline constructor needs for skipped components.
     pipeline_kwargs: dict[str, Any] = {}
     # The denoiser's ``nn.ModuleList`` attributes of transformer blocks, in the order its forward

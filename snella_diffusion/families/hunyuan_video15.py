@@ -98,6 +98,7 @@ class HunyuanVideo15Family(FlowMatchingFamily):
     1×1×1 patches."""
 
     name = "hunyuan-video-1.5"
+    guidance_argument = None  # the pipeline's ``guider`` component sets its guidance
     pipeline_class_names = ("HunyuanVideo15Pipeline",)
     text_encoder_components = ("text_encoder", "text_encoder_2")
     default_weighting_scheme = "logit_normal"

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from ..errors import SnellaError
+from ..families import ModelFamily
 from ..inject import check_targets
 from ..single_file import check_denoiser_file
 from ..methods import Method
@@ -205,6 +206,17 @@ def check_all_settings(settings: RunSettings) -> None:
     """Every check before loading: the data flags first, then the rest."""
     check_data_settings(settings)
     check_run_settings(settings)
+
+
+def check_family_settings(settings: RunSettings, family: ModelFamily) -> None:
+    """What the detected family cannot take, refused after ``model_index.json`` is read and
+    before any model loads: ``--validation_guidance_scale`` where the family's pipeline has no
+    guidance argument (``ModelFamily.guidance_argument`` is None: its guidance comes from a
+    component, e.g. HunyuanVideo 1.5's ``guider``)."""
+    if family.guidance_argument is None and settings.validation.validation_guidance_scale is not None:
+        raise TrainingSetupError(
+            f"--validation_guidance_scale: the {family.name} pipeline takes no guidance argument (its guidance is "
+            "set by the pipeline's own components); leave the flag unset")
 
 
 def use_cpu(cpu_flag: bool) -> bool:

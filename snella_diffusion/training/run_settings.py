@@ -254,10 +254,13 @@ class ValidationSettings(FlagSettings):
                                 '"all" (every installed one) or "none".')
         group.add_argument("--logging_dir", type=str, default="logs", help="TensorBoard folder, inside --output_dir.")
 
-    def guidance_kwargs(self, argument: str = "guidance_scale") -> dict[str, float]:
-        """``{argument: --validation_guidance_scale}`` when it is set, else nothing; ``argument``
-        is the family's pipeline argument for it (``ModelFamily.guidance_argument``)."""
-        return {} if self.validation_guidance_scale is None else {argument: self.validation_guidance_scale}
+    def guidance_kwargs(self, argument: Optional[str] = "guidance_scale") -> dict[str, float]:
+        """``{argument: --validation_guidance_scale}`` when both are set, else nothing; ``argument``
+        is the family's pipeline argument for it (``ModelFamily.guidance_argument``; None where the
+        pipeline has none, and ``check_family_settings`` refused the flag)."""
+        if self.validation_guidance_scale is None or argument is None:
+            return {}
+        return {argument: self.validation_guidance_scale}
 
 
 @dataclass(frozen=True)
