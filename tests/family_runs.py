@@ -1,8 +1,13 @@
 """What every model-family test does the same way, on a tiny pipeline folder of the family's
 real diffusers/transformers classes (``save_pretrained`` output):
 
+- :func:`saved_family_run`: the module fixture's work (the tiny pipeline saved, its FamilyRun);
+  :meth:`FamilyRun.check_saved_pipeline_samples_as_built`: the saved folder loads by path,
+  samples as the built pipeline does and is detected as its family;
 - :func:`family_settings` / :meth:`FamilyRun.loaded`: the family detected from the folder's
   ``model_index.json``, loaded and configured with DiT flags;
+- :meth:`FamilyRun.check_validation_from_cached_embeddings`: validation sampled from the
+  prompt and, after the text encoders are freed, from the cached embeddings: the same images;
 - :meth:`FamilyRun.run_script`: the DreamBooth script on two synthetic instance images at 32 px
   (3 steps, rank 4, learning rate 1e-2, seed 1), returning the adapter's path;
 - :meth:`FamilyRun.losses_on_a_fixed_batch`: SNELLA (``dit`` preset, rank 4) trained by AdamW
@@ -13,6 +18,11 @@ real diffusers/transformers classes (``save_pretrained`` output):
   fresh pipeline (bit-exact) and after ``unload_snella_weights`` (bit-exact base);
 - :meth:`FamilyRun.check_lora_file_loads`: the script's ``--adapter lora`` file loaded with the
   pipeline's own ``load_lora_weights``, every tensor found unchanged in the transformer;
+- :meth:`FamilyRun.check_training_features`: one script run of 4 steps with sidecar captions,
+  two aspect-ratio buckets on the family's pixel multiple, EMA, Prodigy, prior preservation,
+  a ``--config`` file, cached latents and text embeddings and a checkpoint at every step, then
+  a run resumed from ``checkpoint-2``: what each feature did, the EMA against its formula and
+  the resumed adapters bit for bit;
 - :func:`published_count` / :func:`walked_linear_count`: ``benchmarks/count_adapted_layers.py``
   on a published config and the test's own count of a module tree.
 
@@ -28,7 +38,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import pytest
 import torch
@@ -43,14 +53,41 @@ LONGER = "a photo of sks dog on the grass with a red ball"
 CPU = torch.device("cpu")
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT_STEPS = 3
+SAMPLING = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "np"}  # a tiny pipeline's sample
 
 
-def family_settings(*flags: str, resolution: int = 32, train_text_encoder: bool = False) -> FamilySettings:
-    """FamilySettings from DiT command-line ``flags`` (as the script parses them)."""
+def family_settings(*flags: str, resolution: int = 32, **fields: Any) -> FamilySettings:
+    """FamilySettings from DiT command-line ``flags`` (as the script parses them), ``resolution``
+    and other FamilySettings ``fields`` (``train_text_encoder``, ``wan_expert``)."""
     parser = argparse.ArgumentParser()
     DiTFlags.add_arguments(parser)
-    return FamilySettings(dit=DiTFlags.from_flags(vars(parser.parse_args(list(flags)))),
-                          train_text_encoder=train_text_encoder, resolution=resolution)
+    return FamilySettings(dit=DiTFlags.from_flags(vars(parser.parse_args(list(flags)))), resolution=resolution,
+                          **fields)
+
+
+def saved_family_run(tmp_path_factory: pytest.TempPathFactory, build: Callable[[int], Any], pipeline_class: str,
+                     latent_shape: tuple[int, ...], max_sequence_length: int) -> "FamilyRun":
+    """The module fixture of a family test: ``build(0)`` (a tiny pipeline builder) saved with
+    ``save_pretrained`` in a fresh temporary folder, as a :class:`FamilyRun` of the diffusers
+    class named ``pipeline_class`` whose loads and script runs take ``--max_sequence_length``."""
+    import diffusers
+
+    folder = tmp_path_factory.mktemp(build.__name__) / "pipeline"
+    build(0).save_pretrained(folder)
+    return FamilyRun(folder, getattr(diffusers, pipeline_class), latent_shape,
+                     flags=("--max_sequence_length", str(max_sequence_length)))
+
+
+@dataclass(frozen=True)
+class CachedValidation:
+    """What :meth:`FamilyRun.check_validation_from_cached_embeddings` sampled with:
+    ``prompted_inputs`` / ``cached_inputs``, the pipeline inputs before and after the text
+    encoders were freed, and ``images``, the sample from the cached inputs (the pipeline's
+    ``images`` output)."""
+
+    prompted_inputs: dict[str, Any]
+    cached_inputs: dict[str, Any]
+    images: Any
 
 
 @dataclass(frozen=True)
@@ -66,20 +103,63 @@ class FamilyRun:
     latent_shape: tuple[int, ...]
     flags: tuple[str, ...] = field(default=())
 
-    def loaded(self, *flags: str) -> tuple[Any, Any]:
-        """(family, configured TrainingComponents); ``flags`` follow :attr:`flags` (later wins)."""
+    def loaded(self, *flags: str, **settings: Any) -> tuple[Any, Any]:
+        """(family, configured TrainingComponents); ``flags`` follow :attr:`flags` (later wins);
+        ``settings``: :func:`family_settings` keywords (``resolution``, ``wan_expert``, ...)."""
         family, index = detect_family(str(self.folder))
         components = family.load(str(self.folder), index)
-        family.configure(components, family_settings(*self.flags, *flags))
+        family.configure(components, family_settings(*self.flags, *flags, **settings))
         return family, components
 
-    def run_script(self, output_dir: Path, *flags: str) -> Path:
-        """The DreamBooth script on this pipeline (``--output_dir output_dir``); the adapter path."""
+    def check_saved_pipeline_samples_as_built(self, build: Callable[[int], Any], family_name: str,
+                                              **sampling: Any) -> tuple[Any, Any]:
+        """Load the folder with ``DiffusionPipeline.from_pretrained``; assert it is a
+        :attr:`pipeline_class`, samples :data:`PROMPT` (seed 0; :data:`SAMPLING` updated by
+        ``sampling``) within 1e-5 of ``build(0)``'s sample, and is detected as ``family_name``.
+        Returns the loaded pipeline and its sample (the pipeline's ``images``, or ``frames``)."""
+        from diffusers import DiffusionPipeline
+
+        built, loaded = build(0), DiffusionPipeline.from_pretrained(self.folder)
+        assert type(loaded) is self.pipeline_class
+        sampling = {**SAMPLING, **sampling}
+        samples = []
+        for pipeline in (built, loaded):
+            output = pipeline(prompt=PROMPT, generator=torch.Generator().manual_seed(0), **sampling)
+            samples.append(output.frames if hasattr(output, "frames") else output.images)
+        assert abs(samples[0] - samples[1]).max() < 1e-5
+        family, _ = detect_family(str(self.folder))
+        assert family.name == family_name
+        return loaded, samples[1]
+
+    def check_validation_from_cached_embeddings(self, **sampling: Any) -> CachedValidation:
+        """Sample the family's pipeline (seed 0; :data:`SAMPLING` updated by ``sampling``, e.g.
+        the guidance) from ``validation_inputs`` with :data:`PROMPT`, free the text encoders with
+        ``release_text_encoders`` and sample again from the cached inputs. Asserts every text
+        encoder is gone, the cached inputs hold no prompt text and the two samples agree within
+        1e-4; returns the inputs and the sample for the family's own checks."""
+        family, components = self.loaded()
+        sampling = {**SAMPLING, **sampling}
+        prompted_inputs = family.validation_inputs(components, PROMPT)
+        with_prompt = family.pipeline(components)(**prompted_inputs, generator=torch.Generator().manual_seed(0),
+                                                  **sampling).images
+        family.release_text_encoders(components, PROMPT, CPU)
+        assert all(components.modules[name] is None for name in family.text_encoder_components)
+        cached_inputs = family.validation_inputs(components, PROMPT)
+        assert "prompt" not in cached_inputs
+        cached = family.pipeline(components)(**cached_inputs, generator=torch.Generator().manual_seed(0),
+                                             **sampling).images
+        assert abs(cached - with_prompt).max() < 1e-4
+        return CachedValidation(prompted_inputs, cached_inputs, cached)
+
+    def run_script(self, output_dir: Path, *flags: str, instance_dir: Optional[Path] = None) -> Path:
+        """The DreamBooth script on this pipeline (``--output_dir output_dir``) and the images of
+        ``instance_dir`` (default: two synthetic 48 px images written here); the adapter path."""
         from snella_diffusion.training.data import synthetic_instance_images, write_images
         from train_scripts.train_dreambooth_snella import main, parse_args
 
-        instance_dir = output_dir / "instance-images"
-        write_images(synthetic_instance_images(count=2, size=48, seed=0), instance_dir, "instance")
+        if instance_dir is None:
+            instance_dir = output_dir / "instance-images"
+            write_images(synthetic_instance_images(count=2, size=48, seed=0), instance_dir, "instance")
         return main(parse_args([
             "--pretrained_model_name_or_path", str(self.folder), "--output_dir", str(output_dir),
             "--instance_data_dir", str(instance_dir), "--instance_prompt", PROMPT, "--resolution", "32",
@@ -181,6 +261,186 @@ class FamilyRun:
             assert any(p.shape == tensor.shape and torch.equal(p, tensor) for p in loaded), key
         assert (self.denoiser_output(family, components, pipeline.transformer) - before).abs().max() > 0
         return len(saved)
+
+    def check_training_features(self, output_dir: Path, monkeypatch: pytest.MonkeyPatch, pixel_multiple: int,
+                                *flags: str, prior: bool = True) -> None:
+        """The script with every training-data feature at once, then resumed; asserts what each did.
+
+        One run of :data:`FEATURE_STEPS` steps (batch 1, checkpoint after every step) on a wide
+        and a tall image (:data:`FEATURE_IMAGES`, sidecar ``.txt`` captions) with, from a
+        ``--config`` TOML file, ``--enable_bucket --bucket_reso_steps pixel_multiple``, EMA
+        (decay :data:`EMA_DECAY`) and Prodigy (learning rate 1); with ``prior``, two class images
+        and :data:`CLASS_PROMPT`; ``--cache_latents --cache_text_embeddings``. Asserts:
+
+        - the family's ``pixel_multiple`` is ``pixel_multiple``, and a bucket step of half of it
+          is refused; the images were encoded at the two kohya buckets (sides multiples of
+          ``pixel_multiple``) nearest their 1:3 and 3:1 shapes, and the denoiser saw both;
+        - every latent and prompt was encoded before the first denoiser call (both caches);
+          the prompts encoded are the captions (and the class prompt);
+        - every denoiser call held the instance and the class sample (prior) or one sample;
+        - every trained parameter of the saved adapter is the EMA Σ_k w_k·θ_k of its raw values θ_k in checkpoints 1-4,
+          w_k = (1 - d_k)·Π_{j>k} d_j, d_1 = 0, d_k = min(decay, k/(k+9)) (within 1e-6),
+          differs from the raw adapter, and the raw adapter is checkpoint 4's;
+        - Prodigy ran: its state counts 4 steps and a positive numerator of its step-size estimate;
+        - ``config.toml`` records the file's settings;
+        - a run resumed from ``checkpoint-2`` makes 2 denoiser calls and ends with the same
+          EMA and raw adapters, bit for bit.
+        """
+        import shutil
+        import sys
+
+        from safetensors.torch import load_file
+
+        import train_scripts.train_dreambooth_snella as script
+        from snella_diffusion.training.buckets import kohya_buckets, nearest_bucket
+        from snella_diffusion.training.data_arguments import BucketSettings, DataArgumentError, bucket_sizes
+
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:
+            import tomli as tomllib
+
+        family, _ = detect_family(str(self.folder))
+        calls = FamilyCalls.recording(type(family), monkeypatch)
+        instance_dir = write_feature_images(output_dir / "data")
+        job = output_dir / "job.toml"
+        job.write_text(f'[data]\ncaption_extension = ".txt"\nenable_bucket = true\nbucket_reso_steps = {pixel_multiple}\n'
+                       f'[training]\noptimizer = "prodigy"\nuse_ema = true\nema_decay = {EMA_DECAY}\n')
+        class_flags = ("--with_prior_preservation", "--class_data_dir", str(write_class_images(output_dir / "class")),
+                       "--class_prompt", CLASS_PROMPT, "--num_class_images", "2") if prior else ()
+        run_flags = ("--config", str(job), "--learning_rate", "1.0", "--max_train_steps", str(FEATURE_STEPS),
+                     "--checkpointing_steps", "1", "--cache_latents", "--cache_text_embeddings", *class_flags, *flags)
+        straight_dir, resumed_dir = output_dir / "straight", output_dir / "resumed"
+        straight = self.run_script(straight_dir, *run_flags, instance_dir=instance_dir)
+
+        assert family.pixel_multiple(calls.components) == pixel_multiple
+        with pytest.raises(DataArgumentError, match=f"--bucket_reso_steps={pixel_multiple // 2}: must be a multiple "
+                                                    f"of {pixel_multiple} for this model"):
+            bucket_sizes(BucketSettings(None, True, None, None, pixel_multiple // 2), family, calls.components, 32)
+        buckets = kohya_buckets(32, max(pixel_multiple, 16), 64, pixel_multiple)
+        wide = buckets[nearest_bucket((32, 96), buckets)]
+        assert wide[1] >= 2 * wide[0] and wide[0] % pixel_multiple == 0 and wide[1] % pixel_multiple == 0
+        first_call = calls.first("predict")
+        assert calls.events[first_call:] == [event for event in calls.events if event[0] == "predict"]
+        assert {event[1][-2:] for event in calls.events if event[0] == "latents"} == {wide, wide[::-1]}
+        shapes = [event[1] for event in calls.events if event[0] == "predict"]
+        assert len(shapes) == FEATURE_STEPS and {shape[0] for shape in shapes} == {2 if prior else 1}
+        assert len({shape[-2:] for shape in shapes}) == 2
+        prompts = {prompt for event in calls.events if event[0] == "prompts" for prompt in event[1]}
+        assert prompts == {caption for _, caption in FEATURE_IMAGES.values()} | ({CLASS_PROMPT} if prior else set())
+
+        trajectory = [load_file(straight_dir / f"checkpoint-{step}" / "snella_weights.safetensors")
+                      for step in range(1, FEATURE_STEPS + 1)]
+        averaged, raw = load_file(straight), load_file(straight_dir / script.RAW_OUTPUT_FILE)
+        assert averaged.keys() == raw.keys() == trajectory[-1].keys()
+        weights = ema_weights(EMA_DECAY, FEATURE_STEPS)
+        # the trained parameters move at every step; buffers (sparsity, threshold, drop count)
+        # follow the allocator at the end of the run and the weights they are saved with
+        trained = [key for key in averaged if any(not torch.equal(state[key], trajectory[0][key]) for state in trajectory)]
+        assert {key.rsplit(".", 1)[1] for key in trained} >= {"in_factors", "out_factors", "beta"}
+        for key in trained:
+            assert torch.equal(raw[key], trajectory[-1][key]), key
+            expected = sum(weight * state[key].double() for weight, state in zip(weights, trajectory))
+            assert torch.allclose(averaged[key].double(), expected, rtol=0, atol=1e-6), key
+        assert any(not torch.equal(averaged[key], raw[key]) for key in trained)
+
+        optimizer = torch.load(straight_dir / f"checkpoint-{FEATURE_STEPS}" / "optimizer.bin", weights_only=True)
+        groups = optimizer["param_groups"]
+        assert all(group["k"] == FEATURE_STEPS and group["d"] >= group["d0"] == 1e-6 and group["d_numerator"] > 0
+                   for group in groups), groups
+
+        saved = tomllib.loads((straight_dir / "config.toml").read_text())
+        assert {key: saved[key] for key in ("caption_extension", "enable_bucket", "bucket_reso_steps", "optimizer",
+                                            "use_ema", "ema_decay")} == {
+            "caption_extension": ".txt", "enable_bucket": True, "bucket_reso_steps": pixel_multiple,
+            "optimizer": "prodigy", "use_ema": True, "ema_decay": EMA_DECAY}
+
+        calls.events.clear()
+        shutil.copytree(straight_dir / "checkpoint-2", resumed_dir / "checkpoint-2")
+        resumed = self.run_script(resumed_dir, *run_flags, "--resume_from_checkpoint", "latest", instance_dir=instance_dir)
+        assert sum(event[0] == "predict" for event in calls.events) == FEATURE_STEPS - 2
+        for first, second in ((straight, resumed), (straight_dir / script.RAW_OUTPUT_FILE, resumed_dir / script.RAW_OUTPUT_FILE)):
+            tensors = [load_file(first), load_file(second)]
+            assert tensors[0].keys() == tensors[1].keys()
+            for key in tensors[0]:
+                assert torch.equal(tensors[0][key], tensors[1][key]), key
+
+
+FEATURE_STEPS = 4
+EMA_DECAY = 0.8
+CLASS_PROMPT = "a photo of a dog"
+# name: ((width, height) in pixels, sidecar caption); 3:1 and 1:3, so each lands in a bucket of its own
+FEATURE_IMAGES = {"wide": ((96, 32), "sks dog lying on the grass"), "tall": ((32, 96), "sks dog standing by a red ball")}
+
+
+def _noise_image(size: tuple[int, int], seed: int) -> Any:
+    """A PIL RGB image of ``size`` (width, height), uniform random pixels drawn with ``seed``."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def write_feature_images(folder: Path) -> Path:
+    """:data:`FEATURE_IMAGES` as ``<name>.png`` with ``<name>.txt`` captions in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed, (name, (size, caption)) in enumerate(FEATURE_IMAGES.items()):
+        _noise_image(size, seed).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(caption)
+    return folder
+
+
+def write_class_images(folder: Path) -> Path:
+    """Two 32 px class images in ``folder`` (enough for ``--num_class_images 2``: none generated)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed in range(2):
+        _noise_image((32, 32), 10 + seed).save(folder / f"class_{seed}.png")
+    return folder
+
+
+def ema_weights(decay: float, steps: int) -> list[float]:
+    """w_k (k = 1..steps) with EMA_steps = Σ_k w_k·θ_k for diffusers' warm-up EMA: d_1 = 0,
+    d_k = min(decay, k/(k+9)), w_k = (1 - d_k)·Π_{j>k} d_j. The weights sum to 1."""
+    decays = [0.0] + [min(decay, k / (k + 9)) for k in range(2, steps + 1)]
+    weights = []
+    for k in range(steps):
+        later = 1.0
+        for d in decays[k + 1:]:
+            later *= d
+        weights.append((1 - decays[k]) * later)
+    return weights
+
+
+@dataclass
+class FamilyCalls:
+    """What a run asked of its family, in call order: ``("latents", pixel shape)`` per
+    ``encode_latents``, ``("prompts", prompts)`` per ``encode_prompt``, ``("predict", latent
+    shape)`` per ``predict``; ``components`` the run's TrainingComponents (from its first call)."""
+
+    events: list[tuple[str, Any]] = field(default_factory=list)
+    components: Any = None
+
+    @classmethod
+    def recording(cls, family_class: type, monkeypatch: pytest.MonkeyPatch) -> "FamilyCalls":
+        """Patch the three methods of ``family_class`` (undone by ``monkeypatch``) to record into a new instance."""
+        calls = cls()
+        for method, kind, shown in (("encode_latents", "latents", lambda value: tuple(value.shape)),
+                                    ("encode_prompt", "prompts", list), ("predict", "predict", lambda value: tuple(value.shape))):
+            original = getattr(family_class, method)
+
+            def recorded(family, components, value, *rest, original=original, kind=kind, shown=shown, **options):
+                if calls.components is None:
+                    calls.components = components
+                calls.events.append((kind, shown(value)))
+                return original(family, components, value, *rest, **options)
+
+            monkeypatch.setattr(family_class, method, recorded)
+        return calls
+
+    def first(self, kind: str) -> int:
+        """Index of the first event of ``kind``."""
+        return next(index for index, event in enumerate(self.events) if event[0] == kind)
 
 
 def published_count(model: str, output_dir: Path) -> dict[str, Any]:
