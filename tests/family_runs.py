@@ -56,6 +56,28 @@ SCRIPT_STEPS = 3
 SAMPLING = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "np"}  # a tiny pipeline's sample
 
 
+def record_script_run(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Patch the DreamBooth script's ``run_validation`` and ``write_outputs`` (undone by
+    ``monkeypatch``) to record into the returned dict the trained ``"transformer"`` (as the
+    last validation sees it) and the ``"losses"`` of every step."""
+    import train_scripts.train_dreambooth_snella as script
+
+    seen: dict[str, Any] = {}
+    run_validation, write_outputs = script.run_validation, script.write_outputs
+
+    def recording_validation(settings, accelerator, family, components, trained, *rest):
+        seen["transformer"] = trained["transformer"]
+        return run_validation(settings, accelerator, family, components, trained, *rest)
+
+    def recording_outputs(settings, family, config, allocator, rank_drops, losses, *rest):
+        seen["losses"] = [loss for _, loss in losses]
+        return write_outputs(settings, family, config, allocator, rank_drops, losses, *rest)
+
+    monkeypatch.setattr(script, "run_validation", recording_validation)
+    monkeypatch.setattr(script, "write_outputs", recording_outputs)
+    return seen
+
+
 def family_settings(*flags: str, resolution: int = 32, **fields: Any) -> FamilySettings:
     """FamilySettings from DiT command-line ``flags`` (as the script parses them), ``resolution``
     and other FamilySettings ``fields`` (``train_text_encoder``, ``wan_expert``)."""
@@ -72,7 +94,7 @@ def saved_family_run(tmp_path_factory: pytest.TempPathFactory, build: Callable[[
     class named ``pipeline_class`` whose loads and script runs take ``--max_sequence_length``."""
     import diffusers
 
-    folder = tmp_path_factory.mktemp(build.__name__) / "pipeline"
+    folder = tmp_path_factory.mktemp(pipeline_class) / "pipeline"
     build(0).save_pretrained(folder)
     return FamilyRun(folder, getattr(diffusers, pipeline_class), latent_shape,
                      flags=("--max_sequence_length", str(max_sequence_length)))
@@ -131,13 +153,13 @@ class FamilyRun:
         assert family.name == family_name
         return loaded, samples[1]
 
-    def check_validation_from_cached_embeddings(self, **sampling: Any) -> CachedValidation:
-        """Sample the family's pipeline (seed 0; :data:`SAMPLING` updated by ``sampling``, e.g.
-        the guidance) from ``validation_inputs`` with :data:`PROMPT`, free the text encoders with
-        ``release_text_encoders`` and sample again from the cached inputs. Asserts every text
-        encoder is gone, the cached inputs hold no prompt text and the two samples agree within
-        1e-4; returns the inputs and the sample for the family's own checks."""
-        family, components = self.loaded()
+    def check_validation_from_cached_embeddings(self, *flags: str, **sampling: Any) -> CachedValidation:
+        """Sample the family's pipeline (loaded with ``flags``; seed 0; :data:`SAMPLING` updated
+        by ``sampling``, e.g. the guidance) from ``validation_inputs`` with :data:`PROMPT`, free
+        the text encoders with ``release_text_encoders`` and sample again from the cached inputs.
+        Asserts every text encoder is gone, the cached inputs hold no prompt text and the two
+        samples agree within 1e-4; returns the inputs and the sample for the family's own checks."""
+        family, components = self.loaded(*flags)
         sampling = {**SAMPLING, **sampling}
         prompted_inputs = family.validation_inputs(components, PROMPT)
         with_prompt = family.pipeline(components)(**prompted_inputs, generator=torch.Generator().manual_seed(0),
@@ -175,15 +197,20 @@ class FamilyRun:
             conditioning = family.encode_prompt(components, [PROMPT], CPU)
             return family.predict(components, latents, torch.tensor([600.0]), conditioning, {}, denoiser=transformer)
 
-    def losses_on_a_fixed_batch(self, *flags: str, steps: int = 20, learning_rate: float = 1e-2) -> list[float]:
-        """SNELLA (dit preset, rank 4) trained on one fixed batch (two 32 px images, seed 0,
-        latents drawn with seed 1; noise and timesteps seed 5 at every step); the ``steps + 1``
-        losses, each asserted finite."""
+    def losses_on_a_fixed_batch(self, *flags: str, steps: int = 20, learning_rate: float = 1e-2,
+                                pixels: Optional[torch.Tensor] = None) -> list[float]:
+        """SNELLA (dit preset, rank 4) trained on one fixed batch (``pixels`` of two samples,
+        default two 32 px images drawn with seed 0, whose latents must have
+        :attr:`latent_shape`; latents drawn with seed 1; noise and timesteps seed 5 at every
+        step); the ``steps + 1`` losses, each asserted finite."""
         family, components = self.loaded(*flags)
         apply_snella(components.denoiser, SnellaConfig(rank=4, target_modules="dit"))
-        pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-        latents = family.encode_latents(components, pixels, torch.Generator().manual_seed(1))
-        assert tuple(latents.shape) == (2, *self.latent_shape)
+        if pixels is None:
+            pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+            latents = family.encode_latents(components, pixels, torch.Generator().manual_seed(1))
+            assert tuple(latents.shape) == (2, *self.latent_shape)
+        else:
+            latents = family.encode_latents(components, pixels, torch.Generator().manual_seed(1))
         with torch.no_grad():
             conditioning = family.encode_prompt(components, [PROMPT, LONGER], CPU)
         objective = family.objective(components)
@@ -207,23 +234,9 @@ class FamilyRun:
         by ``load_snella_weights`` into a fresh pipeline reproducing it exactly and
         ``unload_snella_weights`` restoring the base exactly. Returns the adapter file read
         back (``SnellaFile``) for the family's layer count."""
-        import train_scripts.train_dreambooth_snella as script
-
         from snella_diffusion.loaders import load_snella_weights, unload_snella_weights
 
-        seen: dict[str, Any] = {}
-        run_validation, write_outputs = script.run_validation, script.write_outputs
-
-        def recording_validation(settings, accelerator, family, components, trained, *rest):
-            seen["transformer"] = trained["transformer"]
-            return run_validation(settings, accelerator, family, components, trained, *rest)
-
-        def recording_outputs(settings, family, config, allocator, rank_drops, losses, *rest):
-            seen["losses"] = [loss for _, loss in losses]
-            return write_outputs(settings, family, config, allocator, rank_drops, losses, *rest)
-
-        monkeypatch.setattr(script, "run_validation", recording_validation)
-        monkeypatch.setattr(script, "write_outputs", recording_outputs)
+        seen = record_script_run(monkeypatch)
         adapter = self.run_script(output_dir, "--validation_prompt", PROMPT, "--num_validation_images", "1",
                                   "--validation_inference_steps", "2")
         assert len(seen["losses"]) == SCRIPT_STEPS and all(torch.isfinite(torch.tensor(seen["losses"])))
