@@ -118,7 +118,7 @@ class FamilyRun:
 
     ``folder``: the saved tiny pipeline; ``pipeline_class``: its diffusers class;
     ``latent_shape``: ``(C, h, w)`` of one 32 px image's latents as ``encode_latents`` returns
-    them; ``flags``: DiT flags every load and script run takes (e.g. ``--max_sequence_length``)."""
+    them (``(C, 1, h, w)`` for a video family); ``flags``: DiT flags every load and script run takes (e.g. ``--max_sequence_length``)."""
 
     folder: Path
     pipeline_class: type
