@@ -118,7 +118,8 @@ class FamilyRun:
 
     ``folder``: the saved tiny pipeline; ``pipeline_class``: its diffusers class;
     ``latent_shape``: ``(C, h, w)`` of one 32 px image's latents as ``encode_latents`` returns
-    them (``(C, 1, h, w)`` for a video family); ``flags``: DiT flags every load and script run takes (e.g. ``--max_sequence_length``)."""
+    them (``(C, 1, h, w)`` for a video family); ``flags``: DiT flags every load and script run
+    takes (e.g. ``--max_sequence_length``)."""
 
     folder: Path
     pipeline_class: type
@@ -282,8 +283,9 @@ class FamilyRun:
         One run of :data:`FEATURE_STEPS` steps (batch 1, checkpoint after every step) on a wide
         and a tall image (:data:`FEATURE_IMAGES`, sidecar ``.txt`` captions) with, from a
         ``--config`` TOML file, ``--enable_bucket --bucket_reso_steps pixel_multiple``, EMA
-        (decay :data:`EMA_DECAY`) and Prodigy (learning rate 1); with ``prior``, two class images
-        and :data:`CLASS_PROMPT`; ``--cache_latents --cache_text_embeddings``. Asserts:
+        (decay :data:`EMA_DECAY`) and Prodigy (learning rate :data:`PRODIGY_LR`); with ``prior``,
+        two class images and :data:`CLASS_PROMPT`; ``--cache_latents --cache_text_embeddings``.
+        Asserts:
 
         - the family's ``pixel_multiple`` is ``pixel_multiple``, and a bucket step of half of it
           is refused; the images were encoded at the two kohya buckets (sides multiples of
@@ -291,99 +293,58 @@ class FamilyRun:
         - every latent and prompt was encoded before the first denoiser call (both caches);
           the prompts encoded are the captions (and the class prompt);
         - every denoiser call held the instance and the class sample (prior) or one sample;
-        - every trained parameter of the saved adapter is the EMA Σ_k w_k·θ_k of its raw values θ_k in checkpoints 1-4,
-          w_k = (1 - d_k)·Π_{j>k} d_j, d_1 = 0, d_k = min(decay, k/(k+9)) (within 1e-6),
-          differs from the raw adapter, and the raw adapter is checkpoint 4's;
-        - Prodigy ran: its state counts 4 steps and a positive numerator of its step-size estimate;
+        - the EMA adapter against :func:`check_ema_of_checkpoints`' formula;
+        - Prodigy ran: its state counts 4 steps and its step-size estimate d grew from
+          d0 = 1e-6 past 1e-5;
         - ``config.toml`` records the file's settings;
         - a run resumed from ``checkpoint-2`` makes 2 denoiser calls and ends with the same
           EMA and raw adapters, bit for bit.
         """
         import shutil
-        import sys
-
-        from safetensors.torch import load_file
 
         import train_scripts.train_dreambooth_snella as script
-        from snella_diffusion.training.buckets import kohya_buckets, nearest_bucket
-        from snella_diffusion.training.data_arguments import BucketSettings, DataArgumentError, bucket_sizes
-
-        if sys.version_info >= (3, 11):
-            import tomllib
-        else:
-            import tomli as tomllib
+        from snella_diffusion.training.job_config import read_job_config
 
         family, _ = detect_family(str(self.folder))
         calls = FamilyCalls.recording(type(family), monkeypatch)
         instance_dir = write_feature_images(output_dir / "data")
         job = output_dir / "job.toml"
-        job.write_text(f'[data]\ncaption_extension = ".txt"\nenable_bucket = true\nbucket_reso_steps = {pixel_multiple}\n'
+        job.write_text(f'[data]\ncaption_extension = ".txt"\nenable_bucket = true\n'
+                       f'bucket_reso_steps = {pixel_multiple}\n'
                        f'[training]\noptimizer = "prodigy"\nuse_ema = true\nema_decay = {EMA_DECAY}\n')
-        class_flags = ("--with_prior_preservation", "--class_data_dir", str(write_class_images(output_dir / "class")),
-                       "--class_prompt", CLASS_PROMPT, "--num_class_images", "2") if prior else ()
-        run_flags = ("--config", str(job), "--learning_rate", "1.0", "--max_train_steps", str(FEATURE_STEPS),
+        class_dir = write_class_images(output_dir / "class")
+        class_flags = ("--with_prior_preservation", "--class_data_dir", str(class_dir), "--class_prompt", CLASS_PROMPT,
+                       "--num_class_images", "2") if prior else ()
+        run_flags = ("--config", str(job), "--learning_rate", str(PRODIGY_LR), "--max_train_steps", str(FEATURE_STEPS),
                      "--checkpointing_steps", "1", "--cache_latents", "--cache_text_embeddings", *class_flags, *flags)
         straight_dir, resumed_dir = output_dir / "straight", output_dir / "resumed"
         straight = self.run_script(straight_dir, *run_flags, instance_dir=instance_dir)
 
-        assert family.pixel_multiple(calls.components) == pixel_multiple
-        with pytest.raises(DataArgumentError, match=f"--bucket_reso_steps={pixel_multiple // 2}: must be a multiple "
-                                                    f"of {pixel_multiple} for this model"):
-            bucket_sizes(BucketSettings(None, True, None, None, pixel_multiple // 2), family, calls.components, 32)
-        buckets = kohya_buckets(32, max(pixel_multiple, 16), 64, pixel_multiple)
-        wide = buckets[nearest_bucket((32, 96), buckets)]
-        assert wide[1] >= 2 * wide[0] and wide[0] % pixel_multiple == 0 and wide[1] % pixel_multiple == 0
-        first_call = calls.first("predict")
-        assert calls.events[first_call:] == [event for event in calls.events if event[0] == "predict"]
-        assert {event[1][-2:] for event in calls.events if event[0] == "latents"} == {wide, wide[::-1]}
-        shapes = [event[1] for event in calls.events if event[0] == "predict"]
-        assert len(shapes) == FEATURE_STEPS and {shape[0] for shape in shapes} == {2 if prior else 1}
-        assert len({shape[-2:] for shape in shapes}) == 2
-        prompts = {prompt for event in calls.events if event[0] == "prompts" for prompt in event[1]}
-        assert prompts == {caption for _, caption in FEATURE_IMAGES.values()} | ({CLASS_PROMPT} if prior else set())
-
-        trajectory = [load_file(straight_dir / f"checkpoint-{step}" / "snella_weights.safetensors")
-                      for step in range(1, FEATURE_STEPS + 1)]
-        averaged, raw = load_file(straight), load_file(straight_dir / script.RAW_OUTPUT_FILE)
-        assert averaged.keys() == raw.keys() == trajectory[-1].keys()
-        weights = ema_weights(EMA_DECAY, FEATURE_STEPS)
-        # the trained parameters move at every step; buffers (sparsity, threshold, drop count)
-        # follow the allocator at the end of the run and the weights they are saved with
-        trained = [key for key in averaged if any(not torch.equal(state[key], trajectory[0][key]) for state in trajectory)]
-        assert {key.rsplit(".", 1)[1] for key in trained} >= {"in_factors", "out_factors", "beta"}
-        for key in trained:
-            assert torch.equal(raw[key], trajectory[-1][key]), key
-            expected = sum(weight * state[key].double() for weight, state in zip(weights, trajectory))
-            assert torch.allclose(averaged[key].double(), expected, rtol=0, atol=1e-6), key
-        assert any(not torch.equal(averaged[key], raw[key]) for key in trained)
-
+        calls.check_cached_bucketed_run(family, pixel_multiple, prior)
+        check_ema_of_checkpoints(straight, straight_dir / script.RAW_OUTPUT_FILE, EMA_DECAY)
         optimizer = torch.load(straight_dir / f"checkpoint-{FEATURE_STEPS}" / "optimizer.bin", weights_only=True)
-        groups = optimizer["param_groups"]
-        assert all(group["k"] == FEATURE_STEPS and group["d"] >= group["d0"] == 1e-6 and group["d_numerator"] > 0
-                   for group in groups), groups
-
-        saved = tomllib.loads((straight_dir / "config.toml").read_text())
-        assert {key: saved[key] for key in ("caption_extension", "enable_bucket", "bucket_reso_steps", "optimizer",
-                                            "use_ema", "ema_decay")} == {
-            "caption_extension": ".txt", "enable_bucket": True, "bucket_reso_steps": pixel_multiple,
-            "optimizer": "prodigy", "use_ema": True, "ema_decay": EMA_DECAY}
+        assert all(group["k"] == FEATURE_STEPS and group["d0"] == 1e-6 and group["d"] > 1e-5
+                   for group in optimizer["param_groups"]), optimizer["param_groups"]
+        saved = read_job_config(straight_dir / "config.toml")
+        assert {key: saved[key] for key in read_job_config(job)} == read_job_config(job)
 
         calls.events.clear()
         shutil.copytree(straight_dir / "checkpoint-2", resumed_dir / "checkpoint-2")
-        resumed = self.run_script(resumed_dir, *run_flags, "--resume_from_checkpoint", "latest", instance_dir=instance_dir)
+        self.run_script(resumed_dir, *run_flags, "--resume_from_checkpoint", "latest", instance_dir=instance_dir)
         assert sum(event[0] == "predict" for event in calls.events) == FEATURE_STEPS - 2
-        for first, second in ((straight, resumed), (straight_dir / script.RAW_OUTPUT_FILE, resumed_dir / script.RAW_OUTPUT_FILE)):
-            tensors = [load_file(first), load_file(second)]
-            assert tensors[0].keys() == tensors[1].keys()
-            for key in tensors[0]:
-                assert torch.equal(tensors[0][key], tensors[1][key]), key
+        for name in (straight.name, script.RAW_OUTPUT_FILE):
+            assert_same_tensors(straight_dir / name, resumed_dir / name)
 
 
 FEATURE_STEPS = 4
-EMA_DECAY = 0.8
+EMA_DECAY = 0.2  # below the warm-up's k/(k+9) at steps 3 and 4: the decay itself takes part
+# Prodigy's steps start at about d0·lr = 1e-6·lr; at 100 its estimate d grows within 4 steps and the
+# weights move by ~0.1, far above float32 rounding, so the EMA check below tells decays apart
+PRODIGY_LR = 100.0
 CLASS_PROMPT = "a photo of a dog"
 # name: ((width, height) in pixels, sidecar caption); 3:1 and 1:3, so each lands in a bucket of its own
-FEATURE_IMAGES = {"wide": ((96, 32), "sks dog lying on the grass"), "tall": ((32, 96), "sks dog standing by a red ball")}
+FEATURE_IMAGES = {"wide": ((96, 32), "sks dog lying on the grass"),
+                  "tall": ((32, 96), "sks dog standing by a red ball")}
 
 
 def _noise_image(size: tuple[int, int], seed: int) -> Any:
@@ -425,6 +386,10 @@ def ema_weights(decay: float, steps: int) -> list[float]:
     return weights
 
 
+def _shape(tensor: torch.Tensor) -> tuple[int, ...]:
+    return tuple(tensor.shape)
+
+
 @dataclass
 class FamilyCalls:
     """What a run asked of its family, in call order: ``("latents", pixel shape)`` per
@@ -436,10 +401,11 @@ class FamilyCalls:
 
     @classmethod
     def recording(cls, family_class: type, monkeypatch: pytest.MonkeyPatch) -> "FamilyCalls":
-        """Patch the three methods of ``family_class`` (undone by ``monkeypatch``) to record into a new instance."""
+        """Patch the three methods of ``family_class`` (undone by ``monkeypatch``) to record
+        into a new instance."""
         calls = cls()
-        for method, kind, shown in (("encode_latents", "latents", lambda value: tuple(value.shape)),
-                                    ("encode_prompt", "prompts", list), ("predict", "predict", lambda value: tuple(value.shape))):
+        for method, kind, shown in (("encode_latents", "latents", _shape), ("encode_prompt", "prompts", list),
+                                    ("predict", "predict", _shape)):
             original = getattr(family_class, method)
 
             def recorded(family, components, value, *rest, original=original, kind=kind, shown=shown, **options):
@@ -451,9 +417,65 @@ class FamilyCalls:
             monkeypatch.setattr(family_class, method, recorded)
         return calls
 
-    def first(self, kind: str) -> int:
-        """Index of the first event of ``kind``."""
-        return next(index for index, event in enumerate(self.events) if event[0] == kind)
+    def of(self, kind: str) -> list[Any]:
+        """What the events of ``kind`` recorded, in order."""
+        return [shown for event_kind, shown in self.events if event_kind == kind]
+
+    def check_cached_bucketed_run(self, family: Any, pixel_multiple: int, prior: bool) -> None:
+        """The buckets, caches, captions and prior of a :meth:`FamilyRun.check_training_features`
+        run (its first part of the list of assertions)."""
+        from snella_diffusion.training.buckets import kohya_buckets, nearest_bucket
+        from snella_diffusion.training.data_arguments import BucketSettings, DataArgumentError, bucket_sizes
+
+        assert family.pixel_multiple(self.components) == pixel_multiple
+        half = pixel_multiple // 2
+        refusal = f"--bucket_reso_steps={half}: must be a multiple of {pixel_multiple} for this model"
+        with pytest.raises(DataArgumentError, match=refusal):
+            bucket_sizes(BucketSettings(None, True, None, None, half), family, self.components, 32)
+        buckets = kohya_buckets(32, max(pixel_multiple, 16), 64, pixel_multiple)
+        wide = buckets[nearest_bucket((32, 96), buckets)]
+        assert wide[1] >= 2 * wide[0] and wide[0] % pixel_multiple == 0 and wide[1] % pixel_multiple == 0
+        assert {shape[-2:] for shape in self.of("latents")} == {wide, wide[::-1]}
+        first_call = next(index for index, (kind, _) in enumerate(self.events) if kind == "predict")
+        assert all(kind == "predict" for kind, _ in self.events[first_call:])
+        shapes = self.of("predict")
+        assert len(shapes) == FEATURE_STEPS and {shape[0] for shape in shapes} == {2 if prior else 1}
+        assert len({shape[-2:] for shape in shapes}) == 2
+        captions = {caption for _, caption in FEATURE_IMAGES.values()}
+        assert {prompt for prompts in self.of("prompts") for prompt in prompts} == captions | (
+            {CLASS_PROMPT} if prior else set())
+
+
+def check_ema_of_checkpoints(adapter: Path, raw_adapter: Path, decay: float) -> None:
+    """A ``--use_ema --checkpointing_steps 1`` run's ``adapter`` against its trajectory: every
+    trained parameter (one whose value changes between the checkpoints' raw adapters θ_k) is
+    the EMA Σ_k w_k·θ_k of :func:`ema_weights` within 1e-6, some differ from ``raw_adapter``,
+    and ``raw_adapter`` holds the last checkpoint's values. Buffers (sparsity, threshold, drop
+    count) follow the allocator's end of run and the weights they are saved with: not checked."""
+    from safetensors.torch import load_file
+
+    folders = sorted(adapter.parent.glob("checkpoint-*"), key=lambda folder: int(folder.name.split("-")[1]))
+    trajectory = [load_file(folder / "snella_weights.safetensors") for folder in folders]
+    averaged, raw = load_file(adapter), load_file(raw_adapter)
+    assert averaged.keys() == raw.keys() == trajectory[-1].keys()
+    weights = ema_weights(decay, len(trajectory))
+    trained = [key for key in averaged if any(not torch.equal(state[key], trajectory[0][key]) for state in trajectory)]
+    assert {key.rsplit(".", 1)[1] for key in trained} >= {"in_factors", "out_factors", "beta"}
+    for key in trained:
+        assert torch.equal(raw[key], trajectory[-1][key]), key
+        expected = sum(weight * state[key].double() for weight, state in zip(weights, trajectory))
+        assert torch.allclose(averaged[key].double(), expected, rtol=0, atol=1e-6), key
+    assert any(not torch.equal(averaged[key], raw[key]) for key in trained)
+
+
+def assert_same_tensors(first: Path, second: Path) -> None:
+    """Two safetensors files hold the same keys and bit-identical tensors."""
+    from safetensors.torch import load_file
+
+    tensors = [load_file(first), load_file(second)]
+    assert tensors[0].keys() == tensors[1].keys()
+    for key in tensors[0]:
+        assert torch.equal(tensors[0][key], tensors[1][key]), key
 
 
 def published_count(model: str, output_dir: Path) -> dict[str, Any]:
