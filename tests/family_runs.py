@@ -5,7 +5,8 @@ real diffusers/transformers classes (``save_pretrained`` output):
   :meth:`FamilyRun.check_saved_pipeline_samples_as_built`: the saved folder loads by path,
   samples as the built pipeline does and is detected as its family;
 - :func:`family_settings` / :meth:`FamilyRun.loaded`: the family detected from the folder's
-  ``model_index.json``, loaded and configured with DiT flags;
+  ``model_index.json``, loaded and configured with DiT flags; :meth:`FamilyRun.check_configure_refuses`:
+  the one-line refusals of ``configure``;
 - :meth:`FamilyRun.check_validation_from_cached_embeddings`: validation sampled from the
   prompt and, after the text encoders are freed, from the cached embeddings: the same images;
 - :meth:`FamilyRun.run_script`: the DreamBooth script on two synthetic instance images at 32 px
@@ -133,6 +134,17 @@ class FamilyRun:
         components = family.load(str(self.folder), index)
         family.configure(components, family_settings(*self.flags, *flags, **settings))
         return family, components
+
+    def check_configure_refuses(self, refusals: dict[str, FamilySettings]) -> None:
+        """Load the family unconfigured; ``configure`` with each of ``refusals``' settings raises
+        a SnellaError whose message matches its key (a regex)."""
+        from snella_diffusion import SnellaError
+
+        family, index = detect_family(str(self.folder))
+        components = family.load(str(self.folder), index)
+        for message, settings in refusals.items():
+            with pytest.raises(SnellaError, match=message):
+                family.configure(components, settings)
 
     def check_saved_pipeline_samples_as_built(self, build: Callable[[int], Any], family_name: str,
                                               **sampling: Any) -> tuple[Any, Any]:

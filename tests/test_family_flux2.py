@@ -11,7 +11,6 @@ import torch
 
 from family_runs import CPU, LONGER, PROMPT, family_settings, published_count, saved_family_run, walked_linear_count
 from snella_diffusion import SnellaConfig, apply_snella
-from snella_diffusion.families import detect_family
 from snella_diffusion.testing.tiny_dit_models import (
     TINY_FLUX2_BN_MEAN,
     TINY_FLUX2_BN_VAR,
@@ -94,14 +93,10 @@ def test_loss_falls_in_20_steps_on_a_fixed_batch(klein_run):
 
 
 def test_configure_rejects_what_klein_cannot_do(klein_run):
-    from snella_diffusion import SnellaError
-
-    family, index = detect_family(str(klein_run.folder))
-    components = family.load(str(klein_run.folder), index)
-    with pytest.raises(SnellaError, match="--train_text_encoder: Flux.2 klein trains the transformer only"):
-        family.configure(components, family_settings(train_text_encoder=True))
-    with pytest.raises(SnellaError, match="--resolution=34: Flux.2 needs a multiple of 4"):
-        family.configure(components, family_settings(resolution=34))
+    klein_run.check_configure_refuses({
+        "--train_text_encoder: Flux.2 klein trains the transformer only": family_settings(train_text_encoder=True),
+        "--resolution=34: Flux.2 needs a multiple of 4": family_settings(resolution=34),
+    })
 
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 4.0])

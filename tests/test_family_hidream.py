@@ -116,12 +116,10 @@ def test_loss_falls_in_20_steps_on_a_fixed_batch(hidream_run):
 
 
 def test_configure_rejects_what_hidream_cannot_do(hidream_run):
-    family, index = detect_family(str(hidream_run.folder))
-    components = family.load(str(hidream_run.folder), index)
-    with pytest.raises(SnellaError, match="--train_text_encoder: HiDream trains the transformer only"):
-        family.configure(components, family_settings(train_text_encoder=True))
-    with pytest.raises(SnellaError, match="--resolution=34: HiDream needs a multiple of 4"):
-        family.configure(components, family_settings(resolution=34))
+    hidream_run.check_configure_refuses({
+        "--train_text_encoder: HiDream trains the transformer only": family_settings(train_text_encoder=True),
+        "--resolution=34: HiDream needs a multiple of 4": family_settings(resolution=34),
+    })
 
 
 # per block: attention q/k/v/out (and the text stream's in double blocks), the shared expert
