@@ -187,10 +187,14 @@ def test_configure_rejects_what_wan_cannot_do(wan_run):
     })
 
 
-def test_prior_preservation_is_refused_before_the_model_loads(wan_run, tmp_path):
-    with pytest.raises(VideoDataError, match="--with_prior_preservation: not available for video models yet"):
-        wan_run.run_script(tmp_path, "--with_prior_preservation", "--class_data_dir", str(tmp_path / "class"),
-                           "--class_prompt", "a photo of a dog")
+@pytest.mark.parametrize("flag, with_class", [("--with_prior_preservation", True), ("--masked_loss", False)])
+def test_what_video_runs_cannot_do_yet_is_refused_in_one_line_before_the_model_loads(wan_run, tmp_path, monkeypatch,
+                                                                                      flag, with_class):
+    family, _ = detect_family(str(wan_run.folder))
+    monkeypatch.setattr(type(family), "load", lambda *args: pytest.fail("the model was loaded"))
+    class_flags = ("--class_data_dir", str(tmp_path / "class"), "--class_prompt", "a photo of a dog") * with_class
+    with pytest.raises(VideoDataError, match=f"^{flag}: not available for video models yet"):
+        wan_run.run_script(tmp_path, flag, *class_flags)
 
 
 @pytest.mark.slow
