@@ -56,6 +56,17 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT_STEPS = 3
 SAMPLING = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "np"}  # a tiny pipeline's sample
 
+# what FamilyRun.check_training_features trains with
+FEATURE_STEPS = 4
+EMA_DECAY = 0.2  # below the warm-up's k/(k+9) at steps 3 and 4: the decay itself takes part
+# Prodigy's steps start at about d0·lr = 1e-6·lr; at 100 its estimate d grows within 4 steps and the
+# weights move by ~0.1, far above float32 rounding, so the EMA check tells decays apart
+PRODIGY_LR = 100.0
+CLASS_PROMPT = "a photo of a dog"
+# name: ((width, height) in pixels, sidecar caption); 3:1 and 1:3, so each lands in a bucket of its own
+FEATURE_IMAGES = {"wide": ((96, 32), "sks dog lying on the grass"),
+                  "tall": ((32, 96), "sks dog standing by a red ball")}
+
 
 def record_script_run(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """Patch the DreamBooth script's ``run_validation`` and ``write_outputs`` (undone by
@@ -218,12 +229,12 @@ class FamilyRun:
         step); the ``steps + 1`` losses, each asserted finite."""
         family, components = self.loaded(*flags)
         apply_snella(components.denoiser, SnellaConfig(rank=4, target_modules="dit"))
-        if pixels is None:
+        default_batch = pixels is None
+        if default_batch:
             pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-            latents = family.encode_latents(components, pixels, torch.Generator().manual_seed(1))
+        latents = family.encode_latents(components, pixels, torch.Generator().manual_seed(1))
+        if default_batch:
             assert tuple(latents.shape) == (2, *self.latent_shape)
-        else:
-            latents = family.encode_latents(components, pixels, torch.Generator().manual_seed(1))
         with torch.no_grad():
             conditioning = family.encode_prompt(components, [PROMPT, LONGER], CPU)
         objective = family.objective(components)
@@ -346,17 +357,6 @@ class FamilyRun:
         assert sum(event[0] == "predict" for event in calls.events) == FEATURE_STEPS - 2
         for name in (straight.name, script.RAW_OUTPUT_FILE):
             assert_same_tensors(straight_dir / name, resumed_dir / name)
-
-
-FEATURE_STEPS = 4
-EMA_DECAY = 0.2  # below the warm-up's k/(k+9) at steps 3 and 4: the decay itself takes part
-# Prodigy's steps start at about d0·lr = 1e-6·lr; at 100 its estimate d grows within 4 steps and the
-# weights move by ~0.1, far above float32 rounding, so the EMA check below tells decays apart
-PRODIGY_LR = 100.0
-CLASS_PROMPT = "a photo of a dog"
-# name: ((width, height) in pixels, sidecar caption); 3:1 and 1:3, so each lands in a bucket of its own
-FEATURE_IMAGES = {"wide": ((96, 32), "sks dog lying on the grass"),
-                  "tall": ((32, 96), "sks dog standing by a red ball")}
 
 
 def _noise_image(size: tuple[int, int], seed: int) -> Any:
