@@ -1,8 +1,14 @@
 """What every model-family test does the same way, on a tiny pipeline folder of the family's
 real diffusers/transformers classes (``save_pretrained`` output):
 
+- :func:`saved_family_run`: the module fixture's work (the tiny pipeline saved, its FamilyRun);
+  :meth:`FamilyRun.check_saved_pipeline_samples_as_built`: the saved folder loads by path,
+  samples as the built pipeline does and is detected as its family;
 - :func:`family_settings` / :meth:`FamilyRun.loaded`: the family detected from the folder's
-  ``model_index.json``, loaded and configured with DiT flags;
+  ``model_index.json``, loaded and configured with DiT flags; :meth:`FamilyRun.check_configure_refuses`:
+  the one-line refusals of ``configure``;
+- :meth:`FamilyRun.check_validation_from_cached_embeddings`: validation sampled from the
+  prompt and, after the text encoders are freed, from the cached embeddings: the same images;
 - :meth:`FamilyRun.run_script`: the DreamBooth script on two synthetic instance images at 32 px
   (3 steps, rank 4, learning rate 1e-2, seed 1), returning the adapter's path;
 - :meth:`FamilyRun.losses_on_a_fixed_batch`: SNELLA (``dit`` preset, rank 4) trained by AdamW
@@ -13,6 +19,11 @@ real diffusers/transformers classes (``save_pretrained`` output):
   fresh pipeline (bit-exact) and after ``unload_snella_weights`` (bit-exact base);
 - :meth:`FamilyRun.check_lora_file_loads`: the script's ``--adapter lora`` file loaded with the
   pipeline's own ``load_lora_weights``, every tensor found unchanged in the transformer;
+- :meth:`FamilyRun.check_training_features`: one script run of 4 steps with sidecar captions,
+  two aspect-ratio buckets on the family's pixel multiple, EMA, Prodigy, prior preservation,
+  a ``--config`` file, cached latents and text embeddings and a checkpoint at every step, then
+  a run resumed from ``checkpoint-2``: what each feature did, the EMA against its formula and
+  the resumed adapters bit for bit;
 - :func:`published_count` / :func:`walked_linear_count`: ``benchmarks/count_adapted_layers.py``
   on a published config and the test's own count of a module tree.
 
@@ -28,7 +39,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import pytest
 import torch
@@ -43,14 +54,74 @@ LONGER = "a photo of sks dog on the grass with a red ball"
 CPU = torch.device("cpu")
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT_STEPS = 3
+SAMPLING = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "np"}  # a tiny pipeline's sample
+
+# what FamilyRun.check_training_features trains with
+FEATURE_STEPS = 4
+EMA_DECAY = 0.2  # below the warm-up's k/(k+9) at steps 3 and 4: the decay itself takes part
+# Prodigy's steps start at about d0·lr = 1e-6·lr; at 100 its estimate d grows within 4 steps and the
+# weights move by ~0.1, far above float32 rounding, so the EMA check tells decays apart
+PRODIGY_LR = 100.0
+CLASS_PROMPT = "a photo of a dog"
+# name: ((width, height) in pixels, sidecar caption); 3:1 and 1:3, so each lands in a bucket of its own
+FEATURE_IMAGES = {"wide": ((96, 32), "sks dog lying on the grass"),
+                  "tall": ((32, 96), "sks dog standing by a red ball")}
 
 
-def family_settings(*flags: str, resolution: int = 32, train_text_encoder: bool = False) -> FamilySettings:
-    """FamilySettings from DiT command-line ``flags`` (as the script parses them)."""
+def record_script_run(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Patch the DreamBooth script's ``run_validation`` and ``write_outputs`` (undone by
+    ``monkeypatch``) to record into the returned dict the trained ``"transformer"`` (as the
+    last validation sees it) and the ``"losses"`` of every step."""
+    import train_scripts.train_dreambooth_snella as script
+
+    seen: dict[str, Any] = {}
+    run_validation, write_outputs = script.run_validation, script.write_outputs
+
+    def recording_validation(settings, accelerator, family, components, trained, *rest):
+        seen["transformer"] = trained["transformer"]
+        return run_validation(settings, accelerator, family, components, trained, *rest)
+
+    def recording_outputs(settings, family, config, allocator, rank_drops, losses, *rest):
+        seen["losses"] = [loss for _, loss in losses]
+        return write_outputs(settings, family, config, allocator, rank_drops, losses, *rest)
+
+    monkeypatch.setattr(script, "run_validation", recording_validation)
+    monkeypatch.setattr(script, "write_outputs", recording_outputs)
+    return seen
+
+
+def family_settings(*flags: str, resolution: int = 32, **fields: Any) -> FamilySettings:
+    """FamilySettings from DiT command-line ``flags`` (as the script parses them), ``resolution``
+    and other FamilySettings ``fields`` (``train_text_encoder``, ``wan_expert``)."""
     parser = argparse.ArgumentParser()
     DiTFlags.add_arguments(parser)
-    return FamilySettings(dit=DiTFlags.from_flags(vars(parser.parse_args(list(flags)))),
-                          train_text_encoder=train_text_encoder, resolution=resolution)
+    return FamilySettings(dit=DiTFlags.from_flags(vars(parser.parse_args(list(flags)))), resolution=resolution,
+                          **fields)
+
+
+def saved_family_run(tmp_path_factory: pytest.TempPathFactory, build: Callable[[int], Any], pipeline_class: str,
+                     latent_shape: tuple[int, ...], max_sequence_length: int) -> "FamilyRun":
+    """The module fixture of a family test: ``build(0)`` (a tiny pipeline builder) saved with
+    ``save_pretrained`` in a fresh temporary folder, as a :class:`FamilyRun` of the diffusers
+    class named ``pipeline_class`` whose loads and script runs take ``--max_sequence_length``."""
+    import diffusers
+
+    folder = tmp_path_factory.mktemp(pipeline_class) / "pipeline"
+    build(0).save_pretrained(folder)
+    return FamilyRun(folder, getattr(diffusers, pipeline_class), latent_shape,
+                     flags=("--max_sequence_length", str(max_sequence_length)))
+
+
+@dataclass(frozen=True)
+class CachedValidation:
+    """What :meth:`FamilyRun.check_validation_from_cached_embeddings` sampled with:
+    ``prompted_inputs`` / ``cached_inputs``, the pipeline inputs before and after the text
+    encoders were freed, and ``images``, the sample from the cached inputs (the pipeline's
+    ``images`` output)."""
+
+    prompted_inputs: dict[str, Any]
+    cached_inputs: dict[str, Any]
+    images: Any
 
 
 @dataclass(frozen=True)
@@ -59,27 +130,82 @@ class FamilyRun:
 
     ``folder``: the saved tiny pipeline; ``pipeline_class``: its diffusers class;
     ``latent_shape``: ``(C, h, w)`` of one 32 px image's latents as ``encode_latents`` returns
-    them; ``flags``: DiT flags every load and script run takes (e.g. ``--max_sequence_length``)."""
+    them (``(C, 1, h, w)`` for a video family); ``flags``: DiT flags every load and script run
+    takes (e.g. ``--max_sequence_length``)."""
 
     folder: Path
     pipeline_class: type
     latent_shape: tuple[int, ...]
     flags: tuple[str, ...] = field(default=())
 
-    def loaded(self, *flags: str) -> tuple[Any, Any]:
-        """(family, configured TrainingComponents); ``flags`` follow :attr:`flags` (later wins)."""
+    def loaded(self, *flags: str, **settings: Any) -> tuple[Any, Any]:
+        """(family, configured TrainingComponents); ``flags`` follow :attr:`flags` (later wins);
+        ``settings``: :func:`family_settings` keywords (``resolution``, ``wan_expert``, ...)."""
         family, index = detect_family(str(self.folder))
         components = family.load(str(self.folder), index)
-        family.configure(components, family_settings(*self.flags, *flags))
+        family.configure(components, family_settings(*self.flags, *flags, **settings))
         return family, components
 
-    def run_script(self, output_dir: Path, *flags: str) -> Path:
-        """The DreamBooth script on this pipeline (``--output_dir output_dir``); the adapter path."""
+    def check_configure_refuses(self, refusals: dict[str, FamilySettings]) -> None:
+        """Load the family unconfigured; ``configure`` with each of ``refusals``' settings raises
+        a SnellaError whose message matches its key (a regex)."""
+        from snella_diffusion import SnellaError
+
+        family, index = detect_family(str(self.folder))
+        components = family.load(str(self.folder), index)
+        for message, settings in refusals.items():
+            with pytest.raises(SnellaError, match=message):
+                family.configure(components, settings)
+
+    def check_saved_pipeline_samples_as_built(self, build: Callable[[int], Any], family_name: str,
+                                              **sampling: Any) -> tuple[Any, Any]:
+        """Load the folder with ``DiffusionPipeline.from_pretrained``; assert it is a
+        :attr:`pipeline_class`, samples :data:`PROMPT` (seed 0; :data:`SAMPLING` updated by
+        ``sampling``) within 1e-5 of ``build(0)``'s sample, and is detected as ``family_name``.
+        Returns the loaded pipeline and its sample (the pipeline's ``images``, or ``frames``)."""
+        from diffusers import DiffusionPipeline
+
+        built, loaded = build(0), DiffusionPipeline.from_pretrained(self.folder)
+        assert type(loaded) is self.pipeline_class
+        sampling = {**SAMPLING, **sampling}
+        samples = []
+        for pipeline in (built, loaded):
+            output = pipeline(prompt=PROMPT, generator=torch.Generator().manual_seed(0), **sampling)
+            samples.append(output.frames if hasattr(output, "frames") else output.images)
+        assert abs(samples[0] - samples[1]).max() < 1e-5
+        family, _ = detect_family(str(self.folder))
+        assert family.name == family_name
+        return loaded, samples[1]
+
+    def check_validation_from_cached_embeddings(self, *flags: str, **sampling: Any) -> CachedValidation:
+        """Sample the family's pipeline (loaded with ``flags``; seed 0; :data:`SAMPLING` updated
+        by ``sampling``, e.g. the guidance) from ``validation_inputs`` with :data:`PROMPT`, free
+        the text encoders with ``release_text_encoders`` and sample again from the cached inputs.
+        Asserts every text encoder is gone, the cached inputs hold no prompt text and the two
+        samples agree within 1e-4; returns the inputs and the sample for the family's own checks."""
+        family, components = self.loaded(*flags)
+        sampling = {**SAMPLING, **sampling}
+        prompted_inputs = family.validation_inputs(components, PROMPT)
+        with_prompt = family.pipeline(components)(**prompted_inputs, generator=torch.Generator().manual_seed(0),
+                                                  **sampling).images
+        family.release_text_encoders(components, PROMPT, CPU)
+        assert all(components.modules[name] is None for name in family.text_encoder_components)
+        cached_inputs = family.validation_inputs(components, PROMPT)
+        assert "prompt" not in cached_inputs
+        cached = family.pipeline(components)(**cached_inputs, generator=torch.Generator().manual_seed(0),
+                                             **sampling).images
+        assert abs(cached - with_prompt).max() < 1e-4
+        return CachedValidation(prompted_inputs, cached_inputs, cached)
+
+    def run_script(self, output_dir: Path, *flags: str, instance_dir: Optional[Path] = None) -> Path:
+        """The DreamBooth script on this pipeline (``--output_dir output_dir``) and the images of
+        ``instance_dir`` (default: two synthetic 48 px images written here); the adapter path."""
         from snella_diffusion.training.data import synthetic_instance_images, write_images
         from train_scripts.train_dreambooth_snella import main, parse_args
 
-        instance_dir = output_dir / "instance-images"
-        write_images(synthetic_instance_images(count=2, size=48, seed=0), instance_dir, "instance")
+        if instance_dir is None:
+            instance_dir = output_dir / "instance-images"
+            write_images(synthetic_instance_images(count=2, size=48, seed=0), instance_dir, "instance")
         return main(parse_args([
             "--pretrained_model_name_or_path", str(self.folder), "--output_dir", str(output_dir),
             "--instance_data_dir", str(instance_dir), "--instance_prompt", PROMPT, "--resolution", "32",
@@ -95,15 +221,20 @@ class FamilyRun:
             conditioning = family.encode_prompt(components, [PROMPT], CPU)
             return family.predict(components, latents, torch.tensor([600.0]), conditioning, {}, denoiser=transformer)
 
-    def losses_on_a_fixed_batch(self, *flags: str, steps: int = 20, learning_rate: float = 1e-2) -> list[float]:
-        """SNELLA (dit preset, rank 4) trained on one fixed batch (two 32 px images, seed 0,
-        latents drawn with seed 1; noise and timesteps seed 5 at every step); the ``steps + 1``
-        losses, each asserted finite."""
+    def losses_on_a_fixed_batch(self, *flags: str, steps: int = 20, learning_rate: float = 1e-2,
+                                pixels: Optional[torch.Tensor] = None) -> list[float]:
+        """SNELLA (dit preset, rank 4) trained on one fixed batch (``pixels`` of two samples,
+        default two 32 px images drawn with seed 0, whose latents must have
+        :attr:`latent_shape`; latents drawn with seed 1; noise and timesteps seed 5 at every
+        step); the ``steps + 1`` losses, each asserted finite."""
         family, components = self.loaded(*flags)
         apply_snella(components.denoiser, SnellaConfig(rank=4, target_modules="dit"))
-        pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        default_batch = pixels is None
+        if default_batch:
+            pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
         latents = family.encode_latents(components, pixels, torch.Generator().manual_seed(1))
-        assert tuple(latents.shape) == (2, *self.latent_shape)
+        if default_batch:
+            assert tuple(latents.shape) == (2, *self.latent_shape)
         with torch.no_grad():
             conditioning = family.encode_prompt(components, [PROMPT, LONGER], CPU)
         objective = family.objective(components)
@@ -127,23 +258,9 @@ class FamilyRun:
         by ``load_snella_weights`` into a fresh pipeline reproducing it exactly and
         ``unload_snella_weights`` restoring the base exactly. Returns the adapter file read
         back (``SnellaFile``) for the family's layer count."""
-        import train_scripts.train_dreambooth_snella as script
-
         from snella_diffusion.loaders import load_snella_weights, unload_snella_weights
 
-        seen: dict[str, Any] = {}
-        run_validation, write_outputs = script.run_validation, script.write_outputs
-
-        def recording_validation(settings, accelerator, family, components, trained, *rest):
-            seen["transformer"] = trained["transformer"]
-            return run_validation(settings, accelerator, family, components, trained, *rest)
-
-        def recording_outputs(settings, family, config, allocator, rank_drops, losses, *rest):
-            seen["losses"] = [loss for _, loss in losses]
-            return write_outputs(settings, family, config, allocator, rank_drops, losses, *rest)
-
-        monkeypatch.setattr(script, "run_validation", recording_validation)
-        monkeypatch.setattr(script, "write_outputs", recording_outputs)
+        seen = record_script_run(monkeypatch)
         adapter = self.run_script(output_dir, "--validation_prompt", PROMPT, "--num_validation_images", "1",
                                   "--validation_inference_steps", "2")
         assert len(seen["losses"]) == SCRIPT_STEPS and all(torch.isfinite(torch.tensor(seen["losses"])))
@@ -181,6 +298,196 @@ class FamilyRun:
             assert any(p.shape == tensor.shape and torch.equal(p, tensor) for p in loaded), key
         assert (self.denoiser_output(family, components, pipeline.transformer) - before).abs().max() > 0
         return len(saved)
+
+    def check_training_features(self, output_dir: Path, monkeypatch: pytest.MonkeyPatch, pixel_multiple: int,
+                                *flags: str, prior: bool = True) -> None:
+        """The script with every training-data feature at once, then resumed; asserts what each did.
+
+        One run of :data:`FEATURE_STEPS` steps (batch 1, checkpoint after every step) on a wide
+        and a tall image (:data:`FEATURE_IMAGES`, sidecar ``.txt`` captions) with, from a
+        ``--config`` TOML file, ``--enable_bucket --bucket_reso_steps pixel_multiple``, EMA
+        (decay :data:`EMA_DECAY`) and Prodigy (learning rate :data:`PRODIGY_LR`); with ``prior``,
+        two class images and :data:`CLASS_PROMPT`; ``--cache_latents --cache_text_embeddings``.
+        Asserts:
+
+        - the family's ``pixel_multiple`` is ``pixel_multiple``, and a bucket step of half of it
+          is refused; the images were encoded at the two kohya buckets (sides multiples of
+          ``pixel_multiple``) nearest their 1:3 and 3:1 shapes, and the denoiser saw both;
+        - every latent and prompt was encoded before the first denoiser call (both caches);
+          the prompts encoded are the captions (and the class prompt);
+        - every denoiser call held the instance and the class sample (prior) or one sample;
+        - the EMA adapter against :func:`check_ema_of_checkpoints`' formula;
+        - Prodigy ran: its state counts 4 steps and its step-size estimate d grew from
+          d0 = 1e-6 past 1e-5;
+        - ``config.toml`` records the file's settings;
+        - a run resumed from ``checkpoint-2`` makes 2 denoiser calls and ends with the same
+          EMA and raw adapters, bit for bit.
+        """
+        import shutil
+
+        import train_scripts.train_dreambooth_snella as script
+        from snella_diffusion.training.job_config import read_job_config
+
+        family, _ = detect_family(str(self.folder))
+        calls = FamilyCalls.recording(type(family), monkeypatch)
+        instance_dir = write_feature_images(output_dir / "data")
+        job = output_dir / "job.toml"
+        job.write_text(f'[data]\ncaption_extension = ".txt"\nenable_bucket = true\n'
+                       f'bucket_reso_steps = {pixel_multiple}\n'
+                       f'[training]\noptimizer = "prodigy"\nuse_ema = true\nema_decay = {EMA_DECAY}\n')
+        class_dir = write_class_images(output_dir / "class")
+        class_flags = ("--with_prior_preservation", "--class_data_dir", str(class_dir), "--class_prompt", CLASS_PROMPT,
+                       "--num_class_images", "2") if prior else ()
+        run_flags = ("--config", str(job), "--learning_rate", str(PRODIGY_LR), "--max_train_steps", str(FEATURE_STEPS),
+                     "--checkpointing_steps", "1", "--cache_latents", "--cache_text_embeddings", *class_flags, *flags)
+        straight_dir, resumed_dir = output_dir / "straight", output_dir / "resumed"
+        straight = self.run_script(straight_dir, *run_flags, instance_dir=instance_dir)
+
+        calls.check_cached_bucketed_run(family, pixel_multiple, prior)
+        check_ema_of_checkpoints(straight, straight_dir / script.RAW_OUTPUT_FILE, EMA_DECAY)
+        optimizer = torch.load(straight_dir / f"checkpoint-{FEATURE_STEPS}" / "optimizer.bin", weights_only=True)
+        assert all(group["k"] == FEATURE_STEPS and group["d0"] == 1e-6 and group["d"] > 1e-5
+                   for group in optimizer["param_groups"]), optimizer["param_groups"]
+        saved = read_job_config(straight_dir / "config.toml")
+        assert {key: saved[key] for key in read_job_config(job)} == read_job_config(job)
+
+        calls.events.clear()
+        shutil.copytree(straight_dir / "checkpoint-2", resumed_dir / "checkpoint-2")
+        self.run_script(resumed_dir, *run_flags, "--resume_from_checkpoint", "latest", instance_dir=instance_dir)
+        assert sum(event[0] == "predict" for event in calls.events) == FEATURE_STEPS - 2
+        for name in (straight.name, script.RAW_OUTPUT_FILE):
+            assert_same_tensors(straight_dir / name, resumed_dir / name)
+
+
+def _noise_image(size: tuple[int, int], seed: int) -> Any:
+    """A PIL RGB image of ``size`` (width, height), uniform random pixels drawn with ``seed``."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def write_feature_images(folder: Path) -> Path:
+    """:data:`FEATURE_IMAGES` as ``<name>.png`` with ``<name>.txt`` captions in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed, (name, (size, caption)) in enumerate(FEATURE_IMAGES.items()):
+        _noise_image(size, seed).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(caption)
+    return folder
+
+
+def write_class_images(folder: Path) -> Path:
+    """Two 32 px class images in ``folder`` (enough for ``--num_class_images 2``: none generated)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for seed in range(2):
+        _noise_image((32, 32), 10 + seed).save(folder / f"class_{seed}.png")
+    return folder
+
+
+def ema_weights(decay: float, steps: int) -> list[float]:
+    """w_k (k = 1..steps) with EMA_steps = Σ_k w_k·θ_k for diffusers' warm-up EMA: d_1 = 0,
+    d_k = min(decay, k/(k+9)), w_k = (1 - d_k)·Π_{j>k} d_j. The weights sum to 1."""
+    decays = [0.0] + [min(decay, k / (k + 9)) for k in range(2, steps + 1)]
+    weights = []
+    for k in range(steps):
+        later = 1.0
+        for d in decays[k + 1:]:
+            later *= d
+        weights.append((1 - decays[k]) * later)
+    return weights
+
+
+def _shape(tensor: torch.Tensor) -> tuple[int, ...]:
+    return tuple(tensor.shape)
+
+
+@dataclass
+class FamilyCalls:
+    """What a run asked of its family, in call order: ``("latents", pixel shape)`` per
+    ``encode_latents``, ``("prompts", prompts)`` per ``encode_prompt``, ``("predict", latent
+    shape)`` per ``predict``; ``components`` the run's TrainingComponents (from its first call)."""
+
+    events: list[tuple[str, Any]] = field(default_factory=list)
+    components: Any = None
+
+    @classmethod
+    def recording(cls, family_class: type, monkeypatch: pytest.MonkeyPatch) -> "FamilyCalls":
+        """Patch the three methods of ``family_class`` (undone by ``monkeypatch``) to record
+        into a new instance."""
+        calls = cls()
+        for method, kind, shown in (("encode_latents", "latents", _shape), ("encode_prompt", "prompts", list),
+                                    ("predict", "predict", _shape)):
+            original = getattr(family_class, method)
+
+            def recorded(family, components, value, *rest, original=original, kind=kind, shown=shown, **options):
+                if calls.components is None:
+                    calls.components = components
+                calls.events.append((kind, shown(value)))
+                return original(family, components, value, *rest, **options)
+
+            monkeypatch.setattr(family_class, method, recorded)
+        return calls
+
+    def of(self, kind: str) -> list[Any]:
+        """What the events of ``kind`` recorded, in order."""
+        return [shown for event_kind, shown in self.events if event_kind == kind]
+
+    def check_cached_bucketed_run(self, family: Any, pixel_multiple: int, prior: bool) -> None:
+        """The buckets, caches, captions and prior of a :meth:`FamilyRun.check_training_features`
+        run (its first part of the list of assertions)."""
+        from snella_diffusion.training.buckets import kohya_buckets, nearest_bucket
+        from snella_diffusion.training.data_arguments import BucketSettings, DataArgumentError, bucket_sizes
+
+        assert family.pixel_multiple(self.components) == pixel_multiple
+        half = pixel_multiple // 2
+        refusal = f"--bucket_reso_steps={half}: must be a multiple of {pixel_multiple} for this model"
+        with pytest.raises(DataArgumentError, match=refusal):
+            bucket_sizes(BucketSettings(None, True, None, None, half), family, self.components, 32)
+        buckets = kohya_buckets(32, max(pixel_multiple, 16), 64, pixel_multiple)
+        wide = buckets[nearest_bucket((32, 96), buckets)]
+        assert wide[1] >= 2 * wide[0] and wide[0] % pixel_multiple == 0 and wide[1] % pixel_multiple == 0
+        assert {shape[-2:] for shape in self.of("latents")} == {wide, wide[::-1]}
+        first_call = next(index for index, (kind, _) in enumerate(self.events) if kind == "predict")
+        assert all(kind == "predict" for kind, _ in self.events[first_call:])
+        shapes = self.of("predict")
+        assert len(shapes) == FEATURE_STEPS and {shape[0] for shape in shapes} == {2 if prior else 1}
+        assert len({shape[-2:] for shape in shapes}) == 2
+        captions = {caption for _, caption in FEATURE_IMAGES.values()}
+        assert {prompt for prompts in self.of("prompts") for prompt in prompts} == captions | (
+            {CLASS_PROMPT} if prior else set())
+
+
+def check_ema_of_checkpoints(adapter: Path, raw_adapter: Path, decay: float) -> None:
+    """A ``--use_ema --checkpointing_steps 1`` run's ``adapter`` against its trajectory: every
+    trained parameter (one whose value changes between the checkpoints' raw adapters θ_k) is
+    the EMA Σ_k w_k·θ_k of :func:`ema_weights` within 1e-6, some differ from ``raw_adapter``,
+    and ``raw_adapter`` holds the last checkpoint's values. Buffers (sparsity, threshold, drop
+    count) follow the allocator's end of run and the weights they are saved with: not checked."""
+    from safetensors.torch import load_file
+
+    folders = sorted(adapter.parent.glob("checkpoint-*"), key=lambda folder: int(folder.name.split("-")[1]))
+    trajectory = [load_file(folder / "snella_weights.safetensors") for folder in folders]
+    averaged, raw = load_file(adapter), load_file(raw_adapter)
+    assert averaged.keys() == raw.keys() == trajectory[-1].keys()
+    weights = ema_weights(decay, len(trajectory))
+    trained = [key for key in averaged if any(not torch.equal(state[key], trajectory[0][key]) for state in trajectory)]
+    assert {key.rsplit(".", 1)[1] for key in trained} >= {"in_factors", "out_factors", "beta"}
+    for key in trained:
+        assert torch.equal(raw[key], trajectory[-1][key]), key
+        expected = sum(weight * state[key].double() for weight, state in zip(weights, trajectory))
+        assert torch.allclose(averaged[key].double(), expected, rtol=0, atol=1e-6), key
+    assert any(not torch.equal(averaged[key], raw[key]) for key in trained)
+
+
+def assert_same_tensors(first: Path, second: Path) -> None:
+    """Two safetensors files hold the same keys and bit-identical tensors."""
+    from safetensors.torch import load_file
+
+    tensors = [load_file(first), load_file(second)]
+    assert tensors[0].keys() == tensors[1].keys()
+    for key in tensors[0]:
+        assert torch.equal(tensors[0][key], tensors[1][key]), key
 
 
 def published_count(model: str, output_dir: Path) -> dict[str, Any]:

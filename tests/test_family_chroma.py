@@ -12,14 +12,13 @@ from family_runs import (
     CPU,
     LONGER,
     PROMPT,
-    FamilyRun,
     exported_key_prefixes,
     family_settings,
     published_count,
+    saved_family_run,
     walked_linear_count,
 )
-from snella_diffusion import SnellaConfig, SnellaError, apply_snella
-from snella_diffusion.families import detect_family
+from snella_diffusion import SnellaConfig, apply_snella
 from snella_diffusion.testing.tiny_dit_models import (
     TINY_CHROMA_VAE_SCALE,
     TINY_CHROMA_VAE_SHIFT,
@@ -32,24 +31,13 @@ LENGTH = 32  # --max_sequence_length: the longer prompt (24 T5 pieces + </s>) fi
 
 @pytest.fixture(scope="module")
 def chroma_run(tmp_path_factory):
-    from diffusers import ChromaPipeline
-
-    folder = tmp_path_factory.mktemp("chroma") / "pipeline"
-    tiny_chroma_pipeline(0).save_pretrained(folder)
-    return FamilyRun(folder, ChromaPipeline, latent_shape=(4, 16, 16), flags=("--max_sequence_length", str(LENGTH)))
+    return saved_family_run(tmp_path_factory, tiny_chroma_pipeline, "ChromaPipeline", (4, 16, 16), LENGTH)
 
 
 def test_tiny_pipeline_reloads_by_path_samples_the_same_and_is_detected(chroma_run):
-    from diffusers import ChromaPipeline, DiffusionPipeline
-
-    built, loaded = tiny_chroma_pipeline(0), DiffusionPipeline.from_pretrained(chroma_run.folder)
-    assert type(loaded) is ChromaPipeline
-    kwargs = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "np", "max_sequence_length": LENGTH}
-    images = [pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images for pipe in (built, loaded)]
-    assert images[0].shape == (1, 32, 32, 3)
-    assert abs(images[0] - images[1]).max() < 1e-5
-    family, _ = detect_family(str(chroma_run.folder))
-    assert family.name == "chroma"
+    _, images = chroma_run.check_saved_pipeline_samples_as_built(tiny_chroma_pipeline, "chroma",
+                                                                 max_sequence_length=LENGTH)
+    assert images.shape == (1, 32, 32, 3)
 
 
 def test_prompt_encoding_matches_the_pipeline(chroma_run):
@@ -124,29 +112,17 @@ def test_loss_falls_in_20_steps_on_a_fixed_batch(chroma_run):
 
 
 def test_configure_rejects_what_chroma_cannot_do(chroma_run):
-    family, index = detect_family(str(chroma_run.folder))
-    components = family.load(str(chroma_run.folder), index)
-    with pytest.raises(SnellaError, match="--train_text_encoder: Chroma trains the transformer only"):
-        family.configure(components, family_settings(train_text_encoder=True))
-    with pytest.raises(SnellaError, match="--max_sequence_length=513: Chroma takes at most 512"):
-        family.configure(components, family_settings("--max_sequence_length", "513"))
-    with pytest.raises(SnellaError, match="--resolution=34: Chroma needs a multiple of 4"):
-        family.configure(components, family_settings(resolution=34))
+    chroma_run.check_configure_refuses({
+        "--train_text_encoder: Chroma trains the transformer only": family_settings(train_text_encoder=True),
+        "--max_sequence_length=513: Chroma takes at most 512": family_settings("--max_sequence_length", "513"),
+        "--resolution=34: Chroma needs a multiple of 4": family_settings(resolution=34),
+    })
 
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 4.0])
 def test_validation_samples_from_cached_embeddings_after_freeing_the_encoder(chroma_run, guidance_scale):
-    family, components = chroma_run.loaded()
-    kwargs = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "np",
-              "guidance_scale": guidance_scale}
-    with_prompt = family.pipeline(components)(**family.validation_inputs(components, PROMPT),
-                                              generator=torch.Generator().manual_seed(0), **kwargs).images
-    family.release_text_encoders(components, PROMPT, CPU)
-    assert components.modules["text_encoder"] is None
-    inputs = family.validation_inputs(components, PROMPT)
-    assert "prompt" not in inputs and inputs["negative_prompt_attention_mask"].shape == (1, LENGTH)
-    cached = family.pipeline(components)(**inputs, generator=torch.Generator().manual_seed(0), **kwargs).images
-    assert abs(cached - with_prompt).max() < 1e-4
+    sampled = chroma_run.check_validation_from_cached_embeddings(guidance_scale=guidance_scale)
+    assert sampled.cached_inputs["negative_prompt_attention_mask"].shape == (1, LENGTH)
 
 
 @pytest.mark.slow
@@ -158,6 +134,12 @@ def test_script_adapter_reloads_exactly_and_unloads_exactly(chroma_run, tmp_path
 @pytest.mark.slow
 def test_lora_ab_file_loads_with_the_pipelines_load_lora_weights(chroma_run, tmp_path):
     assert chroma_run.check_lora_file_loads(tmp_path) == (12 + 5) * 2
+
+
+@pytest.mark.slow
+def test_captions_buckets_ema_prodigy_prior_config_and_caches_train_and_resume_exactly(chroma_run, tmp_path,
+                                                                                        monkeypatch):
+    chroma_run.check_training_features(tmp_path, monkeypatch, pixel_multiple=4)
 
 
 def _comfyui_chroma_names(to: str) -> set[str]:

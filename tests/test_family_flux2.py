@@ -9,59 +9,31 @@ published klein-4B config."""
 import pytest
 import torch
 
-from family_runs import CPU, LONGER, PROMPT, FamilyRun, family_settings, published_count, walked_linear_count
+from family_runs import CPU, LONGER, PROMPT, family_settings, published_count, saved_family_run, walked_linear_count
 from snella_diffusion import SnellaConfig, apply_snella
-from snella_diffusion.families import detect_family
 from snella_diffusion.testing.tiny_dit_models import (
     TINY_FLUX2_BN_MEAN,
     TINY_FLUX2_BN_VAR,
     tiny_flux2_klein_pipeline,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")
 LENGTH = 32
 
 
 @pytest.fixture(scope="module")
-def klein_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("flux2-klein") / "pipeline"
-    tiny_flux2_klein_pipeline(0).save_pretrained(folder)
-    return folder
+def klein_run(tmp_path_factory):
+    return saved_family_run(tmp_path_factory, tiny_flux2_klein_pipeline, "Flux2KleinPipeline", (16, 8, 8), LENGTH)
 
 
-@pytest.fixture(scope="module")
-def klein_run(klein_folder):
-    from diffusers import Flux2KleinPipeline
-
-    return FamilyRun(klein_folder, Flux2KleinPipeline, latent_shape=(16, 8, 8),
-                     flags=("--max_sequence_length", str(LENGTH)))
+def test_tiny_pipeline_reloads_by_path_samples_the_same_and_is_detected(klein_run):
+    _, images = klein_run.check_saved_pipeline_samples_as_built(tiny_flux2_klein_pipeline, "flux2-klein",
+                                                                max_sequence_length=LENGTH)
+    assert images.shape == (1, 32, 32, 3)
 
 
-def _settings(*flags: str, resolution: int = 32, train_text_encoder: bool = False):
-    return family_settings(*flags, resolution=resolution, train_text_encoder=train_text_encoder)
-
-
-def _loaded(folder, *flags):
-    family, index = detect_family(str(folder))
-    components = family.load(str(folder), index)
-    family.configure(components, _settings("--max_sequence_length", str(LENGTH), *flags))
-    return family, components
-
-
-def test_tiny_pipeline_reloads_by_path_samples_the_same_and_is_detected(klein_folder):
-    from diffusers import DiffusionPipeline, Flux2KleinPipeline
-
-    built, loaded = tiny_flux2_klein_pipeline(0), DiffusionPipeline.from_pretrained(klein_folder)
-    assert type(loaded) is Flux2KleinPipeline
-    kwargs = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "np", "max_sequence_length": LENGTH}
-    images = [pipe(prompt=PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images for pipe in (built, loaded)]
-    assert images[0].shape == (1, 32, 32, 3)
-    assert abs(images[0] - images[1]).max() < 1e-5
-    family, _ = detect_family(str(klein_folder))
-    assert family.name == "flux2-klein"
-
-
-def test_prompt_encoding_matches_the_pipeline(klein_folder):
-    family, components = _loaded(klein_folder)
+def test_prompt_encoding_matches_the_pipeline(klein_run):
+    family, components = klein_run.loaded()
     with torch.no_grad():
         ours = family.encode_prompt(components, [PROMPT, LONGER], CPU)
         theirs, text_ids = family.pipeline(components).encode_prompt([PROMPT, LONGER], CPU, max_sequence_length=LENGTH)
@@ -72,10 +44,10 @@ def test_prompt_encoding_matches_the_pipeline(klein_folder):
     assert torch.equal(text_position_ids(2, LENGTH), text_ids)
 
 
-def test_latents_are_patchified_and_batch_normalised(klein_folder):
+def test_latents_are_patchified_and_batch_normalised(klein_run):
     from diffusers import Flux2KleinPipeline
 
-    family, components = _loaded(klein_folder)
+    family, components = klein_run.loaded()
     pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
     latents = family.encode_latents(components, pixels)
     assert latents.shape == (2, 16, 8, 8) and family.pixel_multiple(components) == 4
@@ -85,12 +57,12 @@ def test_latents_are_patchified_and_batch_normalised(klein_folder):
     assert torch.allclose(latents, expected, atol=1e-5)
 
 
-def test_model_call_matches_the_pipelines_conventions(klein_folder):
+def test_model_call_matches_the_pipelines_conventions(klein_run):
     """predict == the transformer called with the pipeline's own packing, ids and unpacking,
     timestep t/1000, no guidance."""
     from diffusers import Flux2KleinPipeline
 
-    family, components = _loaded(klein_folder)
+    family, components = klein_run.loaded()
     latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(3))
     timesteps = torch.tensor([250.0, 750.0])
     with torch.no_grad():
@@ -106,8 +78,8 @@ def test_model_call_matches_the_pipelines_conventions(klein_folder):
     assert torch.allclose(ours, theirs, atol=1e-6)
 
 
-def test_sigmas_are_the_schedulers_table(klein_folder):
-    family, components = _loaded(klein_folder)
+def test_sigmas_are_the_schedulers_table(klein_run):
+    family, components = klein_run.loaded()
     u = torch.tensor([0.0, 0.1, 0.5, 0.93, 0.999])
     expected = components.noise_scheduler.sigmas[(u * 1000).long()]
     assert torch.allclose(family.objective(components).schedule.sigmas_for(u), expected, atol=1e-6)
@@ -120,30 +92,17 @@ def test_loss_falls_in_20_steps_on_a_fixed_batch(klein_run):
     assert losses[20] < 0.99 * losses[0], losses
 
 
-def test_configure_rejects_what_klein_cannot_do(klein_folder):
-    from snella_diffusion import SnellaError
-
-    family, index = detect_family(str(klein_folder))
-    components = family.load(str(klein_folder), index)
-    with pytest.raises(SnellaError, match="--train_text_encoder: Flux.2 klein trains the transformer only"):
-        family.configure(components, _settings(train_text_encoder=True))
-    with pytest.raises(SnellaError, match="--resolution=34: Flux.2 needs a multiple of 4"):
-        family.configure(components, _settings(resolution=34))
+def test_configure_rejects_what_klein_cannot_do(klein_run):
+    klein_run.check_configure_refuses({
+        "--train_text_encoder: Flux.2 klein trains the transformer only": family_settings(train_text_encoder=True),
+        "--resolution=34: Flux.2 needs a multiple of 4": family_settings(resolution=34),
+    })
 
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 4.0])
-def test_validation_samples_from_cached_embeddings_after_freeing_the_encoder(klein_folder, guidance_scale):
-    family, components = _loaded(klein_folder)
-    kwargs = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "np",
-              "guidance_scale": guidance_scale}
-    with_prompt = family.pipeline(components)(**family.validation_inputs(components, PROMPT),
-                                              generator=torch.Generator().manual_seed(0), **kwargs).images
-    family.release_text_encoders(components, PROMPT, CPU)
-    assert components.modules["text_encoder"] is None
-    inputs = family.validation_inputs(components, PROMPT)
-    assert "prompt" not in inputs and "prompt_embeds" in inputs
-    cached = family.pipeline(components)(**inputs, generator=torch.Generator().manual_seed(0), **kwargs).images
-    assert abs(cached - with_prompt).max() < 1e-4
+def test_validation_samples_from_cached_embeddings_after_freeing_the_encoder(klein_run, guidance_scale):
+    sampled = klein_run.check_validation_from_cached_embeddings(guidance_scale=guidance_scale)
+    assert "prompt_embeds" in sampled.cached_inputs
 
 
 @pytest.mark.slow
@@ -155,6 +114,12 @@ def test_script_adapter_reloads_exactly_and_unloads_exactly(klein_run, tmp_path,
 @pytest.mark.slow
 def test_lora_ab_file_loads_with_the_pipelines_load_lora_weights(klein_run, tmp_path):
     assert klein_run.check_lora_file_loads(tmp_path) == (12 + 2) * 2
+
+
+@pytest.mark.slow
+def test_captions_buckets_ema_prodigy_prior_config_and_caches_train_and_resume_exactly(klein_run, tmp_path,
+                                                                                        monkeypatch):
+    klein_run.check_training_features(tmp_path, monkeypatch, pixel_multiple=4)
 
 
 def _walked_count(transformer) -> int:

@@ -10,9 +10,8 @@ are klein's code (tests/test_family_flux2.py checks them); here they are checked
 import pytest
 import torch
 
-from family_runs import CPU, LONGER, PROMPT, FamilyRun, family_settings, published_count, walked_linear_count
-from snella_diffusion import SnellaConfig, SnellaError, apply_snella
-from snella_diffusion.families import detect_family
+from family_runs import CPU, LONGER, PROMPT, family_settings, published_count, saved_family_run, walked_linear_count
+from snella_diffusion import SnellaConfig, apply_snella
 from snella_diffusion.testing.tiny_dit_models import tiny_flux2_dev_pipeline
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -21,24 +20,13 @@ LENGTH = 192  # --max_sequence_length: the system message and the longer prompt 
 
 @pytest.fixture(scope="module")
 def dev_run(tmp_path_factory):
-    from diffusers import Flux2Pipeline
-
-    folder = tmp_path_factory.mktemp("flux2-dev") / "pipeline"
-    tiny_flux2_dev_pipeline(0).save_pretrained(folder)
-    return FamilyRun(folder, Flux2Pipeline, latent_shape=(16, 8, 8), flags=("--max_sequence_length", str(LENGTH)))
+    return saved_family_run(tmp_path_factory, tiny_flux2_dev_pipeline, "Flux2Pipeline", (16, 8, 8), LENGTH)
 
 
 def test_tiny_pipeline_reloads_by_path_samples_the_same_and_is_detected(dev_run):
-    from diffusers import DiffusionPipeline, Flux2Pipeline
-
-    built, loaded = tiny_flux2_dev_pipeline(0), DiffusionPipeline.from_pretrained(dev_run.folder)
-    assert type(loaded) is Flux2Pipeline and loaded.transformer.config.guidance_embeds
-    kwargs = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "np", "max_sequence_length": LENGTH}
-    images = [pipe(prompt=PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images for pipe in (built, loaded)]
-    assert images[0].shape == (1, 32, 32, 3)
-    assert abs(images[0] - images[1]).max() < 1e-5
-    family, _ = detect_family(str(dev_run.folder))
-    assert family.name == "flux2"
+    loaded, images = dev_run.check_saved_pipeline_samples_as_built(tiny_flux2_dev_pipeline, "flux2",
+                                                                   max_sequence_length=LENGTH)
+    assert loaded.transformer.config.guidance_embeds and images.shape == (1, 32, 32, 3)
 
 
 def test_prompt_encoding_matches_the_pipeline(dev_run):
@@ -103,26 +91,16 @@ def test_loss_falls_in_20_steps_on_a_fixed_batch(dev_run):
 
 
 def test_configure_rejects_what_flux2_dev_cannot_do(dev_run):
-    family, index = detect_family(str(dev_run.folder))
-    components = family.load(str(dev_run.folder), index)
-    with pytest.raises(SnellaError, match="--train_text_encoder: Flux.2 dev trains the transformer only"):
-        family.configure(components, family_settings(train_text_encoder=True))
-    with pytest.raises(SnellaError, match="--resolution=34: Flux.2 needs a multiple of 4"):
-        family.configure(components, family_settings(resolution=34))
+    dev_run.check_configure_refuses({
+        "--train_text_encoder: Flux.2 dev trains the transformer only": family_settings(train_text_encoder=True),
+        "--resolution=34: Flux.2 needs a multiple of 4": family_settings(resolution=34),
+    })
 
 
 def test_validation_samples_from_cached_embeddings_after_freeing_the_encoder(dev_run):
-    family, components = dev_run.loaded()
-    kwargs = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "np"}
-    inputs = family.validation_inputs(components, PROMPT)
-    assert inputs["guidance_scale"] == 3.5
-    with_prompt = family.pipeline(components)(**inputs, generator=torch.Generator().manual_seed(0), **kwargs).images
-    family.release_text_encoders(components, PROMPT, CPU)
-    assert components.modules["text_encoder"] is None
-    inputs = family.validation_inputs(components, PROMPT)
-    assert "prompt" not in inputs and "negative_prompt_embeds" not in inputs  # guidance-distilled: no negative
-    cached = family.pipeline(components)(**inputs, generator=torch.Generator().manual_seed(0), **kwargs).images
-    assert abs(cached - with_prompt).max() < 1e-4
+    sampled = dev_run.check_validation_from_cached_embeddings()
+    assert sampled.prompted_inputs["guidance_scale"] == 3.5
+    assert "negative_prompt_embeds" not in sampled.cached_inputs  # guidance-distilled: no negative
 
 
 @pytest.mark.slow
@@ -134,6 +112,11 @@ def test_script_adapter_reloads_exactly_and_unloads_exactly(dev_run, tmp_path, m
 @pytest.mark.slow
 def test_lora_ab_file_loads_with_the_pipelines_load_lora_weights(dev_run, tmp_path):
     assert dev_run.check_lora_file_loads(tmp_path) == (12 + 2) * 2
+
+
+@pytest.mark.slow
+def test_captions_buckets_ema_prodigy_prior_config_and_caches_train_and_resume_exactly(dev_run, tmp_path, monkeypatch):
+    dev_run.check_training_features(tmp_path, monkeypatch, pixel_multiple=4)
 
 
 def test_published_config_layer_count_matches_a_walk_of_the_module_tree(tmp_path):

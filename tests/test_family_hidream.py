@@ -9,7 +9,7 @@ HiDream-I1 config."""
 import pytest
 import torch
 
-from family_runs import CPU, LONGER, PROMPT, FamilyRun, family_settings, published_count, walked_linear_count
+from family_runs import CPU, LONGER, PROMPT, family_settings, published_count, saved_family_run, walked_linear_count
 from snella_diffusion import SnellaConfig, SnellaError, apply_snella
 from snella_diffusion.families import detect_family
 from snella_diffusion.testing.tiny_dit_models import (
@@ -18,31 +18,20 @@ from snella_diffusion.testing.tiny_dit_models import (
     tiny_hidream_pipeline,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")
 LENGTH = 32  # --max_sequence_length: every encoder's tokens of LONGER fit
 
 
 @pytest.fixture(scope="module")
 def hidream_run(tmp_path_factory):
-    from diffusers import HiDreamImagePipeline
-
-    folder = tmp_path_factory.mktemp("hidream") / "pipeline"
-    tiny_hidream_pipeline(0).save_pretrained(folder)
-    return FamilyRun(folder, HiDreamImagePipeline, latent_shape=(4, 16, 16),
-                     flags=("--max_sequence_length", str(LENGTH)))
+    return saved_family_run(tmp_path_factory, tiny_hidream_pipeline, "HiDreamImagePipeline", (4, 16, 16), LENGTH)
 
 
 def test_tiny_pipeline_reloads_by_path_samples_the_same_and_is_detected(hidream_run):
-    from diffusers import DiffusionPipeline, HiDreamImagePipeline
-
-    built, loaded = tiny_hidream_pipeline(0), DiffusionPipeline.from_pretrained(hidream_run.folder)
-    assert type(loaded) is HiDreamImagePipeline
-    kwargs = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "np", "max_sequence_length": LENGTH}
-    images = [pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images for pipe in (built, loaded)]
+    _, images = hidream_run.check_saved_pipeline_samples_as_built(tiny_hidream_pipeline, "hidream",
+                                                                  max_sequence_length=LENGTH)
     # the pipeline rescales any size to its native area: (128 × VAE factor 2)² here
-    assert images[0].shape == (1, 256, 256, 3)
-    assert abs(images[0] - images[1]).max() < 1e-5
-    family, _ = detect_family(str(hidream_run.folder))
-    assert family.name == "hidream"
+    assert images.shape == (1, 256, 256, 3)
 
 
 def test_prompt_encoding_matches_the_pipeline(hidream_run):
@@ -127,12 +116,10 @@ def test_loss_falls_in_20_steps_on_a_fixed_batch(hidream_run):
 
 
 def test_configure_rejects_what_hidream_cannot_do(hidream_run):
-    family, index = detect_family(str(hidream_run.folder))
-    components = family.load(str(hidream_run.folder), index)
-    with pytest.raises(SnellaError, match="--train_text_encoder: HiDream trains the transformer only"):
-        family.configure(components, family_settings(train_text_encoder=True))
-    with pytest.raises(SnellaError, match="--resolution=34: HiDream needs a multiple of 4"):
-        family.configure(components, family_settings(resolution=34))
+    hidream_run.check_configure_refuses({
+        "--train_text_encoder: HiDream trains the transformer only": family_settings(train_text_encoder=True),
+        "--resolution=34: HiDream needs a multiple of 4": family_settings(resolution=34),
+    })
 
 
 # per block: attention q/k/v/out (and the text stream's in double blocks), the shared expert
@@ -149,6 +136,12 @@ def test_script_adapter_reloads_exactly_and_unloads_exactly(hidream_run, tmp_pat
 @pytest.mark.slow
 def test_lora_ab_file_loads_with_the_pipelines_load_lora_weights(hidream_run, tmp_path):
     assert hidream_run.check_lora_file_loads(tmp_path) == TINY_LAYERS * 2
+
+
+@pytest.mark.slow
+def test_captions_buckets_ema_prodigy_prior_config_and_caches_train_and_resume_exactly(hidream_run, tmp_path,
+                                                                                        monkeypatch):
+    hidream_run.check_training_features(tmp_path, monkeypatch, pixel_multiple=4)
 
 
 def test_published_config_layer_count_matches_a_walk_of_the_module_tree(tmp_path):
@@ -169,17 +162,9 @@ def test_published_config_layer_count_matches_a_walk_of_the_module_tree(tmp_path
 
 def test_validation_samples_from_cached_embeddings_after_freeing_the_encoders(hidream_run):
     """With guidance (the negative embeddings cached too); the pipeline samples at its 256 px area."""
-    family, components = hidream_run.loaded()
-    kwargs = {"num_inference_steps": 1, "height": 32, "width": 32, "output_type": "latent",
-              "guidance_scale": 5.0}
-    with_prompt = family.pipeline(components)(**family.validation_inputs(components, PROMPT),
-                                              generator=torch.Generator().manual_seed(0), **kwargs).images
-    family.release_text_encoders(components, PROMPT, CPU)
-    assert all(components.modules[name] is None for name in family.text_encoder_components)
-    inputs = family.validation_inputs(components, PROMPT)
-    assert "prompt" not in inputs and inputs["prompt_embeds_llama3"].shape == (2, 1, LENGTH, 16)
-    cached = family.pipeline(components)(**inputs, generator=torch.Generator().manual_seed(0), **kwargs).images
-    assert abs(cached - with_prompt).max() < 1e-4
+    sampled = hidream_run.check_validation_from_cached_embeddings(num_inference_steps=1, output_type="latent",
+                                                                  guidance_scale=5.0)
+    assert sampled.cached_inputs["prompt_embeds_llama3"].shape == (2, 1, LENGTH, 16)
 
 
 def test_a_folder_without_the_llama_encoder_loads_it_from_the_default_source(hidream_run, tmp_path, monkeypatch):

@@ -8,9 +8,16 @@ loading with ``load_lora_weights``; adapted-layer counts of the published config
 import pytest
 import torch
 
-from family_runs import CPU, LONGER, PROMPT, FamilyRun, family_settings, published_count, walked_linear_count
-from snella_diffusion import SnellaConfig, SnellaError, apply_snella
-from snella_diffusion.families import detect_family
+from family_runs import (
+    CPU,
+    LONGER,
+    PROMPT,
+    family_settings,
+    published_count,
+    saved_family_run,
+    walked_linear_count,
+)
+from snella_diffusion import SnellaConfig, apply_snella
 from snella_diffusion.families.krea2 import TEMPLATE_PREFIX, TEMPLATE_SUFFIX
 from snella_diffusion.testing.tiny_dit_models import (
     TINY_KREA2_SELECT_LAYERS,
@@ -25,26 +32,14 @@ LENGTH = 64  # --max_sequence_length: the longer prompt (49 byte-level tokens) a
 
 @pytest.fixture(scope="module")
 def krea_run(tmp_path_factory):
-    from diffusers import Krea2Pipeline
-
-    folder = tmp_path_factory.mktemp("krea2") / "pipeline"
-    tiny_krea2_pipeline(0).save_pretrained(folder)
-    return FamilyRun(folder, Krea2Pipeline, latent_shape=(4, 8, 8), flags=("--max_sequence_length", str(LENGTH)))
+    return saved_family_run(tmp_path_factory, tiny_krea2_pipeline, "Krea2Pipeline", (4, 8, 8), LENGTH)
 
 
 def test_tiny_pipeline_reloads_by_path_samples_the_same_and_is_detected(krea_run):
-    from diffusers import DiffusionPipeline, Krea2Pipeline
-
-    built, loaded = tiny_krea2_pipeline(0), DiffusionPipeline.from_pretrained(krea_run.folder)
-    assert type(loaded) is Krea2Pipeline
-    kwargs = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "np", "max_sequence_length": LENGTH}
-    images = [pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images for pipe in (built, loaded)]
-    assert images[0].shape == (1, 32, 32, 3)
-    assert abs(images[0] - images[1]).max() < 1e-5
-    family, _ = detect_family(str(krea_run.folder))
-    assert family.name == "krea2"
+    _, images = krea_run.check_saved_pipeline_samples_as_built(tiny_krea2_pipeline, "krea2", max_sequence_length=LENGTH)
+    assert images.shape == (1, 32, 32, 3)
     # the pipeline settings of model_index.json reach the family and the pipeline it builds
-    _, components = krea_run.loaded()
+    family, components = krea_run.loaded()
     assert family.select_layers(components) == TINY_KREA2_SELECT_LAYERS == family.pipeline(components).text_encoder_select_layers
 
 
@@ -112,27 +107,16 @@ def test_loss_falls_in_20_steps_on_a_fixed_batch(krea_run):
 
 
 def test_configure_rejects_what_krea2_cannot_do(krea_run):
-    family, index = detect_family(str(krea_run.folder))
-    components = family.load(str(krea_run.folder), index)
-    with pytest.raises(SnellaError, match="--train_text_encoder: Krea 2 trains the transformer only"):
-        family.configure(components, family_settings(train_text_encoder=True))
-    with pytest.raises(SnellaError, match="--resolution=36: Krea 2 needs a multiple of 8"):
-        family.configure(components, family_settings(resolution=36))
+    krea_run.check_configure_refuses({
+        "--train_text_encoder: Krea 2 trains the transformer only": family_settings(train_text_encoder=True),
+        "--resolution=36: Krea 2 needs a multiple of 8": family_settings(resolution=36),
+    })
 
 
 @pytest.mark.parametrize("guidance_scale", [0.0, 4.5])
 def test_validation_samples_from_cached_embeddings_after_freeing_the_encoder(krea_run, guidance_scale):
-    family, components = krea_run.loaded()
-    kwargs = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "np",
-              "guidance_scale": guidance_scale}
-    with_prompt = family.pipeline(components)(**family.validation_inputs(components, PROMPT),
-                                              generator=torch.Generator().manual_seed(0), **kwargs).images
-    family.release_text_encoders(components, PROMPT, CPU)
-    assert components.modules["text_encoder"] is None
-    inputs = family.validation_inputs(components, PROMPT)
-    assert "prompt" not in inputs and inputs["negative_prompt_embeds_mask"].shape == (1, LENGTH)
-    cached = family.pipeline(components)(**inputs, generator=torch.Generator().manual_seed(0), **kwargs).images
-    assert abs(cached - with_prompt).max() < 1e-4
+    sampled = krea_run.check_validation_from_cached_embeddings(guidance_scale=guidance_scale)
+    assert sampled.cached_inputs["negative_prompt_embeds_mask"].shape == (1, LENGTH)
 
 
 @pytest.mark.slow
@@ -144,6 +128,11 @@ def test_script_adapter_reloads_exactly_and_unloads_exactly(krea_run, tmp_path, 
 @pytest.mark.slow
 def test_lora_ab_file_loads_with_the_pipelines_load_lora_weights(krea_run, tmp_path):
     assert krea_run.check_lora_file_loads(tmp_path) == (2 + 1 + 1) * 8 * 2
+
+
+@pytest.mark.slow
+def test_captions_buckets_ema_prodigy_prior_config_and_caches_train_and_resume_exactly(krea_run, tmp_path, monkeypatch):
+    krea_run.check_training_features(tmp_path, monkeypatch, pixel_multiple=8)
 
 
 def test_published_config_layer_count_matches_a_walk_of_the_module_tree(tmp_path):

@@ -8,9 +8,8 @@ loading with ``load_lora_weights``; adapted-layer counts of the published config
 import pytest
 import torch
 
-from family_runs import CPU, LONGER, PROMPT, FamilyRun, family_settings, published_count, walked_linear_count
-from snella_diffusion import SnellaConfig, SnellaError, apply_snella
-from snella_diffusion.families import detect_family
+from family_runs import CPU, LONGER, PROMPT, family_settings, published_count, saved_family_run, walked_linear_count
+from snella_diffusion import SnellaConfig, apply_snella
 from snella_diffusion.families.lumina2 import SYSTEM_PROMPT
 from snella_diffusion.testing.tiny_dit_models import (
     TINY_LUMINA2_VAE_SCALE,
@@ -18,29 +17,19 @@ from snella_diffusion.testing.tiny_dit_models import (
     tiny_lumina2_pipeline,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")
 LENGTH = 128  # --max_sequence_length: LONGER behind the system prompt is 98 tokens
 
 
 @pytest.fixture(scope="module")
 def lumina_run(tmp_path_factory):
-    from diffusers import Lumina2Pipeline
-
-    folder = tmp_path_factory.mktemp("lumina2") / "pipeline"
-    tiny_lumina2_pipeline(0).save_pretrained(folder)
-    return FamilyRun(folder, Lumina2Pipeline, latent_shape=(4, 4, 4), flags=("--max_sequence_length", str(LENGTH)))
+    return saved_family_run(tmp_path_factory, tiny_lumina2_pipeline, "Lumina2Pipeline", (4, 4, 4), LENGTH)
 
 
 def test_tiny_pipeline_reloads_by_path_samples_the_same_and_is_detected(lumina_run):
-    from diffusers import DiffusionPipeline, Lumina2Pipeline
-
-    built, loaded = tiny_lumina2_pipeline(0), DiffusionPipeline.from_pretrained(lumina_run.folder)
-    assert type(loaded) is Lumina2Pipeline
-    kwargs = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "np", "max_sequence_length": LENGTH}
-    images = [pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images for pipe in (built, loaded)]
-    assert images[0].shape == (1, 32, 32, 3)
-    assert abs(images[0] - images[1]).max() < 1e-5
-    family, _ = detect_family(str(lumina_run.folder))
-    assert family.name == "lumina2"
+    loaded, images = lumina_run.check_saved_pipeline_samples_as_built(tiny_lumina2_pipeline, "lumina2",
+                                                                      max_sequence_length=LENGTH)
+    assert images.shape == (1, 32, 32, 3)
     assert loaded.system_prompt == SYSTEM_PROMPT
 
 
@@ -122,14 +111,11 @@ def test_loss_falls_in_20_steps_on_a_fixed_batch(lumina_run):
 
 
 def test_configure_rejects_what_lumina2_cannot_do(lumina_run):
-    family, index = detect_family(str(lumina_run.folder))
-    components = family.load(str(lumina_run.folder), index)
-    with pytest.raises(SnellaError, match="--train_text_encoder: Lumina2 trains the transformer only"):
-        family.configure(components, family_settings(train_text_encoder=True))
-    with pytest.raises(SnellaError, match="--max_sequence_length=513: Lumina2 takes at most 512"):
-        family.configure(components, family_settings("--max_sequence_length", "513"))
-    with pytest.raises(SnellaError, match="--resolution=40: Lumina2 needs a multiple of 16"):
-        family.configure(components, family_settings(resolution=40))
+    lumina_run.check_configure_refuses({
+        "--train_text_encoder: Lumina2 trains the transformer only": family_settings(train_text_encoder=True),
+        "--max_sequence_length=513: Lumina2 takes at most 512": family_settings("--max_sequence_length", "513"),
+        "--resolution=40: Lumina2 needs a multiple of 16": family_settings(resolution=40),
+    })
 
 
 @pytest.mark.slow
@@ -141,6 +127,12 @@ def test_script_adapter_reloads_exactly_and_unloads_exactly(lumina_run, tmp_path
 @pytest.mark.slow
 def test_lora_ab_file_loads_with_the_pipelines_load_lora_weights(lumina_run, tmp_path):
     assert lumina_run.check_lora_file_loads(tmp_path) == 4 * 7 * 2
+
+
+@pytest.mark.slow
+def test_captions_buckets_ema_prodigy_prior_config_and_caches_train_and_resume_exactly(lumina_run, tmp_path,
+                                                                                        monkeypatch):
+    lumina_run.check_training_features(tmp_path, monkeypatch, pixel_multiple=16)
 
 
 def test_published_config_layer_count_matches_a_walk_of_the_module_tree(tmp_path):
@@ -160,14 +152,5 @@ def test_published_config_layer_count_matches_a_walk_of_the_module_tree(tmp_path
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 4.0])
 def test_validation_samples_from_cached_embeddings_after_freeing_the_encoder(lumina_run, guidance_scale):
-    family, components = lumina_run.loaded()
-    kwargs = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "np",
-              "guidance_scale": guidance_scale}
-    with_prompt = family.pipeline(components)(**family.validation_inputs(components, PROMPT),
-                                              generator=torch.Generator().manual_seed(0), **kwargs).images
-    family.release_text_encoders(components, PROMPT, CPU)
-    assert components.modules["text_encoder"] is None
-    inputs = family.validation_inputs(components, PROMPT)
-    assert "prompt" not in inputs and inputs["negative_prompt_attention_mask"].shape == (1, LENGTH)
-    cached = family.pipeline(components)(**inputs, generator=torch.Generator().manual_seed(0), **kwargs).images
-    assert abs(cached - with_prompt).max() < 1e-4
+    sampled = lumina_run.check_validation_from_cached_embeddings(guidance_scale=guidance_scale)
+    assert sampled.cached_inputs["negative_prompt_attention_mask"].shape == (1, LENGTH)

@@ -12,14 +12,13 @@ from family_runs import (
     CPU,
     LONGER,
     PROMPT,
-    FamilyRun,
     exported_key_prefixes,
     family_settings,
     published_count,
+    saved_family_run,
     walked_linear_count,
 )
 from snella_diffusion import SnellaConfig, apply_snella
-from snella_diffusion.families import detect_family
 from snella_diffusion.families.qwen_image import PROMPT_TEMPLATE, TEMPLATE_PREFIX_TOKENS
 from snella_diffusion.testing.tiny_dit_models import (
     TINY_QWEN_LATENTS_MEAN,
@@ -28,54 +27,30 @@ from snella_diffusion.testing.tiny_dit_models import (
 )
 
 
-@pytest.fixture(scope="module")
-def qwen_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qwen-image") / "pipeline"
-    tiny_qwen_image_pipeline(0).save_pretrained(folder)
-    return folder
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
-def qwen_run(qwen_folder):
-    from diffusers import QwenImagePipeline
-
-    return FamilyRun(qwen_folder, QwenImagePipeline, latent_shape=(4, 8, 8), flags=("--max_sequence_length", "16"))
+def qwen_run(tmp_path_factory):
+    return saved_family_run(tmp_path_factory, tiny_qwen_image_pipeline, "QwenImagePipeline", (4, 8, 8), 16)
 
 
-def _settings(*flags: str, resolution: int = 32, train_text_encoder: bool = False):
-    return family_settings(*flags, resolution=resolution, train_text_encoder=train_text_encoder)
-
-
-def _loaded(folder, *flags):
-    family, index = detect_family(str(folder))
-    components = family.load(str(folder), index)
-    family.configure(components, _settings(*flags))
-    return family, components
-
-
-def test_tiny_pipeline_reloads_by_path_samples_the_same_and_is_detected(qwen_folder):
-    from diffusers import DiffusionPipeline, QwenImagePipeline
-
-    built, loaded = tiny_qwen_image_pipeline(0), DiffusionPipeline.from_pretrained(qwen_folder)
-    assert type(loaded) is QwenImagePipeline
-    kwargs = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "np", "max_sequence_length": 16}
-    images = [pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images for pipe in (built, loaded)]
-    assert images[0].shape == (1, 32, 32, 3)
-    assert abs(images[0] - images[1]).max() < 1e-5
-    family, _ = detect_family(str(qwen_folder))
-    assert family.name == "qwen-image"
+def test_tiny_pipeline_reloads_by_path_samples_the_same_and_is_detected(qwen_run):
+    loaded, images = qwen_run.check_saved_pipeline_samples_as_built(tiny_qwen_image_pipeline, "qwen-image",
+                                                                    max_sequence_length=16)
+    assert images.shape == (1, 32, 32, 3)
     # the template and the dropped prefix are the pipeline's
     assert (loaded.prompt_template_encode, loaded.prompt_template_encode_start_idx) == (PROMPT_TEMPLATE, TEMPLATE_PREFIX_TOKENS)
 
 
-def test_tiny_tokenizer_splits_the_template_prefix_as_the_published_one(qwen_folder):
+def test_tiny_tokenizer_splits_the_template_prefix_as_the_published_one(qwen_run):
     """34 tokens before the prompt (<|im_start|>, system, \\n, Describe, the, ..., user, \\n), so
     the pipeline's fixed drop of 34 leaves exactly the prompt and the template's end."""
     from transformers import AutoTokenizer
 
     from snella_diffusion.testing.tiny_dit_models import TINY_QWEN_ENDOFTEXT, TINY_QWEN_VOCAB
 
-    tokenizer = AutoTokenizer.from_pretrained(qwen_folder, subfolder="tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(qwen_run.folder, subfolder="tokenizer")
     prefix = PROMPT_TEMPLATE.split("{}")[0]
     tokens = tokenizer.convert_ids_to_tokens(tokenizer(prefix).input_ids)
     assert len(tokens) == TEMPLATE_PREFIX_TOKENS
@@ -85,8 +60,8 @@ def test_tiny_tokenizer_splits_the_template_prefix_as_the_published_one(qwen_fol
     assert tokenizer.pad_token_id == TINY_QWEN_ENDOFTEXT and len(tokenizer) <= TINY_QWEN_VOCAB
 
 
-def test_prompt_encoding_matches_the_pipeline(qwen_folder):
-    family, components = _loaded(qwen_folder, "--max_sequence_length", "24")
+def test_prompt_encoding_matches_the_pipeline(qwen_run):
+    family, components = qwen_run.loaded("--max_sequence_length", "24")
     pipeline = family.pipeline(components)
     with torch.no_grad():
         ours = family.encode_prompt(components, [PROMPT, LONGER], CPU)
@@ -101,8 +76,8 @@ def test_prompt_encoding_matches_the_pipeline(qwen_folder):
     assert ours["prompt_embeds"][0, lengths[0]:].abs().max() == 0  # padding is zeros
 
 
-def test_latents_are_normalised_per_channel(qwen_folder):
-    family, components = _loaded(qwen_folder)
+def test_latents_are_normalised_per_channel(qwen_run):
+    family, components = qwen_run.loaded()
     pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
     latents = family.encode_latents(components, pixels, torch.Generator().manual_seed(2))
     assert latents.shape == (2, 4, 8, 8) and family.vae_scale_factor(components) == 4
@@ -112,12 +87,12 @@ def test_latents_are_normalised_per_channel(qwen_folder):
         assert torch.allclose(latents[:, channel], (raw[:, channel] - mean) / std, atol=1e-6)
 
 
-def test_model_call_matches_the_pipelines_conventions(qwen_folder):
+def test_model_call_matches_the_pipelines_conventions(qwen_run):
     """predict == the transformer called as the pipeline calls it: packed with the pipeline's
     own _pack_latents, img_shapes of one frame, timestep t/1000, no mask for an unpadded prompt."""
     from diffusers import QwenImagePipeline
 
-    family, components = _loaded(qwen_folder, "--max_sequence_length", "16")
+    family, components = qwen_run.loaded()
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     timesteps = torch.tensor([250.0, 750.0])
     with torch.no_grad():
@@ -132,15 +107,15 @@ def test_model_call_matches_the_pipelines_conventions(qwen_folder):
     assert torch.equal(ours, theirs)
 
 
-def test_sigmas_are_the_examples_scheduler_table(qwen_folder):
+def test_sigmas_are_the_examples_scheduler_table(qwen_run):
     """σ for a drawn u is scheduler.sigmas[⌊u·N⌋] of the scheduler the example builds
     (from_pretrained(..., shift=3.0): unshifted under dynamic shifting, shifted by 3 without)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    family, components = _loaded(qwen_folder)
+    family, components = qwen_run.loaded()
     u = torch.tensor([0.0, 0.1, 0.5, 0.93, 0.999])
     for dynamic in (True, False):
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(qwen_folder, subfolder="scheduler", shift=3.0,
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(qwen_run.folder, subfolder="scheduler", shift=3.0,
                                                                     use_dynamic_shifting=dynamic)
         components.modules["scheduler"] = scheduler
         schedule = family.objective(components).schedule
@@ -154,17 +129,12 @@ def test_loss_falls_in_20_steps_on_a_fixed_batch(qwen_run):
     assert losses[20] < 0.95 * losses[0], losses
 
 
-def test_configure_rejects_what_qwen_image_cannot_do(qwen_folder):
-    from snella_diffusion import SnellaError
-
-    family, index = detect_family(str(qwen_folder))
-    components = family.load(str(qwen_folder), index)
-    with pytest.raises(SnellaError, match="--train_text_encoder: Qwen-Image trains the transformer only"):
-        family.configure(components, _settings(train_text_encoder=True))
-    with pytest.raises(SnellaError, match="--max_sequence_length=1025"):
-        family.configure(components, _settings("--max_sequence_length", "1025"))
-    with pytest.raises(SnellaError, match="--resolution=36: Qwen-Image needs a multiple of 8"):
-        family.configure(components, _settings(resolution=36))
+def test_configure_rejects_what_qwen_image_cannot_do(qwen_run):
+    qwen_run.check_configure_refuses({
+        "--train_text_encoder: Qwen-Image trains the transformer only": family_settings(train_text_encoder=True),
+        "--max_sequence_length=1025": family_settings("--max_sequence_length", "1025"),
+        "--resolution=36: Qwen-Image needs a multiple of 8": family_settings(resolution=36),
+    })
 
 
 @pytest.mark.slow
@@ -176,6 +146,11 @@ def test_script_adapter_reloads_exactly_and_unloads_exactly(qwen_run, tmp_path, 
 @pytest.mark.slow
 def test_lora_ab_file_loads_with_the_pipelines_load_lora_weights(qwen_run, tmp_path):
     assert qwen_run.check_lora_file_loads(tmp_path) == 2 * 12 * 2
+
+
+@pytest.mark.slow
+def test_captions_buckets_ema_prodigy_prior_config_and_caches_train_and_resume_exactly(qwen_run, tmp_path, monkeypatch):
+    qwen_run.check_training_features(tmp_path, monkeypatch, pixel_multiple=8)
 
 
 def _walked_count(transformer) -> int:
@@ -197,17 +172,9 @@ def test_published_config_layer_count_matches_a_walk_of_the_module_tree(tmp_path
     assert len(filtered) == 10 * 12 and all(int(name.split(".")[1]) < 10 for name in filtered)
 
 
-def test_validation_samples_from_cached_embeddings_after_freeing_the_encoder(qwen_folder):
-    family, components = _loaded(qwen_folder, "--max_sequence_length", "24")
-    kwargs = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "np"}
-    with_prompt = family.pipeline(components)(**family.validation_inputs(components, PROMPT),
-                                              generator=torch.Generator().manual_seed(0), **kwargs).images
-    family.release_text_encoders(components, PROMPT, CPU)
-    assert components.modules["text_encoder"] is None
-    inputs = family.validation_inputs(components, PROMPT)
-    assert "prompt" not in inputs and inputs["prompt_embeds_mask"].all()  # trimmed to the prompt
-    cached = family.pipeline(components)(**inputs, generator=torch.Generator().manual_seed(0), **kwargs).images
-    assert abs(cached - with_prompt).max() < 1e-4
+def test_validation_samples_from_cached_embeddings_after_freeing_the_encoder(qwen_run):
+    sampled = qwen_run.check_validation_from_cached_embeddings("--max_sequence_length", "24")
+    assert sampled.cached_inputs["prompt_embeds_mask"].all()  # trimmed to the prompt
 
 
 def _comfyui_qwen_image_names(blocks: int) -> set[str]:

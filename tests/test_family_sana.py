@@ -8,37 +8,22 @@ loading with ``load_lora_weights``; adapted-layer counts of the published Sana-1
 import pytest
 import torch
 
-from family_runs import CPU, LONGER, PROMPT, FamilyRun, family_settings, published_count, walked_linear_count
-from snella_diffusion import SnellaError
-from snella_diffusion.families import detect_family
+from family_runs import CPU, LONGER, PROMPT, family_settings, published_count, saved_family_run, walked_linear_count
 from snella_diffusion.testing.tiny_dit_models import TINY_SANA_VAE_SCALE, tiny_sana_pipeline
 
+pytestmark = pytest.mark.usefixtures("single_thread")
 LENGTH = 32  # --max_sequence_length: LONGER is 24 tokens
 
 
 @pytest.fixture(scope="module")
 def sana_run(tmp_path_factory):
-    from diffusers import SanaPipeline
-
-    folder = tmp_path_factory.mktemp("sana") / "pipeline"
-    tiny_sana_pipeline(0).save_pretrained(folder)
-    return FamilyRun(folder, SanaPipeline, latent_shape=(4, 8, 8), flags=("--max_sequence_length", str(LENGTH)))
-
-
-SAMPLING = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "np", "use_resolution_binning": False}
+    return saved_family_run(tmp_path_factory, tiny_sana_pipeline, "SanaPipeline", (4, 8, 8), LENGTH)
 
 
 def test_tiny_pipeline_reloads_by_path_samples_the_same_and_is_detected(sana_run):
-    from diffusers import DiffusionPipeline, SanaPipeline
-
-    built, loaded = tiny_sana_pipeline(0), DiffusionPipeline.from_pretrained(sana_run.folder)
-    assert type(loaded) is SanaPipeline
-    kwargs = {**SAMPLING, "max_sequence_length": LENGTH}
-    images = [pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images for pipe in (built, loaded)]
-    assert images[0].shape == (1, 32, 32, 3)
-    assert abs(images[0] - images[1]).max() < 1e-5
-    family, _ = detect_family(str(sana_run.folder))
-    assert family.name == "sana"
+    _, images = sana_run.check_saved_pipeline_samples_as_built(tiny_sana_pipeline, "sana", max_sequence_length=LENGTH,
+                                                               use_resolution_binning=False)
+    assert images.shape == (1, 32, 32, 3)
 
 
 def test_prompt_encoding_matches_the_pipeline_without_complex_human_instruction(sana_run):
@@ -115,12 +100,10 @@ def test_loss_falls_in_20_steps_on_a_fixed_batch(sana_run):
 
 
 def test_configure_rejects_what_sana_cannot_do(sana_run):
-    family, index = detect_family(str(sana_run.folder))
-    components = family.load(str(sana_run.folder), index)
-    with pytest.raises(SnellaError, match="--train_text_encoder: Sana trains the transformer only"):
-        family.configure(components, family_settings(train_text_encoder=True))
-    with pytest.raises(SnellaError, match="--resolution=34: Sana needs a multiple of 4"):
-        family.configure(components, family_settings(resolution=34))
+    sana_run.check_configure_refuses({
+        "--train_text_encoder: Sana trains the transformer only": family_settings(train_text_encoder=True),
+        "--resolution=34: Sana needs a multiple of 4": family_settings(resolution=34),
+    })
 
 
 @pytest.mark.slow
@@ -132,6 +115,11 @@ def test_script_adapter_reloads_exactly_and_unloads_exactly(sana_run, tmp_path, 
 @pytest.mark.slow
 def test_lora_ab_file_loads_with_the_pipelines_load_lora_weights(sana_run, tmp_path):
     assert sana_run.check_lora_file_loads(tmp_path) == 2 * 8 * 2
+
+
+@pytest.mark.slow
+def test_captions_buckets_ema_prodigy_prior_config_and_caches_train_and_resume_exactly(sana_run, tmp_path, monkeypatch):
+    sana_run.check_training_features(tmp_path, monkeypatch, pixel_multiple=4)
 
 
 def test_published_config_layer_count_matches_a_walk_of_the_module_tree(tmp_path):
@@ -148,16 +136,8 @@ def test_published_config_layer_count_matches_a_walk_of_the_module_tree(tmp_path
 
 @pytest.mark.parametrize("guidance_scale", [1.0, 4.5])
 def test_validation_samples_from_cached_embeddings_after_freeing_the_encoder(sana_run, guidance_scale):
-    family, components = sana_run.loaded()
-    kwargs = {key: value for key, value in SAMPLING.items() if key != "use_resolution_binning"}
-    kwargs["guidance_scale"] = guidance_scale
-    inputs = family.validation_inputs(components, PROMPT)
-    assert inputs["complex_human_instruction"] is None and inputs["use_resolution_binning"] is False
-    with_prompt = family.pipeline(components)(**inputs, generator=torch.Generator().manual_seed(0), **kwargs).images
-    family.release_text_encoders(components, PROMPT, CPU)
-    assert components.modules["text_encoder"] is None
-    inputs = family.validation_inputs(components, PROMPT)
-    assert "prompt" not in inputs and inputs["negative_prompt_attention_mask"].shape == (1, LENGTH)
-    cached = family.pipeline(components)(**inputs, generator=torch.Generator().manual_seed(0), **kwargs).images
-    assert cached.shape == (1, 32, 32, 3)
-    assert abs(cached - with_prompt).max() < 1e-4
+    sampled = sana_run.check_validation_from_cached_embeddings(guidance_scale=guidance_scale)
+    prompted = sampled.prompted_inputs
+    assert prompted["complex_human_instruction"] is None and prompted["use_resolution_binning"] is False
+    assert sampled.cached_inputs["negative_prompt_attention_mask"].shape == (1, LENGTH)
+    assert sampled.images.shape == (1, 32, 32, 3)

@@ -9,82 +9,56 @@ adapted-layer counts of the published configs."""
 import json
 import subprocess
 import sys
-from pathlib import Path
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from snella_diffusion import SnellaConfig, SnellaError, apply_snella, read_snella_file
-from snella_diffusion.families import FamilySettings, detect_family
-from snella_diffusion.families.dit import DiTFlags
+from family_runs import CPU, LONGER, PROMPT, REPO, family_settings, record_script_run, saved_family_run
+from snella_diffusion import SnellaConfig, apply_snella, read_snella_file
+from snella_diffusion.families import detect_family
 from snella_diffusion.testing.tiny_video_models import (
     TINY_WAN_LATENTS_MEAN,
     TINY_WAN_LATENTS_STD,
     moving_square_frames,
     tiny_wan_pipeline,
 )
-from snella_diffusion.training.batch_loss import training_loss
+from snella_diffusion.training.video_dataset import VideoDataError
 from snella_diffusion.training.video_files import probe_clip, write_video
 
-PROMPT = "a photo of sks dog"
-LONGER = "a photo of sks dog on the grass with a red ball"
-CPU = torch.device("cpu")
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("single_thread")
 LENGTH = 32  # --max_sequence_length
 
 
 @pytest.fixture(scope="module")
-def wan_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("wan") / "pipeline"
-    tiny_wan_pipeline(0).save_pretrained(folder)
-    return folder
+def wan_run(tmp_path_factory):
+    """Wan 2.1 (one transformer); ``latent_shape``: one 32 px image as a one-frame video."""
+    return saved_family_run(tmp_path_factory, tiny_wan_pipeline, "WanPipeline", (4, 1, 8, 8), LENGTH)
 
 
 @pytest.fixture(scope="module")
-def a14b_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("wan-a14b") / "pipeline"
-    tiny_wan_pipeline(0, two_experts=True).save_pretrained(folder)
-    return folder
-
-
-def _settings(*flags: str, resolution: int = 16, wan_expert=None, train_text_encoder=False) -> FamilySettings:
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    DiTFlags.add_arguments(parser)
-    return FamilySettings(dit=DiTFlags.from_flags(vars(parser.parse_args(list(flags)))), resolution=resolution,
-                          wan_expert=wan_expert, train_text_encoder=train_text_encoder)
-
-
-def _loaded(folder, *flags, wan_expert=None):
-    family, index = detect_family(str(folder))
-    components = family.load(str(folder), index)
-    family.configure(components, _settings("--max_sequence_length", str(LENGTH), *flags, wan_expert=wan_expert))
-    return family, components
+def a14b_run(tmp_path_factory):
+    """Wan 2.2 A14B (two transformers and a boundary)."""
+    return saved_family_run(tmp_path_factory, partial(tiny_wan_pipeline, two_experts=True), "WanPipeline", (4, 1, 8, 8),
+                            LENGTH)
 
 
 def _pixels(frames=9, batch=2, seed=1):
     return torch.rand(batch, 3, frames, 16, 16, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
-def test_tiny_pipeline_reloads_by_path_samples_the_same_and_is_detected(wan_folder):
-    from diffusers import DiffusionPipeline, WanPipeline
-
-    built, loaded = tiny_wan_pipeline(0), DiffusionPipeline.from_pretrained(wan_folder)
-    assert type(loaded) is WanPipeline
-    kwargs = {"num_inference_steps": 2, "height": 16, "width": 16, "num_frames": 5, "output_type": "np",
-              "max_sequence_length": LENGTH}
-    videos = [pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).frames for pipe in (built, loaded)]
-    assert videos[0].shape == (1, 5, 16, 16, 3)
-    assert abs(videos[0] - videos[1]).max() < 1e-5
-    family, _ = detect_family(str(wan_folder))
-    assert family.name == "wan" and family.is_video
+def test_tiny_pipeline_reloads_by_path_samples_the_same_and_is_detected(wan_run):
+    _, videos = wan_run.check_saved_pipeline_samples_as_built(tiny_wan_pipeline, "wan", height=16, width=16,
+                                                              num_frames=5, max_sequence_length=LENGTH)
+    assert videos.shape == (1, 5, 16, 16, 3)
+    family, _ = detect_family(str(wan_run.folder))
+    assert family.is_video
 
 
-def test_prompt_encoding_matches_the_pipeline_zero_padded(wan_folder):
-    family, components = _loaded(wan_folder)
+def test_prompt_encoding_matches_the_pipeline_zero_padded(wan_run):
+    family, components = wan_run.loaded()
     pipeline = family.pipeline(components)
     with torch.no_grad():
         ours = family.encode_prompt(components, [PROMPT, LONGER], CPU)["prompt_embeds"]
@@ -96,8 +70,8 @@ def test_prompt_encoding_matches_the_pipeline_zero_padded(wan_folder):
     assert ours[0, :tokens].abs().sum(-1).min() > 0 and torch.equal(ours[0, tokens:], torch.zeros(LENGTH - tokens, 64))
 
 
-def test_latents_are_the_mode_normalised_per_channel(wan_folder):
-    family, components = _loaded(wan_folder)
+def test_latents_are_the_mode_normalised_per_channel(wan_run):
+    family, components = wan_run.loaded()
     pixels = _pixels()
     latents = family.encode_latents(components, pixels)
     assert latents.shape == (2, 4, 3, 4, 4)  # (9 - 1)/4 + 1 latent frames, 16/4 px
@@ -114,8 +88,8 @@ def test_latents_are_the_mode_normalised_per_channel(wan_folder):
     assert one_frame.shape == (2, 4, 1, 4, 4)
 
 
-def test_model_call_matches_the_pipelines(wan_folder):
-    family, components = _loaded(wan_folder)
+def test_model_call_matches_the_pipelines(wan_run):
+    family, components = wan_run.loaded()
     latents = torch.randn(2, 4, 3, 4, 4, generator=torch.Generator().manual_seed(3))
     timesteps = torch.tensor([250.0, 750.0])
     with torch.no_grad():
@@ -126,9 +100,10 @@ def test_model_call_matches_the_pipelines(wan_folder):
     assert ours.shape == latents.shape and torch.equal(ours, theirs)
 
 
-def test_ti2v_expanded_timesteps_are_the_pipelines_per_token_timesteps(tmp_path):
-    tiny_wan_pipeline(0, expand_timesteps=True).save_pretrained(tmp_path / "ti2v")
-    family, components = _loaded(tmp_path / "ti2v")
+def test_ti2v_expanded_timesteps_are_the_pipelines_per_token_timesteps(tmp_path_factory):
+    ti2v = saved_family_run(tmp_path_factory, partial(tiny_wan_pipeline, expand_timesteps=True), "WanPipeline",
+                            (4, 1, 8, 8), LENGTH)
+    family, components = ti2v.loaded()
     assert family.default_num_frames(components) == 121
     latents = torch.randn(1, 4, 3, 4, 4, generator=torch.Generator().manual_seed(3))
     t = torch.tensor([600.0])
@@ -141,8 +116,8 @@ def test_ti2v_expanded_timesteps_are_the_pipelines_per_token_timesteps(tmp_path)
     assert per_token.shape == (1, 3 * 2 * 2) and torch.equal(ours, theirs)
 
 
-def test_sigmas_are_the_flow_shifted_table(wan_folder):
-    family, components = _loaded(wan_folder)
+def test_sigmas_are_the_flow_shifted_table(wan_run):
+    family, components = wan_run.loaded()
     objective = family.objective(components)
     assert objective.schedule.shift == components.noise_scheduler.config.flow_shift == 3.0
     u = torch.tensor([0.0, 0.1, 0.5, 0.93, 0.999])
@@ -150,24 +125,8 @@ def test_sigmas_are_the_flow_shifted_table(wan_folder):
     assert torch.allclose(objective.schedule.sigmas_for(u), 3.0 * plain / (1 + 2.0 * plain), atol=1e-6)
 
 
-def test_loss_falls_in_20_steps_on_a_fixed_batch(wan_folder):
-    family, components = _loaded(wan_folder)
-    apply_snella(components.denoiser, SnellaConfig(rank=4, target_modules="dit"))
-    latents = family.encode_latents(components, _pixels())
-    with torch.no_grad():
-        conditioning = family.encode_prompt(components, [PROMPT, LONGER], CPU)
-    objective = family.objective(components)
-    optimizer = torch.optim.AdamW([p for p in components.denoiser.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for step in range(21):
-        loss = training_loss(family, components, objective, {"num_instance": 2}, latents, conditioning,
-                             components.denoiser, torch.Generator().manual_seed(5), prior_loss_weight=1.0)
-        assert torch.isfinite(loss)
-        losses.append(loss.item())
-        if step < 20:
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
+def test_loss_falls_in_20_steps_on_a_fixed_batch(wan_run):
+    losses = wan_run.losses_on_a_fixed_batch(pixels=_pixels())
     assert losses[20] < 0.95 * losses[0], losses
 
 
@@ -178,8 +137,8 @@ def _count_calls(components):
     return counts, handles
 
 
-def test_a14b_samples_above_the_boundary_only_reach_the_high_noise_transformer(a14b_folder):
-    family, components = _loaded(a14b_folder)
+def test_a14b_samples_above_the_boundary_only_reach_the_high_noise_transformer(a14b_run):
+    family, components = a14b_run.loaded()
     assert family.expert(components) == "both" and family.boundary_timestep(components) == 875.0
     latents = torch.randn(2, 4, 3, 4, 4, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -201,12 +160,12 @@ def test_a14b_samples_above_the_boundary_only_reach_the_high_noise_transformer(a
 
 
 @pytest.mark.parametrize("expert, component", [("high", "transformer"), ("low", "transformer_2")])
-def test_an_expert_trains_on_its_side_of_the_boundary_only(a14b_folder, expert, component):
-    family, components = _loaded(a14b_folder, "--weighting_scheme", "logit_normal", wan_expert=expert)
+def test_an_expert_trains_on_its_side_of_the_boundary_only(a14b_run, expert, component):
+    family, components = a14b_run.loaded("--weighting_scheme", "logit_normal", wan_expert=expert)
     assert components.denoiser_component == component and family.extra_denoisers(components) == {}
     objective = family.objective(components)
     _, timesteps = objective.draw_sigmas(4000, torch.Generator().manual_seed(0))
-    table = family.objective(_loaded(a14b_folder)[1]).schedule.sigma_table() * 1000
+    table = family.objective(a14b_run.loaded()[1]).schedule.sigma_table() * 1000
     assert all(bool((table == t).any()) for t in timesteps[:50])  # entries of the shifted training table
     side = table >= 875.0 if expert == "high" else table < 875.0
     assert torch.equal(table[objective.allowed], table[side])  # every entry of the expert's side, no other
@@ -214,19 +173,34 @@ def test_an_expert_trains_on_its_side_of_the_boundary_only(a14b_folder, expert, 
         assert timesteps.min() >= 875.0 and timesteps.min() < 880.0 and timesteps.max() > 995.0
     else:
         assert timesteps.max() < 875.0 and timesteps.max() > 860.0 and timesteps.min() < 100.0
-    _, full = family.objective(_loaded(a14b_folder)[1]).draw_sigmas(4000, torch.Generator().manual_seed(0))
+    _, full = family.objective(a14b_run.loaded()[1]).draw_sigmas(4000, torch.Generator().manual_seed(0))
     assert (full >= 875.0).any() and (full < 875.0).any()
 
 
-def test_configure_rejects_what_wan_cannot_do(wan_folder):
-    family, index = detect_family(str(wan_folder))
-    components = family.load(str(wan_folder), index)
-    with pytest.raises(SnellaError, match="--wan_expert=high: .* has one transformer; the flag applies to Wan 2.2 A14B"):
-        family.configure(components, _settings(wan_expert="high"))
-    with pytest.raises(SnellaError, match="--train_text_encoder: Wan trains the transformer only"):
-        family.configure(components, _settings(train_text_encoder=True))
-    with pytest.raises(SnellaError, match="--resolution=20: Wan needs a multiple of 8"):
-        family.configure(components, _settings(resolution=20))
+def test_configure_rejects_what_wan_cannot_do(wan_run):
+    wan_run.check_configure_refuses({
+        "--wan_expert=high: .* has one transformer; the flag applies to Wan 2.2 A14B":
+            family_settings(resolution=16, wan_expert="high"),
+        "--train_text_encoder: Wan trains the transformer only":
+            family_settings(resolution=16, train_text_encoder=True),
+        "--resolution=20: Wan needs a multiple of 8": family_settings(resolution=20),
+    })
+
+
+@pytest.mark.parametrize("flag, with_class", [("--with_prior_preservation", True), ("--masked_loss", False)])
+def test_what_video_runs_cannot_do_yet_is_refused_in_one_line_before_the_model_loads(wan_run, tmp_path, monkeypatch,
+                                                                                      flag, with_class):
+    family, _ = detect_family(str(wan_run.folder))
+    monkeypatch.setattr(type(family), "load", lambda *args: pytest.fail("the model was loaded"))
+    class_flags = ("--class_data_dir", str(tmp_path / "class"), "--class_prompt", "a photo of a dog") * with_class
+    with pytest.raises(VideoDataError, match=f"^{flag}: not available for video models yet"):
+        wan_run.run_script(tmp_path, flag, *class_flags)
+
+
+@pytest.mark.slow
+def test_images_as_one_frame_videos_with_captions_buckets_ema_prodigy_config_and_caches_resume_exactly(
+        wan_run, tmp_path, monkeypatch):
+    wan_run.check_training_features(tmp_path, monkeypatch, pixel_multiple=8, prior=False)
 
 
 @pytest.fixture(scope="module")
@@ -261,27 +235,14 @@ def _output(family, components, transformer, t=600.0):
 
 
 @pytest.mark.slow
-def test_script_trains_on_clips_and_an_image_reloads_and_unloads_exactly(wan_folder, clip_folder, tmp_path,
+def test_script_trains_on_clips_and_an_image_reloads_and_unloads_exactly(wan_run, clip_folder, tmp_path,
                                                                           monkeypatch):
-    import train_scripts.train_dreambooth_snella as script
     from diffusers import WanPipeline
 
     from snella_diffusion.loaders import load_snella_weights, unload_snella_weights
 
-    seen = {}
-    run_validation, write_outputs = script.run_validation, script.write_outputs
-
-    def recording_validation(settings, accelerator, family, components, trained, *rest):
-        seen["transformer"] = trained["transformer"]
-        return run_validation(settings, accelerator, family, components, trained, *rest)
-
-    def recording_outputs(settings, family, config, allocator, rank_drops, losses, *rest):
-        seen["losses"] = [loss for _, loss in losses]
-        return write_outputs(settings, family, config, allocator, rank_drops, losses, *rest)
-
-    monkeypatch.setattr(script, "run_validation", recording_validation)
-    monkeypatch.setattr(script, "write_outputs", recording_outputs)
-    adapter = _run_script(wan_folder, clip_folder, tmp_path, "--cache_latents", "--validation_prompt", PROMPT,
+    seen = record_script_run(monkeypatch)
+    adapter = _run_script(wan_run.folder, clip_folder, tmp_path, "--cache_latents", "--validation_prompt", PROMPT,
                           "--num_validation_images", "1", "--validation_inference_steps", "2")
     assert len(seen["losses"]) == 3 and all(np.isfinite(seen["losses"]))
     assert (tmp_path / "validation" / "step_3.png").is_file()
@@ -289,9 +250,9 @@ def test_script_trains_on_clips_and_an_image_reloads_and_unloads_exactly(wan_fol
     assert (video.frames, video.height, video.width) == (17, 16, 16)
     assert len(read_snella_file(adapter).layers["transformer"]) == 2 * 10
 
-    family, components = _loaded(wan_folder)
+    family, components = wan_run.loaded()
     trained = _output(family, components, seen["transformer"])
-    pipeline = WanPipeline.from_pretrained(wan_folder)
+    pipeline = WanPipeline.from_pretrained(wan_run.folder)
     base = _output(family, components, pipeline.transformer)
     load_snella_weights(pipeline, adapter)
     reloaded = _output(family, components, pipeline.transformer)
@@ -302,17 +263,17 @@ def test_script_trains_on_clips_and_an_image_reloads_and_unloads_exactly(wan_fol
 
 
 @pytest.mark.slow
-def test_script_trains_both_a14b_experts_into_one_file(a14b_folder, clip_folder, tmp_path):
+def test_script_trains_both_a14b_experts_into_one_file(a14b_run, clip_folder, tmp_path):
     from diffusers import WanPipeline
 
     from snella_diffusion.loaders import load_snella_weights
 
-    adapter = _run_script(a14b_folder, clip_folder, tmp_path, "--wan_expert", "both", "--num_frames", "9")
+    adapter = _run_script(a14b_run.folder, clip_folder, tmp_path, "--wan_expert", "both", "--num_frames", "9")
     layers = read_snella_file(adapter).layers
     assert sorted(layers) == ["transformer", "transformer_2"]
     assert len(layers["transformer"]) == len(layers["transformer_2"]) == 2 * 10
-    family, components = _loaded(a14b_folder)
-    pipeline = WanPipeline.from_pretrained(a14b_folder)
+    family, components = a14b_run.loaded()
+    pipeline = WanPipeline.from_pretrained(a14b_run.folder)
     before = {name: _output(family, components, getattr(pipeline, name)) for name in ("transformer", "transformer_2")}
     load_snella_weights(pipeline, adapter)
     for name in before:

@@ -8,58 +8,30 @@ SNELLA adapter reloading and unloading exactly; its LoRA A/B file loading with
 import pytest
 import torch
 
-from family_runs import CPU, LONGER, PROMPT, FamilyRun, family_settings, published_count, walked_linear_count
+from family_runs import CPU, LONGER, PROMPT, family_settings, published_count, saved_family_run, walked_linear_count
 from snella_diffusion import SnellaConfig, apply_snella
-from snella_diffusion.families import detect_family
 from snella_diffusion.testing.tiny_dit_models import (
     TINY_Z_IMAGE_VAE_SCALE,
     TINY_Z_IMAGE_VAE_SHIFT,
     tiny_z_image_pipeline,
 )
 
+pytestmark = pytest.mark.usefixtures("single_thread")
 LENGTH = 64  # --max_sequence_length: the longer prompt and its chat template fit
 
 
 @pytest.fixture(scope="module")
-def z_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("z-image") / "pipeline"
-    tiny_z_image_pipeline(0).save_pretrained(folder)
-    return folder
+def z_run(tmp_path_factory):
+    return saved_family_run(tmp_path_factory, tiny_z_image_pipeline, "ZImagePipeline", (4, 16, 16), LENGTH)
 
 
-@pytest.fixture(scope="module")
-def z_run(z_folder):
-    from diffusers import ZImagePipeline
-
-    return FamilyRun(z_folder, ZImagePipeline, latent_shape=(4, 16, 16), flags=("--max_sequence_length", str(LENGTH)))
+def test_tiny_pipeline_reloads_by_path_samples_the_same_and_is_detected(z_run):
+    _, images = z_run.check_saved_pipeline_samples_as_built(tiny_z_image_pipeline, "z-image", max_sequence_length=LENGTH)
+    assert images.shape == (1, 32, 32, 3)
 
 
-def _settings(*flags: str, resolution: int = 32, train_text_encoder: bool = False):
-    return family_settings(*flags, resolution=resolution, train_text_encoder=train_text_encoder)
-
-
-def _loaded(folder, *flags):
-    family, index = detect_family(str(folder))
-    components = family.load(str(folder), index)
-    family.configure(components, _settings("--max_sequence_length", str(LENGTH), *flags))
-    return family, components
-
-
-def test_tiny_pipeline_reloads_by_path_samples_the_same_and_is_detected(z_folder):
-    from diffusers import DiffusionPipeline, ZImagePipeline
-
-    built, loaded = tiny_z_image_pipeline(0), DiffusionPipeline.from_pretrained(z_folder)
-    assert type(loaded) is ZImagePipeline
-    kwargs = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "np", "max_sequence_length": LENGTH}
-    images = [pipe(PROMPT, generator=torch.Generator().manual_seed(0), **kwargs).images for pipe in (built, loaded)]
-    assert images[0].shape == (1, 32, 32, 3)
-    assert abs(images[0] - images[1]).max() < 1e-5
-    family, _ = detect_family(str(z_folder))
-    assert family.name == "z-image"
-
-
-def test_prompt_encoding_matches_the_pipeline(z_folder):
-    family, components = _loaded(z_folder)
+def test_prompt_encoding_matches_the_pipeline(z_run):
+    family, components = z_run.loaded()
     pipeline = family.pipeline(components)
     with torch.no_grad():
         ours = family.encode_prompt(components, [PROMPT, LONGER], CPU)
@@ -77,8 +49,8 @@ def test_prompt_encoding_matches_the_pipeline(z_folder):
         assert torch.allclose(mine, their, atol=1e-6)
 
 
-def test_latents_are_the_shifted_scaled_mode(z_folder):
-    family, components = _loaded(z_folder)
+def test_latents_are_the_shifted_scaled_mode(z_run):
+    family, components = z_run.loaded()
     pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
     latents = family.encode_latents(components, pixels)
     assert latents.shape == (2, 4, 16, 16) and family.pixel_multiple(components) == 4
@@ -87,10 +59,10 @@ def test_latents_are_the_shifted_scaled_mode(z_folder):
     assert torch.allclose(latents, (mean - TINY_Z_IMAGE_VAE_SHIFT) * TINY_Z_IMAGE_VAE_SCALE, atol=1e-6)
 
 
-def test_model_call_matches_the_examples_conventions(z_folder):
+def test_model_call_matches_the_examples_conventions(z_run):
     """predict == -transformer(list of (C, 1, H, W), (1000 - t)/1000, unpadded prompts), as the
     example and the pipeline call it."""
-    family, components = _loaded(z_folder)
+    family, components = z_run.loaded()
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
     timesteps = torch.tensor([250.0, 750.0])
     pipeline = family.pipeline(components)
@@ -106,8 +78,8 @@ def test_model_call_matches_the_examples_conventions(z_folder):
     assert torch.allclose(ours, theirs, atol=1e-6)
 
 
-def test_sigmas_are_the_schedulers_shifted_table(z_folder):
-    family, components = _loaded(z_folder)
+def test_sigmas_are_the_schedulers_shifted_table(z_run):
+    family, components = z_run.loaded()
     u = torch.tensor([0.0, 0.1, 0.5, 0.93, 0.999])
     scheduler = components.noise_scheduler
     expected = scheduler.sigmas[(u * 1000).long()]
@@ -120,15 +92,11 @@ def test_loss_falls_in_20_steps_on_a_fixed_batch(z_run):
     assert losses[20] < 0.95 * losses[0], losses
 
 
-def test_configure_rejects_what_z_image_cannot_do(z_folder):
-    from snella_diffusion import SnellaError
-
-    family, index = detect_family(str(z_folder))
-    components = family.load(str(z_folder), index)
-    with pytest.raises(SnellaError, match="--train_text_encoder: Z-Image trains the transformer only"):
-        family.configure(components, _settings(train_text_encoder=True))
-    with pytest.raises(SnellaError, match="--resolution=34: Z-Image needs a multiple of 4"):
-        family.configure(components, _settings(resolution=34))
+def test_configure_rejects_what_z_image_cannot_do(z_run):
+    z_run.check_configure_refuses({
+        "--train_text_encoder: Z-Image trains the transformer only": family_settings(train_text_encoder=True),
+        "--resolution=34: Z-Image needs a multiple of 4": family_settings(resolution=34),
+    })
 
 
 @pytest.mark.slow
@@ -140,6 +108,11 @@ def test_script_adapter_reloads_exactly_and_unloads_exactly(z_run, tmp_path, mon
 @pytest.mark.slow
 def test_lora_ab_file_loads_with_the_pipelines_load_lora_weights(z_run, tmp_path):
     assert z_run.check_lora_file_loads(tmp_path) == 4 * 7 * 2
+
+
+@pytest.mark.slow
+def test_captions_buckets_ema_prodigy_prior_config_and_caches_train_and_resume_exactly(z_run, tmp_path, monkeypatch):
+    z_run.check_training_features(tmp_path, monkeypatch, pixel_multiple=4)
 
 
 def _walked_count(transformer) -> int:
@@ -163,15 +136,6 @@ def test_published_config_layer_count_matches_a_walk_of_the_module_tree(tmp_path
 
 
 @pytest.mark.parametrize("guidance_scale", [0.0, 5.0])
-def test_validation_samples_from_cached_embeddings_after_freeing_the_encoder(z_folder, guidance_scale):
-    family, components = _loaded(z_folder)
-    kwargs = {"num_inference_steps": 2, "height": 32, "width": 32, "output_type": "np",
-              "guidance_scale": guidance_scale}
-    with_prompt = family.pipeline(components)(**family.validation_inputs(components, PROMPT),
-                                              generator=torch.Generator().manual_seed(0), **kwargs).images
-    family.release_text_encoders(components, PROMPT, CPU)
-    assert components.modules["text_encoder"] is None
-    inputs = family.validation_inputs(components, PROMPT)
-    assert "prompt" not in inputs and isinstance(inputs["prompt_embeds"], list)
-    cached = family.pipeline(components)(**inputs, generator=torch.Generator().manual_seed(0), **kwargs).images
-    assert abs(cached - with_prompt).max() < 1e-4
+def test_validation_samples_from_cached_embeddings_after_freeing_the_encoder(z_run, guidance_scale):
+    sampled = z_run.check_validation_from_cached_embeddings(guidance_scale=guidance_scale)
+    assert isinstance(sampled.cached_inputs["prompt_embeds"], list)
