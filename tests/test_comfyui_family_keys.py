@@ -347,6 +347,9 @@ def test_wan_a14b_experts_export_one_file_each_under_wan_names(a14b, tmp_path, c
         export_snella([a14b.adapter], a14b.folder, tmp_path / "both-comfyui.safetensors", to="comfyui")
     with pytest.raises(SnellaError, match=r"--component text_encoder: the adapters hold no layer of it"):
         export_snella([a14b.adapter], a14b.folder, tmp_path / "te.safetensors", to="diff", component="text_encoder")
+    peft = tmp_path / "both-peft.safetensors"
+    export_snella([a14b.adapter], a14b.folder, peft, to="peft", dtype="fp32", rank=2)  # diffusers names carry the expert
+    assert {key.split(".")[0] for key in load_file(str(peft))} == {"transformer", "transformer_2"}
     case = CASES["wan"]
     for component in ("transformer", "transformer_2"):
         output = tmp_path / f"{component}.safetensors"
@@ -375,3 +378,17 @@ def test_header_names_each_familys_base_model(exported, tmp_path):
         with safe_open(str(output), "pt") as handle:
             header = handle.metadata()
         assert (header["ss_base_model_version"], header["modelspec.architecture"]) == (version, f"{architecture}/lora")
+
+
+def test_z_image_with_fewer_key_value_heads_leaves_k_and_v_unnamed():
+    """z_image_to_diffusers slices k and v as ``dim`` rows each: right only when every head has
+    its own key/value head (the published Z-Image). With fewer, k/v have no ComfyUI name."""
+    from snella_diffusion.export.families import z_image_names
+
+    full, grouped = z_image_names({"n_heads": 4, "n_kv_heads": 4}), z_image_names({"n_heads": 4, "n_kv_heads": 2})
+    paths = {"layers.0.attention.to_q", "layers.0.attention.to_k", "layers.0.attention.to_v"}
+    assert [target.key for target in full.targets("transformer", paths)] == sorted(f"transformer.{p}" for p in paths)
+    assert grouped.comfyui_prefix("transformer", "layers.0.attention.to_q") == "transformer.layers.0.attention.to_q"
+    with pytest.raises(SnellaError, match=r"^layer transformer\.layers\.0\.attention\.to_k: ComfyUI's Z-Image model "
+                                          r"has no module for this layer \(comfy/utils\.py z_image_to_diffusers\)"):
+        grouped.targets("transformer", paths)

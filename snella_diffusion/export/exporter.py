@@ -18,7 +18,7 @@ from ..errors import SnellaError
 from .base import BaseModel, load_base
 from .comfyui import check_comfyui_flags, comfyui_metadata, comfyui_tensors
 from .deltas import AdapterSource, adapted_layers, check_against_base, merged_delta, needed_components, read_adapters
-from .families import ExportTarget, LayerKey, canonical_path
+from .families import ExportTarget, LayerKey, canonical_path, check_distinct_keys
 from .svd import LowRank, RankChoice, truncate
 from .writer import EXPORT_DTYPES, EXPORT_FORMATS, check_outputs, energy_report_path, header_metadata, write_export
 
@@ -303,6 +303,8 @@ def export_snella(
         write_export(output, tensors, metadata, None)
         return ExportReport(output, to, base_model.family.name, len(tensors))
     targets = base_model.family.targets(layers, spelled)
+    if to != "peft":
+        check_distinct_keys(targets)
     torch_dtype = EXPORT_DTYPES[dtype]
     if to == "diff":
         tensors = {f"{t.key}.diff": target_delta(t)[0].to(torch_dtype) for t in targets}

@@ -96,13 +96,13 @@ class ExportFamily:
                     "ComfyUI, Forge and diffusers' kohya loader cannot map it; export with --to peft"
                 )
         targets.extend(ExportTarget(self.kohya_key(c, spelled((c, p))), ((c, p),)) for c, p in remaining)
-        check_distinct_keys(targets)
         return targets
 
 
 def check_distinct_keys(targets: list[ExportTarget]) -> None:
     """Raises SnellaError when two targets share a key (Wan 2.2 A14B's two experts are two
-    models in ComfyUI with the same names: each needs its own file, ``--component``)."""
+    models in ComfyUI with the same names: each needs its own ``diff`` / ``lora`` file,
+    ``--component``; ``peft`` keys carry the component and do not collide)."""
     seen: dict[str, ExportTarget] = {}
     for target in targets:
         if target.key in seen:
@@ -479,7 +479,8 @@ def z_image_names(transformer: dict[str, Any]) -> NameMap:
     transformer.<name>) onto ComfyUI's NextDiT, q/k/v as row slices of attention.qkv that are
     ``dim`` rows each: with fewer key/value heads than heads (not the published model) the
     k and v slices would be wrong, so they are left unnamed."""
-    projections = "[qkv]" if transformer.get("n_kv_heads", transformer.get("n_heads")) == transformer.get("n_heads") else "q"
+    heads = transformer.get("n_heads")
+    projections = "[qkv]" if transformer.get("n_kv_heads", heads) == heads else "q"
     block = r"(?:layers|noise_refiner|context_refiner)\.\d+"
     return NameMap(
         "Z-Image", "comfy/utils.py z_image_to_diffusers", "transformer.",
