@@ -10,7 +10,8 @@ the MLP input) are one fused weight. The families of 2025-26 carry a :class:`Nam
 names ComfyUI's own model of the family gives each layer, learnt from a current ComfyUI's
 ``comfy/lora.py`` ``model_lora_keys_unet``, ``comfy/utils.py`` and ``comfy/ldm/<model>``):
 Flux.2 and Lumina 2 fuse q, k, v as Flux.1 does, Wan renames every layer one to one, and
-Z-Image and Krea 2 keep diffusers' names, which ComfyUI maps itself.
+Z-Image and Krea 2 keep diffusers' names, which ComfyUI maps itself (Sana keeps them too: a
+current ComfyUI has no Sana model).
 """
 
 from __future__ import annotations
