@@ -182,7 +182,7 @@ def main(settings: RunSettings) -> Path:
         method.save(trained, output_dir, base_model)
         write_outputs(settings, family, config, allocator, rank_drops, progress.losses, validations, output_dir,
                       time.monotonic() - started, accelerator.num_processes, describe_objective(objective),
-                      data_subsets)
+                      data_subsets, (components.denoiser_component, *family.extra_denoisers(components)))
         logger.info("wrote %s", adapter_path)
     accelerator.wait_for_everyone()
     accelerator.end_training()

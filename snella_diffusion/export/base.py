@@ -21,7 +21,7 @@ from ..errors import SnellaError
 from ..hub import HubDownloadError, download_hub_file
 from .families import ExportFamily, export_family
 
-CONFIG_COMPONENTS = ("unet", "transformer", "scheduler")
+CONFIG_COMPONENTS = ("unet", "transformer", "transformer_2", "scheduler")
 
 
 @dataclasses.dataclass
@@ -86,7 +86,7 @@ def _from_folder(source: str, needed: Iterable[str]) -> BaseModel:
     pipeline_class = index.get("_class_name", "")
     configs = {
         name: _read_json(source, f"{name}/config.json")
-        for name in ("unet", "transformer")
+        for name in ("unet", "transformer", "transformer_2")
         if name in index and isinstance(index[name], (list, tuple)) and index[name][0] is not None
     }
     scheduler = Path(source) / "scheduler" / "scheduler_config.json"

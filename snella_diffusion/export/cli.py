@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ties_density", type=float, default=DEFAULT_TIES_DENSITY,
                         help=f"with --combine ties: the fraction of entries kept per adapter "
                              f"(default {DEFAULT_TIES_DENSITY})")
+    parser.add_argument("--component", default=None, metavar="NAME",
+                        help="export only this pipeline component's layers, e.g. transformer or transformer_2 "
+                             "(Wan 2.2 A14B's high- and low-noise experts are two models in ComfyUI: one file each)")
     parser.add_argument("--title", default=None, help="modelspec.title (default: the output's name)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     return parser
@@ -69,7 +72,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.adapters, args.base, args.output, to=args.to, dtype=args.dtype, rank=args.rank,
             energy=args.energy, max_rank=args.max_rank, adapter_weight=args.adapter_weight,
             overwrite=args.overwrite, title=args.title, combine=args.combine,
-            ties_density=args.ties_density,
+            ties_density=args.ties_density, component=args.component,
         )
     except SnellaError as error:
         print(f"snella-export: error: {error}", file=sys.stderr)

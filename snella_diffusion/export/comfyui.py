@@ -7,8 +7,10 @@ UNets and CLIP text encoders take the kohya names of :mod:`.families` (``lora_un
 ``lora_te_…``, ``lora_te1_…``, ``lora_te2_…``); SD3 and Flux.1 transformers take
 ``transformer.<diffusers path>``, which ComfyUI maps onto its own weights (for q, k, v and the
 MLP input: onto row slices of the fused weight, ``comfy.utils.mmdit_to_diffusers`` /
-``flux_to_diffusers``), so each SNELLA layer keeps its own τ. No dense ΔW is written; a layer
-whose every entry is dropped (ΔW = 0) is left out.
+``flux_to_diffusers``), so each SNELLA layer keeps its own τ. The families with a
+:class:`~.families.NameMap` (Z-Image, Flux.2, Krea 2, Lumina 2, Wan) take its ``comfyui_prefix``:
+the layer's own key, or ``transformer.<path>`` where ComfyUI maps a row slice. No dense ΔW is
+written; a layer whose every entry is dropped (ΔW = 0) is left out.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch import Tensor
 from ..comfyui.layout import LAYOUT_VERSION, encode_layer
 from ..errors import SnellaError
 from .base import BaseModel
-from .deltas import AdapterSource, adapted_layers, layer_shape
+from .deltas import AdapterSource, layer_shape
 from .families import LayerKey, flux_fused_targets
 
 # Flux layers ComfyUI maps besides those holding a BFL name in .families: the final adaLN,
@@ -37,6 +39,8 @@ def comfyui_prefix(base: BaseModel, layer: LayerKey, spelled: Callable[[LayerKey
     """
     component, path = layer
     family = base.family
+    if family.names is not None and component in family.names.components:
+        return family.names.comfyui_prefix(component, path)
     if family.name in ("flux", "chroma") and component == "transformer":
         _, covered = flux_fused_targets({path})
         if path not in covered and path not in FLUX_EXTRA_PATHS:
@@ -50,8 +54,9 @@ def comfyui_prefix(base: BaseModel, layer: LayerKey, spelled: Callable[[LayerKey
 
 
 def comfyui_tensors(sources: list[AdapterSource], base: BaseModel, adapter_weight: float,
-                    spelled: Callable[[LayerKey], str]) -> tuple[dict[str, Tensor], dict[str, str], list[str]]:
-    """The file's tensors, ``{prefix: "component.path"}`` of the written layers, and the
+                    spelled: Callable[[LayerKey], str],
+                    layers: list[LayerKey]) -> tuple[dict[str, Tensor], dict[str, str], list[str]]:
+    """The file's tensors, ``{prefix: "component.path"}`` of the written ``layers``, and the
     layers left out because their ΔW is zero.
 
     Raises:
@@ -67,13 +72,14 @@ def comfyui_tensors(sources: list[AdapterSource], base: BaseModel, adapter_weigh
     tensors: dict[str, Tensor] = {}
     prefixes: dict[str, str] = {}
     zero: list[str] = []
-    for layer in adapted_layers(sources):
+    for layer in layers:
         component, path = layer
         params = source.file.layers[component][path]
         shape = layer_shape(sources, layer)
         prefix = comfyui_prefix(base, layer, spelled)
         if prefix in prefixes:
-            raise SnellaError(f"layers {prefixes[prefix]} and {component}.{path} both map to ComfyUI key {prefix}")
+            raise SnellaError(f"layers {prefixes[prefix]} and {component}.{path} both map to ComfyUI key {prefix}: "
+                              "export each component into its own file with --component")
         drop_count = int(params["drop_count"]) if "drop_count" in params else None
         all_dropped = drop_count == shape[0] * shape[1] if drop_count is not None else float(params["sparsity"]) == 1.0
         if weight == 0.0 or all_dropped:

@@ -18,7 +18,7 @@ from ..errors import SnellaError
 from .base import BaseModel, load_base
 from .comfyui import check_comfyui_flags, comfyui_metadata, comfyui_tensors
 from .deltas import AdapterSource, adapted_layers, check_against_base, merged_delta, needed_components, read_adapters
-from .families import ExportTarget, LayerKey, canonical_path
+from .families import ExportTarget, LayerKey, canonical_path, check_distinct_keys
 from .svd import LowRank, RankChoice, truncate
 from .writer import EXPORT_DTYPES, EXPORT_FORMATS, check_outputs, energy_report_path, header_metadata, write_export
 
@@ -238,6 +238,7 @@ def export_snella(
     title: Optional[str] = None,
     combine: str = DEFAULT_COMBINE,
     ties_density: float = DEFAULT_TIES_DENSITY,
+    component: Optional[str] = None,
 ) -> ExportReport:
     """Export ``adapter_weight·Σ_k w_k·ΔW_k`` of SNELLA files for ComfyUI, Forge,
     AUTOMATIC1111 and diffusers.
@@ -260,6 +261,8 @@ def export_snella(
             ``"sum"``, ``"ties"``, ``"no_offset"``), as ``set_snella_adapters`` does; a mode
             other than ``"sum"`` is written as ``snella_combine`` in the header and is not
             possible with ``to="comfyui"`` (which writes each file's factors).
+        component: export only this pipeline component's layers (e.g. ``transformer_2``, Wan
+            2.2 A14B's low-noise expert, which ComfyUI loads as a model of its own).
     Raises:
         SnellaError naming the flag, file or key at fault; flags and outputs are checked
         before any file is read, the adapters against the base before any ΔW is built.
@@ -278,9 +281,13 @@ def export_snella(
     check_outputs(output, to, overwrite)
 
     sources = read_adapters(_as_specs(adapters))
-    base_model = load_base(base, needed_components(sources))
+    components = needed_components(sources)
+    if component is not None and component not in components:
+        raise SnellaError(f"--component {component}: the adapters hold no layer of it "
+                          f"(their components: {', '.join(components)})")
+    base_model = load_base(base, components)
     check_against_base(sources, base_model)
-    layers = adapted_layers(sources)
+    layers = [layer for layer in adapted_layers(sources) if component in (None, layer[0])]
     adapted = set(layers)
 
     def spelled(layer: LayerKey) -> str:
@@ -290,12 +297,14 @@ def export_snella(
         return _target_delta(base_model, sources, target, adapted, adapter_weight, combine, ties_density)
 
     if to == "comfyui":
-        tensors, prefixes, zero = comfyui_tensors(sources, base_model, adapter_weight, spelled)
+        tensors, prefixes, zero = comfyui_tensors(sources, base_model, adapter_weight, spelled, layers)
         metadata = header_metadata(base_model.family, to, sources, output, adapter_weight, title=title)
         metadata.update(comfyui_metadata(prefixes, zero))
         write_export(output, tensors, metadata, None)
         return ExportReport(output, to, base_model.family.name, len(tensors))
     targets = base_model.family.targets(layers, spelled)
+    if to != "peft":
+        check_distinct_keys(targets)
     torch_dtype = EXPORT_DTYPES[dtype]
     if to == "diff":
         tensors = {f"{t.key}.diff": target_delta(t)[0].to(torch_dtype) for t in targets}

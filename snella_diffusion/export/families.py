@@ -5,8 +5,13 @@ AUTOMATIC1111" lists them).
 
 An :class:`ExportTarget` is one weight of the exported file: its key (without the
 ``.diff`` / ``.lora_down.weight`` suffix) and the diffusers layers whose ΔW it stacks by rows.
-Every family except Flux maps one layer to one key; Flux.1 keys name the original (BFL)
-modules, where q, k, v (and, in single blocks, the MLP input) are one fused weight.
+Flux.1 and Chroma keys name the original (BFL) modules, where q, k, v (and, in single blocks,
+the MLP input) are one fused weight. The families of 2025-26 carry a :class:`NameMap` (the
+names ComfyUI's own model of the family gives each layer, learnt from a current ComfyUI's
+``comfy/lora.py`` ``model_lora_keys_unet``, ``comfy/utils.py`` and ``comfy/ldm/<model>``):
+Flux.2 and Lumina 2 fuse q, k, v as Flux.1 does, Wan renames every layer one to one, and
+Z-Image and Krea 2 keep diffusers' names, which ComfyUI maps itself (Sana keeps them too: a
+current ComfyUI has no Sana model).
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ class ExportFamily:
         architecture: the ``modelspec.architecture`` value without the ``/lora`` suffix.
         implementation: ``modelspec.implementation``.
         fused_targets: for Flux, maps the transformer's adapted paths to BFL fused targets.
+        names: ComfyUI's names of the denoiser layers (components ``names.components``).
     """
 
     name: str
@@ -56,6 +62,7 @@ class ExportFamily:
     architecture: str
     implementation: str
     fused_targets: Optional[Callable[[set[str]], tuple[list[ExportTarget], set[str]]]] = None
+    names: Optional["NameMap"] = None
 
     def kohya_key(self, component: str, path: str) -> str:
         """The kohya-style name of one unfused layer, e.g. ``lora_te1_text_model_encoder_...``
@@ -73,6 +80,11 @@ class ExportFamily:
         ``spelled`` gives a layer's path as the exported names spell it."""
         remaining = list(layers)
         targets: list[ExportTarget] = []
+        if self.names is not None:
+            for component in self.names.components:
+                paths = {path for c, path in layers if c == component}
+                targets.extend(self.names.targets(component, paths))
+            remaining = [(c, p) for c, p in layers if c not in self.names.components]
         if self.fused_targets is not None:
             transformer_paths = {path for component, path in layers if component == "transformer"}
             fused, covered = self.fused_targets(transformer_paths)
@@ -86,6 +98,128 @@ class ExportFamily:
                 )
         targets.extend(ExportTarget(self.kohya_key(c, spelled((c, p))), ((c, p),)) for c, p in remaining)
         return targets
+
+
+def check_distinct_keys(targets: list[ExportTarget]) -> None:
+    """Raises SnellaError when two targets share a key (Wan 2.2 A14B's two experts are two
+    models in ComfyUI with the same names: each needs its own ``diff`` / ``lora`` file,
+    ``--component``; ``peft`` keys carry the component and do not collide)."""
+    seen: dict[str, ExportTarget] = {}
+    for target in targets:
+        if target.key in seen:
+            first, second = seen[target.key].parts[0], target.parts[0]
+            raise SnellaError(
+                f"layers {first[0]}.{first[1]} and {second[0]}.{second[1]} both map to {target.key}: "
+                f"ComfyUI loads {first[0]} and {second[0]} as two models, so export each into its own "
+                f"file with --component {first[0]} / --component {second[0]}")
+        seen[target.key] = target
+
+
+# (diffusers block pattern, ComfyUI name template on its groups, diffusers sub-paths stacked by rows)
+FusedRule = tuple[str, str, tuple[str, ...]]
+# (diffusers path pattern, ComfyUI module name template on its groups)
+RenameRule = tuple[str, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class NameMap:
+    """The names a current ComfyUI gives one family's denoiser layers.
+
+    Attributes:
+        label: the model as errors name it (``Flux.2``, ``Wan``, ...).
+        source: where in ComfyUI the names were read (named in errors).
+        prefix: the key prefix: ``lora_unet_`` (ComfyUI's own module names with ``.`` → ``_``,
+            which ``model_lora_keys_unet`` maps for every model) or ``transformer.`` (diffusers
+            names, for the models whose ``comfy/utils.py`` ``*_to_diffusers`` map takes them).
+        fused: layers ComfyUI holds as one weight: their parts stack by rows in that order.
+        renames: one diffusers layer → one ComfyUI module (first matching pattern wins).
+        slice_mapped: ComfyUI maps ``transformer.<part>`` of a fused weight onto its rows, so
+            ``--to comfyui`` can name each part alone.
+        comfyui_diffusers: further paths ``--to comfyui`` names ``transformer.<path>`` (a weight
+            whose update ComfyUI's map transforms, e.g. Flux's swapped final adaLN halves).
+        components: the pipeline components named this way (Wan 2.2 A14B: both experts).
+    """
+
+    label: str
+    source: str
+    prefix: str
+    renames: tuple[RenameRule, ...]
+    fused: tuple[FusedRule, ...] = ()
+    slice_mapped: bool = False
+    comfyui_diffusers: tuple[str, ...] = ()
+    components: tuple[str, ...] = ("transformer",)
+
+    def key(self, module: str) -> str:
+        """The exported key of ComfyUI module ``module`` (e.g. ``blocks.0.self_attn.q``)."""
+        return self.prefix + (module.replace(".", "_") if self.prefix.endswith("_") else module)
+
+    def fused_group(self, path: str) -> Optional[tuple[str, tuple[str, ...]]]:
+        """``(ComfyUI module, the diffusers paths it stacks)`` when ``path`` is part of a fused
+        weight, else None."""
+        for block, template, parts in self.fused:
+            for part in parts:
+                match = re.fullmatch(f"({block})\\.{re.escape(part)}", path)
+                if match is not None:
+                    head = match.group(1)
+                    module = re.fullmatch(block, head).expand(template)
+                    return module, tuple(f"{head}.{p}" for p in parts)
+        return None
+
+    def module(self, path: str) -> Optional[str]:
+        """The ComfyUI module of an unfused diffusers ``path``, or None when ComfyUI has none."""
+        for pattern, template in self.renames:
+            match = re.fullmatch(pattern, path)
+            if match is not None:
+                return match.expand(template)
+        return None
+
+    def _unmapped(self, component: str, path: str) -> SnellaError:
+        return SnellaError(
+            f"layer {component}.{path}: ComfyUI's {self.label} model has no module for this layer "
+            f"({self.source}), so ComfyUI could not load it; train without it or export with --to peft")
+
+    def targets(self, component: str, paths: set[str]) -> list[ExportTarget]:
+        """The exported weights of ``component``'s adapted ``paths``, sorted by key; a fused
+        weight lists all its parts (an unadapted part exports zero rows).
+
+        Raises:
+            SnellaError: a path with no ComfyUI module.
+        """
+        targets: dict[str, ExportTarget] = {}
+        for path in sorted(paths):
+            group = self.fused_group(path)
+            if group is not None:
+                module, parts = group
+                key = self.key(module)
+                targets[key] = ExportTarget(key, tuple((component, part) for part in parts))
+                continue
+            module = self.module(path)
+            if module is None:
+                raise self._unmapped(component, path)
+            targets[self.key(module)] = ExportTarget(self.key(module), ((component, path),))
+        return [targets[key] for key in sorted(targets)]
+
+    def comfyui_prefix(self, component: str, path: str) -> str:
+        """The ``--to comfyui`` prefix of one layer: its own key, or ``transformer.<path>``
+        where ComfyUI maps that onto a row slice (fused parts) or transforms the update.
+
+        Raises:
+            SnellaError: ComfyUI has no name for the layer alone.
+        """
+        if path in self.comfyui_diffusers:
+            return f"transformer.{path}"
+        group = self.fused_group(path)
+        if group is not None:
+            if self.slice_mapped:
+                return f"transformer.{path}"
+            raise SnellaError(
+                f"layer {component}.{path}: ComfyUI's {self.label} model holds it inside the fused weight "
+                f"{group[0]} and its key map ({self.source}) has no row slice for it, so the SNELLA node "
+                "cannot patch it alone; export with --to diff or --to lora (fused keys), or train without it")
+        module = self.module(path)
+        if module is None:
+            raise self._unmapped(component, path)
+        return self.key(module)
 
 
 def canonical_path(model: nn.Module, path: str) -> str:
@@ -242,6 +376,162 @@ def _hidream_family(configs: dict[str, dict[str, Any]]) -> ExportFamily:
                         "https://github.com/HiDream-ai/HiDream-I1")
 
 
+# Flux.2 (dev and klein): ComfyUI's Flux2 (comfy/model_base.py, a subclass of its Flux model)
+# keeps BFL's module names: double blocks as Flux.1's (no per-block modulation), single blocks'
+# linear1 (q, k, v and the MLP input, already one weight in diffusers) and linear2, and three
+# shared modulations (`double_stream_modulation_img.lin`, ...). comfy/utils.py
+# flux_to_diffusers maps diffusers' q/k/v onto row slices of img_attn.qkv / txt_attn.qkv and
+# transforms the final adaLN's swapped halves; the rest is reached by lora_unet_<BFL name>.
+FLUX2_FUSED: tuple[FusedRule, ...] = (
+    (r"transformer_blocks\.(\d+)", r"double_blocks.\1.img_attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
+    (r"transformer_blocks\.(\d+)", r"double_blocks.\1.txt_attn.qkv",
+     ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
+)
+FLUX2_RENAMES: tuple[RenameRule, ...] = (
+    (r"transformer_blocks\.(\d+)\.attn\.to_out\.0", r"double_blocks.\1.img_attn.proj"),
+    (r"transformer_blocks\.(\d+)\.attn\.to_add_out", r"double_blocks.\1.txt_attn.proj"),
+    (r"transformer_blocks\.(\d+)\.ff\.linear_in", r"double_blocks.\1.img_mlp.0"),
+    (r"transformer_blocks\.(\d+)\.ff\.linear_out", r"double_blocks.\1.img_mlp.2"),
+    (r"transformer_blocks\.(\d+)\.ff_context\.linear_in", r"double_blocks.\1.txt_mlp.0"),
+    (r"transformer_blocks\.(\d+)\.ff_context\.linear_out", r"double_blocks.\1.txt_mlp.2"),
+    (r"single_transformer_blocks\.(\d+)\.attn\.to_qkv_mlp_proj", r"single_blocks.\1.linear1"),
+    (r"single_transformer_blocks\.(\d+)\.attn\.to_out", r"single_blocks.\1.linear2"),
+    (r"x_embedder", "img_in"),
+    (r"context_embedder", "txt_in"),
+    (r"time_guidance_embed\.timestep_embedder\.linear_1", "time_in.in_layer"),
+    (r"time_guidance_embed\.timestep_embedder\.linear_2", "time_in.out_layer"),
+    (r"time_guidance_embed\.guidance_embedder\.linear_1", "guidance_in.in_layer"),
+    (r"time_guidance_embed\.guidance_embedder\.linear_2", "guidance_in.out_layer"),
+    (r"(double_stream_modulation_img|double_stream_modulation_txt|single_stream_modulation)\.linear", r"\1.lin"),
+    (r"proj_out", "final_layer.linear"),
+)
+FLUX2_NAMES = NameMap(
+    "Flux.2", "comfy/utils.py flux_to_diffusers, comfy/ldm/flux/model.py", "lora_unet_", FLUX2_RENAMES,
+    fused=FLUX2_FUSED, slice_mapped=True, comfyui_diffusers=("norm_out.linear",),
+)
+
+# Lumina 2: ComfyUI's NextDiT (comfy/ldm/lumina/model.py) holds q, k, v as one attention.qkv
+# (rows: n_heads, n_kv_heads, n_kv_heads head widths), the output as attention.out, the SwiGLU
+# as feed_forward.w1/w2/w3 and the block modulation as adaLN_modulation.1. comfy/lora.py maps
+# model_base.Lumina2 through z_image_to_diffusers, which takes Z-Image's diffusers names
+# (attention.to_q, feed_forward.w1), not Lumina2Transformer2DModel's (attn.to_q,
+# feed_forward.linear_1): Lumina 2 files use the lora_unet_<NextDiT name> keys it maps for
+# every model, and its q/k/v have no row-slice name.
+_LUMINA_BLOCK = r"(layers|noise_refiner|context_refiner)\.(\d+)"
+LUMINA2_NAMES = NameMap(
+    "Lumina 2", "comfy/ldm/lumina/model.py NextDiT; comfy/lora.py model_lora_keys_unet", "lora_unet_",
+    (
+        (_LUMINA_BLOCK + r"\.attn\.to_out\.0", r"\1.\2.attention.out"),
+        (_LUMINA_BLOCK + r"\.feed_forward\.linear_([123])", r"\1.\2.feed_forward.w\3"),
+        (r"(layers|noise_refiner)\.(\d+)\.norm1\.linear", r"\1.\2.adaLN_modulation.1"),
+        (r"x_embedder", "x_embedder"),
+        (r"time_caption_embed\.timestep_embedder\.linear_1", "t_embedder.mlp.0"),
+        (r"time_caption_embed\.timestep_embedder\.linear_2", "t_embedder.mlp.2"),
+        (r"time_caption_embed\.caption_embedder\.1", "cap_embedder.1"),
+        (r"norm_out\.linear_1", "final_layer.adaLN_modulation.1"),
+        (r"norm_out\.linear_2", "final_layer.linear"),
+    ),
+    fused=((_LUMINA_BLOCK, r"\1.\2.attention.qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),),
+)
+
+# Wan 2.1 / 2.2: ComfyUI's WanModel (comfy/ldm/wan/model.py) keeps the Wan authors' names, one
+# module per diffusers layer; comfy/lora.py has no Wan map of diffusers names, so files use the
+# lora_unet_<Wan name> keys model_lora_keys_unet maps for every model (musubi-tuner's names).
+WAN_NAMES = NameMap(
+    "Wan", "comfy/ldm/wan/model.py WanModel; comfy/lora.py model_lora_keys_unet", "lora_unet_",
+    (
+        (r"(blocks\.\d+)\.attn1\.to_([qkv])", r"\1.self_attn.\2"),
+        (r"(blocks\.\d+)\.attn1\.to_out\.0", r"\1.self_attn.o"),
+        (r"(blocks\.\d+)\.attn2\.to_([qkv])", r"\1.cross_attn.\2"),
+        (r"(blocks\.\d+)\.attn2\.to_out\.0", r"\1.cross_attn.o"),
+        (r"(blocks\.\d+)\.attn2\.add_([kv])_proj", r"\1.cross_attn.\2_img"),
+        (r"(blocks\.\d+)\.ffn\.net\.0\.proj", r"\1.ffn.0"),
+        (r"(blocks\.\d+)\.ffn\.net\.2", r"\1.ffn.2"),
+        (r"condition_embedder\.time_embedder\.linear_1", "time_embedding.0"),
+        (r"condition_embedder\.time_embedder\.linear_2", "time_embedding.2"),
+        (r"condition_embedder\.time_proj", "time_projection.1"),
+        (r"condition_embedder\.text_embedder\.linear_1", "text_embedding.0"),
+        (r"condition_embedder\.text_embedder\.linear_2", "text_embedding.2"),
+        (r"condition_embedder\.image_embedder\.ff\.net\.0\.proj", "img_emb.proj.1"),
+        (r"condition_embedder\.image_embedder\.ff\.net\.2", "img_emb.proj.3"),
+        (r"proj_out", "head.head"),
+    ),
+    components=("transformer", "transformer_2"),
+)
+
+# Krea 2: comfy/utils.py krea2_to_diffusers maps diffusers' names one to one onto ComfyUI's
+# (attn.to_q → attn.wq, ff.gate → mlp.gate, ...; 2 layer-wise and 2 refiner text-fusion blocks)
+# and comfy/lora.py takes them as transformer.<name>: the files keep diffusers' names, limited
+# to the layers that map covers.
+_KREA2_BLOCK = r"(?:transformer_blocks\.\d+|text_fusion\.(?:layerwise_blocks|refiner_blocks)\.[01])"
+KREA2_NAMES = NameMap(
+    "Krea 2", "comfy/utils.py krea2_to_diffusers", "transformer.",
+    (
+        (_KREA2_BLOCK + r"\.attn\.(?:to_[qkv]|to_gate|to_out\.0)", r"\g<0>"),
+        (_KREA2_BLOCK + r"\.ff\.(?:gate|up|down)", r"\g<0>"),
+        (r"img_in|time_embed\.linear_[12]|time_mod_proj|txt_in\.linear_[12]|text_fusion\.projector|final_layer\.linear",
+         r"\g<0>"),
+    ),
+)
+
+
+def z_image_names(transformer: dict[str, Any]) -> NameMap:
+    """Z-Image: comfy/utils.py z_image_to_diffusers maps diffusers' names (comfy/lora.py:
+    transformer.<name>) onto ComfyUI's NextDiT, q/k/v as row slices of attention.qkv that are
+    ``dim`` rows each: with fewer key/value heads than heads (not the published model) the
+    k and v slices would be wrong, so they are left unnamed."""
+    heads = transformer.get("n_heads")
+    projections = "[qkv]" if transformer.get("n_kv_heads", heads) == heads else "q"
+    block = r"(?:layers|noise_refiner|context_refiner)\.\d+"
+    return NameMap(
+        "Z-Image", "comfy/utils.py z_image_to_diffusers", "transformer.",
+        (
+            (block + rf"\.attention\.(?:to_{projections}|to_out\.0)|{block}\.feed_forward\.w[123]", r"\g<0>"),
+            (r"(?:layers|noise_refiner)\.\d+\.adaLN_modulation\.0", r"\g<0>"),
+            (r"all_x_embedder\.2-1|all_final_layer\.2-1\.(?:linear|adaLN_modulation\.1)|cap_embedder\.1"
+             r"|t_embedder\.mlp\.[02]", r"\g<0>"),
+        ),
+    )
+
+
+def _z_image_family(configs: dict[str, dict[str, Any]]) -> ExportFamily:
+    return ExportFamily("z-image", {}, "z_image", "z-image", "https://github.com/Tongyi-MAI/Z-Image",
+                        names=z_image_names(configs.get("transformer", {})))
+
+
+def _flux2_family(configs: dict[str, dict[str, Any]], klein: bool) -> ExportFamily:
+    return ExportFamily("flux2", {}, "flux2", "flux-2-klein" if klein else "flux-2-dev",
+                        "https://github.com/black-forest-labs/flux2", names=FLUX2_NAMES)
+
+
+def _krea2_family(configs: dict[str, dict[str, Any]]) -> ExportFamily:
+    return ExportFamily("krea2", {}, "krea2", "krea-2", "https://github.com/krea-ai/krea-2", names=KREA2_NAMES)
+
+
+def _lumina2_family(configs: dict[str, dict[str, Any]]) -> ExportFamily:
+    return ExportFamily("lumina2", {}, "lumina2", "lumina-image-2", "https://github.com/Alpha-VLLM/Lumina-Image-2.0",
+                        names=LUMINA2_NAMES)
+
+
+def _sana_family(configs: dict[str, dict[str, Any]]) -> ExportFamily:
+    """Sana: a current ComfyUI has no Sana model (comfy/supported_models.py ``models`` lists
+    none; comfy/lora.py no Sana map), so the files keep the names diffusers' SanaPipeline
+    ``load_lora_weights`` takes, ``transformer.<diffusers name>``."""
+    return ExportFamily("sana", {"transformer": "transformer."}, "sana", "sana", "https://github.com/NVlabs/Sana")
+
+
+def _wan_family(configs: dict[str, dict[str, Any]]) -> ExportFamily:
+    """Wan 2.1 (1.3B, 14B), 2.2 TI2V-5B (48 latent channels) and A14B (two experts)."""
+    transformer = configs.get("transformer", {})
+    if "transformer_2" in configs:
+        architecture, version = "wan-2.2-t2v-a14b", "wan22"
+    elif transformer.get("in_channels") == 48:
+        architecture, version = "wan-2.2-ti2v-5b", "wan22"
+    else:
+        architecture, version = "wan-2.1-t2v", "wan21"
+    return ExportFamily("wan", {}, version, architecture, "https://github.com/Wan-Video/Wan2.2", names=WAN_NAMES)
+
+
 FAMILY_BUILDERS: dict[str, Callable[[dict[str, dict[str, Any]]], ExportFamily]] = {
     "StableDiffusionPipeline": _sd_family,
     "StableDiffusionImg2ImgPipeline": _sd_family,
@@ -255,6 +545,13 @@ FAMILY_BUILDERS: dict[str, Callable[[dict[str, dict[str, Any]]], ExportFamily]] 
     "QwenImagePipeline": _qwen_image_family,
     "ChromaPipeline": _chroma_family,
     "HiDreamImagePipeline": _hidream_family,
+    "ZImagePipeline": _z_image_family,
+    "Flux2Pipeline": lambda configs: _flux2_family(configs, klein=False),
+    "Flux2KleinPipeline": lambda configs: _flux2_family(configs, klein=True),
+    "Krea2Pipeline": _krea2_family,
+    "Lumina2Pipeline": _lumina2_family,
+    "SanaPipeline": _sana_family,
+    "WanPipeline": _wan_family,
 }
 
 

@@ -32,6 +32,11 @@ from .base import FamilySettings, ModelFamily, TrainingComponents
 
 OPTIONS_KEY = "dit_options"
 VALIDATION_KEY = "validation_embeddings"
+# --complex_human_instruction given alone: the Sana pipeline's own instruction.
+PIPELINE_INSTRUCTION = "pipeline"
+# The family flags only one family reads: {flag field: what the error names as its family}.
+FAMILY_FLAGS = {"system_prompt": ("lumina2", "Lumina 2 (Lumina2Pipeline)"),
+                "complex_human_instruction": ("sana", "Sana (SanaPipeline)")}
 # Block-filter aliases: the double-stream (joint) blocks, Flux's single-stream blocks, Wan's blocks.
 BLOCK_ALIASES = {
     "double": r"transformer_blocks",
@@ -105,6 +110,8 @@ class DiTFlags(FlagSettings):
     max_sequence_length: Optional[int] = None
     cache_text_embeddings: Optional[bool] = None
     offload_text_encoders: bool = False
+    system_prompt: Optional[str] = None
+    complex_human_instruction: Optional[str] = None
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -130,6 +137,14 @@ class DiTFlags(FlagSettings):
         group.add_argument("--offload_text_encoders", action="store_true",
                            help="With cached embeddings, keep the text encoders in CPU memory instead of "
                                 "freeing them.")
+        group.add_argument("--system_prompt", type=str, default=None,
+                           help="Lumina 2: the system prompt put before every prompt (\"<system prompt> <Prompt "
+                                "Start> <prompt>\") in training and validation (default: Lumina2Pipeline's).")
+        group.add_argument("--complex_human_instruction", type=str, nargs="?", const=PIPELINE_INSTRUCTION,
+                           default=None, metavar="TEXT",
+                           help="Sana: a complex human instruction put before every prompt in training and "
+                                f"validation; the flag alone (or '{PIPELINE_INSTRUCTION}') takes SanaPipeline's own. "
+                                "Default: none, as diffusers' Sana DreamBooth example.")
 
 
 def add_dit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -178,6 +193,9 @@ class DiTFamily(ModelFamily):
         """Resolve ``settings.dit`` against this family's defaults into ``components.extra``;
         reject combinations that cannot work."""
         flags, train_text = settings.dit, settings.train_text_encoder
+        for field, (family, model) in FAMILY_FLAGS.items():
+            if getattr(flags, field) is not None and self.name != family:
+                raise SnellaError(f"--{field}: applies to {model}; the {self.name} family does not read it")
         cache = flags.cache_text_embeddings
         if cache and train_text:
             raise SnellaError("--cache_text_embeddings cannot be combined with --train_text_encoder "

@@ -1,8 +1,9 @@
 """Lumina-Image 2.0 (``Lumina2Pipeline``), as diffusers' ``train_dreambooth_lora_lumina2.py``
 trains it.
 
-- Prompts: :data:`SYSTEM_PROMPT` + ``" <Prompt Start> "`` + the prompt (the pipeline's default
-  system prompt, which the example keeps unless ``--system_prompt`` is given), padded on the
+- Prompts: the system prompt + ``" <Prompt Start> "`` + the prompt (``--system_prompt``, by
+  default :data:`SYSTEM_PROMPT`, the pipeline's, as in the example; validation passes the same
+  one to the pipeline), padded on the
   right to ``--max_sequence_length`` Gemma-2 tokens (default 256, at most 512); the
   second-to-last hidden layer of ``text_encoder`` and the attention mask
   (``prompt_embeds``, ``prompt_attention_mask``). The empty negative prompt of validation has
@@ -31,6 +32,7 @@ from ..training.flow_matching import FlowMatchSchedule
 from .base import TrainingComponents
 from .dit import FlowMatchingFamily
 
+SYSTEM_PROMPT_KEY = "lumina2_system_prompt"
 SYSTEM_PROMPT = ("You are an assistant designed to generate superior images with the superior degree of "
                  "image-text alignment based on textual prompts or user prompts.")
 PROMPT_SEPARATOR = " <Prompt Start> "
@@ -88,6 +90,12 @@ class Lumina2Family(FlowMatchingFamily):
         if length > MAX_SEQUENCE_LENGTH:
             raise SnellaError(f"--max_sequence_length={length}: Lumina2 takes at most {MAX_SEQUENCE_LENGTH} tokens")
         self.check_resolution(components, settings, "Lumina2", "VAE downsampling × the transformer's 2×2 patches")
+        given = settings.dit.system_prompt
+        components.extra[SYSTEM_PROMPT_KEY] = SYSTEM_PROMPT if given is None else given
+
+    def system_prompt(self, components: TrainingComponents) -> str:
+        """``--system_prompt``, or the pipeline's default :data:`SYSTEM_PROMPT`."""
+        return components.extra.get(SYSTEM_PROMPT_KEY, SYSTEM_PROMPT)
 
     def objective(self, components, snr_gamma=None):
         objective = super().objective(components, snr_gamma)
@@ -107,7 +115,8 @@ class Lumina2Family(FlowMatchingFamily):
 
     def encode_prompt(self, components, prompts, device):
         """The prompts behind the system prompt: see :meth:`gemma_states`."""
-        return self.gemma_states(components, [SYSTEM_PROMPT + PROMPT_SEPARATOR + prompt for prompt in prompts], device)
+        system = self.system_prompt(components)
+        return self.gemma_states(components, [system + PROMPT_SEPARATOR + prompt for prompt in prompts], device)
 
     def predict(self, components, noisy_latents, timesteps, conditioning, batch, denoiser=None):
         transformer = denoiser or components.denoiser
@@ -125,3 +134,9 @@ class Lumina2Family(FlowMatchingFamily):
         negative = self.gemma_states(components, [""], device)
         return {"negative_prompt_embeds": negative["prompt_embeds"],
                 "negative_prompt_attention_mask": negative["prompt_attention_mask"]}
+
+    def validation_inputs(self, components, prompt):
+        inputs = super().validation_inputs(components, prompt)
+        if "prompt" in inputs:  # encoded by the pipeline: give it the run's system prompt
+            inputs["system_prompt"] = self.system_prompt(components)
+        return inputs

@@ -3,8 +3,11 @@
 - Prompts: lower-cased and stripped (the pipeline's preprocessing without caption cleaning),
   right-padded to ``--max_sequence_length`` Gemma-2 tokens (default 300), the encoder's last
   hidden state and the attention mask (``prompt_embeds``, ``prompt_attention_mask``). No
-  complex human instruction: the example's default, so validation passes
+  complex human instruction by default, as in the example, so validation passes
   ``complex_human_instruction=None`` too (the pipeline's own default would prepend one).
+  ``--complex_human_instruction`` (alone: the pipeline's own, else the given text) puts one
+  before every prompt as the pipeline does: the instruction's tokens + ``--max_sequence_length``
+  - 2 are encoded and the first token and the last ``--max_sequence_length`` - 1 kept.
 - Latents: the deep-compression autoencoder (``AutoencoderDC``, 32× downsampling, 32
   channels): ``latent·scaling_factor``, deterministic; the transformer patchifies itself
   (patch 1 on the published models).
@@ -21,11 +24,23 @@
 
 from __future__ import annotations
 
+import inspect
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 from .base import TrainingComponents
-from .dit import VALIDATION_KEY, FlowMatchingFamily
+from .dit import PIPELINE_INSTRUCTION, VALIDATION_KEY, FlowMatchingFamily
+
+INSTRUCTION_KEY = "sana_complex_human_instruction"
+
+
+def pipeline_instruction() -> list[str]:
+    """SanaPipeline's default ``complex_human_instruction`` (the default of its ``__call__``)."""
+    from diffusers import SanaPipeline
+
+    return list(inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default)
 
 
 class SanaFamily(FlowMatchingFamily):
@@ -44,6 +59,13 @@ class SanaFamily(FlowMatchingFamily):
         self.refuse_text_encoder_training(settings, "Sana", "its Gemma-2 encoder stays frozen, as in diffusers' example")
         super().configure(components, settings)
         self.check_resolution(components, settings, "Sana", "the DC-AE's downsampling × the transformer's patch")
+        given = settings.dit.complex_human_instruction
+        components.extra[INSTRUCTION_KEY] = (
+            None if given is None else pipeline_instruction() if given == PIPELINE_INSTRUCTION else [given])
+
+    def instruction(self, components: TrainingComponents) -> Optional[list[str]]:
+        """The complex human instruction's lines (None: none, the example's default)."""
+        return components.extra.get(INSTRUCTION_KEY)
 
     def vae_scale_factor(self, components: TrainingComponents) -> int:
         """32 for the published DC-AE: one 2× downsampling per encoder level after the first."""
@@ -56,19 +78,31 @@ class SanaFamily(FlowMatchingFamily):
         vae = components.vae
         return vae.encode(pixels.to(vae.dtype)).latent * vae.config.scaling_factor
 
-    def gemma_states(self, components: TrainingComponents, prompts: list[str], device: torch.device) -> dict[str, Tensor]:
+    def gemma_states(self, components: TrainingComponents, prompts: list[str], device: torch.device,
+                     instruction: Optional[list[str]] = None) -> dict[str, Tensor]:
         """``prompt_embeds`` ``(B, L, D)`` (last hidden state) and ``prompt_attention_mask``
-        ``(B, L)`` int64 of the lower-cased, stripped prompts, L = ``--max_sequence_length``."""
+        ``(B, L)`` int64 of the lower-cased, stripped prompts, L = ``--max_sequence_length``;
+        behind ``instruction`` (its lines joined by newlines) when given, of which the first
+        token and the last L - 1 positions are kept."""
         modules = components.modules
         tokenizer, encoder = modules["tokenizer"], modules["text_encoder"]
-        tokens = tokenizer([prompt.lower().strip() for prompt in prompts], padding="max_length",
-                           max_length=self.options(components).max_sequence_length, truncation=True,
+        length = self.options(components).max_sequence_length
+        texts, padded = [prompt.lower().strip() for prompt in prompts], length
+        if instruction:
+            prefix = "\n".join(instruction)
+            texts = [prefix + text for text in texts]
+            padded = len(tokenizer.encode(prefix)) + length - 2
+        tokens = tokenizer(texts, padding="max_length", max_length=padded, truncation=True,
                            add_special_tokens=True, padding_side="right", return_tensors="pt").to(device)
         hidden = encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0]
-        return {"prompt_embeds": hidden, "prompt_attention_mask": tokens.attention_mask.long()}
+        mask = tokens.attention_mask.long()
+        if instruction:
+            kept = [0, *range(-length + 1, 0)]
+            hidden, mask = hidden[:, kept], mask[:, kept]
+        return {"prompt_embeds": hidden, "prompt_attention_mask": mask}
 
     def encode_prompt(self, components, prompts, device):
-        return self.gemma_states(components, prompts, device)
+        return self.gemma_states(components, prompts, device, self.instruction(components))
 
     def predict(self, components, noisy_latents, timesteps, conditioning, batch, denoiser=None):
         transformer = denoiser or components.denoiser
@@ -95,5 +129,5 @@ class SanaFamily(FlowMatchingFamily):
         inputs = super().validation_inputs(components, prompt)
         extra = {"use_resolution_binning": False}
         if components.extra.get(VALIDATION_KEY) is None:
-            extra["complex_human_instruction"] = None
+            extra["complex_human_instruction"] = self.instruction(components)
         return {**inputs, **extra}

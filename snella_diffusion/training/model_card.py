@@ -38,13 +38,16 @@ def render_model_card(
     lora_rank: Optional[int] = None,
     component: str = "unet",
     data_subsets: Sequence[dict[str, Any]] = (),
+    also_trained: Sequence[str] = (),
 ) -> str:
     """Markdown text of the card: base model, prompts, how to load the result, the adapter's
     settings, the run's training settings (data, loss and optimizer options included), for
     SNELLA the final per-layer sparsity (summary table + full list), and, when given, the
     resolved ``config.toml`` text. ``instance_prompt`` None: the images were trained on their
     own captions. ``adapter`` is ``"snella"``, ``"lora"`` (rank ``lora_rank`` or
-    ``config.rank`` on ``config.target_modules``) or ``"full"`` (``component`` fine-tuned).
+    ``config.rank`` on ``config.target_modules``) or ``"full"`` (``component`` fine-tuned);
+    ``component``: the trained denoiser, ``also_trained`` further ones trained in the same run
+    (Wan 2.2 A14B's second expert); every card names them.
     ``data_subsets``: the run's dataset subsets (``SubsetDataset.subset_records``), tabled."""
     title, summary = {
         "snella": ("SNELLA DreamBooth adapter", "A SNELLA sparse adapter"),
@@ -66,6 +69,7 @@ def render_model_card(
         "",
         f"{summary} trained with DreamBooth on **{base_model}** ({family}).",
         "",
+        "- Trained denoiser: " + ", ".join(f"`{name}`" for name in (component, *also_trained)),
         f"- Instance prompt: `{instance_prompt}`" if instance_prompt else "- Prompts: per-image captions",
     ]
     if class_prompt:

@@ -64,9 +64,13 @@ def write_outputs(
     num_processes: int,
     objective_name: str,
     data_subsets: Sequence[dict[str, Any]] = (),
+    denoisers: Sequence[str] = (),
 ) -> None:
     """The allocation heatmap and JSON, the loss plot and the model card (with the table of
-    ``data_subsets``, the run's dataset subsets, when it has them)."""
+    ``data_subsets``, the run's dataset subsets, when it has them). ``denoisers``: the denoiser
+    components the run trained, the main one first (``TrainingComponents.denoiser_component``,
+    then the family's ``extra_denoisers``; Wan 2.2 A14B with ``--wan_expert low``:
+    ``transformer_2``), default the family's one."""
     save_allocation_heatmap(allocator.history_steps, allocator.history_kept, allocator.names,
                             output_dir / "allocation.png")
     budgets = allocator.budgets()
@@ -104,7 +108,8 @@ def write_outputs(
         validation_prompt=settings.validation.validation_prompt, validation_images=validations,
         class_prompt=data.class_prompt if data.with_prior_preservation else None,
         run_config=config_path.read_text(encoding="utf-8") if config_path.is_file() else None,
-        adapter=settings.adapter.adapter, lora_rank=settings.adapter.lora_rank, component=family.denoiser_component,
+        adapter=settings.adapter.adapter, lora_rank=settings.adapter.lora_rank,
+        component=denoisers[0] if denoisers else family.denoiser_component, also_trained=tuple(denoisers[1:]),
         data_subsets=data_subsets,
     )
     write_model_card(output_dir / "README.md", card)

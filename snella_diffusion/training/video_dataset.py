@@ -3,7 +3,8 @@ PyAV, ``video_files.py``) and still images from ``--instance_data_dir``, with si
 as for images; images train as one-frame videos in the same run.
 
 Frames per sample: ``--num_frames`` (default: the family's own, 81 for Wan), every
-``--frame_stride``-th frame from a start that is the first frame or drawn per (seed, epoch,
+``--frame_stride``-th frame, or (``--frame_fps F``) the source frames nearest to a clip played
+at F frames per second, from a start that is the first frame or drawn per (seed, epoch,
 index) (``--frame_sampling``). Counts are fitted to the VAE's temporal factor f (f·k + 1
 frames: 1, 5, 9, … for Wan): a clip too short for ``--num_frames`` trains at the largest
 fitting count it holds. Buckets are (frames, height, width): a clip's resolution bucket is the
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FRAME_SAMPLING = ("first", "random")
+# --frame_fps accepts clips this fraction of the target rate and faster (29.97 fps for 30).
+FPS_TOLERANCE = 0.99
 WAN_EXPERTS = ("high", "low", "both")
 # Still images are listed as images, not clips: a .gif is a clip here.
 STILL_SUFFIXES = tuple(suffix for suffix in IMAGE_SUFFIXES if suffix not in VIDEO_SUFFIXES)
@@ -44,10 +48,12 @@ STILL_SUFFIXES = tuple(suffix for suffix in IMAGE_SUFFIXES if suffix not in VIDE
 
 @dataclass(frozen=True)
 class VideoSettings(FlagSettings):
-    """Frames per sample, their stride and start, and which Wan 2.2 A14B expert is trained."""
+    """Frames per sample, their stride (or target rate) and start, and which Wan 2.2 A14B
+    expert is trained."""
 
     num_frames: Optional[int]
     frame_stride: int
+    frame_fps: Optional[float]
     frame_sampling: str
     wan_expert: Optional[str]
 
@@ -61,6 +67,10 @@ class VideoSettings(FlagSettings):
                                 "temporal factor f (4 for Wan). Shorter clips train at the largest such count they hold.")
         group.add_argument("--frame_stride", type=int, default=1,
                            help="Take every N-th frame of a clip (2 halves a 32 fps clip to 16 fps, Wan's rate).")
+        group.add_argument("--frame_fps", type=float, default=None, metavar="F",
+                           help="Instead of --frame_stride: sample each clip at F frames per second, whatever its "
+                                "own rate (16 for Wan): frame i is the source frame nearest to i/F seconds. A clip "
+                                "slower than F is refused, naming it.")
         group.add_argument("--frame_sampling", type=str, default="first", choices=list(FRAME_SAMPLING),
                            help="Where a sample starts in a longer clip: its first frame, or a start drawn "
                                 "per (seed, epoch, sample).")
@@ -76,6 +86,21 @@ class VideoDataError(DataError):
 def fit_frame_count(frames: int, temporal_factor: int) -> int:
     """The largest f·k + 1 ≤ ``frames`` (``frames`` ≥ 1)."""
     return (frames - 1) // temporal_factor * temporal_factor + 1
+
+
+def frame_offsets(step: float, count: int) -> list[int]:
+    """Source-frame offsets of ``count`` sampled frames ``step`` source frames apart (``step`` ≥ 1,
+    fractional for a target rate): ``floor(i·step + ½)``, the source frame nearest to each."""
+    return [math.floor(i * step + 0.5) for i in range(count)]
+
+
+def frames_within(frames: int, step: float) -> int:
+    """How many frames ``step`` apart fit in ``frames`` source frames from the first: the largest
+    n with ``frame_offsets(step, n)[-1] ≤ frames - 1``."""
+    count = max(1, math.floor((frames - 0.5) / step) + 1)
+    while count > 1 and frame_offsets(step, count)[-1] > frames - 1:
+        count -= 1
+    return count
 
 
 @dataclass(frozen=True)
@@ -114,6 +139,11 @@ def check_video_settings(settings: RunSettings, temporal_factor: Optional[int] =
                              f"(1, {temporal_factor + 1}, {2 * temporal_factor + 1}, …) for this model's VAE")
     if video.frame_stride < 1:
         raise VideoDataError(f"--frame_stride={video.frame_stride}: must be at least 1")
+    if video.frame_fps is not None and video.frame_stride != 1:
+        raise VideoDataError(f"--frame_fps={video.frame_fps:g} and --frame_stride={video.frame_stride}: give one "
+                             "of the two (a target rate, or a fixed step in source frames)")
+    if video.frame_fps is not None and not video.frame_fps > 0:
+        raise VideoDataError(f"--frame_fps={video.frame_fps:g}: must be positive")
     refused = {
         "--with_prior_preservation": data.with_prior_preservation,
         "--masked_loss": settings.loss.masked_loss,
@@ -128,7 +158,8 @@ def refuse_video_flags(settings: RunSettings, family_name: str) -> None:
     """An image family given a video flag: VideoDataError naming the flag (not silently ignored)."""
     video = settings.video
     given = {"--num_frames": video.num_frames is not None, "--frame_stride": video.frame_stride != 1,
-             "--frame_sampling": video.frame_sampling != "first", "--wan_expert": video.wan_expert is not None}
+             "--frame_fps": video.frame_fps is not None, "--frame_sampling": video.frame_sampling != "first",
+             "--wan_expert": video.wan_expert is not None}
     for flag, is_given in given.items():
         if is_given:
             raise VideoDataError(f"{flag}: applies to video models (Wan, LTX-2, HunyuanVideo 1.5); the {family_name} family trains on images")
@@ -187,6 +218,8 @@ class VideoDataset(Dataset):
         temporal_factor: the VAE's f.
         frame_stride: take every N-th frame.
         frame_sampling: "first" or "random" start.
+        frame_fps: instead of ``frame_stride``, sample each clip at this rate (frames per second):
+            its step is the clip's fps / ``frame_fps`` source frames.
     """
 
     def __init__(
@@ -202,6 +235,7 @@ class VideoDataset(Dataset):
         random_flip: bool = False,
         repeats: int = 1,
         seed: int = 0,
+        frame_fps: Optional[float] = None,
     ) -> None:
         if not records:
             raise VideoDataError("VideoDataset: no clips or images")
@@ -217,14 +251,31 @@ class VideoDataset(Dataset):
         self.repeats = repeats
         self.seed = seed
         self.epoch = 0
+        self.step_of_record = [self._step(record, frame_fps) for record in self.records]
         self.frames_of_record = [
-            min(num_frames, fit_frame_count((record_frames(r) - 1) // frame_stride + 1, temporal_factor))
-            for r in self.records
+            min(num_frames, fit_frame_count(frames_within(record_frames(r), step), temporal_factor))
+            for r, step in zip(self.records, self.step_of_record)
         ]
         self.size_of_record = [self.sizes[nearest_bucket(record_size(r), self.sizes)] for r in self.records]
         keys = [(frames, *size) for frames, size in zip(self.frames_of_record, self.size_of_record)]
         self.bucket_keys: list[tuple[int, int, int]] = sorted(set(keys))
         self.bucket_of_record = [self.bucket_keys.index(key) for key in keys]
+
+    def _step(self, record: VideoRecord, frame_fps: Optional[float]) -> float:
+        """Source frames between two sampled frames of ``record``: ``frame_stride``, or the
+        clip's fps / ``frame_fps`` (at least 1: a clip within 1 % below the target, 29.97 fps
+        for 30, takes every frame). Raises VideoDataError naming a clip with no rate or one
+        slower than that."""
+        if frame_fps is None or not isinstance(record, TrainingClip):
+            return float(self.frame_stride)
+        fps = record.info.fps
+        if fps is None:
+            raise VideoDataError(f"{record.path}: the file gives no frame rate, so --frame_fps cannot sample it; "
+                                 "use --frame_stride")
+        if fps < frame_fps * FPS_TOLERANCE:
+            raise VideoDataError(f"--frame_fps={frame_fps:g}: {record.path} plays at {fps:g} fps, slower than the "
+                                 "target; lower --frame_fps or drop the clip")
+        return max(fps / frame_fps, 1.0)
 
     @property
     def needs_bucket_batches(self) -> bool:
@@ -258,11 +309,11 @@ class VideoDataset(Dataset):
         """The clip frames item ``index`` uses, in order (``[0]`` for an image)."""
         position = index % len(self.records)
         record, count = self.records[position], self.frames_of_record[position]
-        span = (count - 1) * self.frame_stride + 1
+        offsets = frame_offsets(self.step_of_record[position], count)
         start = 0
         if self.frame_sampling == "random":
-            start = int(self._rng(index, 3).integers(0, record_frames(record) - span + 1))
-        return [start + i * self.frame_stride for i in range(count)]
+            start = int(self._rng(index, 3).integers(0, record_frames(record) - offsets[-1]))
+        return [start + offset for offset in offsets]
 
     def frames_of(self, index: int) -> list[Image.Image]:
         """The RGB frames of item ``index``, decoded."""
@@ -296,7 +347,7 @@ def make_video_dataset(settings: RunSettings, records: Sequence[VideoRecord], fa
     dataset = VideoDataset(
         records, settings.captions.options(data.instance_prompt), list(sizes or [(resolution, resolution)]),
         resolve_num_frames(settings, family, components), temporal_factor, video.frame_stride, video.frame_sampling,
-        data.center_crop, data.random_flip, settings.datasets.repeats, settings.training.seed,
+        data.center_crop, data.random_flip, settings.datasets.repeats, settings.training.seed, video.frame_fps,
     )
     counts = {key: dataset.bucket_of_record.count(i) for i, key in enumerate(dataset.bucket_keys)}
     logger.info("video buckets (frames, height, width): %s", ", ".join(f"{k}: {n}" for k, n in counts.items()))
@@ -319,6 +370,8 @@ __all__ = [
     "WAN_EXPERTS",
     "check_video_settings",
     "fit_frame_count",
+    "frame_offsets",
+    "frames_within",
     "load_video_records",
     "make_video_dataset",
 ]

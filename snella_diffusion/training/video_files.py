@@ -1,5 +1,6 @@
 """Video files through PyAV (the optional ``video`` extra): which files are clips, how many
-frames a clip holds, reading chosen frames in order, and writing an ``.mp4``/``.webm``/``.gif``.
+frames a clip holds and at what rate, reading chosen frames in order, and writing an
+``.mp4``/``.webm``/``.gif``.
 
 Every failure is a :class:`VideoFileError` whose one-line message names the file: PyAV
 missing (with the install command), no video stream, or a stream that cannot be decoded.
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -49,11 +50,13 @@ def is_video_file(path: Path) -> bool:
 
 @dataclass(frozen=True)
 class ClipInfo:
-    """What a clip holds: ``frames`` decodable frames of ``height`` × ``width`` pixels."""
+    """What a clip holds: ``frames`` decodable frames of ``height`` × ``width`` pixels, played at
+    ``fps`` frames per second (the stream's average rate; None when the file gives none)."""
 
     frames: int
     height: int
     width: int
+    fps: Optional[float] = None
 
 
 def _decode_error(path: Path, error: BaseException) -> VideoFileError:
@@ -61,14 +64,18 @@ def _decode_error(path: Path, error: BaseException) -> VideoFileError:
     return VideoFileError(f"{path}: cannot decode the video ({type(error).__name__}: {detail})")
 
 
-def _frames(path: Path):
-    """Yield the decoded frames of the first video stream of ``path`` as ``av.VideoFrame``."""
+def _frames(path: Path, rate: Optional[list[Optional[float]]] = None):
+    """Yield the decoded frames of the first video stream of ``path`` as ``av.VideoFrame``;
+    ``rate``, when given, receives the stream's average frame rate (fps, or None) first."""
     av = import_av(path)
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise VideoFileError(f"{path}: holds no video stream")
             stream = container.streams.video[0]
+            if rate is not None:
+                average = stream.average_rate or stream.guessed_rate
+                rate.append(float(average) if average else None)
             yield from container.decode(stream)
     except VideoFileError:
         raise
@@ -82,12 +89,13 @@ def probe_clip(path: Path) -> ClipInfo:
     for some formats). Raises VideoFileError naming the file when it cannot be decoded or holds
     no frame."""
     count, height, width = 0, 0, 0
-    for frame in _frames(path):
+    rate: list[Optional[float]] = []
+    for frame in _frames(path, rate):
         height, width = frame.height, frame.width
         count += 1
     if count == 0:
         raise VideoFileError(f"{path}: the video holds no decodable frame")
-    return ClipInfo(count, height, width)
+    return ClipInfo(count, height, width, rate[0] if rate else None)
 
 
 def read_frames(path: Path, indices: Sequence[int]) -> list[Image.Image]:
