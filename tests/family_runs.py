@@ -90,6 +90,22 @@ def record_script_run(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     return seen
 
 
+def write_clip_folder(folder: Path) -> Path:
+    """Two moving-square clips (9 and 17 frames, 32×48, 8 fps) and one still image in
+    ``folder``, each captioned (``.txt``): the video families' script runs train on it."""
+    from PIL import Image
+
+    from snella_diffusion.testing.tiny_video_models import moving_square_frames
+    from snella_diffusion.training.video_files import write_video
+
+    for frames in (9, 17):
+        write_video(folder / f"clip_{frames}.mp4", moving_square_frames(frames), fps=8)
+        (folder / f"clip_{frames}.txt").write_text("sks square moving")
+    Image.fromarray(moving_square_frames(1)[0]).save(folder / "still.png")
+    (folder / "still.txt").write_text("sks square")
+    return folder
+
+
 def family_settings(*flags: str, resolution: int = 32, **fields: Any) -> FamilySettings:
     """FamilySettings from DiT command-line ``flags`` (as the script parses them), ``resolution``
     and other FamilySettings ``fields`` (``train_text_encoder``, ``wan_expert``)."""
@@ -222,12 +238,14 @@ class FamilyRun:
             return family.predict(components, latents, torch.tensor([600.0]), conditioning, {}, denoiser=transformer)
 
     def losses_on_a_fixed_batch(self, *flags: str, steps: int = 20, learning_rate: float = 1e-2,
-                                pixels: Optional[torch.Tensor] = None) -> list[float]:
+                                pixels: Optional[torch.Tensor] = None, prompts: tuple[str, str] = (PROMPT, LONGER),
+                                **settings: Any) -> list[float]:
         """SNELLA (dit preset, rank 4) trained on one fixed batch (``pixels`` of two samples,
         default two 32 px images drawn with seed 0, whose latents must have
-        :attr:`latent_shape`; latents drawn with seed 1; noise and timesteps seed 5 at every
-        step); the ``steps + 1`` losses, each asserted finite."""
-        family, components = self.loaded(*flags)
+        :attr:`latent_shape`; latents drawn with seed 1; ``prompts``; noise and timesteps seed 5
+        at every step), the family loaded with ``flags`` and ``settings`` (:meth:`loaded`); the
+        ``steps + 1`` losses, each asserted finite."""
+        family, components = self.loaded(*flags, **settings)
         apply_snella(components.denoiser, SnellaConfig(rank=4, target_modules="dit"))
         default_batch = pixels is None
         if default_batch:
@@ -236,7 +254,7 @@ class FamilyRun:
         if default_batch:
             assert tuple(latents.shape) == (2, *self.latent_shape)
         with torch.no_grad():
-            conditioning = family.encode_prompt(components, [PROMPT, LONGER], CPU)
+            conditioning = family.encode_prompt(components, list(prompts), CPU)
         objective = family.objective(components)
         trainable = [p for p in components.denoiser.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=learning_rate)

@@ -14,7 +14,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from snella_diffusion import SnellaConfig, SnellaError, apply_snella, read_snella_file
 from snella_diffusion.families import detect_family
@@ -25,11 +24,9 @@ from snella_diffusion.testing.tiny_hunyuan_video_models import (
     pipeline_system_message,
     tiny_hunyuan_video15_pipeline,
 )
-from snella_diffusion.testing.tiny_video_models import moving_square_frames
-from snella_diffusion.training.batch_loss import training_loss
-from snella_diffusion.training.video_files import probe_clip, write_video
+from snella_diffusion.training.video_files import probe_clip
 
-from family_runs import family_settings, walked_linear_count
+from family_runs import FamilyRun, family_settings, record_script_run, walked_linear_count, write_clip_folder
 
 PROMPT = "a photo of sks dog"
 GLYPHS = 'a sign saying "HELLO" and “world”'
@@ -170,23 +167,10 @@ def test_sigmas_are_the_shifted_table_drawn_logit_normal(folder):
 
 
 def test_loss_falls_in_20_steps_on_a_fixed_batch(folder):
-    family, components = _loaded(folder)
-    apply_snella(components.denoiser, SnellaConfig(rank=4, target_modules="dit"))
-    latents = family.encode_latents(components, _pixels())
-    with torch.no_grad():
-        conditioning = family.encode_prompt(components, [PROMPT, GLYPHS], CPU)
-    objective = family.objective(components)
-    optimizer = torch.optim.AdamW([p for p in components.denoiser.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for step in range(21):
-        loss = training_loss(family, components, objective, {"num_instance": 2}, latents, conditioning,
-                             components.denoiser, torch.Generator().manual_seed(5), prior_loss_weight=1.0)
-        assert torch.isfinite(loss)
-        losses.append(loss.item())
-        if step < 20:
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
+    from diffusers import HunyuanVideo15Pipeline
+
+    run = FamilyRun(folder, HunyuanVideo15Pipeline, (4, 3, 2, 2), ("--max_sequence_length", str(LENGTH)))
+    losses = run.losses_on_a_fixed_batch(pixels=_pixels(), prompts=(PROMPT, GLYPHS), resolution=16)
     assert losses[20] < 0.9 * losses[0], losses
 
 
@@ -217,14 +201,7 @@ def test_validation_guidance_scale_is_refused_before_any_model_loads(folder, tmp
 
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
-    """Two moving-square clips (9 and 17 frames, 32x48) and one still image, captioned."""
-    folder = tmp_path_factory.mktemp("hunyuan-clips")
-    for frames in (9, 17):
-        write_video(folder / f"clip_{frames}.mp4", moving_square_frames(frames), fps=8)
-        (folder / f"clip_{frames}.txt").write_text("sks square moving")
-    Image.fromarray(moving_square_frames(1)[0]).save(folder / "still.png")
-    (folder / "still.txt").write_text("sks square")
-    return folder
+    return write_clip_folder(tmp_path_factory.mktemp("hunyuan-clips"))
 
 
 def _run_script(folder, clips, output_dir, *flags):
@@ -260,24 +237,11 @@ def _walked_count(transformer) -> int:
 @pytest.mark.slow
 def test_script_trains_on_clips_and_an_image_reloads_and_unloads_exactly(folder, clip_folder, tmp_path, monkeypatch,
                                                                           caplog):
-    import train_scripts.train_dreambooth_snella as script
     from diffusers import HunyuanVideo15Pipeline
 
     from snella_diffusion.loaders import load_snella_weights, unload_snella_weights
 
-    seen = {}
-    run_validation, write_outputs = script.run_validation, script.write_outputs
-
-    def recording_validation(settings, accelerator, family, components, trained, *rest):
-        seen["transformer"] = trained["transformer"]
-        return run_validation(settings, accelerator, family, components, trained, *rest)
-
-    def recording_outputs(settings, family, config, allocator, rank_drops, losses, *rest):
-        seen["losses"] = [loss for _, loss in losses]
-        return write_outputs(settings, family, config, allocator, rank_drops, losses, *rest)
-
-    monkeypatch.setattr(script, "run_validation", recording_validation)
-    monkeypatch.setattr(script, "write_outputs", recording_outputs)
+    seen = record_script_run(monkeypatch)
     caplog.set_level(logging.INFO, logger="snella_diffusion.training.video_dataset")
     adapter = _run_script(folder, clip_folder, tmp_path, "--cache_latents", "--num_frames", "17", "--validation_prompt",
                           PROMPT, "--num_validation_images", "1", "--validation_inference_steps", "2")

@@ -11,8 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from family_runs import CPU, LONGER, PROMPT, FamilyRun, family_settings, published_count, walked_linear_count
-from PIL import Image
+from family_runs import (
+    CPU,
+    LONGER,
+    PROMPT,
+    FamilyRun,
+    family_settings,
+    published_count,
+    record_script_run,
+    walked_linear_count,
+    write_clip_folder,
+)
 
 from snella_diffusion import SnellaConfig, SnellaError, apply_snella, read_snella_file
 from snella_diffusion.families import detect_family
@@ -22,10 +31,8 @@ from snella_diffusion.testing.tiny_ltx2_models import (
     TINY_LTX2_LATENTS_STD,
     tiny_ltx2_pipeline,
 )
-from snella_diffusion.testing.tiny_video_models import moving_square_frames
-from snella_diffusion.training.batch_loss import training_loss
 from snella_diffusion.training.flow_matching import FlowMatchingObjective
-from snella_diffusion.training.video_files import probe_clip, write_video
+from snella_diffusion.training.video_files import probe_clip
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -172,23 +179,7 @@ def test_sigmas_are_the_ltx2_trainers_shifted_logit_normal(run):
 
 
 def test_loss_falls_in_20_steps_on_a_fixed_batch_of_clips(run):
-    family, components = run.loaded()
-    apply_snella(components.denoiser, SnellaConfig(rank=4, target_modules="dit"))
-    latents = family.encode_latents(components, _pixels())
-    with torch.no_grad():
-        conditioning = family.encode_prompt(components, [PROMPT, LONGER], CPU)
-    objective = family.objective(components)
-    optimizer = torch.optim.AdamW([p for p in components.denoiser.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for step in range(21):
-        loss = training_loss(family, components, objective, {"num_instance": 2}, latents, conditioning,
-                             components.denoiser, torch.Generator().manual_seed(5), prior_loss_weight=1.0)
-        assert torch.isfinite(loss)
-        losses.append(loss.item())
-        if step < 20:
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
+    losses = run.losses_on_a_fixed_batch(pixels=_pixels())
     assert losses[20] < 0.95 * losses[0], losses
 
 
@@ -207,14 +198,7 @@ def test_configure_rejects_what_ltx2_cannot_do(run):
 
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
-    """Two moving-square clips (9 and 17 frames, 32x48) and one still image, captioned."""
-    folder = tmp_path_factory.mktemp("ltx2-clips")
-    for frames in (9, 17):
-        write_video(folder / f"clip_{frames}.mp4", moving_square_frames(frames), fps=8)
-        (folder / f"clip_{frames}.txt").write_text("sks square moving")
-    Image.fromarray(moving_square_frames(1)[0]).save(folder / "still.png")
-    (folder / "still.txt").write_text("sks square")
-    return folder
+    return write_clip_folder(tmp_path_factory.mktemp("ltx2-clips"))
 
 
 def test_frame_buckets_follow_the_vaes_temporal_factor(run, clip_folder):
@@ -259,24 +243,11 @@ def _output(family, components, transformer, t=600.0):
 
 
 def test_script_trains_on_clips_and_an_image_reloads_and_unloads_exactly(run, clip_folder, tmp_path, monkeypatch):
-    import train_scripts.train_dreambooth_snella as script
     from diffusers import LTX2Pipeline
 
     from snella_diffusion.loaders import load_snella_weights, unload_snella_weights
 
-    seen = {}
-    run_validation, write_outputs = script.run_validation, script.write_outputs
-
-    def recording_validation(settings, accelerator, family, components, trained, *rest):
-        seen["transformer"] = trained["transformer"]
-        return run_validation(settings, accelerator, family, components, trained, *rest)
-
-    def recording_outputs(settings, family, config, allocator, rank_drops, losses, *rest):
-        seen["losses"] = [loss for _, loss in losses]
-        return write_outputs(settings, family, config, allocator, rank_drops, losses, *rest)
-
-    monkeypatch.setattr(script, "run_validation", recording_validation)
-    monkeypatch.setattr(script, "write_outputs", recording_outputs)
+    seen = record_script_run(monkeypatch)
     adapter = _run_script(run, clip_folder, tmp_path, "--cache_latents", "--validation_prompt", PROMPT,
                           "--num_validation_images", "1", "--validation_inference_steps", "2")
     assert len(seen["losses"]) == 3 and all(np.isfinite(seen["losses"]))

@@ -14,19 +14,26 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from family_runs import CPU, LONGER, PROMPT, REPO, family_settings, record_script_run, saved_family_run
+from family_runs import (
+    CPU,
+    LONGER,
+    PROMPT,
+    REPO,
+    family_settings,
+    record_script_run,
+    saved_family_run,
+    write_clip_folder,
+)
 from snella_diffusion import SnellaConfig, apply_snella, read_snella_file
 from snella_diffusion.families import detect_family
 from snella_diffusion.testing.tiny_video_models import (
     TINY_WAN_LATENTS_MEAN,
     TINY_WAN_LATENTS_STD,
-    moving_square_frames,
     tiny_wan_pipeline,
 )
 from snella_diffusion.training.video_dataset import VideoDataError
-from snella_diffusion.training.video_files import probe_clip, write_video
+from snella_diffusion.training.video_files import probe_clip
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 LENGTH = 32  # --max_sequence_length
@@ -205,14 +212,7 @@ def test_images_as_one_frame_videos_with_captions_buckets_ema_prodigy_config_and
 
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
-    """Two moving-square clips (9 and 17 frames, 32x48) and one still image, captioned."""
-    folder = tmp_path_factory.mktemp("wan-clips")
-    for frames in (9, 17):
-        write_video(folder / f"clip_{frames}.mp4", moving_square_frames(frames), fps=8)
-        (folder / f"clip_{frames}.txt").write_text("sks square moving")
-    Image.fromarray(moving_square_frames(1)[0]).save(folder / "still.png")
-    (folder / "still.txt").write_text("sks square")
-    return folder
+    return write_clip_folder(tmp_path_factory.mktemp("wan-clips"))
 
 
 def _run_script(folder, clips, output_dir, *flags):
