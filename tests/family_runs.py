@@ -90,6 +90,10 @@ def record_script_run(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     return seen
 
 
+# what a video family's script run on write_clip_folder's clips adds to FamilyRun.run_script's flags
+CLIP_SCRIPT_FLAGS = ("--caption_extension", ".txt", "--instance_prompt", "sks")
+
+
 def write_clip_folder(folder: Path) -> Path:
     """Two moving-square clips (9 and 17 frames, 32×48, 8 fps) and one still image in
     ``folder``, each captioned (``.txt``): the video families' script runs train on it."""

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from family_runs import (
+    CLIP_SCRIPT_FLAGS,
     CPU,
     LONGER,
     PROMPT,
@@ -224,15 +225,8 @@ def test_frame_buckets_follow_the_vaes_temporal_factor(run, clip_folder):
 
 
 def _run_script(run, clips, output_dir, *flags):
-    from train_scripts.train_dreambooth_snella import main, parse_args
-
-    return main(parse_args([
-        "--pretrained_model_name_or_path", str(run.folder), "--output_dir", str(output_dir),
-        "--instance_data_dir", str(clips), "--caption_extension", ".txt", "--instance_prompt", "sks",
-        "--resolution", "32", "--num_frames", "9", "--max_train_steps", "3", "--train_batch_size", "1",
-        "--rank", "4", "--learning_rate", "1e-2", "--checkpointing_steps", "100",
-        "--max_sequence_length", str(LENGTH), "--report_to", "none", "--seed", "1", *flags,
-    ]))
+    return run.run_script(output_dir, *CLIP_SCRIPT_FLAGS, "--resolution", "32", "--num_frames", "9", *flags,
+                          instance_dir=clips)
 
 
 def _output(family, components, transformer, t=600.0):

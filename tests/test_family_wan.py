@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from family_runs import (
+    CLIP_SCRIPT_FLAGS,
     CPU,
     LONGER,
     PROMPT,
@@ -215,16 +216,9 @@ def clip_folder(tmp_path_factory):
     return write_clip_folder(tmp_path_factory.mktemp("wan-clips"))
 
 
-def _run_script(folder, clips, output_dir, *flags):
-    from train_scripts.train_dreambooth_snella import main, parse_args
-
-    return main(parse_args([
-        "--pretrained_model_name_or_path", str(folder), "--output_dir", str(output_dir),
-        "--instance_data_dir", str(clips), "--caption_extension", ".txt", "--instance_prompt", "sks",
-        "--resolution", "16", "--num_frames", "17", "--max_train_steps", "3", "--train_batch_size", "1",
-        "--rank", "4", "--learning_rate", "1e-2", "--checkpointing_steps", "100",
-        "--max_sequence_length", str(LENGTH), "--report_to", "none", "--seed", "1", *flags,
-    ]))
+def _run_script(run, clips, output_dir, *flags):
+    return run.run_script(output_dir, *CLIP_SCRIPT_FLAGS, "--resolution", "16", "--num_frames", "17",
+                          *flags, instance_dir=clips)
 
 
 def _output(family, components, transformer, t=600.0):
@@ -242,7 +236,7 @@ def test_script_trains_on_clips_and_an_image_reloads_and_unloads_exactly(wan_run
     from snella_diffusion.loaders import load_snella_weights, unload_snella_weights
 
     seen = record_script_run(monkeypatch)
-    adapter = _run_script(wan_run.folder, clip_folder, tmp_path, "--cache_latents", "--validation_prompt", PROMPT,
+    adapter = _run_script(wan_run, clip_folder, tmp_path, "--cache_latents", "--validation_prompt", PROMPT,
                           "--num_validation_images", "1", "--validation_inference_steps", "2")
     assert len(seen["losses"]) == 3 and all(np.isfinite(seen["losses"]))
     assert (tmp_path / "validation" / "step_3.png").is_file()
@@ -268,7 +262,7 @@ def test_script_trains_both_a14b_experts_into_one_file(a14b_run, clip_folder, tm
 
     from snella_diffusion.loaders import load_snella_weights
 
-    adapter = _run_script(a14b_run.folder, clip_folder, tmp_path, "--wan_expert", "both", "--num_frames", "9")
+    adapter = _run_script(a14b_run, clip_folder, tmp_path, "--wan_expert", "both", "--num_frames", "9")
     layers = read_snella_file(adapter).layers
     assert sorted(layers) == ["transformer", "transformer_2"]
     assert len(layers["transformer"]) == len(layers["transformer_2"]) == 2 * 10
