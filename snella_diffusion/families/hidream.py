@@ -58,6 +58,7 @@ class HiDreamFamily(FlowMatchingFamily):
 
     name = "hidream"
     pipeline_class_names = ("HiDreamImagePipeline",)
+    block_lists = ("double_stream_blocks", "single_stream_blocks")
     text_encoder_components = ("text_encoder", "text_encoder_2", "text_encoder_3", "text_encoder_4")
     default_weighting_scheme = "none"
 

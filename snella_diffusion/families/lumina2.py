@@ -76,6 +76,7 @@ class Lumina2Family(FlowMatchingFamily):
 
     name = "lumina2"
     pipeline_class_names = ("Lumina2Pipeline",)
+    block_lists = ("layers",)  # after the noise and context refiners, which stay resident
     text_encoder_components = ("text_encoder",)
     default_weighting_scheme = "none"
 

@@ -75,6 +75,7 @@ class WanFamily(FlowMatchingFamily):
     default_weighting_scheme = "none"
     is_video = True
     native_side = 480
+    block_lists = ("blocks",)
 
     def load(self, source, model_index, revision=None, variant=None, dtype=None, denoiser_file=None):
         """The components, and the pipeline's ``boundary_ratio`` and ``expand_timesteps`` from
