@@ -254,7 +254,7 @@ def test_script_trains_on_clips_and_an_image_reloads_and_unloads_exactly(folder,
     assert "video buckets (frames, height, width): (1, 16, 16): 1, (9, 16, 16): 1, (17, 16, 16): 1" in caplog.text
     assert (tmp_path / "validation" / "step_3.png").is_file()
     video = probe_clip(tmp_path / "validation" / "step_3_0_0.mp4")
-    assert (video.frames, video.height, video.width) == (17, 16, 16)
+    assert (video.frames, video.height, video.width, video.fps) == (17, 16, 16, 24.0)
     layers = read_snella_file(adapter).layers["transformer"]
     assert len(layers) == _walked_count(seen["transformer"]) == 2 * 12 + 1 * 6
 

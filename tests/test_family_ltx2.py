@@ -247,7 +247,7 @@ def test_script_trains_on_clips_and_an_image_reloads_and_unloads_exactly(run, cl
     assert len(seen["losses"]) == 3 and all(np.isfinite(seen["losses"]))
     assert (tmp_path / "validation" / "step_3.png").is_file()
     video = probe_clip(tmp_path / "validation" / "step_3_0_0.mp4")
-    assert (video.frames, video.height, video.width) == (9, 32, 32)
+    assert (video.frames, video.height, video.width, video.fps) == (9, 32, 32, 24.0)
     assert len(read_snella_file(adapter).layers["transformer"]) == 2 * 10
 
     family, components = run.loaded()

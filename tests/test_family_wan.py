@@ -241,7 +241,7 @@ def test_script_trains_on_clips_and_an_image_reloads_and_unloads_exactly(wan_run
     assert len(seen["losses"]) == 3 and all(np.isfinite(seen["losses"]))
     assert (tmp_path / "validation" / "step_3.png").is_file()
     video = probe_clip(tmp_path / "validation" / "step_3_0_0.mp4")
-    assert (video.frames, video.height, video.width) == (17, 16, 16)
+    assert (video.frames, video.height, video.width, video.fps) == (17, 16, 16, 16.0)
     assert len(read_snella_file(adapter).layers["transformer"]) == 2 * 10
 
     family, components = wan_run.loaded()

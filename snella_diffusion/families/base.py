@@ -171,6 +171,8 @@ class ModelFamily:
     text_encoder_components: tuple[str, ...] = ("text_encoder",)
     # Video families train on (B, 3, F, H, W) clips (training/video_dataset.py) and validate with videos.
     is_video: bool = False
+    # Frames per second a video family's validation clips are written at (its pipeline's rate).
+    video_fps: float = 16.0
     # The pipeline call's argument that --validation_guidance_scale sets (Qwen-Image 2.1's
     # pipeline has only ``true_cfg_scale``); None where the pipeline takes none (refused).
     guidance_argument: Optional[str] = "guidance_scale"

@@ -103,6 +103,7 @@ class HunyuanVideo15Family(FlowMatchingFamily):
     text_encoder_components = ("text_encoder", "text_encoder_2")
     default_weighting_scheme = "logit_normal"
     is_video = True
+    video_fps = 24.0  # the published releases' rate
     block_lists = ("transformer_blocks",)
 
     def default_sequence_length(self, components):

@@ -144,6 +144,7 @@ class LTX2Family(FlowMatchingFamily):
     text_encoder_components = ("text_encoder",)
     default_weighting_scheme = "none"
     is_video = True
+    video_fps = 24.0  # the pipeline's default frame_rate
     block_lists = ("transformer_blocks",)
     native_side = 512
 

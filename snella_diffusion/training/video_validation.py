@@ -26,7 +26,6 @@ from .video_files import write_video
 logger = logging.getLogger(__name__)
 
 STRIP_FRAMES = 8
-VALIDATION_FPS = 16.0
 
 
 def strip_frames(video: np.ndarray, count: int = STRIP_FRAMES) -> list[Image.Image]:
@@ -68,7 +67,7 @@ def run_video_validation(
                 video = pipeline(**inputs, num_frames=num_frames, num_inference_steps=validation.validation_inference_steps,
                                  generator=generator, height=resolution, width=resolution, output_type="np").frames[0]
             frames = to_uint8(np.asarray(video, dtype=np.float32))
-            write_video(folder / f"step_{step}_{prompt_index}_{index}.mp4", frames, VALIDATION_FPS)
+            write_video(folder / f"step_{step}_{prompt_index}_{index}.mp4", frames, family.video_fps)
             rows.extend(strip_frames(frames))
     columns = min(STRIP_FRAMES, num_frames)
     path = save_image_grid(rows, folder / f"step_{step}.png", columns=columns)
