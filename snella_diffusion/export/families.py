@@ -54,6 +54,10 @@ class ExportFamily:
         implementation: ``modelspec.implementation``.
         fused_targets: for Flux, maps the transformer's adapted paths to BFL fused targets.
         names: ComfyUI's names of the denoiser layers (components ``names.components``).
+        lora_ab: ``--to lora`` names the factors ``<key>.lora_A.weight`` / ``.lora_B.weight``
+            without ``alpha`` (scale 1; ComfyUI reads these too) instead of kohya's
+            ``lora_down`` / ``lora_up`` / ``alpha``: for the families whose diffusers loader
+            takes no kohya factor names (LTX-2, HunyuanVideo 1.5).
     """
 
     name: str
@@ -63,6 +67,7 @@ class ExportFamily:
     implementation: str
     fused_targets: Optional[Callable[[set[str]], tuple[list[ExportTarget], set[str]]]] = None
     names: Optional["NameMap"] = None
+    lora_ab: bool = False
 
     def kohya_key(self, component: str, path: str) -> str:
         """The kohya-style name of one unfused layer, e.g. ``lora_te1_text_model_encoder_...``
@@ -532,6 +537,98 @@ def _wan_family(configs: dict[str, dict[str, Any]]) -> ExportFamily:
     return ExportFamily("wan", {}, version, architecture, "https://github.com/Wan-Video/Wan2.2", names=WAN_NAMES)
 
 
+# Qwen-Image 2.1: ComfyUI's model (comfy/ldm/qwen_image21/model.py) keeps diffusers' module
+# names; it fuses img_mlp.gate_layer and img_mlp.proj into img_mlp.gate_up at load, and the
+# QwenImage branch of comfy/lora.py model_lora_keys_unet maps <name> (and transformer.<name>) of
+# every weight and of each gate_up half onto its rows. diffusers' QwenImage loader converts files
+# with .alpha keys and bare names (then prefixes transformer.), not transformer.<name> kohya
+# files, so the files use the bare names.
+QWEN_IMAGE21_NAMES = NameMap(
+    "Qwen-Image 2.1", "comfy/ldm/qwen_image21/model.py; comfy/lora.py model_lora_keys_unet (QwenImage)", "",
+    (
+        (r"transformer_blocks\.\d+\.(?:attn\.(?:to_[qkv]|to_out\.0)|img_mlp\.(?:gate_layer|proj|out))", r"\g<0>"),
+        (r"time_text_embed\.timestep_embedder\.linear_[12]|txt_in\.(?:in_layer|out_layer)|img_in|modulation\.1"
+         r"|norm_out\.linear|proj_out", r"\g<0>"),
+    ),
+)
+
+
+def _qwen_image21_family(configs: dict[str, dict[str, Any]]) -> ExportFamily:
+    return ExportFamily("qwen-image-2.1", {}, "qwen_image_2_1", "qwen-image-2.1", "https://github.com/QwenLM/Qwen-Image",
+                        names=QWEN_IMAGE21_NAMES)
+
+
+# Ideogram 4: ComfyUI's Ideogram4Transformer2DModel (comfy/ldm/ideogram4/model.py) holds q, k, v
+# as one attention.qkv (rows q, k, v; hidden_size each) and the output as attention.o; the other
+# layers keep diffusers' names. comfy/lora.py has no Ideogram 4 branch: its generic loop maps
+# diffusion_model.<name> (and lora_unet_<name>), and diffusers' Ideogram4 loader converts
+# diffusion_model.<name> files (the fused qkv split in thirds), so the files use that prefix.
+# No row slice of attention.qkv has a ComfyUI name.
+_IDEOGRAM4_BLOCK = r"layers\.\d+"
+IDEOGRAM4_NAMES = NameMap(
+    "Ideogram 4", "comfy/ldm/ideogram4/model.py; comfy/lora.py model_lora_keys_unet", "diffusion_model.",
+    (
+        (rf"({_IDEOGRAM4_BLOCK})\.attention\.to_out\.0", r"\1.attention.o"),
+        (rf"{_IDEOGRAM4_BLOCK}\.(?:feed_forward\.w[123]|adaln_modulation)", r"\g<0>"),
+        (r"input_proj|llm_cond_proj|t_embedding\.mlp_(?:in|out)|adaln_proj|final_layer\.(?:linear|adaln_modulation)",
+         r"\g<0>"),
+    ),
+    fused=((f"({_IDEOGRAM4_BLOCK})", r"\1.attention.qkv", ("attention.to_q", "attention.to_k", "attention.to_v")),),
+)
+
+# LTX-2: ComfyUI's LTXAV model (comfy/ldm/lightricks/av_model.py) keeps the Lightricks names:
+# the blocks' attention (attn1/2, audio_attn1/2, audio_to_video_attn, video_to_audio_attn: to_q,
+# to_k, to_v, to_out.0) and feed-forwards (ff / audio_ff: net.0.proj, net.2) as diffusers has
+# them, and at the top patchify_proj, adaln_single, caption_projection, av_ca_*_adaln_single,
+# proj_out (diffusers renames these; loaders/lora_conversion_utils.py
+# _convert_non_diffusers_ltx2_lora_to_diffusers undoes it). comfy/lora.py maps <name> for
+# LTXV / LTXAV and diffusion_model.<name> for every model; diffusers' LTX2 loader converts
+# diffusion_model.<name> files, so the files use that prefix.
+_LTX2_TIME_EMBEDDERS = (
+    ("time_embed", "adaln_single"),
+    ("audio_time_embed", "audio_adaln_single"),
+    ("av_cross_attn_video_scale_shift", "av_ca_video_scale_shift_adaln_single"),
+    ("av_cross_attn_audio_scale_shift", "av_ca_audio_scale_shift_adaln_single"),
+    ("av_cross_attn_video_a2v_gate", "av_ca_a2v_gate_adaln_single"),
+    ("av_cross_attn_audio_v2a_gate", "av_ca_v2a_gate_adaln_single"),
+)
+LTX2_NAMES = NameMap(
+    "LTX-2", "comfy/ldm/lightricks/av_model.py; comfy/lora.py model_lora_keys_unet", "diffusion_model.",
+    (
+        (r"transformer_blocks\.\d+\.(?:audio_)?(?:attn[12]|audio_to_video_attn|video_to_audio_attn)"
+         r"\.(?:to_[qkv]|to_out\.0)", r"\g<0>"),
+        (r"transformer_blocks\.\d+\.(?:audio_)?ff\.net\.(?:0\.proj|2)", r"\g<0>"),
+        (r"proj_in", "patchify_proj"),
+        (r"audio_proj_in", "audio_patchify_proj"),
+        *((rf"{ours}\.(emb\.timestep_embedder\.linear_[12]|linear)", rf"{theirs}.\1")
+          for ours, theirs in _LTX2_TIME_EMBEDDERS),
+        (r"(?:audio_)?caption_projection\.linear_[12]|(?:audio_)?proj_out", r"\g<0>"),
+    ),
+)
+
+
+def _ideogram4_family(configs: dict[str, dict[str, Any]]) -> ExportFamily:
+    return ExportFamily("ideogram4", {}, "ideogram4", "ideogram-4", "https://ideogram.ai", names=IDEOGRAM4_NAMES)
+
+
+def _ltx2_family(configs: dict[str, dict[str, Any]]) -> ExportFamily:
+    """diffusers' LTX2 loader renames diffusion_model.<name> keys but not kohya's lora_down /
+    lora_up, and refuses ``alpha`` keys: the LoRA factors are named lora_A / lora_B."""
+    return ExportFamily("ltx2", {}, "ltx2", "ltx-2", "https://github.com/Lightricks/LTX-2", names=LTX2_NAMES,
+                        lora_ab=True)
+
+
+def _hunyuan_video15_family(configs: dict[str, dict[str, Any]]) -> ExportFamily:
+    """HunyuanVideo 1.5: no ComfyUI read here has it (the Oct 2025 snapshot's
+    comfy/model_base.py and comfy/supported_models.py list HunyuanVideo 1.0 and its I2V
+    variants only, whose fused ``img_attn.qkv`` blocks differ), so the files keep diffusers'
+    names, ``transformer.<name>``, with the lora_A / lora_B factor names that
+    ``transformer.load_lora_adapter`` takes (the pipeline has no ``load_lora_weights`` in
+    diffusers 0.42, and that method reads no kohya lora_down / lora_up)."""
+    return ExportFamily("hunyuan-video-1.5", {"transformer": "transformer."}, "hunyuan_video_1_5",
+                        "hunyuan-video-1.5", "https://github.com/Tencent-Hunyuan/HunyuanVideo-1.5", lora_ab=True)
+
+
 FAMILY_BUILDERS: dict[str, Callable[[dict[str, dict[str, Any]]], ExportFamily]] = {
     "StableDiffusionPipeline": _sd_family,
     "StableDiffusionImg2ImgPipeline": _sd_family,
@@ -552,6 +649,10 @@ FAMILY_BUILDERS: dict[str, Callable[[dict[str, dict[str, Any]]], ExportFamily]] 
     "Lumina2Pipeline": _lumina2_family,
     "SanaPipeline": _sana_family,
     "WanPipeline": _wan_family,
+    "QwenImage21Pipeline": _qwen_image21_family,
+    "Ideogram4Pipeline": _ideogram4_family,
+    "LTX2Pipeline": _ltx2_family,
+    "HunyuanVideo15Pipeline": _hunyuan_video15_family,
 }
 
 

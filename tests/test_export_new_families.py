@@ -1,0 +1,322 @@
+"""``snella-export`` on Qwen-Image 2.1, Ideogram 4, LTX-2 and HunyuanVideo 1.5: every exported key
+is one a current ComfyUI maps for the family (or diffusers' name where ComfyUI has no such
+model), every value is the adapter's ΔW, and ``--to lora`` loads with the family's diffusers
+loader and reproduces the adapter's layer outputs at full rank.
+
+The expected names are written out by hand from ComfyUI's code (the file each table follows is
+named beside it), never computed by the exporter's maps. SNELLA adapts every linear layer of
+each tiny transformer (``snella_diffusion.testing``) with random factors; the reference ΔW of a
+layer is the weight ``fuse_snella`` writes minus the pristine weight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from snella_diffusion import SnellaConfig, SnellaError, apply_snella, save_snella
+from snella_diffusion.comfyui.layout import SnellaLayerTensors
+from snella_diffusion.export import export_snella
+from snella_diffusion.fuse import fuse_snella
+from snella_diffusion.testing import tiny_dit_models as dit
+from snella_diffusion.testing.tiny_hunyuan_video_models import tiny_hunyuan_video15_pipeline
+from snella_diffusion.testing.tiny_ltx2_models import tiny_ltx2_pipeline
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+# Layers left out of the adapters: HunyuanVideo 1.5's tiny ByT5 mapper has a 2048 x 2048
+# layer whose SVD alone would cost seconds.
+SKIPPED = {"context_embedder_2.linear_2"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One family: its tiny pipeline, ``{diffusers layer: exported key}`` for the layers kept one
+    to one, ``{exported key: diffusers layers in row order}`` for ComfyUI's fused weights, and
+    the header's ``(ss_base_model_version, modelspec.architecture)``."""
+
+    builder: Callable[[int], object]
+    single: dict[str, str]
+    header: tuple[str, str]
+    fused: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[str]:
+        return sorted([*self.single, *(part for parts in self.fused.values() for part in parts)])
+
+
+def _qwen_image21() -> Case:
+    # comfy/ldm/qwen_image21/model.py QwenImage21Transformer2DModel has diffusers' names
+    # (time_text_embed.timestep_embedder.linear_1/2, txt_in.in_layer/out_layer, img_in,
+    # modulation.1, transformer_blocks.N.attn.to_q/to_k/to_v/to_out.0, img_mlp.out,
+    # norm_out.linear, proj_out); img_mlp.gate_layer / .proj are fused into img_mlp.gate_up at
+    # load, and comfy/lora.py (QwenImage branch) maps the bare "<name>" of every weight and of
+    # each gate_up half onto its rows.
+    block = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "img_mlp.gate_layer", "img_mlp.proj",
+             "img_mlp.out"]
+    paths = [f"transformer_blocks.{i}.{p}" for i in (0, 1) for p in block]
+    paths += ["time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2",
+              "txt_in.in_layer", "txt_in.out_layer", "img_in", "modulation.1", "norm_out.linear", "proj_out"]
+    return Case(dit.tiny_qwen21_pipeline, {p: p for p in paths}, ("qwen_image_2_1", "qwen-image-2.1"))
+
+
+def _ideogram4() -> Case:
+    # comfy/ldm/ideogram4/model.py Ideogram4Transformer2DModel: layers.N.attention.qkv (rows q, k,
+    # v), attention.o, feed_forward.w1/w2/w3, adaln_modulation; input_proj, llm_cond_proj,
+    # t_embedding.mlp_in/mlp_out, adaln_proj, final_layer.linear / .adaln_modulation. comfy/lora.py
+    # has no Ideogram 4 branch: model_lora_keys_unet's generic loop maps "diffusion_model.<name>".
+    single, fused = {}, {}
+    for i in (0, 1):
+        block = f"layers.{i}"
+        fused[f"diffusion_model.{block}.attention.qkv"] = tuple(f"{block}.attention.to_{p}" for p in "qkv")
+        single[f"{block}.attention.to_out.0"] = f"diffusion_model.{block}.attention.o"
+        for name in ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3", "adaln_modulation"):
+            single[f"{block}.{name}"] = f"diffusion_model.{block}.{name}"
+    for name in ("input_proj", "llm_cond_proj", "t_embedding.mlp_in", "t_embedding.mlp_out", "adaln_proj",
+                 "final_layer.linear", "final_layer.adaln_modulation"):
+        single[name] = f"diffusion_model.{name}"
+    return Case(dit.tiny_ideogram4_pipeline, single, ("ideogram4", "ideogram-4"), fused)
+
+
+def _ltx2() -> Case:
+    # comfy/ldm/lightricks/av_model.py BasicAVTransformerBlock: attn1, audio_attn1, attn2,
+    # audio_attn2, audio_to_video_attn, video_to_audio_attn (to_q/to_k/to_v/to_out.0), ff /
+    # audio_ff (net.0.proj, net.2), as diffusers names them; at the top the Lightricks names
+    # patchify_proj, audio_patchify_proj, adaln_single, audio_adaln_single,
+    # av_ca_{video,audio}_scale_shift_adaln_single, av_ca_a2v_gate_adaln_single,
+    # av_ca_v2a_gate_adaln_single (emb.timestep_embedder.linear_1/2, linear), caption_projection,
+    # audio_caption_projection (linear_1/2), proj_out, audio_proj_out. comfy/lora.py maps
+    # "diffusion_model.<name>" for every model.
+    single = {}
+    for i in (0, 1):
+        for attn in ("attn1", "audio_attn1", "attn2", "audio_attn2", "audio_to_video_attn", "video_to_audio_attn"):
+            for projection in ("to_q", "to_k", "to_v", "to_out.0"):
+                single[f"transformer_blocks.{i}.{attn}.{projection}"] = ""
+        for ff in ("ff", "audio_ff"):
+            single[f"transformer_blocks.{i}.{ff}.net.0.proj"] = ""
+            single[f"transformer_blocks.{i}.{ff}.net.2"] = ""
+    for name in ("caption_projection.linear_1", "caption_projection.linear_2", "audio_caption_projection.linear_1",
+                 "audio_caption_projection.linear_2", "proj_out", "audio_proj_out"):
+        single[name] = ""
+    single = {path: f"diffusion_model.{path}" for path in single}
+    single["proj_in"] = "diffusion_model.patchify_proj"
+    single["audio_proj_in"] = "diffusion_model.audio_patchify_proj"
+    for ours, theirs in (("time_embed", "adaln_single"), ("audio_time_embed", "audio_adaln_single"),
+                         ("av_cross_attn_video_scale_shift", "av_ca_video_scale_shift_adaln_single"),
+                         ("av_cross_attn_audio_scale_shift", "av_ca_audio_scale_shift_adaln_single"),
+                         ("av_cross_attn_video_a2v_gate", "av_ca_a2v_gate_adaln_single"),
+                         ("av_cross_attn_audio_v2a_gate", "av_ca_v2a_gate_adaln_single")):
+        for sub in ("emb.timestep_embedder.linear_1", "emb.timestep_embedder.linear_2", "linear"):
+            single[f"{ours}.{sub}"] = f"diffusion_model.{theirs}.{sub}"
+    return Case(tiny_ltx2_pipeline, single, ("ltx2", "ltx-2"))
+
+
+def _hunyuan_video15() -> Case:
+    # No HunyuanVideo 1.5 in the ComfyUI read (Oct 2025 snapshot: comfy/supported_models.py and
+    # comfy/model_base.py have HunyuanVideo 1.0, its I2V variants and HunyuanImage 2.1 only): the
+    # names stay diffusers', "transformer.<name>", which transformer.load_lora_adapter takes.
+    block = ["norm1.linear", "norm1_context.linear", "attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj",
+             "attn.add_k_proj", "attn.add_v_proj", "attn.to_out.0", "attn.to_add_out", "ff.net.0.proj", "ff.net.2",
+             "ff_context.net.0.proj", "ff_context.net.2"]
+    refiner = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "ff.net.0.proj", "ff.net.2", "norm_out.linear"]
+    paths = [f"transformer_blocks.{i}.{p}" for i in (0, 1) for p in block]
+    paths += [f"context_embedder.token_refiner.refiner_blocks.0.{p}" for p in refiner]
+    paths += ["image_embedder.linear_1", "image_embedder.linear_2",
+              "context_embedder.time_text_embed.timestep_embedder.linear_1",
+              "context_embedder.time_text_embed.timestep_embedder.linear_2",
+              "context_embedder.time_text_embed.text_embedder.linear_1",
+              "context_embedder.time_text_embed.text_embedder.linear_2", "context_embedder.proj_in",
+              "context_embedder_2.linear_1", "context_embedder_2.linear_3", "time_embed.timestep_embedder.linear_1",
+              "time_embed.timestep_embedder.linear_2", "norm_out.linear", "proj_out"]
+    return Case(tiny_hunyuan_video15_pipeline, {p: f"transformer.{p}" for p in paths},
+                ("hunyuan_video_1_5", "hunyuan-video-1.5"))
+
+
+CASES = {
+    "qwen-image-2.1": _qwen_image21(),
+    "ideogram4": _ideogram4(),
+    "ltx2": _ltx2(),
+    "hunyuan-video-1.5": _hunyuan_video15(),
+}
+
+
+@dataclasses.dataclass
+class Adapted:
+    """A saved tiny pipeline, a SNELLA file on ``layers`` and the reference ΔW per layer."""
+
+    folder: Path
+    adapter: Path
+    layers: list[str]
+    deltas: dict[str, torch.Tensor]
+
+
+def _adapt(pipe, layers: list[str], path: Path, seed: int) -> Adapted:
+    """SNELLA (rank 4) on exactly ``layers`` of the transformer, factors moved by N(0, 1) draws,
+    saved; then fused in memory for the reference ΔW."""
+    model = pipe.transformer
+    pristine = {name: model.get_submodule(name).weight.detach().clone() for name in layers}
+    adapted = apply_snella(model, SnellaConfig(rank=4, target_modules=[re.escape(name) + "$" for name in layers],
+                                               init_sparsity=0.4))
+    assert sorted(adapted) == sorted(layers)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in adapted.values():
+            for factors in (layer.in_factors, layer.out_factors):
+                factors.add_(torch.randn(factors.shape, generator=generator))
+    adapter = save_snella({"transformer": model}, path.with_suffix(".safetensors"), base_model="tiny")
+    fuse_snella(model)
+    deltas = {}
+    for name in layers:
+        delta = model.get_submodule(name).base_layer.weight.detach() - pristine[name]
+        assert delta.abs().max() > 1e-3, name
+        deltas[name] = delta.float()
+    return Adapted(path, adapter, layers, deltas)
+
+
+@pytest.fixture(scope="module")
+def adapted(tmp_path_factory):
+    """Per family, built once: the saved pipeline and an adapter on every listed layer."""
+    root = tmp_path_factory.mktemp("new-families")
+    cache: dict[str, Adapted] = {}
+
+    def build(family: str) -> Adapted:
+        if family not in cache:
+            case = CASES[family]
+            pipe = case.builder(0)
+            pipe.save_pretrained(root / family)
+            result = _adapt(pipe, case.layers, root / f"{family}-adapter", seed=7)
+            cache[family] = Adapted(root / family, result.adapter, result.layers, result.deltas)
+        return cache[family]
+
+    return build
+
+
+def test_cases_cover_every_linear_layer():
+    """The tables list every linear layer of each tiny transformer (but ``SKIPPED``), so the
+    exports below reach every kind of layer the family has."""
+    for family, case in CASES.items():
+        transformer = case.builder(0).transformer
+        linear = {name for name, module in transformer.named_modules() if isinstance(module, nn.Linear)}
+        assert set(case.layers) == linear - SKIPPED, family
+
+
+def _expected(case: Case, deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    expected = {key: deltas[path] for path, key in case.single.items()}
+    expected.update({key: torch.cat([deltas[p] for p in parts]) for key, parts in case.fused.items()})
+    return expected
+
+
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_diff_keys_are_comfyuis_names_and_values_the_adapters_delta(adapted, family, tmp_path):
+    case, built = CASES[family], adapted(family)
+    output = tmp_path / "diff.safetensors"
+    export_snella([built.adapter], built.folder, output, to="diff", dtype="fp32")
+    written = load_file(str(output))
+    expected = _expected(case, built.deltas)
+    assert {key.removesuffix(".diff") for key in written} == set(expected)
+    assert len(written) == len(case.single) + len(case.fused)
+    for key, delta in expected.items():
+        torch.testing.assert_close(written[f"{key}.diff"], delta, rtol=1e-5, atol=1e-6, msg=key)
+    with safe_open(str(output), "pt") as handle:
+        header = handle.metadata()
+    version, architecture = case.header
+    assert (header["ss_base_model_version"], header["modelspec.architecture"]) == (version, f"{architecture}/lycoris")
+
+
+def _load_lora(family: str, file: Path):
+    """A fresh tiny pipeline with the LoRA file loaded by the family's diffusers loader:
+    ``load_lora_weights``, or for HunyuanVideo 1.5 (no loader mixin in diffusers 0.42)
+    ``transformer.load_lora_adapter(state_dict, prefix="transformer")``."""
+    pipe = CASES[family].builder(0)
+    if hasattr(pipe, "load_lora_weights"):
+        pipe.load_lora_weights(str(file))
+    else:
+        pipe.transformer.load_lora_adapter(load_file(str(file)), prefix="transformer")
+    return pipe
+
+
+# Families whose diffusers loader takes lora_A / lora_B factor names only (LTX2LoraLoaderMixin
+# refuses .alpha keys and renames no lora_down; load_lora_adapter reads no lora_down): --to lora
+# writes those, without alpha. ComfyUI reads them as well (comfy/weight_adapter/lora.py).
+LORA_AB = {"ltx2", "hunyuan-video-1.5"}
+
+
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_full_rank_lora_loads_in_diffusers_and_reproduces_each_layer(adapted, family, tmp_path):
+    """--to lora --energy 1: the keys are ComfyUI's names; the family's diffusers loader wraps
+    every adapted layer (none left out, none extra), and each wrapped layer's output on random
+    inputs equals the layer with W0 + ΔW (error below 1e-4 of the update's output; the SVD is
+    float32). Ideogram 4: diffusers' converter takes the blocks' layers only (the ``dit``
+    preset's), so the load runs on an adapter of those."""
+    case, built = CASES[family], adapted(family)
+    output = tmp_path / "lora.safetensors"
+    export_snella([built.adapter], built.folder, output, to="lora", dtype="fp32", energy=1.0)
+    written = load_file(str(output))
+    down = ".lora_A.weight" if family in LORA_AB else ".lora_down.weight"
+    assert {key.removesuffix(down) for key in written if key.endswith(down)} == set(_expected(case, built.deltas))
+    assert len(written) == len(_expected(case, built.deltas)) * (2 if family in LORA_AB else 3)
+    if family == "ideogram4":
+        blocks = [path for path in case.layers if path.startswith("layers.")]
+        built = _adapt(case.builder(0), blocks, tmp_path / "blocks", seed=9)
+        export_snella([built.adapter], adapted(family).folder, output, to="lora", dtype="fp32",
+                      energy=1.0, overwrite=True)
+    transformer = _load_lora(family, output).transformer
+    wrapped = {name for name, module in transformer.named_modules() if hasattr(module, "lora_A")}
+    assert wrapped == set(built.layers)
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name in built.layers:
+            module = transformer.get_submodule(name)
+            base = module.base_layer
+            inputs = torch.randn(3, base.in_features, generator=generator)
+            update = F.linear(inputs, built.deltas[name])
+            expected = F.linear(inputs, base.weight, base.bias) + update
+            error = float((module(inputs) - expected).norm() / update.norm())
+            assert error < 1e-4, (name, error)
+
+
+def _comfyui_layers(file: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    with safe_open(str(file), "pt") as handle:
+        header = handle.metadata()
+    return json.loads(header["snella_comfyui_layers"]), load_file(str(file))
+
+
+@pytest.mark.parametrize("family", sorted(set(CASES) - {"ideogram4"}))
+def test_comfyui_prefixes_are_comfyuis_names_and_rebuild_the_delta(adapted, family, tmp_path):
+    case, built = CASES[family], adapted(family)
+    output = tmp_path / "comfyui.safetensors"
+    export_snella([built.adapter], built.folder, output, to="comfyui")
+    layers, state = _comfyui_layers(output)
+    assert {prefix: layer.removeprefix("transformer.") for prefix, layer in layers.items()} == {
+        key: path for path, key in case.single.items()}
+    for path, key in case.single.items():
+        torch.testing.assert_close(SnellaLayerTensors.find(key, state).delta_weight(), built.deltas[path],
+                                   rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_ideogram4_comfyui_refuses_fused_qkv_and_names_the_rest(adapted, tmp_path):
+    """ComfyUI maps no row slice of Ideogram 4's attention.qkv: a q/k/v layer is refused in one
+    line naming it and the fused weight; the other layers take their ComfyUI names."""
+    case, built = CASES["ideogram4"], adapted("ideogram4")
+    with pytest.raises(SnellaError, match=r"layer transformer\.(layers\.\d+)\.attention\.to_[qkv]: .* fused weight "
+                                          r"\1\.attention\.qkv .*--to diff or --to lora"):
+        export_snella([built.adapter], built.folder, tmp_path / "all.safetensors", to="comfyui")
+    unfused = _adapt(case.builder(0), sorted(case.single), tmp_path / "unfused", seed=8)
+    output = tmp_path / "comfyui.safetensors"
+    export_snella([unfused.adapter], built.folder, output, to="comfyui")
+    layers, state = _comfyui_layers(output)
+    assert {prefix: layer.removeprefix("transformer.") for prefix, layer in layers.items()} == {
+        key: path for path, key in case.single.items()}
+    for path, key in case.single.items():
+        torch.testing.assert_close(SnellaLayerTensors.find(key, state).delta_weight(), unfused.deltas[path],
+                                   rtol=1e-5, atol=1e-6, msg=key)
