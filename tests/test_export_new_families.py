@@ -35,7 +35,7 @@ from snella_diffusion.testing.tiny_ltx2_models import tiny_ltx2_pipeline
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 # Layers left out of the adapters: HunyuanVideo 1.5's tiny ByT5 mapper has a 2048 x 2048
-# layer whose SVD alone would cost seconds.
+# layer (byt5_in.fc2 in ComfyUI) whose SVD alone would cost seconds.
 SKIPPED = {"context_embedder_2.linear_2"}
 
 
@@ -122,24 +122,46 @@ def _ltx2() -> Case:
 
 
 def _hunyuan_video15() -> Case:
-    # No HunyuanVideo 1.5 in the ComfyUI read (Oct 2025 snapshot: comfy/supported_models.py and
-    # comfy/model_base.py have HunyuanVideo 1.0, its I2V variants and HunyuanImage 2.1 only): the
-    # names stay diffusers', "transformer.<name>", which transformer.load_lora_adapter takes.
-    block = ["norm1.linear", "norm1_context.linear", "attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj",
-             "attn.add_k_proj", "attn.add_v_proj", "attn.to_out.0", "attn.to_add_out", "ff.net.0.proj", "ff.net.2",
-             "ff_context.net.0.proj", "ff_context.net.2"]
-    refiner = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "ff.net.0.proj", "ff.net.2", "norm_out.linear"]
-    paths = [f"transformer_blocks.{i}.{p}" for i in (0, 1) for p in block]
-    paths += [f"context_embedder.token_refiner.refiner_blocks.0.{p}" for p in refiner]
-    paths += ["image_embedder.linear_1", "image_embedder.linear_2",
-              "context_embedder.time_text_embed.timestep_embedder.linear_1",
-              "context_embedder.time_text_embed.timestep_embedder.linear_2",
-              "context_embedder.time_text_embed.text_embedder.linear_1",
-              "context_embedder.time_text_embed.text_embedder.linear_2", "context_embedder.proj_in",
-              "context_embedder_2.linear_1", "context_embedder_2.linear_3", "time_embed.timestep_embedder.linear_1",
-              "time_embed.timestep_embedder.linear_2", "norm_out.linear", "proj_out"]
-    return Case(tiny_hunyuan_video15_pipeline, {p: f"transformer.{p}" for p in paths},
-                ("hunyuan_video_1_5", "hunyuan-video-1.5"))
+    # comfy/model_base.py HunyuanVideo15 subclasses HunyuanVideo; comfy/ldm/hunyuan_video/model.py
+    # HunyuanVideo: double_blocks.N with comfy/ldm/flux/layers.py DoubleStreamBlock's img_attn.qkv
+    # (rows q, k, v), img_attn.proj, img_mlp.0/2, img_mod.lin and txt_ twins; txt_in (TokenRefiner):
+    # input_embedder, t_embedder/c_embedder in_layer/out_layer, individual_token_refiner.blocks.N
+    # self_attn.qkv / self_attn.proj / mlp.0 / mlp.2 / adaLN_modulation.1; byt5_in.fc1-3;
+    # time_in.in_layer/out_layer; final_layer.linear. comfy/lora.py maps "diffusion_model.<name>".
+    single, fused = {}, {}
+    for i in (0, 1):
+        ours, theirs = f"transformer_blocks.{i}", f"diffusion_model.double_blocks.{i}"
+        fused[f"{theirs}.img_attn.qkv"] = tuple(f"{ours}.attn.to_{p}" for p in "qkv")
+        fused[f"{theirs}.txt_attn.qkv"] = tuple(f"{ours}.attn.add_{p}_proj" for p in "qkv")
+        single.update({
+            f"{ours}.norm1.linear": f"{theirs}.img_mod.lin", f"{ours}.norm1_context.linear": f"{theirs}.txt_mod.lin",
+            f"{ours}.attn.to_out.0": f"{theirs}.img_attn.proj", f"{ours}.attn.to_add_out": f"{theirs}.txt_attn.proj",
+            f"{ours}.ff.net.0.proj": f"{theirs}.img_mlp.0", f"{ours}.ff.net.2": f"{theirs}.img_mlp.2",
+            f"{ours}.ff_context.net.0.proj": f"{theirs}.txt_mlp.0", f"{ours}.ff_context.net.2": f"{theirs}.txt_mlp.2",
+        })
+    ours, theirs = "context_embedder.token_refiner.refiner_blocks.0", "diffusion_model.txt_in.individual_token_refiner.blocks.0"
+    fused[f"{theirs}.self_attn.qkv"] = tuple(f"{ours}.attn.to_{p}" for p in "qkv")
+    single.update({f"{ours}.attn.to_out.0": f"{theirs}.self_attn.proj", f"{ours}.ff.net.0.proj": f"{theirs}.mlp.0",
+                   f"{ours}.ff.net.2": f"{theirs}.mlp.2", f"{ours}.norm_out.linear": f"{theirs}.adaLN_modulation.1"})
+    single.update({
+        "context_embedder.time_text_embed.timestep_embedder.linear_1": "diffusion_model.txt_in.t_embedder.in_layer",
+        "context_embedder.time_text_embed.timestep_embedder.linear_2": "diffusion_model.txt_in.t_embedder.out_layer",
+        "context_embedder.time_text_embed.text_embedder.linear_1": "diffusion_model.txt_in.c_embedder.in_layer",
+        "context_embedder.time_text_embed.text_embedder.linear_2": "diffusion_model.txt_in.c_embedder.out_layer",
+        "context_embedder.proj_in": "diffusion_model.txt_in.input_embedder",
+        "context_embedder_2.linear_1": "diffusion_model.byt5_in.fc1",
+        "context_embedder_2.linear_3": "diffusion_model.byt5_in.fc3",
+        "time_embed.timestep_embedder.linear_1": "diffusion_model.time_in.in_layer",
+        "time_embed.timestep_embedder.linear_2": "diffusion_model.time_in.out_layer",
+        "proj_out": "diffusion_model.final_layer.linear",
+    })
+    return Case(tiny_hunyuan_video15_pipeline, single, ("hunyuan_video_1_5", "hunyuan-video-1.5"), fused)
+
+
+# HunyuanVideo 1.5 layers with no ComfyUI name: the image embedder (ComfyUI's HunyuanVideo of the
+# snapshot read has no vision input) and the final adaLN (ComfyUI's LastLayer reads shift then
+# scale, diffusers' norm_out scale then shift).
+HY15_UNNAMED = ("image_embedder.linear_1", "image_embedder.linear_2", "norm_out.linear")
 
 
 CASES = {
@@ -207,7 +229,8 @@ def test_cases_cover_every_linear_layer():
     for family, case in CASES.items():
         transformer = case.builder(0).transformer
         linear = {name for name, module in transformer.named_modules() if isinstance(module, nn.Linear)}
-        assert set(case.layers) == linear - SKIPPED, family
+        unnamed = set(HY15_UNNAMED) if family == "hunyuan-video-1.5" else set()
+        assert set(case.layers) == linear - SKIPPED - unnamed, family
 
 
 def _expected(case: Case, deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -246,31 +269,15 @@ def _load_lora(family: str, file: Path):
 
 
 # Families whose diffusers loader takes lora_A / lora_B factor names only (LTX2LoraLoaderMixin
-# refuses .alpha keys and renames no lora_down; load_lora_adapter reads no lora_down): --to lora
-# writes those, without alpha. ComfyUI reads them as well (comfy/weight_adapter/lora.py).
-LORA_AB = {"ltx2", "hunyuan-video-1.5"}
+# refuses .alpha keys and renames no lora_down): --to lora writes those, without alpha. ComfyUI
+# reads them as well (comfy/weight_adapter/lora.py).
+LORA_AB = {"ltx2"}
 
 
-@pytest.mark.parametrize("family", sorted(CASES))
-def test_full_rank_lora_loads_in_diffusers_and_reproduces_each_layer(adapted, family, tmp_path):
-    """--to lora --energy 1: the keys are ComfyUI's names; the family's diffusers loader wraps
-    every adapted layer (none left out, none extra), and each wrapped layer's output on random
-    inputs equals the layer with W0 + ΔW (error below 1e-4 of the update's output; the SVD is
-    float32). Ideogram 4: diffusers' converter takes the blocks' layers only (the ``dit``
-    preset's), so the load runs on an adapter of those."""
-    case, built = CASES[family], adapted(family)
-    output = tmp_path / "lora.safetensors"
-    export_snella([built.adapter], built.folder, output, to="lora", dtype="fp32", energy=1.0)
-    written = load_file(str(output))
-    down = ".lora_A.weight" if family in LORA_AB else ".lora_down.weight"
-    assert {key.removesuffix(down) for key in written if key.endswith(down)} == set(_expected(case, built.deltas))
-    assert len(written) == len(_expected(case, built.deltas)) * (2 if family in LORA_AB else 3)
-    if family == "ideogram4":
-        blocks = [path for path in case.layers if path.startswith("layers.")]
-        built = _adapt(case.builder(0), blocks, tmp_path / "blocks", seed=9)
-        export_snella([built.adapter], adapted(family).folder, output, to="lora", dtype="fp32",
-                      energy=1.0, overwrite=True)
-    transformer = _load_lora(family, output).transformer
+def _check_layers_reproduced(transformer, built: Adapted) -> None:
+    """The loader wrapped every adapted layer (none left out, none extra), and each wrapped
+    layer's output on random inputs equals the layer with W0 + ΔW: error below 1e-4 of the
+    update's output (the SVD is float32)."""
     wrapped = {name for name, module in transformer.named_modules() if hasattr(module, "lora_A")}
     assert wrapped == set(built.layers)
     generator = torch.Generator().manual_seed(11)
@@ -285,13 +292,74 @@ def test_full_rank_lora_loads_in_diffusers_and_reproduces_each_layer(adapted, fa
             assert error < 1e-4, (name, error)
 
 
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_full_rank_lora_keys_are_comfyuis_names_and_up_down_the_delta(adapted, family, tmp_path):
+    case, built = CASES[family], adapted(family)
+    output = tmp_path / "lora.safetensors"
+    export_snella([built.adapter], built.folder, output, to="lora", dtype="fp32", energy=1.0)
+    written = load_file(str(output))
+    down, up = (".lora_A.weight", ".lora_B.weight") if family in LORA_AB else (".lora_down.weight", ".lora_up.weight")
+    expected = _expected(case, built.deltas)
+    assert {key.removesuffix(down) for key in written if key.endswith(down)} == set(expected)
+    assert len(written) == len(expected) * (2 if family in LORA_AB else 3)
+    for key, delta in expected.items():
+        scale = written[f"{key}.alpha"].item() / written[key + down].shape[0] if family not in LORA_AB else 1.0
+        product = written[key + up] @ written[key + down] * scale
+        assert float((product - delta).norm() / delta.norm()) < 1e-5, key
+
+
+@pytest.mark.parametrize("family", ["ideogram4", "ltx2", "qwen-image-2.1"])
+def test_full_rank_lora_loads_with_the_pipelines_load_lora_weights(adapted, family, tmp_path):
+    """--to lora --energy 1 loads with the family pipeline's load_lora_weights and reproduces
+    every adapted layer. Ideogram 4: diffusers' converter takes the blocks' layers only (the
+    ``dit`` preset's; it raises on input_proj, ...), so the load runs on an adapter of those."""
+    case, built = CASES[family], adapted(family)
+    folder = built.folder
+    if family == "ideogram4":
+        built = _adapt(case.builder(0), [path for path in case.layers if path.startswith("layers.")],
+                       tmp_path / "blocks", seed=9)
+    output = tmp_path / "lora.safetensors"
+    export_snella([built.adapter], folder, output, to="lora", dtype="fp32", energy=1.0)
+    pipe = case.builder(0)
+    pipe.load_lora_weights(str(output))
+    _check_layers_reproduced(pipe.transformer, built)
+
+
+def test_hunyuan_video15_peft_loads_with_load_lora_adapter(adapted, tmp_path):
+    """HunyuanVideo15Pipeline has no load_lora_weights in diffusers 0.42 and its transformer's
+    load_lora_adapter reads diffusers' names only (no converter of ComfyUI's): --to peft
+    (``transformer.<diffusers name>.lora_A / lora_B``) loads and reproduces every layer."""
+    built = adapted("hunyuan-video-1.5")
+    output = tmp_path / "peft.safetensors"
+    export_snella([built.adapter], built.folder, output, to="peft", dtype="fp32", energy=1.0)
+    pipe = CASES["hunyuan-video-1.5"].builder(0)
+    pipe.transformer.load_lora_adapter(load_file(str(output)), prefix="transformer")
+    _check_layers_reproduced(pipe.transformer, built)
+
+
+def test_hunyuan_video15_layers_without_a_comfyui_name_are_refused(tmp_path):
+    """The image embedder and the final adaLN have no ComfyUI name: --to diff refuses in one line
+    naming the layer and --to peft; --to peft exports them."""
+    case = CASES["hunyuan-video-1.5"]
+    pipe = case.builder(0)
+    pipe.save_pretrained(tmp_path / "pipeline")
+    built = _adapt(pipe, list(HY15_UNNAMED), tmp_path / "unnamed", seed=10)
+    with pytest.raises(SnellaError, match=r"^layer transformer\.image_embedder\.linear_1: ComfyUI's HunyuanVideo 1\.5 "
+                                          r"model has no module for this layer .*--to peft$"):
+        export_snella([built.adapter], tmp_path / "pipeline", tmp_path / "diff.safetensors", to="diff")
+    peft = tmp_path / "peft.safetensors"
+    export_snella([built.adapter], tmp_path / "pipeline", peft, to="peft", dtype="fp32", energy=1.0)
+    assert {key.removesuffix(".lora_A.weight") for key in load_file(str(peft)) if key.endswith(".lora_A.weight")} == {
+        f"transformer.{path}" for path in HY15_UNNAMED}
+
+
 def _comfyui_layers(file: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     with safe_open(str(file), "pt") as handle:
         header = handle.metadata()
     return json.loads(header["snella_comfyui_layers"]), load_file(str(file))
 
 
-@pytest.mark.parametrize("family", sorted(set(CASES) - {"ideogram4"}))
+@pytest.mark.parametrize("family", ["ltx2", "qwen-image-2.1"])
 def test_comfyui_prefixes_are_comfyuis_names_and_rebuild_the_delta(adapted, family, tmp_path):
     case, built = CASES[family], adapted(family)
     output = tmp_path / "comfyui.safetensors"
@@ -304,12 +372,17 @@ def test_comfyui_prefixes_are_comfyuis_names_and_rebuild_the_delta(adapted, fami
                                    rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_ideogram4_comfyui_refuses_fused_qkv_and_names_the_rest(adapted, tmp_path):
-    """ComfyUI maps no row slice of Ideogram 4's attention.qkv: a q/k/v layer is refused in one
-    line naming it and the fused weight; the other layers take their ComfyUI names."""
-    case, built = CASES["ideogram4"], adapted("ideogram4")
-    with pytest.raises(SnellaError, match=r"layer transformer\.(layers\.\d+)\.attention\.to_[qkv]: .* fused weight "
-                                          r"\1\.attention\.qkv .*--to diff or --to lora"):
+@pytest.mark.parametrize("family, refused", [
+    ("ideogram4", r"(layers\.\d+)\.attention\.to_[qkv]: .* fused weight \1\.attention\.qkv "),
+    ("hunyuan-video-1.5", r"context_embedder\.token_refiner\.refiner_blocks\.0\.attn\.to_[qkv]: .* fused weight "
+                          r"txt_in\.individual_token_refiner\.blocks\.0\.self_attn\.qkv "),
+])
+def test_comfyui_refuses_fused_qkv_parts_and_names_the_rest(adapted, family, refused, tmp_path):
+    """ComfyUI maps no row slice of Ideogram 4's attention.qkv nor of HunyuanVideo's qkv
+    weights: a q/k/v layer is refused in one line naming it and the fused weight; the other
+    layers take their ComfyUI names and rebuild their ΔW."""
+    case, built = CASES[family], adapted(family)
+    with pytest.raises(SnellaError, match=rf"^layer transformer\.{refused}.*--to diff or --to lora"):
         export_snella([built.adapter], built.folder, tmp_path / "all.safetensors", to="comfyui")
     unfused = _adapt(case.builder(0), sorted(case.single), tmp_path / "unfused", seed=8)
     output = tmp_path / "comfyui.safetensors"

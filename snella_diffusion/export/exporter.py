@@ -307,7 +307,7 @@ def export_snella(
         metadata.update(comfyui_metadata(prefixes, zero))
         write_export(output, tensors, metadata, None)
         return ExportReport(output, to, base_model.family.name, len(tensors))
-    targets = base_model.family.targets(layers, spelled)
+    targets = base_model.family.targets(layers, spelled, peft=to == "peft")
     if to != "peft":
         check_distinct_keys(targets)
     torch_dtype = EXPORT_DTYPES[dtype]

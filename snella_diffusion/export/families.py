@@ -11,7 +11,9 @@ names ComfyUI's own model of the family gives each layer, learnt from a current 
 ``comfy/lora.py`` ``model_lora_keys_unet``, ``comfy/utils.py`` and ``comfy/ldm/<model>``):
 Flux.2 and Lumina 2 fuse q, k, v as Flux.1 does, Wan renames every layer one to one, and
 Z-Image and Krea 2 keep diffusers' names, which ComfyUI maps itself (Sana keeps them too: a
-current ComfyUI has no Sana model).
+current ComfyUI has no Sana model). Qwen-Image 2.1 keeps diffusers' names without prefix;
+Ideogram 4 and HunyuanVideo 1.5 fuse q, k, v and LTX-2 renames its top-level layers, all three
+under ``diffusion_model.``.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class ExportFamily:
         lora_ab: ``--to lora`` names the factors ``<key>.lora_A.weight`` / ``.lora_B.weight``
             without ``alpha`` (scale 1; ComfyUI reads these too) instead of kohya's
             ``lora_down`` / ``lora_up`` / ``alpha``: for the families whose diffusers loader
-            takes no kohya factor names (LTX-2, HunyuanVideo 1.5).
+            takes no kohya factor names (LTX-2).
     """
 
     name: str
@@ -80,15 +82,18 @@ class ExportFamily:
             )
         return prefix + (path if prefix.endswith(".") else path.replace(".", "_"))
 
-    def targets(self, layers: list[LayerKey], spelled: Callable[[LayerKey], str]) -> list[ExportTarget]:
+    def targets(self, layers: list[LayerKey], spelled: Callable[[LayerKey], str],
+                peft: bool = False) -> list[ExportTarget]:
         """The exported weights covering the adapted ``layers``, in a stable order;
-        ``spelled`` gives a layer's path as the exported names spell it."""
+        ``spelled`` gives a layer's path as the exported names spell it. With ``peft`` (whose
+        files name each layer by its diffusers path) a layer that ComfyUI cannot name is a
+        target of its own, keyed ``<component>.<path>``, instead of an error."""
         remaining = list(layers)
         targets: list[ExportTarget] = []
         if self.names is not None:
             for component in self.names.components:
                 paths = {path for c, path in layers if c == component}
-                targets.extend(self.names.targets(component, paths))
+                targets.extend(self.names.targets(component, paths, unnamed_alone=peft))
             remaining = [(c, p) for c, p in layers if c not in self.names.components]
         if self.fused_targets is not None:
             transformer_paths = {path for component, path in layers if component == "transformer"}
@@ -96,12 +101,17 @@ class ExportFamily:
             targets.extend(fused)
             remaining = [(c, p) for c, p in layers if not (c == "transformer" and p in covered)]
             unmapped = [p for c, p in remaining if c == "transformer"]
-            if unmapped:
+            if unmapped and not peft:
                 raise SnellaError(
                     f"layer transformer.{unmapped[0]}: no Flux.1 (BFL) module holds this layer, so "
                     "ComfyUI, Forge and diffusers' kohya loader cannot map it; export with --to peft"
                 )
-        targets.extend(ExportTarget(self.kohya_key(c, spelled((c, p))), ((c, p),)) for c, p in remaining)
+        for component, path in remaining:
+            if peft and component not in self.kohya_prefixes:
+                key = f"{component}.{spelled((component, path))}"
+            else:
+                key = self.kohya_key(component, spelled((component, path)))
+            targets.append(ExportTarget(key, ((component, path),)))
         return targets
 
 
@@ -183,12 +193,13 @@ class NameMap:
             f"layer {component}.{path}: ComfyUI's {self.label} model has no module for this layer "
             f"({self.source}), so ComfyUI could not load it; train without it or export with --to peft")
 
-    def targets(self, component: str, paths: set[str]) -> list[ExportTarget]:
+    def targets(self, component: str, paths: set[str], unnamed_alone: bool = False) -> list[ExportTarget]:
         """The exported weights of ``component``'s adapted ``paths``, sorted by key; a fused
-        weight lists all its parts (an unadapted part exports zero rows).
+        weight lists all its parts (an unadapted part exports zero rows). With
+        ``unnamed_alone``, a path with no ComfyUI module is a target ``<component>.<path>``.
 
         Raises:
-            SnellaError: a path with no ComfyUI module.
+            SnellaError: a path with no ComfyUI module (without ``unnamed_alone``).
         """
         targets: dict[str, ExportTarget] = {}
         for path in sorted(paths):
@@ -199,6 +210,9 @@ class NameMap:
                 targets[key] = ExportTarget(key, tuple((component, part) for part in parts))
                 continue
             module = self.module(path)
+            if module is None and unnamed_alone:
+                targets[f"{component}.{path}"] = ExportTarget(f"{component}.{path}", ((component, path),))
+                continue
             if module is None:
                 raise self._unmapped(component, path)
             targets[self.key(module)] = ExportTarget(self.key(module), ((component, path),))
@@ -607,6 +621,53 @@ LTX2_NAMES = NameMap(
 )
 
 
+# HunyuanVideo 1.5: ComfyUI's HunyuanVideo15 (comfy/model_base.py) subclasses its HunyuanVideo,
+# whose model (comfy/ldm/hunyuan_video/model.py HunyuanVideo, read in the Oct 2025 snapshot) has
+# Flux's double blocks (comfy/ldm/flux/layers.py DoubleStreamBlock: img_attn.qkv with rows q, k,
+# v, img_attn.proj, img_mlp.0 / .2, img_mod.lin and the txt_ twins), a TokenRefiner txt_in
+# (input_embedder, t_embedder / c_embedder in_layer / out_layer, individual_token_refiner.blocks.N
+# with self_attn.qkv, self_attn.proj, mlp.0 / .2, adaLN_modulation.1), byt5_in.fc1-3, time_in and
+# final_layer.linear. comfy/lora.py's HunyuanVideo branch and generic loop map
+# diffusion_model.<name>; neither maps a row slice of a qkv. Left unnamed: the image embedder
+# (that snapshot predates 1.5's vision input) and norm_out.linear (ComfyUI's final adaLN holds
+# shift before scale, diffusers' scale before shift).
+_HY_BLOCK = r"transformer_blocks\.(\d+)"
+_HY_REFINER = r"context_embedder\.token_refiner\.refiner_blocks\.(\d+)"
+HUNYUAN_VIDEO15_NAMES = NameMap(
+    "HunyuanVideo 1.5", "comfy/ldm/hunyuan_video/model.py HunyuanVideo; comfy/lora.py model_lora_keys_unet",
+    "diffusion_model.",
+    (
+        (_HY_BLOCK + r"\.norm1\.linear", r"double_blocks.\1.img_mod.lin"),
+        (_HY_BLOCK + r"\.norm1_context\.linear", r"double_blocks.\1.txt_mod.lin"),
+        (_HY_BLOCK + r"\.attn\.to_out\.0", r"double_blocks.\1.img_attn.proj"),
+        (_HY_BLOCK + r"\.attn\.to_add_out", r"double_blocks.\1.txt_attn.proj"),
+        (_HY_BLOCK + r"\.ff\.net\.0\.proj", r"double_blocks.\1.img_mlp.0"),
+        (_HY_BLOCK + r"\.ff\.net\.2", r"double_blocks.\1.img_mlp.2"),
+        (_HY_BLOCK + r"\.ff_context\.net\.0\.proj", r"double_blocks.\1.txt_mlp.0"),
+        (_HY_BLOCK + r"\.ff_context\.net\.2", r"double_blocks.\1.txt_mlp.2"),
+        (_HY_REFINER + r"\.attn\.to_out\.0", r"txt_in.individual_token_refiner.blocks.\1.self_attn.proj"),
+        (_HY_REFINER + r"\.ff\.net\.0\.proj", r"txt_in.individual_token_refiner.blocks.\1.mlp.0"),
+        (_HY_REFINER + r"\.ff\.net\.2", r"txt_in.individual_token_refiner.blocks.\1.mlp.2"),
+        (_HY_REFINER + r"\.norm_out\.linear", r"txt_in.individual_token_refiner.blocks.\1.adaLN_modulation.1"),
+        (r"context_embedder\.time_text_embed\.timestep_embedder\.linear_1", "txt_in.t_embedder.in_layer"),
+        (r"context_embedder\.time_text_embed\.timestep_embedder\.linear_2", "txt_in.t_embedder.out_layer"),
+        (r"context_embedder\.time_text_embed\.text_embedder\.linear_1", "txt_in.c_embedder.in_layer"),
+        (r"context_embedder\.time_text_embed\.text_embedder\.linear_2", "txt_in.c_embedder.out_layer"),
+        (r"context_embedder\.proj_in", "txt_in.input_embedder"),
+        (r"context_embedder_2\.linear_([123])", r"byt5_in.fc\1"),
+        (r"time_embed\.timestep_embedder\.linear_1", "time_in.in_layer"),
+        (r"time_embed\.timestep_embedder\.linear_2", "time_in.out_layer"),
+        (r"proj_out", "final_layer.linear"),
+    ),
+    fused=(
+        (_HY_BLOCK, r"double_blocks.\1.img_attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
+        (_HY_BLOCK, r"double_blocks.\1.txt_attn.qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
+        (_HY_REFINER, r"txt_in.individual_token_refiner.blocks.\1.self_attn.qkv",
+         ("attn.to_q", "attn.to_k", "attn.to_v")),
+    ),
+)
+
+
 def _ideogram4_family(configs: dict[str, dict[str, Any]]) -> ExportFamily:
     return ExportFamily("ideogram4", {}, "ideogram4", "ideogram-4", "https://ideogram.ai", names=IDEOGRAM4_NAMES)
 
@@ -619,14 +680,8 @@ def _ltx2_family(configs: dict[str, dict[str, Any]]) -> ExportFamily:
 
 
 def _hunyuan_video15_family(configs: dict[str, dict[str, Any]]) -> ExportFamily:
-    """HunyuanVideo 1.5: no ComfyUI read here has it (the Oct 2025 snapshot's
-    comfy/model_base.py and comfy/supported_models.py list HunyuanVideo 1.0 and its I2V
-    variants only, whose fused ``img_attn.qkv`` blocks differ), so the files keep diffusers'
-    names, ``transformer.<name>``, with the lora_A / lora_B factor names that
-    ``transformer.load_lora_adapter`` takes (the pipeline has no ``load_lora_weights`` in
-    diffusers 0.42, and that method reads no kohya lora_down / lora_up)."""
-    return ExportFamily("hunyuan-video-1.5", {"transformer": "transformer."}, "hunyuan_video_1_5",
-                        "hunyuan-video-1.5", "https://github.com/Tencent-Hunyuan/HunyuanVideo-1.5", lora_ab=True)
+    return ExportFamily("hunyuan-video-1.5", {}, "hunyuan_video_1_5", "hunyuan-video-1.5",
+                        "https://github.com/Tencent-Hunyuan/HunyuanVideo-1.5", names=HUNYUAN_VIDEO15_NAMES)
 
 
 FAMILY_BUILDERS: dict[str, Callable[[dict[str, dict[str, Any]]], ExportFamily]] = {
