@@ -393,3 +393,22 @@ def test_comfyui_refuses_fused_qkv_parts_and_names_the_rest(adapted, family, ref
     for path, key in case.single.items():
         torch.testing.assert_close(SnellaLayerTensors.find(key, state).delta_weight(), unfused.deltas[path],
                                    rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_peft_names_flux_layers_without_a_bfl_name(tmp_path):
+    """The errors for a layer ComfyUI cannot name advise --to peft: it exports such a layer
+    (Flux.1's norm_out.linear) under its diffusers path beside a fused-weight part, each with
+    up · down = its ΔW at full rank."""
+    pipe = dit.tiny_flux_pipeline(0)
+    pipe.save_pretrained(tmp_path / "flux")
+    layers = ["norm_out.linear", "transformer_blocks.0.attn.to_q"]
+    built = _adapt(pipe, layers, tmp_path / "flux-adapter", seed=12)
+    with pytest.raises(SnellaError, match=r"^layer transformer\.norm_out\.linear: no Flux\.1 \(BFL\) module .*--to peft$"):
+        export_snella([built.adapter], tmp_path / "flux", tmp_path / "diff.safetensors", to="diff")
+    output = tmp_path / "peft.safetensors"
+    export_snella([built.adapter], tmp_path / "flux", output, to="peft", dtype="fp32", energy=1.0)
+    written = load_file(str(output))
+    assert set(written) == {f"transformer.{path}.lora_{ab}.weight" for path in layers for ab in "AB"}
+    for path in layers:
+        product = written[f"transformer.{path}.lora_B.weight"] @ written[f"transformer.{path}.lora_A.weight"]
+        assert float((product - built.deltas[path]).norm() / built.deltas[path].norm()) < 1e-5, path
