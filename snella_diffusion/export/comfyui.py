@@ -8,7 +8,8 @@ UNets and CLIP text encoders take the kohya names of :mod:`.families` (``lora_un
 ``transformer.<diffusers path>``, which ComfyUI maps onto its own weights (for q, k, v and the
 MLP input: onto row slices of the fused weight, ``comfy.utils.mmdit_to_diffusers`` /
 ``flux_to_diffusers``), so each SNELLA layer keeps its own τ. The families with a
-:class:`~.families.NameMap` (Z-Image, Flux.2, Krea 2, Lumina 2, Wan) take its ``comfyui_prefix``:
+:class:`~.families.NameMap` (Z-Image, Flux.2, Krea 2, Lumina 2, Wan, Qwen-Image 2.1, Ideogram 4,
+LTX-2, HunyuanVideo 1.5) take its ``comfyui_prefix``:
 the layer's own key, or ``transformer.<path>`` where ComfyUI maps a row slice. No dense ΔW is
 written; a layer whose every entry is dropped (ΔW = 0) is left out.
 """

@@ -129,8 +129,9 @@ def _peft_metadata(factors: dict[tuple[str, str], tuple[Tensor, Tensor, int]]) -
     return json.dumps(packed, indent=2, sort_keys=True)
 
 
-def _kohya_tensors(factors: dict[str, LowRank], dtype: torch.dtype) -> dict[str, Tensor]:
-    """kohya ``lora_down`` / ``lora_up`` / ``alpha`` per key, each layer scaling by exactly 1.
+def _kohya_tensors(factors: dict[str, LowRank], dtype: torch.dtype, lora_ab: bool = False) -> dict[str, Tensor]:
+    """kohya ``lora_down`` / ``lora_up`` / ``alpha`` per key, each layer scaling by exactly 1;
+    with ``lora_ab``, ``lora_A`` / ``lora_B`` and no alpha (loaders then scale by 1).
 
     Loaders scale a layer by alpha / r. With one rank everywhere alpha = r. With ranks that
     differ (``--energy``), every layer gets the same alpha = the largest rank and its up
@@ -141,6 +142,10 @@ def _kohya_tensors(factors: dict[str, LowRank], dtype: torch.dtype) -> dict[str,
     tensors: dict[str, Tensor] = {}
     for key, low in factors.items():
         if low.rank == 0:
+            continue
+        if lora_ab:
+            tensors[f"{key}.lora_A.weight"] = low.down.to(dtype)
+            tensors[f"{key}.lora_B.weight"] = low.up.to(dtype)
             continue
         tensors[f"{key}.lora_down.weight"] = low.down.to(dtype)
         tensors[f"{key}.lora_up.weight"] = (low.up * (low.rank / alpha)).to(dtype)
@@ -302,7 +307,7 @@ def export_snella(
         metadata.update(comfyui_metadata(prefixes, zero))
         write_export(output, tensors, metadata, None)
         return ExportReport(output, to, base_model.family.name, len(tensors))
-    targets = base_model.family.targets(layers, spelled)
+    targets = base_model.family.targets(layers, spelled, peft=to == "peft")
     if to != "peft":
         check_distinct_keys(targets)
     torch_dtype = EXPORT_DTYPES[dtype]
@@ -314,7 +319,10 @@ def export_snella(
         return ExportReport(output, to, base_model.family.name, len(tensors))
 
     factorised = _factorise(targets, target_delta, choice, to, adapted, spelled)
-    tensors = _kohya_tensors(factorised.kohya, torch_dtype) if to == "lora" else _peft_tensors(factorised.peft, torch_dtype)
+    if to == "lora":
+        tensors = _kohya_tensors(factorised.kohya, torch_dtype, base_model.family.lora_ab)
+    else:
+        tensors = _peft_tensors(factorised.peft, torch_dtype)
     ranks = [record["rank"] for record in factorised.records.values() if record["rank"] > 0]
     metadata = header_metadata(base_model.family, to, sources, output, adapter_weight, ranks, title)
     overall = factorised.kept / factorised.total if factorised.total > 0 else 1.0

@@ -11,7 +11,9 @@ names ComfyUI's own model of the family gives each layer, learnt from a current 
 ``comfy/lora.py`` ``model_lora_keys_unet``, ``comfy/utils.py`` and ``comfy/ldm/<model>``):
 Flux.2 and Lumina 2 fuse q, k, v as Flux.1 does, Wan renames every layer one to one, and
 Z-Image and Krea 2 keep diffusers' names, which ComfyUI maps itself (Sana keeps them too: a
-current ComfyUI has no Sana model).
+current ComfyUI has no Sana model). Qwen-Image 2.1 keeps diffusers' names without prefix;
+Ideogram 4 and HunyuanVideo 1.5 fuse q, k, v and LTX-2 renames its top-level layers, all three
+under ``diffusion_model.``.
 """
 
 from __future__ import annotations
@@ -54,6 +56,10 @@ class ExportFamily:
         implementation: ``modelspec.implementation``.
         fused_targets: for Flux, maps the transformer's adapted paths to BFL fused targets.
         names: ComfyUI's names of the denoiser layers (components ``names.components``).
+        lora_ab: ``--to lora`` names the factors ``<key>.lora_A.weight`` / ``.lora_B.weight``
+            without ``alpha`` (scale 1; ComfyUI reads these too) instead of kohya's
+            ``lora_down`` / ``lora_up`` / ``alpha``: for the families whose diffusers loader
+            takes no kohya factor names (LTX-2).
     """
 
     name: str
@@ -63,6 +69,7 @@ class ExportFamily:
     implementation: str
     fused_targets: Optional[Callable[[set[str]], tuple[list[ExportTarget], set[str]]]] = None
     names: Optional["NameMap"] = None
+    lora_ab: bool = False
 
     def kohya_key(self, component: str, path: str) -> str:
         """The kohya-style name of one unfused layer, e.g. ``lora_te1_text_model_encoder_...``
@@ -75,15 +82,18 @@ class ExportFamily:
             )
         return prefix + (path if prefix.endswith(".") else path.replace(".", "_"))
 
-    def targets(self, layers: list[LayerKey], spelled: Callable[[LayerKey], str]) -> list[ExportTarget]:
+    def targets(self, layers: list[LayerKey], spelled: Callable[[LayerKey], str],
+                peft: bool = False) -> list[ExportTarget]:
         """The exported weights covering the adapted ``layers``, in a stable order;
-        ``spelled`` gives a layer's path as the exported names spell it."""
+        ``spelled`` gives a layer's path as the exported names spell it. With ``peft`` (whose
+        files name each layer by its diffusers path) a layer that ComfyUI cannot name is a
+        target of its own, keyed ``<component>.<path>``, instead of an error."""
         remaining = list(layers)
         targets: list[ExportTarget] = []
         if self.names is not None:
             for component in self.names.components:
                 paths = {path for c, path in layers if c == component}
-                targets.extend(self.names.targets(component, paths))
+                targets.extend(self.names.targets(component, paths, unnamed_alone=peft))
             remaining = [(c, p) for c, p in layers if c not in self.names.components]
         if self.fused_targets is not None:
             transformer_paths = {path for component, path in layers if component == "transformer"}
@@ -91,12 +101,17 @@ class ExportFamily:
             targets.extend(fused)
             remaining = [(c, p) for c, p in layers if not (c == "transformer" and p in covered)]
             unmapped = [p for c, p in remaining if c == "transformer"]
-            if unmapped:
+            if unmapped and not peft:
                 raise SnellaError(
                     f"layer transformer.{unmapped[0]}: no Flux.1 (BFL) module holds this layer, so "
                     "ComfyUI, Forge and diffusers' kohya loader cannot map it; export with --to peft"
                 )
-        targets.extend(ExportTarget(self.kohya_key(c, spelled((c, p))), ((c, p),)) for c, p in remaining)
+        for component, path in remaining:
+            if peft and component not in self.kohya_prefixes:
+                key = f"{component}.{spelled((component, path))}"
+            else:
+                key = self.kohya_key(component, spelled((component, path)))
+            targets.append(ExportTarget(key, ((component, path),)))
         return targets
 
 
@@ -178,12 +193,13 @@ class NameMap:
             f"layer {component}.{path}: ComfyUI's {self.label} model has no module for this layer "
             f"({self.source}), so ComfyUI could not load it; train without it or export with --to peft")
 
-    def targets(self, component: str, paths: set[str]) -> list[ExportTarget]:
+    def targets(self, component: str, paths: set[str], unnamed_alone: bool = False) -> list[ExportTarget]:
         """The exported weights of ``component``'s adapted ``paths``, sorted by key; a fused
-        weight lists all its parts (an unadapted part exports zero rows).
+        weight lists all its parts (an unadapted part exports zero rows). With
+        ``unnamed_alone``, a path with no ComfyUI module is a target ``<component>.<path>``.
 
         Raises:
-            SnellaError: a path with no ComfyUI module.
+            SnellaError: a path with no ComfyUI module (without ``unnamed_alone``).
         """
         targets: dict[str, ExportTarget] = {}
         for path in sorted(paths):
@@ -194,6 +210,9 @@ class NameMap:
                 targets[key] = ExportTarget(key, tuple((component, part) for part in parts))
                 continue
             module = self.module(path)
+            if module is None and unnamed_alone:
+                targets[f"{component}.{path}"] = ExportTarget(f"{component}.{path}", ((component, path),))
+                continue
             if module is None:
                 raise self._unmapped(component, path)
             targets[self.key(module)] = ExportTarget(self.key(module), ((component, path),))
@@ -532,6 +551,139 @@ def _wan_family(configs: dict[str, dict[str, Any]]) -> ExportFamily:
     return ExportFamily("wan", {}, version, architecture, "https://github.com/Wan-Video/Wan2.2", names=WAN_NAMES)
 
 
+# Qwen-Image 2.1: ComfyUI's model (comfy/ldm/qwen_image21/model.py) keeps diffusers' module
+# names; it fuses img_mlp.gate_layer and img_mlp.proj into img_mlp.gate_up at load, and the
+# QwenImage branch of comfy/lora.py model_lora_keys_unet maps <name> (and transformer.<name>) of
+# every weight and of each gate_up half onto its rows. diffusers' QwenImage loader converts files
+# with .alpha keys and bare names (then prefixes transformer.), not transformer.<name> kohya
+# files, so the files use the bare names.
+QWEN_IMAGE21_NAMES = NameMap(
+    "Qwen-Image 2.1", "comfy/ldm/qwen_image21/model.py; comfy/lora.py model_lora_keys_unet (QwenImage)", "",
+    (
+        (r"transformer_blocks\.\d+\.(?:attn\.(?:to_[qkv]|to_out\.0)|img_mlp\.(?:gate_layer|proj|out))", r"\g<0>"),
+        (r"time_text_embed\.timestep_embedder\.linear_[12]|txt_in\.(?:in_layer|out_layer)|img_in|modulation\.1"
+         r"|norm_out\.linear|proj_out", r"\g<0>"),
+    ),
+)
+
+
+def _qwen_image21_family(configs: dict[str, dict[str, Any]]) -> ExportFamily:
+    return ExportFamily("qwen-image-2.1", {}, "qwen_image_2_1", "qwen-image-2.1", "https://github.com/QwenLM/Qwen-Image",
+                        names=QWEN_IMAGE21_NAMES)
+
+
+# Ideogram 4: ComfyUI's Ideogram4Transformer2DModel (comfy/ldm/ideogram4/model.py) holds q, k, v
+# as one attention.qkv (rows q, k, v; hidden_size each) and the output as attention.o; the other
+# layers keep diffusers' names. comfy/lora.py has no Ideogram 4 branch: its generic loop maps
+# diffusion_model.<name> (and lora_unet_<name>), and diffusers' Ideogram4 loader converts
+# diffusion_model.<name> files (the fused qkv split in thirds), so the files use that prefix.
+# No row slice of attention.qkv has a ComfyUI name.
+_IDEOGRAM4_BLOCK = r"layers\.\d+"
+IDEOGRAM4_NAMES = NameMap(
+    "Ideogram 4", "comfy/ldm/ideogram4/model.py; comfy/lora.py model_lora_keys_unet", "diffusion_model.",
+    (
+        (rf"({_IDEOGRAM4_BLOCK})\.attention\.to_out\.0", r"\1.attention.o"),
+        (rf"{_IDEOGRAM4_BLOCK}\.(?:feed_forward\.w[123]|adaln_modulation)", r"\g<0>"),
+        (r"input_proj|llm_cond_proj|t_embedding\.mlp_(?:in|out)|adaln_proj|final_layer\.(?:linear|adaln_modulation)",
+         r"\g<0>"),
+    ),
+    fused=((f"({_IDEOGRAM4_BLOCK})", r"\1.attention.qkv", ("attention.to_q", "attention.to_k", "attention.to_v")),),
+)
+
+# LTX-2: ComfyUI's LTXAV model (comfy/ldm/lightricks/av_model.py) keeps the Lightricks names:
+# the blocks' attention (attn1/2, audio_attn1/2, audio_to_video_attn, video_to_audio_attn: to_q,
+# to_k, to_v, to_out.0) and feed-forwards (ff / audio_ff: net.0.proj, net.2) as diffusers has
+# them, and at the top patchify_proj, adaln_single, caption_projection, av_ca_*_adaln_single,
+# proj_out (diffusers renames these; loaders/lora_conversion_utils.py
+# _convert_non_diffusers_ltx2_lora_to_diffusers undoes it). comfy/lora.py maps <name> for
+# LTXV / LTXAV and diffusion_model.<name> for every model; diffusers' LTX2 loader converts
+# diffusion_model.<name> files, so the files use that prefix.
+_LTX2_TIME_EMBEDDERS = (
+    ("time_embed", "adaln_single"),
+    ("audio_time_embed", "audio_adaln_single"),
+    ("av_cross_attn_video_scale_shift", "av_ca_video_scale_shift_adaln_single"),
+    ("av_cross_attn_audio_scale_shift", "av_ca_audio_scale_shift_adaln_single"),
+    ("av_cross_attn_video_a2v_gate", "av_ca_a2v_gate_adaln_single"),
+    ("av_cross_attn_audio_v2a_gate", "av_ca_v2a_gate_adaln_single"),
+)
+LTX2_NAMES = NameMap(
+    "LTX-2", "comfy/ldm/lightricks/av_model.py; comfy/lora.py model_lora_keys_unet", "diffusion_model.",
+    (
+        (r"transformer_blocks\.\d+\.(?:audio_)?(?:attn[12]|audio_to_video_attn|video_to_audio_attn)"
+         r"\.(?:to_[qkv]|to_out\.0)", r"\g<0>"),
+        (r"transformer_blocks\.\d+\.(?:audio_)?ff\.net\.(?:0\.proj|2)", r"\g<0>"),
+        (r"proj_in", "patchify_proj"),
+        (r"audio_proj_in", "audio_patchify_proj"),
+        *((rf"{ours}\.(emb\.timestep_embedder\.linear_[12]|linear)", rf"{theirs}.\1")
+          for ours, theirs in _LTX2_TIME_EMBEDDERS),
+        (r"(?:audio_)?caption_projection\.linear_[12]|(?:audio_)?proj_out", r"\g<0>"),
+    ),
+)
+
+
+# HunyuanVideo 1.5: ComfyUI's HunyuanVideo15 (comfy/model_base.py) subclasses its HunyuanVideo,
+# whose model (comfy/ldm/hunyuan_video/model.py HunyuanVideo, read in the Oct 2025 snapshot) has
+# Flux's double blocks (comfy/ldm/flux/layers.py DoubleStreamBlock: img_attn.qkv with rows q, k,
+# v, img_attn.proj, img_mlp.0 / .2, img_mod.lin and the txt_ twins), a TokenRefiner txt_in
+# (input_embedder, t_embedder / c_embedder in_layer / out_layer, individual_token_refiner.blocks.N
+# with self_attn.qkv, self_attn.proj, mlp.0 / .2, adaLN_modulation.1), byt5_in.fc1-3, time_in and
+# final_layer.linear. comfy/lora.py's HunyuanVideo branch and generic loop map
+# diffusion_model.<name>; neither maps a row slice of a qkv. Left unnamed: the image embedder
+# (that snapshot predates 1.5's vision input) and norm_out.linear (ComfyUI's final adaLN holds
+# shift before scale, diffusers' scale before shift).
+_HY_BLOCK = r"transformer_blocks\.(\d+)"
+_HY_REFINER = r"context_embedder\.token_refiner\.refiner_blocks\.(\d+)"
+HUNYUAN_VIDEO15_NAMES = NameMap(
+    "HunyuanVideo 1.5", "comfy/ldm/hunyuan_video/model.py HunyuanVideo; comfy/lora.py model_lora_keys_unet",
+    "diffusion_model.",
+    (
+        (_HY_BLOCK + r"\.norm1\.linear", r"double_blocks.\1.img_mod.lin"),
+        (_HY_BLOCK + r"\.norm1_context\.linear", r"double_blocks.\1.txt_mod.lin"),
+        (_HY_BLOCK + r"\.attn\.to_out\.0", r"double_blocks.\1.img_attn.proj"),
+        (_HY_BLOCK + r"\.attn\.to_add_out", r"double_blocks.\1.txt_attn.proj"),
+        (_HY_BLOCK + r"\.ff\.net\.0\.proj", r"double_blocks.\1.img_mlp.0"),
+        (_HY_BLOCK + r"\.ff\.net\.2", r"double_blocks.\1.img_mlp.2"),
+        (_HY_BLOCK + r"\.ff_context\.net\.0\.proj", r"double_blocks.\1.txt_mlp.0"),
+        (_HY_BLOCK + r"\.ff_context\.net\.2", r"double_blocks.\1.txt_mlp.2"),
+        (_HY_REFINER + r"\.attn\.to_out\.0", r"txt_in.individual_token_refiner.blocks.\1.self_attn.proj"),
+        (_HY_REFINER + r"\.ff\.net\.0\.proj", r"txt_in.individual_token_refiner.blocks.\1.mlp.0"),
+        (_HY_REFINER + r"\.ff\.net\.2", r"txt_in.individual_token_refiner.blocks.\1.mlp.2"),
+        (_HY_REFINER + r"\.norm_out\.linear", r"txt_in.individual_token_refiner.blocks.\1.adaLN_modulation.1"),
+        (r"context_embedder\.time_text_embed\.timestep_embedder\.linear_1", "txt_in.t_embedder.in_layer"),
+        (r"context_embedder\.time_text_embed\.timestep_embedder\.linear_2", "txt_in.t_embedder.out_layer"),
+        (r"context_embedder\.time_text_embed\.text_embedder\.linear_1", "txt_in.c_embedder.in_layer"),
+        (r"context_embedder\.time_text_embed\.text_embedder\.linear_2", "txt_in.c_embedder.out_layer"),
+        (r"context_embedder\.proj_in", "txt_in.input_embedder"),
+        (r"context_embedder_2\.linear_([123])", r"byt5_in.fc\1"),
+        (r"time_embed\.timestep_embedder\.linear_1", "time_in.in_layer"),
+        (r"time_embed\.timestep_embedder\.linear_2", "time_in.out_layer"),
+        (r"proj_out", "final_layer.linear"),
+    ),
+    fused=(
+        (_HY_BLOCK, r"double_blocks.\1.img_attn.qkv", ("attn.to_q", "attn.to_k", "attn.to_v")),
+        (_HY_BLOCK, r"double_blocks.\1.txt_attn.qkv", ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")),
+        (_HY_REFINER, r"txt_in.individual_token_refiner.blocks.\1.self_attn.qkv",
+         ("attn.to_q", "attn.to_k", "attn.to_v")),
+    ),
+)
+
+
+def _ideogram4_family(configs: dict[str, dict[str, Any]]) -> ExportFamily:
+    return ExportFamily("ideogram4", {}, "ideogram4", "ideogram-4", "https://ideogram.ai", names=IDEOGRAM4_NAMES)
+
+
+def _ltx2_family(configs: dict[str, dict[str, Any]]) -> ExportFamily:
+    """diffusers' LTX2 loader renames diffusion_model.<name> keys but not kohya's lora_down /
+    lora_up, and refuses ``alpha`` keys: the LoRA factors are named lora_A / lora_B."""
+    return ExportFamily("ltx2", {}, "ltx2", "ltx-2", "https://github.com/Lightricks/LTX-2", names=LTX2_NAMES,
+                        lora_ab=True)
+
+
+def _hunyuan_video15_family(configs: dict[str, dict[str, Any]]) -> ExportFamily:
+    return ExportFamily("hunyuan-video-1.5", {}, "hunyuan_video_1_5", "hunyuan-video-1.5",
+                        "https://github.com/Tencent-Hunyuan/HunyuanVideo-1.5", names=HUNYUAN_VIDEO15_NAMES)
+
+
 FAMILY_BUILDERS: dict[str, Callable[[dict[str, dict[str, Any]]], ExportFamily]] = {
     "StableDiffusionPipeline": _sd_family,
     "StableDiffusionImg2ImgPipeline": _sd_family,
@@ -552,6 +704,10 @@ FAMILY_BUILDERS: dict[str, Callable[[dict[str, dict[str, Any]]], ExportFamily]] 
     "Lumina2Pipeline": _lumina2_family,
     "SanaPipeline": _sana_family,
     "WanPipeline": _wan_family,
+    "QwenImage21Pipeline": _qwen_image21_family,
+    "Ideogram4Pipeline": _ideogram4_family,
+    "LTX2Pipeline": _ltx2_family,
+    "HunyuanVideo15Pipeline": _hunyuan_video15_family,
 }
 
 
