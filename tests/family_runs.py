@@ -535,7 +535,7 @@ def walked_linear_count(blocks: Iterable[torch.nn.Module], parts: Iterable[str])
 
 
 EXPORT_OPTIONS = {"comfyui": {}, "lora": {"dtype": "fp32", "rank": 2}, "diff": {"dtype": "fp32"}}
-EXPORT_SUFFIXES = {"diff": ".diff", "lora": ".lora_down.weight"}
+EXPORT_SUFFIXES = {"diff": ".diff", "lora": ".lora_down.weight"}  # --to lora: or .lora_A.weight (lora_ab)
 
 
 def exported_key_prefixes(run: FamilyRun, to: str, output_dir: Path) -> set[str]:
@@ -563,4 +563,40 @@ def exported_key_prefixes(run: FamilyRun, to: str, output_dir: Path) -> set[str]
         keys, header = set(handle.keys()), handle.metadata()
     if to == "comfyui":
         return set(json.loads(header["snella_comfyui_layers"]))
-    return {key.removesuffix(EXPORT_SUFFIXES[to]) for key in keys if key.endswith(EXPORT_SUFFIXES[to])}
+    suffixes = (EXPORT_SUFFIXES[to], ".lora_A.weight") if to == "lora" else (EXPORT_SUFFIXES[to],)
+    return {key.removesuffix(suffix) for key in keys for suffix in suffixes if key.endswith(suffix)}
+
+
+def check_exported_lora_loads(run: FamilyRun, output_dir: Path, to: str = "lora") -> float:
+    """``snella-export --to lora --energy 1`` (or ``--to peft``; full rank, float32) of a SNELLA adapter on the
+    ``dit`` preset (rank 4, factors drawn N(0, 0.02²)) loaded by a fresh pipeline's own
+    ``load_lora_weights``: its denoiser output equals the SNELLA adapter's (loaded by
+    ``load_snella_weights``) within 1e-3 of the adapter's effect, which is asserted non-zero.
+    Returns that relative error."""
+    from snella_diffusion import save_snella
+    from snella_diffusion.export import export_snella
+    from snella_diffusion.loaders import load_snella_weights
+
+    family, components = run.loaded()
+    layers = apply_snella(components.denoiser, SnellaConfig(rank=4, target_modules="dit"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in layers.values():
+            for parameter in layer.parameters():
+                if parameter.requires_grad:
+                    parameter.normal_(0, 0.02, generator=generator)
+    adapter = save_snella({"transformer": components.denoiser}, output_dir / "adapter.safetensors")
+    exported = output_dir / f"exported-{to}.safetensors"
+    export_snella([adapter], str(run.folder), exported, to=to, dtype="fp32", energy=1.0)
+    base_pipeline = run.pipeline_class.from_pretrained(run.folder)
+    base = run.denoiser_output(family, components, base_pipeline.transformer)
+    load_snella_weights(base_pipeline, str(adapter))
+    snella = run.denoiser_output(family, components, base_pipeline.transformer)
+    lora_pipeline = run.pipeline_class.from_pretrained(run.folder)
+    lora_pipeline.load_lora_weights(str(exported))
+    lora = run.denoiser_output(family, components, lora_pipeline.transformer)
+    effect = float((snella - base).norm())
+    assert effect > 0
+    error = float((lora - snella).norm()) / effect
+    assert error < 1e-3, error
+    return error

@@ -273,6 +273,12 @@ def test_diff_keys_are_comfyuis_names_and_values_the_adapters_delta(exported, fa
         torch.testing.assert_close(written[f"{key}.diff"], delta, rtol=1e-5, atol=1e-6, msg=key)
 
 
+# Families whose --to lora file names the factors lora_A / lora_B without alpha (diffusers'
+# loaders turn kohya files of these into transformer.transformer.* names or refuse their alpha
+# keys; comfy/weight_adapter/lora.py reads lora_A / lora_B as well)
+LORA_AB = {"krea2", "sana", "z-image"}
+
+
 @pytest.mark.parametrize("family", sorted(CASES))
 def test_full_rank_lora_keys_are_comfyuis_names_and_up_down_the_delta(exported, family, tmp_path):
     case, built = CASES[family], exported(family)
@@ -280,10 +286,13 @@ def test_full_rank_lora_keys_are_comfyuis_names_and_up_down_the_delta(exported, 
     export_snella([built.adapter], built.folder, output, to="lora", dtype="fp32", energy=1.0)
     written = load_file(str(output))
     expected = _expected_diff(case, built.deltas)
-    assert {key.removesuffix(".lora_down.weight") for key in written if key.endswith(".lora_down.weight")} == set(expected)
+    down_suffix, up_suffix = (".lora_A.weight", ".lora_B.weight") if family in LORA_AB else (".lora_down.weight",
+                                                                                             ".lora_up.weight")
+    assert {key.removesuffix(down_suffix) for key in written if key.endswith(down_suffix)} == set(expected)
+    assert len(written) == len(expected) * (2 if family in LORA_AB else 3)
     for key, delta in expected.items():
-        down, up = written[f"{key}.lora_down.weight"], written[f"{key}.lora_up.weight"]
-        scale = written[f"{key}.alpha"].item() / down.shape[0]
+        down, up = written[key + down_suffix], written[key + up_suffix]
+        scale = 1.0 if family in LORA_AB else written[f"{key}.alpha"].item() / down.shape[0]
         product = up @ down * scale
         assert float((product - delta).norm() / delta.norm()) < 1e-5, key
 

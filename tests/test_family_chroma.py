@@ -12,6 +12,7 @@ from family_runs import (
     CPU,
     LONGER,
     PROMPT,
+    check_exported_lora_loads,
     exported_key_prefixes,
     family_settings,
     published_count,
@@ -179,3 +180,12 @@ def test_published_config_layer_count_matches_a_walk_of_the_module_tree(tmp_path
     single_only = apply_snella(build_reference_model("chroma", device="meta"),
                                SnellaConfig(rank=4, target_modules=expand_block_filters(["dit@single"])))
     assert len(single_only) == 38 * 5
+
+
+def test_exported_peft_file_loads_with_the_pipelines_load_lora_weights(chroma_run, tmp_path):
+    """snella-export --to peft at full rank: the pipeline's own load_lora_weights reproduces the
+    SNELLA adapter's denoiser output. diffusers' Chroma loader converts a kohya file's fused q/k/v with Flux.1's published widths
+    (3072 each, hard-coded in ``_convert_kohya_flux_lora_to_diffusers``), which the tiny model does
+    not have: the diffusers route tested here is ``--to peft``; the ``--to lora`` file is
+    ComfyUI's (Flux names, checked by the key tests)."""
+    check_exported_lora_loads(chroma_run, tmp_path, to="peft")

@@ -9,7 +9,16 @@ published klein-4B config."""
 import pytest
 import torch
 
-from family_runs import CPU, LONGER, PROMPT, family_settings, published_count, saved_family_run, walked_linear_count
+from family_runs import (
+    CPU,
+    LONGER,
+    PROMPT,
+    check_exported_lora_loads,
+    family_settings,
+    published_count,
+    saved_family_run,
+    walked_linear_count,
+)
 from snella_diffusion import SnellaConfig, apply_snella
 from snella_diffusion.testing.tiny_dit_models import (
     TINY_FLUX2_BN_MEAN,
@@ -141,3 +150,9 @@ def test_published_config_layer_count_matches_a_walk_of_the_module_tree(tmp_path
     single_only = apply_snella(build_reference_model("flux2-klein", device="meta"),
                                SnellaConfig(rank=4, target_modules=expand_block_filters(["dit@single"])))
     assert len(single_only) == 20 * 2
+
+
+def test_exported_lora_loads_with_the_pipelines_load_lora_weights(klein_run, tmp_path):
+    """snella-export --to lora at full rank: the pipeline's own load_lora_weights reproduces the
+    SNELLA adapter's denoiser output."""
+    check_exported_lora_loads(klein_run, tmp_path)

@@ -10,7 +10,16 @@ are klein's code (tests/test_family_flux2.py checks them); here they are checked
 import pytest
 import torch
 
-from family_runs import CPU, LONGER, PROMPT, family_settings, published_count, saved_family_run, walked_linear_count
+from family_runs import (
+    CPU,
+    LONGER,
+    PROMPT,
+    check_exported_lora_loads,
+    family_settings,
+    published_count,
+    saved_family_run,
+    walked_linear_count,
+)
 from snella_diffusion import SnellaConfig, apply_snella
 from snella_diffusion.testing.tiny_dit_models import tiny_flux2_dev_pipeline
 
@@ -132,3 +141,9 @@ def test_published_config_layer_count_matches_a_walk_of_the_module_tree(tmp_path
     double_only = apply_snella(build_reference_model("flux2", device="meta"),
                                SnellaConfig(rank=4, target_modules=expand_block_filters(["dit@double"])))
     assert len(double_only) == 8 * 12
+
+
+def test_exported_lora_loads_with_the_pipelines_load_lora_weights(dev_run, tmp_path):
+    """snella-export --to lora at full rank: the pipeline's own load_lora_weights reproduces the
+    SNELLA adapter's denoiser output."""
+    check_exported_lora_loads(dev_run, tmp_path)

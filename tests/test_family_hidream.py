@@ -9,7 +9,16 @@ HiDream-I1 config."""
 import pytest
 import torch
 
-from family_runs import CPU, LONGER, PROMPT, family_settings, published_count, saved_family_run, walked_linear_count
+from family_runs import (
+    CPU,
+    LONGER,
+    PROMPT,
+    check_exported_lora_loads,
+    family_settings,
+    published_count,
+    saved_family_run,
+    walked_linear_count,
+)
 from snella_diffusion import SnellaConfig, SnellaError, apply_snella
 from snella_diffusion.families import detect_family
 from snella_diffusion.testing.tiny_dit_models import (
@@ -227,3 +236,9 @@ def test_export_keys_map_onto_comfyuis_hidream_names(hidream_run, tmp_path, to):
     expected = _comfyui_hidream_names(double=1, single=1, experts=2)
     assert len(expected) == TINY_LAYERS
     assert {prefix.removeprefix("transformer.") for prefix in prefixes} == expected
+
+
+def test_exported_lora_loads_with_the_pipelines_load_lora_weights(hidream_run, tmp_path):
+    """snella-export --to lora at full rank: the pipeline's own load_lora_weights reproduces the
+    SNELLA adapter's denoiser output."""
+    check_exported_lora_loads(hidream_run, tmp_path)

@@ -12,6 +12,7 @@ from family_runs import (
     CPU,
     LONGER,
     PROMPT,
+    check_exported_lora_loads,
     family_settings,
     published_count,
     saved_family_run,
@@ -149,3 +150,9 @@ def test_published_config_layer_count_matches_a_walk_of_the_module_tree(tmp_path
     main_only = apply_snella(build_reference_model("krea2", device="meta"),
                              SnellaConfig(rank=4, target_modules=expand_block_filters(["dit@double"])))
     assert len(main_only) == 28 * 8 and all(name.startswith("transformer_blocks.") for name in main_only)
+
+
+def test_exported_lora_loads_with_the_pipelines_load_lora_weights(krea_run, tmp_path):
+    """snella-export --to lora at full rank: the pipeline's own load_lora_weights reproduces the
+    SNELLA adapter's denoiser output."""
+    check_exported_lora_loads(krea_run, tmp_path)

@@ -8,7 +8,16 @@ loading with ``load_lora_weights``; adapted-layer counts of the published config
 import pytest
 import torch
 
-from family_runs import CPU, LONGER, PROMPT, family_settings, published_count, saved_family_run, walked_linear_count
+from family_runs import (
+    CPU,
+    LONGER,
+    PROMPT,
+    check_exported_lora_loads,
+    family_settings,
+    published_count,
+    saved_family_run,
+    walked_linear_count,
+)
 from snella_diffusion import SnellaConfig, apply_snella
 from snella_diffusion.families.lumina2 import SYSTEM_PROMPT
 from snella_diffusion.testing.tiny_dit_models import (
@@ -154,3 +163,11 @@ def test_published_config_layer_count_matches_a_walk_of_the_module_tree(tmp_path
 def test_validation_samples_from_cached_embeddings_after_freeing_the_encoder(lumina_run, guidance_scale):
     sampled = lumina_run.check_validation_from_cached_embeddings(guidance_scale=guidance_scale)
     assert sampled.cached_inputs["negative_prompt_attention_mask"].shape == (1, LENGTH)
+
+
+def test_exported_peft_file_loads_with_the_pipelines_load_lora_weights(lumina_run, tmp_path):
+    """snella-export --to peft at full rank: the pipeline's own load_lora_weights reproduces the
+    SNELLA adapter's denoiser output. diffusers' Lumina 2 loader converts only ``diffusion_model.`` files with lora_A / lora_B (and
+    Lumina 2's published q/k/v widths): ``--to lora`` writes ComfyUI's ``lora_unet_`` names, which it
+    does not read, so the diffusers route is ``--to peft``."""
+    check_exported_lora_loads(lumina_run, tmp_path, to="peft")

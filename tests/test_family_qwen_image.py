@@ -12,6 +12,7 @@ from family_runs import (
     CPU,
     LONGER,
     PROMPT,
+    check_exported_lora_loads,
     exported_key_prefixes,
     family_settings,
     published_count,
@@ -195,3 +196,9 @@ def test_export_keys_map_onto_comfyuis_qwen_image_names(qwen_run, tmp_path, to):
     prefixes = exported_key_prefixes(qwen_run, to, tmp_path)
     assert all(prefix.startswith("transformer.") for prefix in prefixes)
     assert {prefix.removeprefix("transformer.") for prefix in prefixes} == _comfyui_qwen_image_names(2)
+
+
+def test_exported_lora_loads_with_the_pipelines_load_lora_weights(qwen_run, tmp_path):
+    """snella-export --to lora at full rank: the pipeline's own load_lora_weights reproduces the
+    SNELLA adapter's denoiser output."""
+    check_exported_lora_loads(qwen_run, tmp_path)

@@ -8,7 +8,16 @@ loading with ``load_lora_weights``; adapted-layer counts of the published Sana-1
 import pytest
 import torch
 
-from family_runs import CPU, LONGER, PROMPT, family_settings, published_count, saved_family_run, walked_linear_count
+from family_runs import (
+    CPU,
+    LONGER,
+    PROMPT,
+    check_exported_lora_loads,
+    family_settings,
+    published_count,
+    saved_family_run,
+    walked_linear_count,
+)
 from snella_diffusion.testing.tiny_dit_models import TINY_SANA_VAE_SCALE, tiny_sana_pipeline
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -141,3 +150,9 @@ def test_validation_samples_from_cached_embeddings_after_freeing_the_encoder(san
     assert prompted["complex_human_instruction"] is None and prompted["use_resolution_binning"] is False
     assert sampled.cached_inputs["negative_prompt_attention_mask"].shape == (1, LENGTH)
     assert sampled.images.shape == (1, 32, 32, 3)
+
+
+def test_exported_lora_loads_with_the_pipelines_load_lora_weights(sana_run, tmp_path):
+    """snella-export --to lora at full rank: the pipeline's own load_lora_weights reproduces the
+    SNELLA adapter's denoiser output."""
+    check_exported_lora_loads(sana_run, tmp_path)

@@ -21,6 +21,7 @@ from family_runs import (
     LONGER,
     PROMPT,
     REPO,
+    check_exported_lora_loads,
     family_settings,
     record_script_run,
     saved_family_run,
@@ -320,3 +321,9 @@ def test_memory_table_of_the_video_page_is_the_accounting_scripts():
         line = (f"| {row.model} | {row.frames} × {row.height} × {row.width} | {row.tokens} | {row.weights_gib} | "
                 f"{row.adapter_gib} | {row.activations_gib} | **{row.total_gib}** |")
         assert line in page, line
+
+
+def test_exported_lora_loads_with_the_pipelines_load_lora_weights(wan_run, tmp_path):
+    """snella-export --to lora at full rank: the pipeline's own load_lora_weights reproduces the
+    SNELLA adapter's denoiser output."""
+    check_exported_lora_loads(wan_run, tmp_path)

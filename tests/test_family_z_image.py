@@ -8,7 +8,16 @@ SNELLA adapter reloading and unloading exactly; its LoRA A/B file loading with
 import pytest
 import torch
 
-from family_runs import CPU, LONGER, PROMPT, family_settings, published_count, saved_family_run, walked_linear_count
+from family_runs import (
+    CPU,
+    LONGER,
+    PROMPT,
+    check_exported_lora_loads,
+    family_settings,
+    published_count,
+    saved_family_run,
+    walked_linear_count,
+)
 from snella_diffusion import SnellaConfig, apply_snella
 from snella_diffusion.testing.tiny_dit_models import (
     TINY_Z_IMAGE_VAE_SCALE,
@@ -139,3 +148,9 @@ def test_published_config_layer_count_matches_a_walk_of_the_module_tree(tmp_path
 def test_validation_samples_from_cached_embeddings_after_freeing_the_encoder(z_run, guidance_scale):
     sampled = z_run.check_validation_from_cached_embeddings(guidance_scale=guidance_scale)
     assert isinstance(sampled.cached_inputs["prompt_embeds"], list)
+
+
+def test_exported_lora_loads_with_the_pipelines_load_lora_weights(z_run, tmp_path):
+    """snella-export --to lora at full rank: the pipeline's own load_lora_weights reproduces the
+    SNELLA adapter's denoiser output."""
+    check_exported_lora_loads(z_run, tmp_path)

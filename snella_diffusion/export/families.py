@@ -59,7 +59,9 @@ class ExportFamily:
         lora_ab: ``--to lora`` names the factors ``<key>.lora_A.weight`` / ``.lora_B.weight``
             without ``alpha`` (scale 1; ComfyUI reads these too) instead of kohya's
             ``lora_down`` / ``lora_up`` / ``alpha``: for the families whose diffusers loader
-            takes no kohya factor names (LTX-2).
+            takes no kohya factor names (LTX-2), or turns a kohya file's ``transformer.`` names
+            into ``transformer.transformer.`` ones (Qwen-Image, Z-Image) or refuses its
+            ``alpha`` keys (Krea 2, Sana, HiDream).
     """
 
     name: str
@@ -375,7 +377,7 @@ def _qwen_image_family(configs: dict[str, dict[str, Any]]) -> ExportFamily:
     """ComfyUI's Qwen-Image model keeps diffusers' module names (``comfy/ldm/qwen_image``), and
     ``comfy/lora.py`` maps ``transformer.<name>`` onto them."""
     return ExportFamily("qwen-image", {"transformer": "transformer."}, "qwen_image", "qwen-image",
-                        "https://github.com/QwenLM/Qwen-Image")
+                        "https://github.com/QwenLM/Qwen-Image", lora_ab=True)
 
 
 def _chroma_family(configs: dict[str, dict[str, Any]]) -> ExportFamily:
@@ -392,7 +394,7 @@ def _hidream_family(configs: dict[str, dict[str, Any]]) -> ExportFamily:
     (``double_stream_blocks.N.block.attn1.to_q``, ``ff_i.experts.N.w1``, ...), and
     ``comfy/lora.py`` maps ``transformer.<name>`` onto them."""
     return ExportFamily("hidream", {"transformer": "transformer."}, "hidream_i1", "hidream-i1",
-                        "https://github.com/HiDream-ai/HiDream-I1")
+                        "https://github.com/HiDream-ai/HiDream-I1", lora_ab=True)
 
 
 # Flux.2 (dev and klein): ComfyUI's Flux2 (comfy/model_base.py, a subclass of its Flux model)
@@ -515,7 +517,7 @@ def z_image_names(transformer: dict[str, Any]) -> NameMap:
 
 def _z_image_family(configs: dict[str, dict[str, Any]]) -> ExportFamily:
     return ExportFamily("z-image", {}, "z_image", "z-image", "https://github.com/Tongyi-MAI/Z-Image",
-                        names=z_image_names(configs.get("transformer", {})))
+                        names=z_image_names(configs.get("transformer", {})), lora_ab=True)
 
 
 def _flux2_family(configs: dict[str, dict[str, Any]], klein: bool) -> ExportFamily:
@@ -524,7 +526,8 @@ def _flux2_family(configs: dict[str, dict[str, Any]], klein: bool) -> ExportFami
 
 
 def _krea2_family(configs: dict[str, dict[str, Any]]) -> ExportFamily:
-    return ExportFamily("krea2", {}, "krea2", "krea-2", "https://github.com/krea-ai/krea-2", names=KREA2_NAMES)
+    return ExportFamily("krea2", {}, "krea2", "krea-2", "https://github.com/krea-ai/krea-2", names=KREA2_NAMES,
+                        lora_ab=True)
 
 
 def _lumina2_family(configs: dict[str, dict[str, Any]]) -> ExportFamily:
@@ -536,7 +539,8 @@ def _sana_family(configs: dict[str, dict[str, Any]]) -> ExportFamily:
     """Sana: a current ComfyUI has no Sana model (comfy/supported_models.py ``models`` lists
     none; comfy/lora.py no Sana map), so the files keep the names diffusers' SanaPipeline
     ``load_lora_weights`` takes, ``transformer.<diffusers name>``."""
-    return ExportFamily("sana", {"transformer": "transformer."}, "sana", "sana", "https://github.com/NVlabs/Sana")
+    return ExportFamily("sana", {"transformer": "transformer."}, "sana", "sana", "https://github.com/NVlabs/Sana",
+                        lora_ab=True)
 
 
 def _wan_family(configs: dict[str, dict[str, Any]]) -> ExportFamily:
