@@ -158,7 +158,7 @@ def test_frame_fps_refusals_name_the_flags_or_the_clip(fps_folder, tmp_path):
         _fps_dataset(fps_folder, "--frame_fps", "40")
     from snella_diffusion.training.video_dataset import refuse_video_flags
 
-    with pytest.raises(VideoDataError, match=r"^--frame_fps: applies to video models \(Wan\); the flux family"):
+    with pytest.raises(VideoDataError, match=r"^--frame_fps: applies to video models \(Wan, LTX-2, HunyuanVideo 1.5\); the flux family"):
         refuse_video_flags(parse_run_settings(["--frame_fps", "16"]), "flux")
 
 
