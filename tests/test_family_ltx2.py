@@ -197,6 +197,31 @@ def test_configure_rejects_what_ltx2_cannot_do(run):
         family.configure(components, family_settings(resolution=48))
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")  # the one-step sample
+def test_one_validation_step_is_refused_before_any_model_loads(run, tmp_path, monkeypatch):
+    """LTX2Pipeline returns NaN frames at one step (checked here), so the family refuses
+    ``--validation_inference_steps 1`` before anything loads."""
+    import train_scripts.train_dreambooth_snella as script
+
+    pipeline = tiny_ltx2_pipeline(0)
+    frames = [pipeline(PROMPT, generator=torch.Generator().manual_seed(0), num_inference_steps=steps, height=32,
+                       width=32, num_frames=9, output_type="np", max_sequence_length=LENGTH, **PLAIN).frames
+              for steps in (1, 2)]
+    assert np.isnan(frames[0]).any() and not np.isnan(frames[1]).any()
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the flag was refused")
+
+    monkeypatch.setattr(script, "load_components", no_loading)
+    settings = script.parse_args([
+        "--pretrained_model_name_or_path", str(run.folder), "--output_dir", str(tmp_path / "out"),
+        "--instance_data_dir", str(tmp_path), "--instance_prompt", "sks", "--validation_inference_steps", "1",
+        "--report_to", "none"])
+    with pytest.raises(SnellaError, match=r"^--validation_inference_steps=1: the ltx2 pipeline needs at least 2 "
+                                          r"steps"):
+        script.main(settings)
+
+
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
     return write_clip_folder(tmp_path_factory.mktemp("ltx2-clips"))

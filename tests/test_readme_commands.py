@@ -288,7 +288,9 @@ def test_dreambooth_recipe_runs_on_a_tiny_model(tiny_world, tmp_path, command):
         tiny += ["--bucket_reso_steps", "16"]  # the default, 64, exceeds the tiny resolution
     if "--with_prior_preservation" in tiny and "--num_class_images" not in tiny:
         tiny += ["--num_class_images", "2"]  # the default, 100, is a real run's size
-    adapter = run_dreambooth([*tiny, *TINY_EXTRA])
+    # LTX-2's pipeline returns NaN frames at one step (its family refuses fewer than 2)
+    steps = ["--validation_inference_steps", "2"] if base is not None and TINY_BASES[base] == "ltx2" else []
+    adapter = run_dreambooth([*tiny, *TINY_EXTRA, *steps])
     assert adapter.is_file() and (tmp_path / "out" / "README.md").is_file()
     if "--with_prior_preservation" in tiny and not class_kohya:
         assert len(list((tmp_path / "class").glob("*.png"))) == 2

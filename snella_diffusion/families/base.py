@@ -173,6 +173,8 @@ class ModelFamily:
     is_video: bool = False
     # Frames per second a video family's validation clips are written at (its pipeline's rate).
     video_fps: float = 16.0
+    # The fewest denoising steps the family's pipeline samples correctly (--validation_inference_steps).
+    min_inference_steps: int = 1
     # The pipeline call's argument that --validation_guidance_scale sets (Qwen-Image 2.1's
     # pipeline has only ``true_cfg_scale``); None where the pipeline takes none (refused).
     guidance_argument: Optional[str] = "guidance_scale"

@@ -212,11 +212,17 @@ def check_family_settings(settings: RunSettings, family: ModelFamily) -> None:
     """What the detected family cannot take, refused after ``model_index.json`` is read and
     before any model loads: ``--validation_guidance_scale`` where the family's pipeline has no
     guidance argument (``ModelFamily.guidance_argument`` is None: its guidance comes from a
-    component, e.g. HunyuanVideo 1.5's ``guider``)."""
+    component, e.g. HunyuanVideo 1.5's ``guider``); ``--validation_inference_steps`` below the
+    family's ``min_inference_steps`` (LTX-2's pipeline returns NaN frames at one step)."""
     if family.guidance_argument is None and settings.validation.validation_guidance_scale is not None:
         raise TrainingSetupError(
             f"--validation_guidance_scale: the {family.name} pipeline takes no guidance argument (its guidance is "
             "set by the pipeline's own components); leave the flag unset")
+    steps = settings.validation.validation_inference_steps
+    if steps < family.min_inference_steps:
+        raise TrainingSetupError(
+            f"--validation_inference_steps={steps}: the {family.name} pipeline needs at least "
+            f"{family.min_inference_steps} steps (it returns NaN frames with fewer)")
 
 
 def use_cpu(cpu_flag: bool) -> bool:
