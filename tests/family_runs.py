@@ -110,6 +110,24 @@ def write_clip_folder(folder: Path) -> Path:
     return folder
 
 
+def check_refused_before_loading(folder: Path, output_dir: Path, monkeypatch: pytest.MonkeyPatch, flags: Iterable[str],
+                                 message: str) -> None:
+    """The DreamBooth script on the pipeline ``folder`` with ``flags`` stops with a SnellaError
+    matching ``message`` (a regex) before any model loads (``load_components`` patched to fail)."""
+    import train_scripts.train_dreambooth_snella as script
+    from snella_diffusion import SnellaError
+
+    def no_loading(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a model was loaded before the flag was refused")
+
+    monkeypatch.setattr(script, "load_components", no_loading)
+    settings = script.parse_args(["--pretrained_model_name_or_path", str(folder), "--output_dir",
+                                  str(output_dir / "out"), "--instance_data_dir", str(output_dir),
+                                  "--instance_prompt", "sks", "--report_to", "none", *flags])
+    with pytest.raises(SnellaError, match=message):
+        script.main(settings)
+
+
 def family_settings(*flags: str, resolution: int = 32, **fields: Any) -> FamilySettings:
     """FamilySettings from DiT command-line ``flags`` (as the script parses them), ``resolution``
     and other FamilySettings ``fields`` (``train_text_encoder``, ``wan_expert``)."""
@@ -280,25 +298,36 @@ class FamilyRun:
         by ``load_snella_weights`` into a fresh pipeline reproducing it exactly and
         ``unload_snella_weights`` restoring the base exactly. Returns the adapter file read
         back (``SnellaFile``) for the family's layer count."""
-        from snella_diffusion.loaders import load_snella_weights, unload_snella_weights
-
         seen = record_script_run(monkeypatch)
         adapter = self.run_script(output_dir, "--validation_prompt", PROMPT, "--num_validation_images", "1",
                                   "--validation_inference_steps", "2")
         assert len(seen["losses"]) == SCRIPT_STEPS and all(torch.isfinite(torch.tensor(seen["losses"])))
         assert (output_dir / "validation" / f"step_{SCRIPT_STEPS}.png").is_file()
 
-        family, components = self.loaded()
-        trained = self.denoiser_output(family, components, seen["transformer"])
-        pipeline = self.pipeline_class.from_pretrained(self.folder)
-        base = self.denoiser_output(family, components, pipeline.transformer)
-        load_snella_weights(pipeline, adapter)
-        reloaded = self.denoiser_output(family, components, pipeline.transformer)
-        assert (trained - base).abs().max() > 1e-4
-        assert torch.equal(reloaded, trained)
-        unload_snella_weights(pipeline)
-        assert torch.equal(self.denoiser_output(family, components, pipeline.transformer), base)
+        self.check_adapter_reloads_and_unloads(adapter, seen["transformer"])
         return read_snella_file(adapter)
+
+    def check_adapter_reloads_and_unloads(self, adapter: Path, trained: torch.nn.Module,
+                                          output: Optional[Callable[[Any, Any, torch.nn.Module], torch.Tensor]] = None,
+                                          ) -> None:
+        """``trained`` (the script's denoiser, recorded by :func:`record_script_run`) against
+        ``adapter`` loaded by ``load_snella_weights`` into a fresh pipeline: the same output bit
+        for bit, away from the base's; after ``unload_snella_weights`` the base's bit for bit.
+        ``output(family, components, denoiser)`` is what is compared (default
+        :meth:`denoiser_output`)."""
+        from snella_diffusion.loaders import load_snella_weights, unload_snella_weights
+
+        output = output or self.denoiser_output
+        family, components = self.loaded()
+        trained_output = output(family, components, trained)
+        pipeline = self.pipeline_class.from_pretrained(self.folder)
+        base = output(family, components, pipeline.transformer)
+        load_snella_weights(pipeline, adapter)
+        reloaded = output(family, components, pipeline.transformer)
+        assert (trained_output - base).abs().max() > 1e-4
+        assert torch.equal(reloaded, trained_output)
+        unload_snella_weights(pipeline)
+        assert torch.equal(output(family, components, pipeline.transformer), base)
 
     def check_lora_file_loads(self, output_dir: Path) -> int:
         """Run the script with ``--adapter lora``; assert every saved key is ``transformer.*``,
@@ -551,17 +580,13 @@ EXPORT_OPTIONS = {"comfyui": {}, "lora": {"dtype": "fp32", "rank": 2}, "diff": {
 EXPORT_SUFFIXES = {"diff": ".diff", "lora": ".lora_down.weight"}  # --to lora: or .lora_A.weight (lora_ab)
 
 
-def exported_key_prefixes(run: FamilyRun, to: str, output_dir: Path) -> set[str]:
-    """``snella-export --to to`` of a SNELLA adapter on the ``dit`` preset (rank 4, factors drawn
-    N(0, 0.02²) so no layer's ΔW is zero): the key prefixes the file names, one per exported
-    weight (``--to diff`` / ``lora``: the keys without ``.diff`` / ``.lora_down.weight``;
-    ``--to comfyui``: the layer prefixes its header lists)."""
-    from safetensors import safe_open
-
+def random_dit_adapter(run: FamilyRun, output_dir: Path) -> tuple[Any, Any, Path]:
+    """SNELLA on the ``dit`` preset of the family's loaded denoiser (rank 4, every trainable
+    factor and scalar drawn N(0, 0.02²) with seed 0, so no layer's ΔW is zero), saved as
+    ``output_dir/adapter.safetensors``; returns (family, components, the file)."""
     from snella_diffusion import save_snella
-    from snella_diffusion.export import export_snella
 
-    _, components = run.loaded()
+    family, components = run.loaded()
     layers = apply_snella(components.denoiser, SnellaConfig(rank=4, target_modules="dit"))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -570,6 +595,19 @@ def exported_key_prefixes(run: FamilyRun, to: str, output_dir: Path) -> set[str]
                 if parameter.requires_grad:
                     parameter.normal_(0, 0.02, generator=generator)
     adapter = save_snella({"transformer": components.denoiser}, output_dir / "adapter.safetensors")
+    return family, components, adapter
+
+
+def exported_key_prefixes(run: FamilyRun, to: str, output_dir: Path) -> set[str]:
+    """``snella-export --to to`` of a SNELLA adapter on the ``dit`` preset (rank 4, factors drawn
+    N(0, 0.02²) so no layer's ΔW is zero): the key prefixes the file names, one per exported
+    weight (``--to diff`` / ``lora``: the keys without ``.diff`` / ``.lora_down.weight``;
+    ``--to comfyui``: the layer prefixes its header lists)."""
+    from safetensors import safe_open
+
+    from snella_diffusion.export import export_snella
+
+    _, _, adapter = random_dit_adapter(run, output_dir)
     output = output_dir / f"export-{to}.safetensors"
     export_snella([adapter], str(run.folder), output, to=to, **EXPORT_OPTIONS[to])
     with safe_open(str(output), "pt") as handle:
@@ -586,19 +624,10 @@ def check_exported_lora_loads(run: FamilyRun, output_dir: Path, to: str = "lora"
     ``load_lora_weights``: its denoiser output equals the SNELLA adapter's (loaded by
     ``load_snella_weights``) within 1e-3 of the adapter's effect, which is asserted non-zero.
     Returns that relative error."""
-    from snella_diffusion import save_snella
     from snella_diffusion.export import export_snella
     from snella_diffusion.loaders import load_snella_weights
 
-    family, components = run.loaded()
-    layers = apply_snella(components.denoiser, SnellaConfig(rank=4, target_modules="dit"))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in layers.values():
-            for parameter in layer.parameters():
-                if parameter.requires_grad:
-                    parameter.normal_(0, 0.02, generator=generator)
-    adapter = save_snella({"transformer": components.denoiser}, output_dir / "adapter.safetensors")
+    family, components, adapter = random_dit_adapter(run, output_dir)
     exported = output_dir / f"exported-{to}.safetensors"
     export_snella([adapter], str(run.folder), exported, to=to, dtype="fp32", energy=1.0)
     base_pipeline = run.pipeline_class.from_pretrained(run.folder)

@@ -29,6 +29,7 @@ from snella_diffusion.training.video_files import probe_clip
 from family_runs import (
     CLIP_SCRIPT_FLAGS,
     FamilyRun,
+    check_refused_before_loading,
     family_settings,
     record_script_run,
     walked_linear_count,
@@ -194,19 +195,9 @@ def test_configure_rejects_what_hunyuan_video15_cannot_do(folder):
 
 
 def test_validation_guidance_scale_is_refused_before_any_model_loads(folder, tmp_path, monkeypatch):
-    import train_scripts.train_dreambooth_snella as script
-
-    def no_loading(*args, **kwargs):
-        raise AssertionError("a model was loaded before the flag was refused")
-
-    monkeypatch.setattr(script, "load_components", no_loading)
-    settings = script.parse_args([
-        "--pretrained_model_name_or_path", str(folder), "--output_dir", str(tmp_path / "out"),
-        "--instance_data_dir", str(tmp_path), "--instance_prompt", "sks square", "--validation_guidance_scale", "6",
-        "--report_to", "none"])
-    with pytest.raises(SnellaError, match=r"^--validation_guidance_scale: the hunyuan-video-1.5 pipeline takes no "
-                                          r"guidance argument"):
-        script.main(settings)
+    check_refused_before_loading(folder, tmp_path, monkeypatch, ["--validation_guidance_scale", "6"],
+                                 r"^--validation_guidance_scale: the hunyuan-video-1.5 pipeline takes no guidance "
+                                 r"argument")
 
 
 @pytest.fixture(scope="module")
@@ -240,10 +231,6 @@ def _walked_count(transformer) -> int:
 @pytest.mark.slow
 def test_script_trains_on_clips_and_an_image_reloads_and_unloads_exactly(folder, clip_folder, tmp_path, monkeypatch,
                                                                           caplog):
-    from diffusers import HunyuanVideo15Pipeline
-
-    from snella_diffusion.loaders import load_snella_weights, unload_snella_weights
-
     seen = record_script_run(monkeypatch)
     caplog.set_level(logging.INFO, logger="snella_diffusion.training.video_dataset")
     adapter = _run_script(_family_run(folder), clip_folder, tmp_path, "--cache_latents", "--num_frames", "17",
@@ -258,16 +245,7 @@ def test_script_trains_on_clips_and_an_image_reloads_and_unloads_exactly(folder,
     layers = read_snella_file(adapter).layers["transformer"]
     assert len(layers) == _walked_count(seen["transformer"]) == 2 * 12 + 1 * 6
 
-    family, components = _loaded(folder)
-    trained = _output(family, components, seen["transformer"])
-    pipeline = HunyuanVideo15Pipeline.from_pretrained(folder)
-    base = _output(family, components, pipeline.transformer)
-    load_snella_weights(pipeline, adapter)
-    reloaded = _output(family, components, pipeline.transformer)
-    assert (trained - base).abs().max() > 1e-4
-    assert torch.equal(reloaded, trained)
-    unload_snella_weights(pipeline)
-    assert torch.equal(_output(family, components, pipeline.transformer), base)
+    _family_run(folder).check_adapter_reloads_and_unloads(adapter, seen["transformer"], _output)
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from family_runs import (
     LONGER,
     PROMPT,
     FamilyRun,
+    check_refused_before_loading,
     family_settings,
     published_count,
     record_script_run,
@@ -201,25 +202,14 @@ def test_configure_rejects_what_ltx2_cannot_do(run):
 def test_one_validation_step_is_refused_before_any_model_loads(run, tmp_path, monkeypatch):
     """LTX2Pipeline returns NaN frames at one step (checked here), so the family refuses
     ``--validation_inference_steps 1`` before anything loads."""
-    import train_scripts.train_dreambooth_snella as script
-
     pipeline = tiny_ltx2_pipeline(0)
     frames = [pipeline(PROMPT, generator=torch.Generator().manual_seed(0), num_inference_steps=steps, height=32,
                        width=32, num_frames=9, output_type="np", max_sequence_length=LENGTH, **PLAIN).frames
               for steps in (1, 2)]
     assert np.isnan(frames[0]).any() and not np.isnan(frames[1]).any()
 
-    def no_loading(*args, **kwargs):
-        raise AssertionError("a model was loaded before the flag was refused")
-
-    monkeypatch.setattr(script, "load_components", no_loading)
-    settings = script.parse_args([
-        "--pretrained_model_name_or_path", str(run.folder), "--output_dir", str(tmp_path / "out"),
-        "--instance_data_dir", str(tmp_path), "--instance_prompt", "sks", "--validation_inference_steps", "1",
-        "--report_to", "none"])
-    with pytest.raises(SnellaError, match=r"^--validation_inference_steps=1: the ltx2 pipeline needs at least 2 "
-                                          r"steps"):
-        script.main(settings)
+    check_refused_before_loading(run.folder, tmp_path, monkeypatch, ["--validation_inference_steps", "1"],
+                                 r"^--validation_inference_steps=1: the ltx2 pipeline needs at least 2 steps")
 
 
 @pytest.fixture(scope="module")
@@ -262,10 +252,6 @@ def _output(family, components, transformer, t=600.0):
 
 
 def test_script_trains_on_clips_and_an_image_reloads_and_unloads_exactly(run, clip_folder, tmp_path, monkeypatch):
-    from diffusers import LTX2Pipeline
-
-    from snella_diffusion.loaders import load_snella_weights, unload_snella_weights
-
     seen = record_script_run(monkeypatch)
     adapter = _run_script(run, clip_folder, tmp_path, "--cache_latents", "--validation_prompt", PROMPT,
                           "--num_validation_images", "1", "--validation_inference_steps", "2")
@@ -275,16 +261,7 @@ def test_script_trains_on_clips_and_an_image_reloads_and_unloads_exactly(run, cl
     assert (video.frames, video.height, video.width, video.fps) == (9, 32, 32, 24.0)
     assert len(read_snella_file(adapter).layers["transformer"]) == 2 * 10
 
-    family, components = run.loaded()
-    trained = _output(family, components, seen["transformer"])
-    pipeline = LTX2Pipeline.from_pretrained(run.folder)
-    base = _output(family, components, pipeline.transformer)
-    load_snella_weights(pipeline, adapter)
-    reloaded = _output(family, components, pipeline.transformer)
-    assert (trained - base).abs().max() > 1e-4
-    assert torch.equal(reloaded, trained)
-    unload_snella_weights(pipeline)
-    assert torch.equal(_output(family, components, pipeline.transformer), base)
+    run.check_adapter_reloads_and_unloads(adapter, seen["transformer"], _output)
 
 
 def test_a_lora_file_loads_with_the_pipelines_load_lora_weights(run, tmp_path):

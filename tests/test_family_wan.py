@@ -232,10 +232,6 @@ def _output(family, components, transformer, t=600.0):
 @pytest.mark.slow
 def test_script_trains_on_clips_and_an_image_reloads_and_unloads_exactly(wan_run, clip_folder, tmp_path,
                                                                           monkeypatch):
-    from diffusers import WanPipeline
-
-    from snella_diffusion.loaders import load_snella_weights, unload_snella_weights
-
     seen = record_script_run(monkeypatch)
     adapter = _run_script(wan_run, clip_folder, tmp_path, "--cache_latents", "--validation_prompt", PROMPT,
                           "--num_validation_images", "1", "--validation_inference_steps", "2")
@@ -245,16 +241,7 @@ def test_script_trains_on_clips_and_an_image_reloads_and_unloads_exactly(wan_run
     assert (video.frames, video.height, video.width, video.fps) == (17, 16, 16, 16.0)
     assert len(read_snella_file(adapter).layers["transformer"]) == 2 * 10
 
-    family, components = wan_run.loaded()
-    trained = _output(family, components, seen["transformer"])
-    pipeline = WanPipeline.from_pretrained(wan_run.folder)
-    base = _output(family, components, pipeline.transformer)
-    load_snella_weights(pipeline, adapter)
-    reloaded = _output(family, components, pipeline.transformer)
-    assert (trained - base).abs().max() > 1e-4
-    assert torch.equal(reloaded, trained)
-    unload_snella_weights(pipeline)
-    assert torch.equal(_output(family, components, pipeline.transformer), base)
+    wan_run.check_adapter_reloads_and_unloads(adapter, seen["transformer"], _output)
 
 
 @pytest.mark.slow
