@@ -11,42 +11,30 @@ its parts' stacked in ComfyUI's row order.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import re
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from snella_diffusion import SnellaConfig, SnellaError, apply_snella, save_snella
+from export_checks import (
+    AdaptedPipeline,
+    ExportCase,
+    adapt_layers,
+    check_diff_export,
+    check_full_rank_lora_export,
+    expected_deltas,
+)
+from snella_diffusion import SnellaError
 from snella_diffusion.comfyui.layout import SnellaLayerTensors
 from snella_diffusion.export import export_snella
 from snella_diffusion.export.cli import main as export_main
-from snella_diffusion.fuse import fuse_snella
 from snella_diffusion.testing import tiny_dit_models as dit
 from snella_diffusion.testing.tiny_video_models import tiny_wan_pipeline
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """One family: its tiny pipeline, ``{diffusers layer: ComfyUI key}`` for the layers kept one
-    to one, ``{ComfyUI key: diffusers layers in row order}`` for the fused ones, and the
-    ``--to comfyui`` prefix of each fused part where ComfyUI maps one (row slices)."""
-
-    builder: Callable[[int], object]
-    single: dict[str, str]
-    fused: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
-    comfyui_parts: dict[str, str] = dataclasses.field(default_factory=dict)
-
-    @property
-    def layers(self) -> list[str]:
-        return sorted([*self.single, *(part for parts in self.fused.values() for part in parts)])
 
 
 def _same(*paths: str) -> dict[str, str]:
@@ -54,7 +42,7 @@ def _same(*paths: str) -> dict[str, str]:
     return {path: f"transformer.{path}" for path in paths}
 
 
-def _z_image() -> Case:
+def _z_image() -> ExportCase:
     # comfy/utils.py z_image_to_diffusers (comfy/lora.py model_lora_keys_unet, the Lumina2
     # branch, maps "transformer.<diffusers key>"): per block attention.to_q/to_k/to_v (row
     # slices of attention.qkv), attention.to_out.0, feed_forward.w1/w2/w3, adaLN_modulation.0;
@@ -66,7 +54,7 @@ def _z_image() -> Case:
     paths += ["layers.0.adaLN_modulation.0", "layers.1.adaLN_modulation.0", "noise_refiner.0.adaLN_modulation.0",
               "all_x_embedder.2-1", "all_final_layer.2-1.linear", "all_final_layer.2-1.adaLN_modulation.1",
               "cap_embedder.1", "t_embedder.mlp.0", "t_embedder.mlp.2"]
-    return Case(dit.tiny_z_image_pipeline, _same(*paths))
+    return ExportCase(dit.tiny_z_image_pipeline, _same(*paths))
 
 
 def _flux2_single(guidance: bool) -> dict[str, str]:
@@ -100,19 +88,19 @@ def _flux2_single(guidance: bool) -> dict[str, str]:
     return {path: f"lora_unet_{name}" for path, name in names.items()}
 
 
-def _flux2(guidance: bool) -> Case:
+def _flux2(guidance: bool) -> ExportCase:
     # flux_to_diffusers: img_attn.qkv rows = to_q, to_k, to_v; txt_attn.qkv = add_q/k/v_proj;
     # diffusers' names of those parts map onto hidden_size-row slices ("transformer.<name>").
     image = ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v")
     text = ("transformer_blocks.0.attn.add_q_proj", "transformer_blocks.0.attn.add_k_proj",
             "transformer_blocks.0.attn.add_v_proj")
     builder = dit.tiny_flux2_dev_pipeline if guidance else dit.tiny_flux2_klein_pipeline
-    return Case(builder, _flux2_single(guidance),
-                {"lora_unet_double_blocks_0_img_attn_qkv": image, "lora_unet_double_blocks_0_txt_attn_qkv": text},
-                _same(*image, *text))
+    return ExportCase(builder, _flux2_single(guidance),
+                      {"lora_unet_double_blocks_0_img_attn_qkv": image, "lora_unet_double_blocks_0_txt_attn_qkv": text},
+                      comfyui_parts=_same(*image, *text))
 
 
-def _krea2() -> Case:
+def _krea2() -> ExportCase:
     # comfy/utils.py krea2_to_diffusers (comfy/lora.py maps "transformer.<diffusers key>"):
     # attn.to_q/to_k/to_v/to_gate/to_out.0, ff.gate/up/down of transformer_blocks and of
     # text_fusion.layerwise_blocks / refiner_blocks; img_in, time_embed.linear_1/2,
@@ -123,10 +111,10 @@ def _krea2() -> Case:
     paths = [f"{b}.{p}" for b in blocks for p in block]
     paths += ["img_in", "time_embed.linear_1", "time_embed.linear_2", "time_mod_proj", "txt_in.linear_1",
               "txt_in.linear_2", "final_layer.linear"]
-    return Case(dit.tiny_krea2_pipeline, _same(*paths))
+    return ExportCase(dit.tiny_krea2_pipeline, _same(*paths))
 
 
-def _lumina2() -> Case:
+def _lumina2() -> ExportCase:
     # comfy/ldm/lumina/model.py NextDiT module names as kohya keys (model_lora_keys_unet's
     # "lora_unet_" loop; z_image_to_diffusers takes Z-Image's diffusers names, not Lumina2's):
     # attention.qkv (rows q, k, v: 2·16, 1·16, 1·16 with 1 key/value head), attention.out,
@@ -149,10 +137,10 @@ def _lumina2() -> Case:
         "norm_out.linear_1": "lora_unet_final_layer_adaLN_modulation_1",
         "norm_out.linear_2": "lora_unet_final_layer_linear",
     })
-    return Case(dit.tiny_lumina2_pipeline, single, fused)
+    return ExportCase(dit.tiny_lumina2_pipeline, single, fused)
 
 
-def _sana() -> Case:
+def _sana() -> ExportCase:
     # No Sana model in comfy/supported_models.py (its `models` list) and no Sana branch in
     # comfy/lora.py model_lora_keys_unet: the names stay diffusers' ("transformer.<name>").
     block = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
@@ -160,7 +148,7 @@ def _sana() -> Case:
     paths = [f"transformer_blocks.{i}.{p}" for i in (0, 1) for p in block]
     paths += ["time_embed.emb.timestep_embedder.linear_1", "time_embed.emb.timestep_embedder.linear_2",
               "time_embed.linear", "caption_projection.linear_1", "caption_projection.linear_2", "proj_out"]
-    return Case(dit.tiny_sana_pipeline, _same(*paths))
+    return ExportCase(dit.tiny_sana_pipeline, _same(*paths))
 
 
 def _wan_names() -> dict[str, str]:
@@ -193,84 +181,35 @@ CASES = {
     "krea2": _krea2(),
     "lumina2": _lumina2(),
     "sana": _sana(),
-    "wan": Case(tiny_wan_pipeline, _wan_names()),
+    "wan": ExportCase(tiny_wan_pipeline, _wan_names()),
 }
-
-
-@dataclasses.dataclass
-class Exported:
-    """A saved tiny pipeline, a SNELLA file on ``case.layers`` of ``components`` and the
-    reference ΔW per ``(component, layer)``."""
-
-    folder: Path
-    adapter: Path
-    deltas: dict[tuple[str, str], torch.Tensor]
-
-
-def _adapt(pipe, components: tuple[str, ...], layers: list[str], path: Path, seed: int) -> Exported:
-    """SNELLA (rank 4) on exactly ``layers`` of each component, factors moved by N(0, 1) draws,
-    saved; then fused in memory for the reference ΔW."""
-    generator = torch.Generator().manual_seed(seed)
-    models, pristine = {}, {}
-    for component in components:
-        model = getattr(pipe, component)
-        pristine[component] = {name: model.get_submodule(name).weight.detach().clone() for name in layers}
-        adapted = apply_snella(model, SnellaConfig(rank=4, target_modules=[re.escape(name) + "$" for name in layers],
-                                                   init_sparsity=0.4))
-        assert sorted(adapted) == sorted(layers)
-        with torch.no_grad():
-            for layer in adapted.values():
-                for factors in (layer.in_factors, layer.out_factors):
-                    factors.add_(torch.randn(factors.shape, generator=generator))
-        models[component] = model
-    adapter = save_snella(models, path.with_suffix(".safetensors"), base_model="tiny")
-    deltas = {}
-    for component, model in models.items():
-        fuse_snella(model)
-        for name in layers:
-            delta = model.get_submodule(name).base_layer.weight.detach() - pristine[component][name]
-            assert delta.abs().max() > 1e-3, name
-            deltas[(component, name)] = delta.float()
-    return Exported(path, adapter, deltas)
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """Per family, built once: the saved pipeline and the adapter on all its listed layers."""
     root = tmp_path_factory.mktemp("comfyui-keys")
-    cache: dict[str, Exported] = {}
+    cache: dict[str, AdaptedPipeline] = {}
 
-    def build(name: str) -> Exported:
+    def build(name: str) -> AdaptedPipeline:
         if name not in cache:
             case = CASES[name]
             folder = root / name
             pipe = case.builder(0)
             pipe.save_pretrained(folder)
-            result = _adapt(pipe, ("transformer",), case.layers, root / f"{name}-adapter", seed=3)
-            cache[name] = Exported(folder, result.adapter, result.deltas)
+            cache[name] = AdaptedPipeline(folder, *adapt_layers(pipe, ("transformer",), case.layers,
+                                                                root / f"{name}-adapter", seed=3))
         return cache[name]
 
     return build
 
 
-def _expected_diff(case: Case, deltas: dict[tuple[str, str], torch.Tensor], component: str = "transformer"):
-    """``{ComfyUI key: ΔW}``: one layer's, or the parts' stacked by rows for a fused weight."""
-    expected = {key: deltas[(component, path)] for path, key in case.single.items()}
-    expected.update({key: torch.cat([deltas[(component, p)] for p in parts]) for key, parts in case.fused.items()})
-    return expected
-
-
 @pytest.mark.parametrize("family", sorted(CASES))
 def test_diff_keys_are_comfyuis_names_and_values_the_adapters_delta(exported, family, tmp_path):
     case, built = CASES[family], exported(family)
-    output = tmp_path / "diff.safetensors"
-    export_snella([built.adapter], built.folder, output, to="diff", dtype="fp32")
-    written = load_file(str(output))
-    expected = _expected_diff(case, built.deltas)
-    assert {key.removesuffix(".diff") for key in written} == set(expected)
+    expected = expected_deltas(case, built.deltas)
     assert len(expected) == len(case.single) + len(case.fused)
-    for key, delta in expected.items():
-        torch.testing.assert_close(written[f"{key}.diff"], delta, rtol=1e-5, atol=1e-6, msg=key)
+    check_diff_export(built.adapter, built.folder, expected, tmp_path)
 
 
 # Families whose --to lora file names the factors lora_A / lora_B without alpha (diffusers'
@@ -282,19 +221,8 @@ LORA_AB = {"krea2", "sana", "z-image"}
 @pytest.mark.parametrize("family", sorted(CASES))
 def test_full_rank_lora_keys_are_comfyuis_names_and_up_down_the_delta(exported, family, tmp_path):
     case, built = CASES[family], exported(family)
-    output = tmp_path / "lora.safetensors"
-    export_snella([built.adapter], built.folder, output, to="lora", dtype="fp32", energy=1.0)
-    written = load_file(str(output))
-    expected = _expected_diff(case, built.deltas)
-    down_suffix, up_suffix = (".lora_A.weight", ".lora_B.weight") if family in LORA_AB else (".lora_down.weight",
-                                                                                             ".lora_up.weight")
-    assert {key.removesuffix(down_suffix) for key in written if key.endswith(down_suffix)} == set(expected)
-    assert len(written) == len(expected) * (2 if family in LORA_AB else 3)
-    for key, delta in expected.items():
-        down, up = written[key + down_suffix], written[key + up_suffix]
-        scale = 1.0 if family in LORA_AB else written[f"{key}.alpha"].item() / down.shape[0]
-        product = up @ down * scale
-        assert float((product - delta).norm() / delta.norm()) < 1e-5, key
+    check_full_rank_lora_export(built.adapter, built.folder, expected_deltas(case, built.deltas), tmp_path,
+                                lora_ab=family in LORA_AB)
 
 
 def _comfyui_layers(exported_file: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -324,7 +252,8 @@ def test_lumina2_comfyui_refuses_fused_qkv_and_names_the_rest(exported, tmp_path
                                           r"\1\.attention\.qkv .*--to diff or --to lora"):
         export_snella([built.adapter], built.folder, tmp_path / "all.safetensors", to="comfyui")
     pipe = case.builder(0)
-    unfused = _adapt(pipe, ("transformer",), sorted(case.single), tmp_path / "unfused", seed=4)
+    unfused = AdaptedPipeline(built.folder, *adapt_layers(pipe, ("transformer",), sorted(case.single),
+                                                          tmp_path / "unfused", seed=4))
     output = tmp_path / "comfyui.safetensors"
     export_snella([unfused.adapter], built.folder, output, to="comfyui")
     layers, state = _comfyui_layers(output)
@@ -341,9 +270,8 @@ def a14b(tmp_path_factory):
     root = tmp_path_factory.mktemp("wan-a14b")
     pipe = tiny_wan_pipeline(0, two_experts=True)
     pipe.save_pretrained(root / "pipeline")
-    result = _adapt(pipe, ("transformer", "transformer_2"),
-                    CASES["wan"].layers, root / "both", seed=5)
-    return Exported(root / "pipeline", result.adapter, result.deltas)
+    return AdaptedPipeline(root / "pipeline", *adapt_layers(pipe, ("transformer", "transformer_2"),
+                                                            CASES["wan"].layers, root / "both", seed=5))
 
 
 def test_wan_a14b_experts_export_one_file_each_under_wan_names(a14b, tmp_path, capsys):
@@ -365,7 +293,7 @@ def test_wan_a14b_experts_export_one_file_each_under_wan_names(a14b, tmp_path, c
         assert export_main([str(a14b.adapter), "--base", str(a14b.folder), "--to", "diff", "--dtype", "fp32",
                             "--component", component, "-o", str(output)]) == 0
         written = load_file(str(output))
-        expected = _expected_diff(case, a14b.deltas, component)
+        expected = expected_deltas(case, a14b.deltas, component)
         assert {key.removesuffix(".diff") for key in written} == set(expected)
         for key, delta in expected.items():
             torch.testing.assert_close(written[f"{key}.diff"], delta, rtol=1e-5, atol=1e-6, msg=key)

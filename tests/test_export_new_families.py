@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -24,10 +22,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from snella_diffusion import SnellaConfig, SnellaError, apply_snella, save_snella
+from export_checks import ExportCase, adapt_layers, check_diff_export, check_full_rank_lora_export, expected_deltas
+from snella_diffusion import SnellaError
 from snella_diffusion.comfyui.layout import SnellaLayerTensors
 from snella_diffusion.export import export_snella
-from snella_diffusion.fuse import fuse_snella
 from snella_diffusion.testing import tiny_dit_models as dit
 from snella_diffusion.testing.tiny_hunyuan_video_models import tiny_hunyuan_video15_pipeline
 from snella_diffusion.testing.tiny_ltx2_models import tiny_ltx2_pipeline
@@ -39,23 +37,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 SKIPPED = {"context_embedder_2.linear_2"}
 
 
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """One family: its tiny pipeline, ``{diffusers layer: exported key}`` for the layers kept one
-    to one, ``{exported key: diffusers layers in row order}`` for ComfyUI's fused weights, and
-    the header's ``(ss_base_model_version, modelspec.architecture)``."""
-
-    builder: Callable[[int], object]
-    single: dict[str, str]
-    header: tuple[str, str]
-    fused: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
-
-    @property
-    def layers(self) -> list[str]:
-        return sorted([*self.single, *(part for parts in self.fused.values() for part in parts)])
-
-
-def _qwen_image21() -> Case:
+def _qwen_image21() -> ExportCase:
     # comfy/ldm/qwen_image21/model.py QwenImage21Transformer2DModel has diffusers' names
     # (time_text_embed.timestep_embedder.linear_1/2, txt_in.in_layer/out_layer, img_in,
     # modulation.1, transformer_blocks.N.attn.to_q/to_k/to_v/to_out.0, img_mlp.out,
@@ -67,10 +49,10 @@ def _qwen_image21() -> Case:
     paths = [f"transformer_blocks.{i}.{p}" for i in (0, 1) for p in block]
     paths += ["time_text_embed.timestep_embedder.linear_1", "time_text_embed.timestep_embedder.linear_2",
               "txt_in.in_layer", "txt_in.out_layer", "img_in", "modulation.1", "norm_out.linear", "proj_out"]
-    return Case(dit.tiny_qwen21_pipeline, {p: p for p in paths}, ("qwen_image_2_1", "qwen-image-2.1"))
+    return ExportCase(dit.tiny_qwen21_pipeline, {p: p for p in paths}, header=("qwen_image_2_1", "qwen-image-2.1"))
 
 
-def _ideogram4() -> Case:
+def _ideogram4() -> ExportCase:
     # comfy/ldm/ideogram4/model.py Ideogram4Transformer2DModel: layers.N.attention.qkv (rows q, k,
     # v), attention.o, feed_forward.w1/w2/w3, adaln_modulation; input_proj, llm_cond_proj,
     # t_embedding.mlp_in/mlp_out, adaln_proj, final_layer.linear / .adaln_modulation. comfy/lora.py
@@ -85,10 +67,10 @@ def _ideogram4() -> Case:
     for name in ("input_proj", "llm_cond_proj", "t_embedding.mlp_in", "t_embedding.mlp_out", "adaln_proj",
                  "final_layer.linear", "final_layer.adaln_modulation"):
         single[name] = f"diffusion_model.{name}"
-    return Case(dit.tiny_ideogram4_pipeline, single, ("ideogram4", "ideogram-4"), fused)
+    return ExportCase(dit.tiny_ideogram4_pipeline, single, fused, header=("ideogram4", "ideogram-4"))
 
 
-def _ltx2() -> Case:
+def _ltx2() -> ExportCase:
     # comfy/ldm/lightricks/av_model.py BasicAVTransformerBlock: attn1, audio_attn1, attn2,
     # audio_attn2, audio_to_video_attn, video_to_audio_attn (to_q/to_k/to_v/to_out.0), ff /
     # audio_ff (net.0.proj, net.2), as diffusers names them; at the top the Lightricks names
@@ -118,10 +100,10 @@ def _ltx2() -> Case:
                          ("av_cross_attn_audio_v2a_gate", "av_ca_v2a_gate_adaln_single")):
         for sub in ("emb.timestep_embedder.linear_1", "emb.timestep_embedder.linear_2", "linear"):
             single[f"{ours}.{sub}"] = f"diffusion_model.{theirs}.{sub}"
-    return Case(tiny_ltx2_pipeline, single, ("ltx2", "ltx-2"))
+    return ExportCase(tiny_ltx2_pipeline, single, header=("ltx2", "ltx-2"))
 
 
-def _hunyuan_video15() -> Case:
+def _hunyuan_video15() -> ExportCase:
     # comfy/model_base.py HunyuanVideo15 subclasses HunyuanVideo; comfy/ldm/hunyuan_video/model.py
     # HunyuanVideo: double_blocks.N with comfy/ldm/flux/layers.py DoubleStreamBlock's img_attn.qkv
     # (rows q, k, v), img_attn.proj, img_mlp.0/2, img_mod.lin and txt_ twins; txt_in (TokenRefiner):
@@ -155,7 +137,7 @@ def _hunyuan_video15() -> Case:
         "time_embed.timestep_embedder.linear_2": "diffusion_model.time_in.out_layer",
         "proj_out": "diffusion_model.final_layer.linear",
     })
-    return Case(tiny_hunyuan_video15_pipeline, single, ("hunyuan_video_1_5", "hunyuan-video-1.5"), fused)
+    return ExportCase(tiny_hunyuan_video15_pipeline, single, fused, header=("hunyuan_video_1_5", "hunyuan-video-1.5"))
 
 
 # HunyuanVideo 1.5 layers with no ComfyUI name: the image embedder (ComfyUI's HunyuanVideo of the
@@ -183,26 +165,9 @@ class Adapted:
 
 
 def _adapt(pipe, layers: list[str], path: Path, seed: int) -> Adapted:
-    """SNELLA (rank 4) on exactly ``layers`` of the transformer, factors moved by N(0, 1) draws,
-    saved; then fused in memory for the reference ΔW."""
-    model = pipe.transformer
-    pristine = {name: model.get_submodule(name).weight.detach().clone() for name in layers}
-    adapted = apply_snella(model, SnellaConfig(rank=4, target_modules=[re.escape(name) + "$" for name in layers],
-                                               init_sparsity=0.4))
-    assert sorted(adapted) == sorted(layers)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in adapted.values():
-            for factors in (layer.in_factors, layer.out_factors):
-                factors.add_(torch.randn(factors.shape, generator=generator))
-    adapter = save_snella({"transformer": model}, path.with_suffix(".safetensors"), base_model="tiny")
-    fuse_snella(model)
-    deltas = {}
-    for name in layers:
-        delta = model.get_submodule(name).base_layer.weight.detach() - pristine[name]
-        assert delta.abs().max() > 1e-3, name
-        deltas[name] = delta.float()
-    return Adapted(path, adapter, layers, deltas)
+    """``export_checks.adapt_layers`` on the transformer, its ΔW keyed by layer path."""
+    adapter, deltas = adapt_layers(pipe, ("transformer",), layers, path, seed)
+    return Adapted(path, adapter, layers, {name: delta for (_, name), delta in deltas.items()})
 
 
 @pytest.fixture(scope="module")
@@ -233,25 +198,16 @@ def test_cases_cover_every_linear_layer():
         assert set(case.layers) == linear - SKIPPED - unnamed, family
 
 
-def _expected(case: Case, deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    expected = {key: deltas[path] for path, key in case.single.items()}
-    expected.update({key: torch.cat([deltas[p] for p in parts]) for key, parts in case.fused.items()})
-    return expected
+def _expected(case: ExportCase, deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return expected_deltas(case, {("transformer", path): delta for path, delta in deltas.items()})
 
 
 @pytest.mark.parametrize("family", sorted(CASES))
 def test_diff_keys_are_comfyuis_names_and_values_the_adapters_delta(adapted, family, tmp_path):
     case, built = CASES[family], adapted(family)
-    output = tmp_path / "diff.safetensors"
-    export_snella([built.adapter], built.folder, output, to="diff", dtype="fp32")
-    written = load_file(str(output))
     expected = _expected(case, built.deltas)
-    assert {key.removesuffix(".diff") for key in written} == set(expected)
-    assert len(written) == len(case.single) + len(case.fused)
-    for key, delta in expected.items():
-        torch.testing.assert_close(written[f"{key}.diff"], delta, rtol=1e-5, atol=1e-6, msg=key)
-    with safe_open(str(output), "pt") as handle:
-        header = handle.metadata()
+    assert len(expected) == len(case.single) + len(case.fused)
+    header = check_diff_export(built.adapter, built.folder, expected, tmp_path)
     version, architecture = case.header
     assert (header["ss_base_model_version"], header["modelspec.architecture"]) == (version, f"{architecture}/lycoris")
 
@@ -295,17 +251,8 @@ def _check_layers_reproduced(transformer, built: Adapted) -> None:
 @pytest.mark.parametrize("family", sorted(CASES))
 def test_full_rank_lora_keys_are_comfyuis_names_and_up_down_the_delta(adapted, family, tmp_path):
     case, built = CASES[family], adapted(family)
-    output = tmp_path / "lora.safetensors"
-    export_snella([built.adapter], built.folder, output, to="lora", dtype="fp32", energy=1.0)
-    written = load_file(str(output))
-    down, up = (".lora_A.weight", ".lora_B.weight") if family in LORA_AB else (".lora_down.weight", ".lora_up.weight")
-    expected = _expected(case, built.deltas)
-    assert {key.removesuffix(down) for key in written if key.endswith(down)} == set(expected)
-    assert len(written) == len(expected) * (2 if family in LORA_AB else 3)
-    for key, delta in expected.items():
-        scale = written[f"{key}.alpha"].item() / written[key + down].shape[0] if family not in LORA_AB else 1.0
-        product = written[key + up] @ written[key + down] * scale
-        assert float((product - delta).norm() / delta.norm()) < 1e-5, key
+    check_full_rank_lora_export(built.adapter, built.folder, _expected(case, built.deltas), tmp_path,
+                                lora_ab=family in LORA_AB)
 
 
 @pytest.mark.parametrize("family", ["ideogram4", "ltx2", "qwen-image-2.1"])
