@@ -92,7 +92,8 @@ def expected_deltas(case: ExportCase, deltas: dict[tuple[str, str], torch.Tensor
     return expected
 
 
-def check_diff_export(adapter: Path, folder: Path, expected: dict[str, torch.Tensor], output_dir: Path) -> dict[str, str]:
+def check_diff_export(adapter: Path, folder: Path, expected: dict[str, torch.Tensor],
+                      output_dir: Path) -> dict[str, str]:
     """``--to diff`` (float32): exactly the expected keys, each ΔW within rtol 1e-5 / atol 1e-6.
     Returns the file's header."""
     output = output_dir / "diff.safetensors"

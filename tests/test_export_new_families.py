@@ -137,7 +137,8 @@ def _hunyuan_video15() -> ExportCase:
         "time_embed.timestep_embedder.linear_2": "diffusion_model.time_in.out_layer",
         "proj_out": "diffusion_model.final_layer.linear",
     })
-    return ExportCase(tiny_hunyuan_video15_pipeline, single, fused, header=("hunyuan_video_1_5", "hunyuan-video-1.5"))
+    return ExportCase(tiny_hunyuan_video15_pipeline, single, fused,
+                      header=("hunyuan_video_1_5", "hunyuan-video-1.5"))
 
 
 # HunyuanVideo 1.5 layers with no ComfyUI name: the image embedder (ComfyUI's HunyuanVideo of the
