@@ -13,6 +13,7 @@ from family_runs import (
     LONGER,
     PROMPT,
     check_exported_lora_loads,
+    check_refused_before_loading,
     exported_key_prefixes,
     family_settings,
     published_count,
@@ -171,6 +172,20 @@ def test_published_config_layer_count_matches_a_walk_of_the_module_tree(tmp_path
     filtered = apply_snella(build_reference_model("qwen-image", device="meta"),
                             SnellaConfig(rank=4, target_modules=expand_block_filters(["dit@double:0-9"])))
     assert len(filtered) == 10 * 12 and all(int(name.split(".")[1]) < 10 for name in filtered)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the one-step sample
+def test_one_validation_step_is_refused_before_any_model_loads(qwen_run, tmp_path, monkeypatch):
+    """QwenImagePipeline's scheduler (shift_terminal, as published) returns NaN images at one
+    step (checked here), so the family refuses ``--validation_inference_steps 1`` up front."""
+    import numpy as np
+
+    pipeline = qwen_run.pipeline_class.from_pretrained(qwen_run.folder)
+    images = [pipeline(PROMPT, generator=torch.Generator().manual_seed(0), num_inference_steps=steps, height=32,
+                       width=32, output_type="np").images for steps in (1, 2)]
+    assert np.isnan(images[0]).any() and not np.isnan(images[1]).any()
+    check_refused_before_loading(qwen_run.folder, tmp_path, monkeypatch, ["--validation_inference_steps", "1"],
+                                 r"^--validation_inference_steps=1: the qwen-image pipeline needs at least 2 steps")
 
 
 def test_validation_samples_from_cached_embeddings_after_freeing_the_encoder(qwen_run):

@@ -213,7 +213,8 @@ def check_family_settings(settings: RunSettings, family: ModelFamily) -> None:
     before any model loads: ``--validation_guidance_scale`` where the family's pipeline has no
     guidance argument (``ModelFamily.guidance_argument`` is None: its guidance comes from a
     component, e.g. HunyuanVideo 1.5's ``guider``); ``--validation_inference_steps`` below the
-    family's ``min_inference_steps`` (LTX-2's pipeline returns NaN frames at one step)."""
+    family's ``min_inference_steps`` (Qwen-Image's and LTX-2's pipelines return NaN samples at
+    one step)."""
     if family.guidance_argument is None and settings.validation.validation_guidance_scale is not None:
         raise TrainingSetupError(
             f"--validation_guidance_scale: the {family.name} pipeline takes no guidance argument (its guidance is "
@@ -222,7 +223,7 @@ def check_family_settings(settings: RunSettings, family: ModelFamily) -> None:
     if steps < family.min_inference_steps:
         raise TrainingSetupError(
             f"--validation_inference_steps={steps}: the {family.name} pipeline needs at least "
-            f"{family.min_inference_steps} steps (it returns NaN frames with fewer)")
+            f"{family.min_inference_steps} steps (it returns NaN samples with fewer)")
 
 
 def use_cpu(cpu_flag: bool) -> bool:
