@@ -177,7 +177,7 @@ def test_published_config_layer_count_matches_a_walk_of_the_module_tree(tmp_path
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the one-step sample
 def test_one_validation_step_is_refused_before_any_model_loads(qwen_run, tmp_path, monkeypatch):
     """QwenImagePipeline's scheduler (shift_terminal, as published) returns NaN images at one
-    step (checked here), so the family refuses ``--validation_inference_steps 1`` up front."""
+    step (checked here), so the script refuses one validation or class-image step up front."""
     import numpy as np
 
     pipeline = qwen_run.pipeline_class.from_pretrained(qwen_run.folder)
@@ -185,7 +185,12 @@ def test_one_validation_step_is_refused_before_any_model_loads(qwen_run, tmp_pat
                        width=32, output_type="np").images for steps in (1, 2)]
     assert np.isnan(images[0]).any() and not np.isnan(images[1]).any()
     check_refused_before_loading(qwen_run.folder, tmp_path, monkeypatch, ["--validation_inference_steps", "1"],
-                                 r"^--validation_inference_steps=1: the qwen-image pipeline needs at least 2 steps")
+                                 r"^--validation_inference_steps=1: the pipeline's scheduler stretches its schedule to "
+                                 r"shift_terminal=0\.02, which makes one-step samples NaN")
+    check_refused_before_loading(qwen_run.folder, tmp_path, monkeypatch,
+                                 ["--with_prior_preservation", "--class_prompt", "a photo of a dog", "--class_data_dir",
+                                  str(tmp_path / "class"), "--class_inference_steps", "1"],
+                                 r"^--class_inference_steps=1: the pipeline's scheduler stretches its schedule")
 
 
 def test_validation_samples_from_cached_embeddings_after_freeing_the_encoder(qwen_run):

@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 from accelerate.logging import get_logger
 
 from snella_diffusion import SnellaError, save_snella
-from snella_diffusion.families import detect_family
+from snella_diffusion.families import detect_family, read_scheduler_config
 from snella_diffusion.families.base import TRAINED_MODULES_KEY
 from snella_diffusion.training.adapters import attach_method
 from snella_diffusion.training.checkpointing import CheckpointableGenerator, list_checkpoints, register_adapter_hooks, save_checkpoint
@@ -83,7 +83,7 @@ def main(settings: RunSettings) -> Path:
     base_model, seed, process = settings.model.pretrained_model_name_or_path, settings.training.seed, accelerator.process_index
 
     family, model_index = detect_family(base_model, settings.model.revision)
-    check_family_settings(settings, family)
+    check_family_settings(settings, family, read_scheduler_config(base_model, settings.model.revision))
     instance_images, subsets, subset_parts = load_run_images(settings, family)
     logger.info("model family: %s (%s)", family.name, model_index.get("_class_name"))
     components, resolution, weight_dtype = load_components(settings, family, model_index, accelerator)

@@ -61,6 +61,7 @@ from .base import (
     TrainingComponents,
     UnknownModelFamilyError,
     read_model_index,
+    read_scheduler_config,
 )
 from .chroma import ChromaFamily
 from .flux import FluxFamily
@@ -165,5 +166,6 @@ __all__ = [
     "detect_family",
     "family_for_class",
     "read_model_index",
+    "read_scheduler_config",
     "register_family",
 ]

@@ -155,6 +155,25 @@ def read_model_index(source: str, revision: Optional[str] = None) -> dict[str, A
         raise UnknownModelFamilyError(f"{index_path}: not valid JSON ({error})") from error
 
 
+def read_scheduler_config(source: str, revision: Optional[str] = None) -> dict[str, Any]:
+    """The parsed ``scheduler/scheduler_config.json`` of a local pipeline folder or a hub
+    repository; ``{}`` when the pipeline has none (read before any model loads)."""
+    local = Path(source)
+    if local.is_dir():
+        path = local / "scheduler" / "scheduler_config.json"
+        if not path.is_file():
+            return {}
+    else:
+        try:
+            path = download_hub_file(source, "scheduler/scheduler_config.json", revision=revision)
+        except HubDownloadError:
+            return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UnknownModelFamilyError(f"{path}: not valid JSON ({error})") from error
+
+
 def _import_class(library: str, class_name: str) -> type:
     module = importlib.import_module(library)
     return getattr(module, class_name)
@@ -173,8 +192,6 @@ class ModelFamily:
     is_video: bool = False
     # Frames per second a video family's validation clips are written at (its pipeline's rate).
     video_fps: float = 16.0
-    # The fewest denoising steps the family's pipeline samples correctly (--validation_inference_steps).
-    min_inference_steps: int = 1
     # The pipeline call's argument that --validation_guidance_scale sets (Qwen-Image 2.1's
     # pipeline has only ``true_cfg_scale``); None where the pipeline takes none (refused).
     guidance_argument: Optional[str] = "guidance_scale"

@@ -145,8 +145,6 @@ class LTX2Family(FlowMatchingFamily):
     default_weighting_scheme = "none"
     is_video = True
     video_fps = 24.0  # the pipeline's default frame_rate
-    # one step returns NaN frames: the scheduler's terminal stretch divides by zero (diffusers 0.42)
-    min_inference_steps = 2
     block_lists = ("transformer_blocks",)
     native_side = 512
 

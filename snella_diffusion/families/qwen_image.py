@@ -53,8 +53,6 @@ class QwenImageFamily(FlowMatchingFamily):
 
     name = "qwen-image"
     pipeline_class_names = ("QwenImagePipeline",)
-    # one step returns NaN images: the scheduler's terminal stretch (shift_terminal) divides by zero
-    min_inference_steps = 2
     text_encoder_components = ("text_encoder",)
     default_weighting_scheme = "none"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -208,22 +208,30 @@ def check_all_settings(settings: RunSettings) -> None:
     check_run_settings(settings)
 
 
-def check_family_settings(settings: RunSettings, family: ModelFamily) -> None:
-    """What the detected family cannot take, refused after ``model_index.json`` is read and
-    before any model loads: ``--validation_guidance_scale`` where the family's pipeline has no
-    guidance argument (``ModelFamily.guidance_argument`` is None: its guidance comes from a
-    component, e.g. HunyuanVideo 1.5's ``guider``); ``--validation_inference_steps`` below the
-    family's ``min_inference_steps`` (Qwen-Image's and LTX-2's pipelines return NaN samples at
-    one step)."""
+def check_family_settings(settings: RunSettings, family: ModelFamily, scheduler_config: dict[str, Any]) -> None:
+    """What the detected pipeline cannot take, refused after ``model_index.json`` and the
+    scheduler's config are read and before any model loads:
+
+    - ``--validation_guidance_scale`` where the family's pipeline has no guidance argument
+      (``ModelFamily.guidance_argument`` is None: its guidance comes from a component, e.g.
+      HunyuanVideo 1.5's ``guider``);
+    - one sampling step (``--validation_inference_steps``, ``--class_inference_steps``) with a
+      scheduler that stretches its schedule to ``shift_terminal`` (Qwen-Image, LTX-2): diffusers'
+      stretch divides 0 by 0 at one step and every sample is NaN.
+    """
     if family.guidance_argument is None and settings.validation.validation_guidance_scale is not None:
         raise TrainingSetupError(
             f"--validation_guidance_scale: the {family.name} pipeline takes no guidance argument (its guidance is "
             "set by the pipeline's own components); leave the flag unset")
-    steps = settings.validation.validation_inference_steps
-    if steps < family.min_inference_steps:
-        raise TrainingSetupError(
-            f"--validation_inference_steps={steps}: the {family.name} pipeline needs at least "
-            f"{family.min_inference_steps} steps (it returns NaN samples with fewer)")
+    terminal = scheduler_config.get("shift_terminal")
+    if not terminal:
+        return
+    for flag, steps in (("--validation_inference_steps", settings.validation.validation_inference_steps),
+                        ("--class_inference_steps", settings.data.class_inference_steps)):
+        if steps is not None and steps < 2:
+            raise TrainingSetupError(
+                f"{flag}={steps}: the pipeline's scheduler stretches its schedule to shift_terminal={terminal}, "
+                "which makes one-step samples NaN; use 2 or more")
 
 
 def use_cpu(cpu_flag: bool) -> bool:
