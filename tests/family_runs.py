@@ -259,6 +259,15 @@ class FamilyRun:
             conditioning = family.encode_prompt(components, [PROMPT], CPU)
             return family.predict(components, latents, torch.tensor([600.0]), conditioning, {}, denoiser=transformer)
 
+    def check_sigmas_are_the_unshifted_training_table(self) -> None:
+        """Training σ for u ∈ [0, 1) are the scheduler's table at ⌊u·1000⌋, unshifted (the
+        published schedulers shift only at sampling): 1 - ⌊u·1000⌋/1000, within 1e-6."""
+        family, components = self.loaded()
+        u = torch.tensor([0.0, 0.1, 0.5, 0.93, 0.999])
+        sigmas = family.objective(components).schedule.sigmas_for(u)
+        assert torch.allclose(sigmas, components.noise_scheduler.sigmas[(u * 1000).long()], atol=1e-6)
+        assert torch.allclose(sigmas, 1 - torch.floor(u * 1000) / 1000, atol=1e-6)
+
     def losses_on_a_fixed_batch(self, *flags: str, steps: int = 20, learning_rate: float = 1e-2,
                                 pixels: Optional[torch.Tensor] = None, prompts: tuple[str, str] = (PROMPT, LONGER),
                                 **settings: Any) -> list[float]:

@@ -99,12 +99,7 @@ def test_model_call_matches_the_pipelines_conventions(chroma_run):
 def test_sigmas_are_the_schedulers_unshifted_training_table(chroma_run):
     """The published scheduler shifts dynamically only at sampling: training σ are
     scheduler.sigmas[⌊u·N⌋], unshifted, as for Flux.1."""
-    family, components = chroma_run.loaded()
-    u = torch.tensor([0.0, 0.1, 0.5, 0.93, 0.999])
-    expected = components.noise_scheduler.sigmas[(u * 1000).long()]
-    schedule = family.objective(components).schedule
-    assert torch.allclose(schedule.sigmas_for(u), expected, atol=1e-6)
-    assert torch.allclose(schedule.sigmas_for(u), 1 - torch.floor(u * 1000) / 1000, atol=1e-6)
+    chroma_run.check_sigmas_are_the_unshifted_training_table()
 
 
 def test_loss_falls_in_20_steps_on_a_fixed_batch(chroma_run):

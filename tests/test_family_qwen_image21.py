@@ -110,11 +110,7 @@ def test_model_call_matches_the_pipelines_conventions(qwen21_run, prompts):
 
 
 def test_sigmas_are_the_schedulers_unshifted_training_table(qwen21_run):
-    family, components = qwen21_run.loaded()
-    u = torch.tensor([0.0, 0.1, 0.5, 0.93, 0.999])
-    schedule = family.objective(components).schedule
-    assert torch.allclose(schedule.sigmas_for(u), 1 - torch.floor(u * 1000) / 1000, atol=1e-6)
-    assert torch.allclose(schedule.sigmas_for(u), components.noise_scheduler.sigmas[(u * 1000).long()], atol=1e-6)
+    qwen21_run.check_sigmas_are_the_unshifted_training_table()
 
 
 def test_loss_falls_in_20_steps_on_a_fixed_batch(qwen21_run):
