@@ -88,10 +88,7 @@ def test_model_call_matches_the_pipelines_conventions(klein_run):
 
 
 def test_sigmas_are_the_schedulers_table(klein_run):
-    family, components = klein_run.loaded()
-    u = torch.tensor([0.0, 0.1, 0.5, 0.93, 0.999])
-    expected = components.noise_scheduler.sigmas[(u * 1000).long()]
-    assert torch.allclose(family.objective(components).schedule.sigmas_for(u), expected, atol=1e-6)
+    klein_run.check_sigmas_are_the_unshifted_training_table()
 
 
 def test_loss_falls_in_20_steps_on_a_fixed_batch(klein_run):
